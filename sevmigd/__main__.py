@@ -1,0 +1,3 @@
+from sevmigd.cli import main
+
+raise SystemExit(main())

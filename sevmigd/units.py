@@ -1,0 +1,49 @@
+"""Parsing of user-facing quantities: SIZE (binary units) and GPA (hex or decimal).
+
+Pure; errors are ConfigError naming the argument so the CLI can print one clear line.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sevmigd.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int, *, key: str = "size") -> int:
+    """'64M', '1G', '256MiB', '4096' -> bytes. Units are binary (K = 1024), as QEMU's -m."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(key, f"size must not be negative: {text}")
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(key, f"expected a size such as 64M, got {text!r}")
+    m = _SIZE_RE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(key, f"not a size: {text!r} (use bytes or K/M/G/T, binary units)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_gpa(text: str | int, *, key: str = "gpa") -> int:
+    """'0x100000' or '1048576' -> int guest-physical address."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str):
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise ConfigError(key, f"not an address: {text!r} (hex 0x... or decimal)") from None
+    else:
+        raise ConfigError(key, f"not an address: {text!r}")
+    if value < 0:
+        raise ConfigError(key, f"address must not be negative: {text!r}")
+    return value
