@@ -1,0 +1,385 @@
+"""SEV channel cryptography (reference §3, §4), byte-exact with AMD's firmware and the guest-owner tools.
+
+Owns: the little-endian SP 800-108 KDF, master secret / KEK / KIK, the 0x80-byte session blob (built by a
+client: guest owner at LAUNCH_START, source firmware at SEND_START; opened by a server: firmware at
+LAUNCH_START / RECEIVE_START), ECDH shared secret Z, transport packets (AES-128-CTR + HMAC-SHA256 over a
+29-byte AAD) and LAUNCH_MEASURE. It is the one module of the PSP that touches cipher primitives for the
+channel, and it offers batch forms that produce the very same bytes as N single operations, fast:
+all AES-CTR keystreams of many packets in one AES-ECB call over numpy-built counter blocks, HMAC from
+precomputed inner/outer SHA-256 states.
+
+Must never: put a key into a repr, an exception message or a log; decide policy (the firmware does);
+raise anything but `SevError` on malformed input that reached it from outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as _hmac
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .status import SevError, SevStatus
+
+# --- sizes (reference §2.3) -------------------------------------------------------------------------
+SESSION_SIZE = 0x80
+HEADER_SIZE = 0x34
+MEASUREMENT_SIZE = 0x30
+KEY_SIZE = 16
+IV_SIZE = 16
+MAC_SIZE = 32
+AAD_SIZE = 29
+#: Transport packets are limited by the firmware's 20 KiB scratch buffer (reference §4).
+MAX_PACKET = 0x5000
+
+# --- channel contexts (first AAD byte, reference §4) ------------------------------------------------
+CTX_LAUNCH_SECRET = 0x01
+CTX_UPDATE = 0x02          # SEND/RECEIVE_UPDATE_DATA *and* _VMSA (the firmware uses 0x02 for both)
+CTX_MEASURE = 0x04
+
+FLAG_COMPRESSED = 0x1
+
+LABEL_MASTER = b"sev-master-secret"
+LABEL_KEK = b"sev-kek"
+LABEL_KIK = b"sev-kik"
+
+_AAD = struct.Struct("<BI16sII")      # ctx, flags, iv, uncompressed size, transport size = 29 bytes
+_HDR = struct.Struct("<I16s32s")      # flags, iv, mac = 0x34 bytes
+assert _AAD.size == AAD_SIZE and _HDR.size == HEADER_SIZE
+
+
+# --- primitives ---------------------------------------------------------------------------------------
+
+def hmac_sha256(key: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 of the concatenation of `parts`."""
+    return _hmac.digest(key, b"".join(parts), "sha256")
+
+
+def aes128_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-128-CTR with the full 16-byte IV as initial counter block (128-bit big-endian counter)."""
+    if len(key) != KEY_SIZE or len(iv) != IV_SIZE:
+        raise SevError(SevStatus.INVALID_PARAM, "AES-128-CTR needs a 16-byte key and IV")
+    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+class HmacSha256:
+    """HMAC-SHA256 keyed once: inner and outer SHA-256 states precomputed, `.copy()` per message.
+
+    Identical output to `hmac.digest(key, msg, "sha256")`; saves two compression-function calls and the
+    Python-level HMAC setup per packet.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes):
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def mac(self, *parts) -> bytes:
+        inner = self._inner.copy()
+        for p in parts:
+            inner.update(p)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def __repr__(self) -> str:
+        return "HmacSha256(<key hidden>)"
+
+
+def kdf(key_in: bytes, label: bytes, context: bytes = b"", length: int = KEY_SIZE) -> bytes:
+    """NIST SP 800-108 counter-mode KDF with HMAC-SHA256, **little-endian** i and L (reference §3.1).
+
+    K(i) = HMAC(key_in, LE32(i) ‖ label ‖ 0x00 ‖ context ‖ LE32(L bits)); context omitted when empty.
+    """
+    bits = length * 8
+    out = b""
+    i = 1
+    while len(out) < length:
+        out += hmac_sha256(key_in, struct.pack("<I", i), label, b"\0", context, struct.pack("<I", bits))
+        i += 1
+    return out[:length]
+
+
+def derive_master(z: bytes, nonce: bytes) -> bytes:
+    """master secret = KDF(Z, "sev-master-secret", context = NONCE)."""
+    return kdf(z, LABEL_MASTER, nonce)
+
+
+def derive_kek(master: bytes) -> bytes:
+    return kdf(master, LABEL_KEK)
+
+
+def derive_kik(master: bytes) -> bytes:
+    return kdf(master, LABEL_KIK)
+
+
+def ecdh_z(private_key: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) -> bytes:
+    """Z = X coordinate of d·Q, 48 bytes big-endian for P-384 (reference §3.2)."""
+    try:
+        return private_key.exchange(ec.ECDH(), peer)
+    except (ValueError, TypeError) as exc:  # wrong curve / invalid point
+        raise SevError(SevStatus.INVALID_CERTIFICATE, "ECDH with the peer key failed") from exc
+
+
+def policy_mac(tik: bytes, policy: int) -> bytes:
+    """POLICY_MAC = HMAC-SHA256(TIK, LE32(policy))."""
+    return hmac_sha256(tik, struct.pack("<I", policy & 0xFFFFFFFF))
+
+
+# --- session blob (reference §3.2) -------------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False)
+class Session:
+    """The 0x80-byte session blob: NONCE ‖ WRAP_TK ‖ WRAP_IV ‖ WRAP_MAC ‖ POLICY_MAC."""
+
+    nonce: bytes
+    wrap_tk: bytes
+    wrap_iv: bytes
+    wrap_mac: bytes
+    policy_mac: bytes
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Session":
+        data = bytes(data)
+        if len(data) != SESSION_SIZE:
+            raise SevError(SevStatus.INVALID_LENGTH, "session must be 0x80 bytes", session_len=SESSION_SIZE)
+        return cls(data[0:16], data[16:48], data[48:64], data[64:96], data[96:128])
+
+    def encode(self) -> bytes:
+        return self.nonce + self.wrap_tk + self.wrap_iv + self.wrap_mac + self.policy_mac
+
+    def __repr__(self) -> str:
+        return f"Session(nonce={self.nonce.hex()}, <wrapped keys hidden>)"
+
+
+def build_session(z: bytes, *, tek: bytes, tik: bytes, nonce: bytes, wrap_iv: bytes, policy: int) -> bytes:
+    """Client side (guest owner at LAUNCH_START, source firmware at SEND_START): wrap TEK‖TIK for the peer."""
+    if len(tek) != KEY_SIZE or len(tik) != KEY_SIZE or len(nonce) != 16 or len(wrap_iv) != IV_SIZE:
+        raise SevError(SevStatus.INVALID_PARAM, "TEK, TIK, NONCE and WRAP_IV are 16 bytes each")
+    master = derive_master(z, nonce)
+    kek, kik = derive_kek(master), derive_kik(master)
+    wrap_tk = aes128_ctr(kek, wrap_iv, tek + tik)
+    wrap_mac = hmac_sha256(kik, wrap_tk)
+    return Session(nonce, wrap_tk, wrap_iv, wrap_mac, policy_mac(tik, policy)).encode()
+
+
+def open_session(z: bytes, session: bytes) -> tuple[bytes, bytes]:
+    """Server side ("establish_channel"): verify WRAP_MAC (BAD_MEASUREMENT), unwrap -> (TEK, TIK)."""
+    s = Session.decode(session)
+    master = derive_master(z, s.nonce)
+    kek, kik = derive_kek(master), derive_kik(master)
+    if not _hmac.compare_digest(hmac_sha256(kik, s.wrap_tk), s.wrap_mac):
+        raise SevError(SevStatus.BAD_MEASUREMENT, "session WRAP_MAC does not verify")
+    tk = aes128_ctr(kek, s.wrap_iv, s.wrap_tk)
+    return tk[:16], tk[16:]
+
+
+def verify_policy_mac(tik: bytes, session: bytes, policy: int) -> None:
+    """Reference §3.4 step 1: POLICY_MAC must be HMAC(TIK, LE32(policy)), else BAD_MEASUREMENT."""
+    s = Session.decode(session)
+    if not _hmac.compare_digest(policy_mac(tik, policy), s.policy_mac):
+        raise SevError(SevStatus.BAD_MEASUREMENT, "POLICY_MAC does not match the policy")
+
+
+# --- LAUNCH_MEASURE (reference §3.6) ------------------------------------------------------------------
+
+def launch_measure(tik: bytes, *, api_major: int, api_minor: int, build: int, policy: int,
+                   digest: bytes, mnonce: bytes) -> bytes:
+    """MEASURE = HMAC(TIK, 0x04 ‖ api_major ‖ api_minor ‖ build ‖ LE32(policy) ‖ digest ‖ MNONCE)."""
+    msg = struct.pack("<BBBBI", CTX_MEASURE, api_major & 0xFF, api_minor & 0xFF, build & 0xFF,
+                      policy & 0xFFFFFFFF) + bytes(digest) + bytes(mnonce)
+    return hmac_sha256(tik, msg)
+
+
+# --- transport packets (reference §4) ------------------------------------------------------------------
+
+def packet_aad(ctx: int, flags: int, iv: bytes, guest_len: int, trans_len: int) -> bytes:
+    """The 29-byte AAD: ctx u8 ‖ FLAGS LE32 ‖ IV ‖ uncompressed size LE32 ‖ transport size LE32."""
+    return _AAD.pack(ctx, flags & 0xFFFFFFFF, iv, guest_len & 0xFFFFFFFF, trans_len & 0xFFFFFFFF)
+
+
+def parse_header(hdr: bytes) -> tuple[int, bytes, bytes]:
+    """(FLAGS, IV, MAC) from the first 0x34 bytes of a packet header."""
+    if len(hdr) < HEADER_SIZE:
+        raise SevError(SevStatus.INVALID_LENGTH, "packet header is 0x34 bytes", hdr_len=HEADER_SIZE)
+    return _HDR.unpack_from(hdr, 0)
+
+
+def build_header(flags: int, iv: bytes, mac: bytes) -> bytes:
+    return _HDR.pack(flags & 0xFFFFFFFF, iv, mac)
+
+
+def packet_seal(tek: bytes, tik: bytes, iv: bytes, plaintext: bytes, *, ctx: int = CTX_UPDATE,
+                measure: bytes = b"", flags: int = 0) -> tuple[bytes, bytes]:
+    """One packet: (header 0x34, ciphertext). `measure` is appended to the MAC input (LAUNCH_SECRET)."""
+    return Channel(tek, tik).seal(iv, plaintext, ctx=ctx, measure=measure, flags=flags)
+
+
+def packet_open(tek: bytes, tik: bytes, hdr: bytes, ciphertext: bytes, *, ctx: int = CTX_UPDATE,
+                measure: bytes = b"") -> bytes:
+    """Verify the MAC (BAD_MEASUREMENT) and decrypt. FLAGS checks are the firmware's business."""
+    return Channel(tek, tik).open(hdr, ciphertext, ctx=ctx, measure=measure)
+
+
+def ctr_counter_blocks(ivs: bytes, blocks_per_iv: int) -> bytes:
+    """Counter blocks IV+0 .. IV+blocks-1 for every 16-byte IV in `ivs`, 128-bit big-endian with carry."""
+    n = len(ivs) // IV_SIZE
+    iv = np.frombuffer(ivs, dtype=">u8", count=2 * n).reshape(n, 2)
+    hi = iv[:, 0].astype(np.uint64)
+    lo = iv[:, 1].astype(np.uint64)
+    j = np.arange(blocks_per_iv, dtype=np.uint64)
+    lo2 = lo[:, None] + j[None, :]                       # wraps modulo 2^64
+    hi2 = hi[:, None] + (lo2 < lo[:, None])               # carry into the high half (wraps mod 2^64)
+    ctr = np.empty((n, blocks_per_iv, 2), dtype=">u8")
+    ctr[..., 0] = hi2
+    ctr[..., 1] = lo2
+    return ctr.tobytes()
+
+
+def _xor(a, b) -> np.ndarray:
+    """XOR two equal-length buffers (uint64 lanes when possible)."""
+    if len(a) % 8 == 0:
+        return np.bitwise_xor(np.frombuffer(a, dtype=np.uint64), np.frombuffer(b, dtype=np.uint64))
+    return np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8))
+
+
+class Channel:
+    """TEK/TIK of one open channel, keyed once: one AES-ECB context (CTR keystreams are ECB over counter
+    blocks) and one precomputed HMAC. Single and batch forms give identical bytes.
+
+    The firmware keeps one per guest between SEND_START/RECEIVE_START/LAUNCH_START and *_FINISH.
+    """
+
+    __slots__ = ("_ecb", "_mac", "_tek", "_tik")
+
+    def __init__(self, tek: bytes, tik: bytes):
+        if len(tek) != KEY_SIZE or len(tik) != KEY_SIZE:
+            raise SevError(SevStatus.INVALID_PARAM, "TEK and TIK are 16 bytes each")
+        self._tek = bytes(tek)
+        self._tik = bytes(tik)
+        self._ecb = Cipher(algorithms.AES(self._tek), modes.ECB()).encryptor()
+        self._mac = HmacSha256(self._tik)
+
+    def __repr__(self) -> str:
+        return "Channel(<TEK/TIK hidden>)"
+
+    @property
+    def tik(self) -> bytes:
+        """The TIK (LAUNCH_MEASURE needs it); never print it."""
+        return self._tik
+
+    # single packets --------------------------------------------------------------------------------
+    def keystream(self, iv: bytes, length: int) -> bytes:
+        blocks = -(-length // 16)
+        return self._ecb.update(ctr_counter_blocks(iv, blocks))[:length]
+
+    def mac(self, ctx: int, flags: int, iv: bytes, ciphertext, trans_len: int | None = None,
+            measure: bytes = b"") -> bytes:
+        n = len(ciphertext)
+        aad = packet_aad(ctx, flags, iv, n, n if trans_len is None else trans_len)
+        return self._mac.mac(aad, ciphertext, measure)
+
+    def seal(self, iv: bytes, plaintext, *, ctx: int = CTX_UPDATE, measure: bytes = b"",
+             flags: int = 0) -> tuple[bytes, bytes]:
+        if len(iv) != IV_SIZE:
+            raise SevError(SevStatus.INVALID_PARAM, "IV is 16 bytes")
+        ct = _xor(plaintext, self.keystream(iv, len(plaintext))).tobytes() if len(plaintext) else b""
+        mac = self.mac(ctx, flags, iv, ct, measure=measure)
+        return build_header(flags, iv, mac), ct
+
+    def verify(self, hdr: bytes, ciphertext, *, ctx: int = CTX_UPDATE, measure: bytes = b"") -> bool:
+        flags, iv, mac = parse_header(hdr)
+        return _hmac.compare_digest(self.mac(ctx, flags, iv, ciphertext, measure=measure), mac)
+
+    def open(self, hdr: bytes, ciphertext, *, ctx: int = CTX_UPDATE, measure: bytes = b"") -> bytes:
+        if not self.verify(hdr, ciphertext, ctx=ctx, measure=measure):
+            raise SevError(SevStatus.BAD_MEASUREMENT, "packet MAC does not verify")
+        _flags, iv, _mac = parse_header(hdr)
+        if not len(ciphertext):
+            return b""
+        return _xor(ciphertext, self.keystream(iv, len(ciphertext))).tobytes()
+
+    # batches of equal-length packets ------------------------------------------------------------------
+    def seal_batch(self, ivs: bytes, plaintext, packet_len: int, *, ctx: int = CTX_UPDATE) -> tuple[bytes, bytes]:
+        """Seal len(ivs)/16 packets of `packet_len` bytes each (packet_len multiple of 16):
+        (headers concatenated, ciphertext concatenated) identical to that many `seal` calls."""
+        n = len(ivs) // IV_SIZE
+        if packet_len % 16 or len(plaintext) != n * packet_len or len(ivs) != n * IV_SIZE:
+            raise SevError(SevStatus.INVALID_LENGTH, "batch sizes do not match")
+        if n == 0:
+            return b"", b""
+        ks = self._ecb.update(ctr_counter_blocks(ivs, packet_len // 16))
+        ct = _xor(plaintext, ks).tobytes()
+        ctv = memoryview(ct)
+        macf = self._mac.mac
+        aad = _AAD.pack
+        hdr = _HDR.pack
+        headers = []
+        for i in range(n):
+            iv = ivs[i * 16:(i + 1) * 16]
+            m = macf(aad(ctx, 0, iv, packet_len, packet_len), ctv[i * packet_len:(i + 1) * packet_len])
+            headers.append(hdr(0, iv, m))
+        return b"".join(headers), ct
+
+    def verify_batch(self, headers, ciphertext, packet_len: int, *, ctx: int = CTX_UPDATE,
+                     stop_at: int | None = None) -> int:
+        """Number of leading packets whose MAC verifies (== N when all do)."""
+        n = len(headers) // HEADER_SIZE if stop_at is None else stop_at
+        hv = memoryview(headers)
+        cv = memoryview(ciphertext)
+        macf = self._mac.mac
+        aad = _AAD.pack
+        cmp = _hmac.compare_digest
+        for i in range(n):
+            flags, iv, mac = _HDR.unpack_from(hv, i * HEADER_SIZE)
+            m = macf(aad(ctx, flags, iv, packet_len, packet_len), cv[i * packet_len:(i + 1) * packet_len])
+            if not cmp(m, mac):
+                return i
+        return n
+
+    def decrypt_batch(self, headers, ciphertext, packet_len: int, count: int) -> bytes:
+        """Decrypt the first `count` packets (no MAC check: call verify_batch first)."""
+        if count == 0:
+            return b""
+        hv = memoryview(headers)
+        ivs = b"".join(bytes(hv[i * HEADER_SIZE + 4:i * HEADER_SIZE + 20]) for i in range(count))
+        ks = self._ecb.update(ctr_counter_blocks(ivs, packet_len // 16))
+        return _xor(memoryview(ciphertext)[:count * packet_len], ks).tobytes()
+
+
+def seal_batch(tek: bytes, tik: bytes, ivs: bytes, plaintext, packet_len: int,
+               *, ctx: int = CTX_UPDATE) -> tuple[bytes, bytes]:
+    """Module-level form of `Channel.seal_batch`."""
+    return Channel(tek, tik).seal_batch(ivs, plaintext, packet_len, ctx=ctx)
+
+
+def open_batch(tek: bytes, tik: bytes, headers, ciphertext, packet_len: int,
+               *, ctx: int = CTX_UPDATE) -> bytes:
+    """Verify and decrypt a batch; the first failing packet raises BAD_MEASUREMENT with `.index` set."""
+    ch = Channel(tek, tik)
+    n = len(headers) // HEADER_SIZE
+    good = ch.verify_batch(headers, ciphertext, packet_len, ctx=ctx)
+    if good < n:
+        err = SevError(SevStatus.BAD_MEASUREMENT, f"packet {good} MAC does not verify")
+        err.index = good
+        raise err
+    return ch.decrypt_batch(headers, ciphertext, packet_len, n)
+
+
+__all__: Sequence[str] = (
+    "SESSION_SIZE", "HEADER_SIZE", "MEASUREMENT_SIZE", "MAX_PACKET", "CTX_LAUNCH_SECRET", "CTX_UPDATE",
+    "CTX_MEASURE", "FLAG_COMPRESSED", "hmac_sha256", "aes128_ctr", "HmacSha256", "kdf", "derive_master",
+    "derive_kek", "derive_kik", "ecdh_z", "policy_mac", "Session", "build_session", "open_session",
+    "verify_policy_mac", "launch_measure", "packet_aad", "parse_header", "build_header", "packet_seal",
+    "packet_open", "ctr_counter_blocks", "Channel", "seal_batch", "open_batch",
+)
