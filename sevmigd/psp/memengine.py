@@ -47,6 +47,14 @@ VEK_SIZE = 32
 _BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK
 #: Byte offsets of the blocks of one page (int64 to build addresses without overflow tricks).
 _PAGE_OFFSETS = np.arange(0, PAGE_SIZE, BLOCK, dtype=np.uint64)
+#: Batches are transformed 64 KiB at a time: measured on the dev machine, ECB and XOR over one big
+#: buffer fall from ~4 GB/s to <1 GB/s past the L2 cache, while 16-page chunks keep the fast rate.
+_CHUNK_PAGES = 16
+_CHUNK = _CHUNK_PAGES * PAGE_SIZE
+#: LE128 address blocks for offsets 0..(one page), copied and shifted per call (saves an arange).
+_TEMPLATE_BLOCKS = _BLOCKS_PER_PAGE
+_ADDR_TEMPLATE = np.zeros((_TEMPLATE_BLOCKS, 2), dtype="<u8")
+_ADDR_TEMPLATE[:, 0] = _PAGE_OFFSETS
 
 
 def _check_range(paddr: int, length: int) -> None:
@@ -73,33 +81,48 @@ class MemoryEngine:
     def __repr__(self) -> str:
         return "MemoryEngine(<VEK hidden>)"
 
-    # --- masks --------------------------------------------------------------------------------------
-    def _masks_for(self, addrs: np.ndarray) -> bytes:
-        """Δ for each block address in `addrs` (uint64 array): AES_K2(LE128(a)) in one ECB call."""
-        blk = np.zeros((addrs.size, 2), dtype="<u8")
-        blk[:, 0] = addrs.ravel()
+    # --- masks and the transform -----------------------------------------------------------------
+    def _masks_range(self, paddr: int, length: int) -> bytes:
+        """Δ for the blocks of [paddr, paddr+length): AES_K2 over LE128 addresses, one ECB call."""
+        n = length // BLOCK
+        if n <= _TEMPLATE_BLOCKS:
+            blk = _ADDR_TEMPLATE[:n].copy()
+        else:
+            blk = np.zeros((n, 2), dtype="<u8")
+            blk[:, 0] = np.arange(0, length, BLOCK, dtype=np.uint64)
+        blk[:, 0] += np.uint64(paddr)
         return self._k2_enc.update(blk.tobytes())
 
-    def _masks_range(self, paddr: int, length: int) -> bytes:
-        n = length // BLOCK
-        addrs = np.arange(n, dtype=np.uint64) * np.uint64(BLOCK) + np.uint64(paddr)
-        return self._masks_for(addrs)
-
     def _masks_pages(self, pfns: np.ndarray) -> bytes:
-        addrs = (pfns.astype(np.uint64)[:, None] * np.uint64(PAGE_SIZE)) + _PAGE_OFFSETS[None, :]
-        return self._masks_for(addrs)
+        blk = np.zeros((pfns.size, _BLOCKS_PER_PAGE, 2), dtype="<u8")
+        blk[:, :, 0] = (pfns.astype(np.uint64)[:, None] * np.uint64(PAGE_SIZE)) + _PAGE_OFFSETS[None, :]
+        return self._k2_enc.update(blk.tobytes())
+
+    def _xform(self, data, masks: bytes, encrypt: bool) -> bytes:
+        """C = E_K1(P ⊕ Δ) ⊕ Δ (or the inverse), in chunks that stay in cache."""
+        total = len(data)
+        ecb = self._k1_enc if encrypt else self._k1_dec
+        dv = np.frombuffer(data, dtype=np.uint64)
+        mv = np.frombuffer(masks, dtype=np.uint64)
+        if total <= _CHUNK:
+            x = np.bitwise_xor(dv, mv)
+            y = np.frombuffer(ecb.update(x.tobytes()), dtype=np.uint64)
+            return np.bitwise_xor(y, mv).tobytes()
+        out = np.empty(total // 8, dtype=np.uint64)
+        scratch = bytearray(_CHUNK + BLOCK)
+        sv = np.frombuffer(scratch, dtype=np.uint64)
+        for start in range(0, total // 8, _CHUNK // 8):
+            stop = min(start + _CHUNK // 8, total // 8)
+            x = np.bitwise_xor(dv[start:stop], mv[start:stop])
+            ecb.update_into(x.data.cast("B"), scratch)
+            np.bitwise_xor(sv[:stop - start], mv[start:stop], out=out[start:stop])
+        return out.tobytes()
 
     def _enc(self, data, masks: bytes) -> bytes:
-        d = np.frombuffer(masks, dtype=np.uint64)
-        x = np.bitwise_xor(np.frombuffer(data, dtype=np.uint64), d)
-        y = np.frombuffer(self._k1_enc.update(x.tobytes()), dtype=np.uint64)
-        return np.bitwise_xor(y, d).tobytes()
+        return self._xform(data, masks, True)
 
     def _dec(self, data, masks: bytes) -> bytes:
-        d = np.frombuffer(masks, dtype=np.uint64)
-        x = np.bitwise_xor(np.frombuffer(data, dtype=np.uint64), d)
-        y = np.frombuffer(self._k1_dec.update(x.tobytes()), dtype=np.uint64)
-        return np.bitwise_xor(y, d).tobytes()
+        return self._xform(data, masks, False)
 
     # --- pure transforms ----------------------------------------------------------------------------
     def encrypt(self, paddr: int, plaintext) -> bytes:
@@ -149,23 +172,32 @@ class MemoryEngine:
 
     def read_pages(self, ram, pfns: Sequence[int]) -> bytes:
         """Plaintext of the 4 KiB pages `pfns` (in that order), concatenated."""
+        if len(pfns) == 1:
+            return self.read(ram, int(pfns[0]) * PAGE_SIZE, PAGE_SIZE)
         view, p = self._pages_view(ram, pfns)
-        if not p.size:
-            return b""
-        return self._dec(view[p].tobytes(), self._masks_pages(p))
+        parts = []
+        for s in range(0, p.size, _CHUNK_PAGES):
+            c = p[s:s + _CHUNK_PAGES]
+            parts.append(self._dec(view[c], self._masks_pages(c)))
+        return b"".join(parts)
 
     def write_pages(self, ram, pfns: Sequence[int], data) -> None:
         """Encrypt len(pfns) pages of `data` into RAM at pfn*4096 each (later pfns win on repeats)."""
+        if len(pfns) == 1 and len(data) == PAGE_SIZE:
+            self.write(ram, int(pfns[0]) * PAGE_SIZE, data)
+            return
         view, p = self._pages_view(ram, pfns)
         if len(data) != p.size * PAGE_SIZE:
             raise SevError(SevStatus.INVALID_LENGTH, "data must be len(pfns) * 4096 bytes")
-        if not p.size:
-            return
-        ct = np.frombuffer(self._enc(data, self._masks_pages(p)), dtype=np.uint8).reshape(p.size, PAGE_SIZE)
-        if p.size == 1:
-            view[p[0]] = ct[0]
-        else:
-            view[p] = ct
+        dv = memoryview(data).cast("B")
+        for s in range(0, p.size, _CHUNK_PAGES):
+            c = p[s:s + _CHUNK_PAGES]
+            ct = self._enc(dv[s * PAGE_SIZE:(s + c.size) * PAGE_SIZE], self._masks_pages(c))
+            arr = np.frombuffer(ct, dtype=np.uint8)
+            if c.size == 1:
+                view[c[0]] = arr
+            else:
+                view[c] = arr.reshape(c.size, PAGE_SIZE)
 
     def encrypt_pages(self, pfns: Sequence[int], plaintext) -> bytes:
         """Pure form of write_pages: ciphertext of pages `pfns` (no RAM)."""
