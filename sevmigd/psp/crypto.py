@@ -44,6 +44,10 @@ CTX_MEASURE = 0x04
 
 FLAG_COMPRESSED = 0x1
 
+#: Batch AES-CTR works on 64 KiB at a time: measured, OpenSSL ECB + numpy XOR run at ~4 GB/s on a
+#: cache-resident buffer and below 1 GB/s on multi-MB buffers (allocation + cache misses).
+_BATCH_CHUNK = 64 * 1024
+
 LABEL_MASTER = b"sev-master-secret"
 LABEL_KEK = b"sev-kek"
 LABEL_KIK = b"sev-kik"
@@ -283,6 +287,12 @@ class Channel:
         blocks = -(-length // 16)
         return self._ecb.update(ctr_counter_blocks(iv, blocks))[:length]
 
+    def ctr(self, iv: bytes, data) -> bytes:
+        """AES-128-CTR(TEK, iv) over `data` (encrypt and decrypt are the same)."""
+        if not len(data):
+            return b""
+        return _xor(data, self.keystream(iv, len(data))).tobytes()
+
     def mac(self, ctx: int, flags: int, iv: bytes, ciphertext, trans_len: int | None = None,
             measure: bytes = b"") -> bytes:
         n = len(ciphertext)
@@ -310,6 +320,20 @@ class Channel:
         return _xor(ciphertext, self.keystream(iv, len(ciphertext))).tobytes()
 
     # batches of equal-length packets ------------------------------------------------------------------
+    def _ctr_batch(self, ivs: bytes, data, packet_len: int, n: int) -> bytes:
+        """AES-CTR over n packets (IV i for packet i), in cache-sized chunks of packets."""
+        per = max(1, _BATCH_CHUNK // packet_len)
+        blocks = packet_len // 16
+        dv = memoryview(data).cast("B")
+        if n <= per:
+            return _xor(dv, self._ecb.update(ctr_counter_blocks(ivs, blocks))).tobytes()
+        parts = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            ks = self._ecb.update(ctr_counter_blocks(ivs[s * 16:e * 16], blocks))
+            parts.append(_xor(dv[s * packet_len:e * packet_len], ks).tobytes())
+        return b"".join(parts)
+
     def seal_batch(self, ivs: bytes, plaintext, packet_len: int, *, ctx: int = CTX_UPDATE) -> tuple[bytes, bytes]:
         """Seal len(ivs)/16 packets of `packet_len` bytes each (packet_len multiple of 16):
         (headers concatenated, ciphertext concatenated) identical to that many `seal` calls."""
@@ -318,8 +342,7 @@ class Channel:
             raise SevError(SevStatus.INVALID_LENGTH, "batch sizes do not match")
         if n == 0:
             return b"", b""
-        ks = self._ecb.update(ctr_counter_blocks(ivs, packet_len // 16))
-        ct = _xor(plaintext, ks).tobytes()
+        ct = self._ctr_batch(ivs, plaintext, packet_len, n)
         ctv = memoryview(ct)
         macf = self._mac.mac
         aad = _AAD.pack
@@ -353,8 +376,7 @@ class Channel:
             return b""
         hv = memoryview(headers)
         ivs = b"".join(bytes(hv[i * HEADER_SIZE + 4:i * HEADER_SIZE + 20]) for i in range(count))
-        ks = self._ecb.update(ctr_counter_blocks(ivs, packet_len // 16))
-        return _xor(memoryview(ciphertext)[:count * packet_len], ks).tobytes()
+        return self._ctr_batch(ivs, memoryview(ciphertext)[:count * packet_len], packet_len, count)
 
 
 def seal_batch(tek: bytes, tik: bytes, ivs: bytes, plaintext, packet_len: int,

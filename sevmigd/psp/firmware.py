@@ -1,0 +1,746 @@
+"""The emulated AMD Secure Processor (SEV firmware), one method per SEV command.
+
+Owns: the platform state (UNINIT / INIT / WORKING), guest contexts (handle, policy, ASID, VEK, launch
+digest, channel TEK/TIK) and the guest state machine (reference §2.5), with the firmware's checks in the
+firmware's order and its status codes (reference §2.4, AMD-ASPFW `sev_mcmd.c`). Every failure raises
+`SevError(status)`; length-query paths carry the lengths the firmware writes back (`err.written_back`).
+
+Must never: let a key (VEK, TEK, TIK, PDH private key) reach a repr, an exception or a log; do I/O, sleep
+or read a clock other than the injected one; hand a `MemoryEngine` to host-side code (only
+`memory_engine()` does, for the guest side).
+
+Emulation extras, where real hardware has wiring instead of commands:
+
+* ``map_guest_memory(handle, ram, vmsa)`` stands for the ASID / C-bit wiring: guest-physical address =
+  offset in ``ram`` (raw "DRAM" bytes, ciphertext for private data). SEND/RECEIVE/LAUNCH/DBG commands
+  address guest memory through it.
+* The SEV-ES VMSA page is a separate 4096-byte buffer, encrypted under the VEK at the fixed pseudo
+  address ``VMSA_PADDR`` (the top 4 KiB of the 64-bit space, never a RAM offset, so a VMSA ciphertext
+  can never be replayed into RAM or vice versa).
+* VMSA layout (shared with `sevmigd.guest.vcpu`): bytes ``0 .. VMSA_RESERVED_OFFSET-1`` hold the saved
+  register state (the guest side's encoding); bytes ``VMSA_RESERVED_OFFSET .. 4095`` are a reserved trailer
+  that must be zero. SEND_UPDATE_VMSA "validates the VMSA" (reference §4) by that rule and fails with
+  INVALID_PARAM; RECEIVE_UPDATE_VMSA's "VMSA set-up" applies the same check after the MAC verifies.
+* Reference §9 item 3 (UNCONFIRMED whether SEND/RECEIVE_UPDATE_VMSA accept lengths other than 4096):
+  we reject any other length with INVALID_LENGTH, as LAUNCH_UPDATE_VMSA does.
+* DECOMMISSION of a guest that is still activated fails with ACTIVE, as the firmware does
+  (`mcmd_decommission_common`); call ``deactivate`` first (KVM does DEACTIVATE, DF_FLUSH, DECOMMISSION).
+* DBG_DECRYPT / DBG_ENCRYPT check no guest state ("being active covers it", FW): platform WORKING,
+  handle, NODBG (POLICY_FAILURE), active (INACTIVE), 16-byte alignment and length.
+* LAUNCH_START without a GODH certificate opens no channel: TEK/TIK stay zero (reference §2.4) and
+  the policy's API version and reserved bits are still checked (reference §6).
+* Batch forms ``send_update_data_batch`` / ``receive_update_data_batch`` do the state checks once and
+  the per-packet checks per packet, and produce the same bytes as N single commands.
+* Pacing: with ``min_command_time`` > 0 each command adds ``max(0, min - elapsed)`` seconds (a batch of N
+  pages: ``N * min - elapsed``) to a debt that the daemon awaits (``take_pacing_debt()``); the firmware
+  itself never sleeps.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import chain, crypto
+from .certs import SEV_CERT_SIZE, SevCert
+from .memengine import PAGE_SIZE, VEK_SIZE, MemoryEngine
+from .policy import RESERVED_MASK, Policy, policy_api
+from .status import SevError, SevStatus
+
+Rng = Callable[[int], bytes]
+
+# --- limits (reference §2.3, §2.4) -----------------------------------------------------------------------
+#: Guest handles are 1..MAX_HANDLES; LAUNCH_START/RECEIVE_START past that → RESOURCE_LIMIT.
+MAX_HANDLES = 1024
+#: ASIDs usable by SEV guests (EPYC 7003 "Milan" reports 509 in CPUID 0x8000001F ECX).
+MAX_ASID = 509
+SESSION_LEN = crypto.SESSION_SIZE          # 0x80
+HDR_LEN = crypto.HEADER_SIZE               # 0x34
+MEASURE_LEN = crypto.MEASUREMENT_SIZE      # 0x30
+PDH_CERT_LEN = SEV_CERT_SIZE               # 0x824
+CERT_CHAIN_LEN = chain.PLAT_CERTS_SIZE     # 0x186C
+MAX_PACKET = crypto.MAX_PACKET             # 0x5000
+
+VMSA_SIZE = 4096
+#: Pseudo physical address under which the VMSA page is encrypted (see module docstring).
+VMSA_PADDR = 0xFFFF_FFFF_FFFF_F000
+#: First byte of the VMSA's reserved trailer (must be zero for the VMSA to be valid).
+VMSA_RESERVED_OFFSET = 0xC00
+
+
+class PlatformState(enum.IntEnum):
+    UNINIT = 0
+    INIT = 1
+    WORKING = 2
+
+
+class GuestState(enum.IntEnum):
+    """Firmware values (KVM's documentation swaps 4 and 5; the firmware byte is what counts)."""
+
+    UNINIT = 0
+    LUPDATE = 1
+    LSECRET = 2
+    RUNNING = 3
+    SUPDATE = 4
+    RUPDATE = 5
+    SENT = 6
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    """GUEST_STATUS output."""
+
+    policy: int
+    asid: int
+    state: GuestState
+
+
+def vmsa_is_valid(vmsa: bytes) -> bool:
+    """A VMSA page is valid when it is 4096 bytes and its reserved trailer is all zero."""
+    return len(vmsa) == VMSA_SIZE and not any(bytes(vmsa[VMSA_RESERVED_OFFSET:]))
+
+
+class _Guest:
+    """One guest context. Holds keys: never printed."""
+
+    __slots__ = ("handle", "policy", "state", "asid", "active", "vek", "engine", "channel", "digest",
+                 "final_digest", "measure", "ram", "ram_view", "vmsa")
+
+    def __init__(self, handle: int, policy: int, vek: bytes, engine: MemoryEngine):
+        self.handle = handle
+        self.policy = policy
+        self.state = GuestState.UNINIT
+        self.asid = 0
+        self.active = False
+        self.vek = vek
+        self.engine = engine
+        self.channel: crypto.Channel | None = None
+        self.digest = hashlib.sha256()
+        self.final_digest: bytes | None = None
+        self.measure: bytes | None = None
+        self.ram = None
+        self.ram_view: np.ndarray | None = None
+        self.vmsa = None
+
+    @property
+    def es(self) -> bool:
+        return bool(self.policy & Policy.ES)
+
+    def __repr__(self) -> str:
+        return f"<guest {self.handle} {self.state.name} asid={self.asid}>"
+
+
+def _command(pages: Callable[..., int] | None = None):
+    """Wrap a firmware command with pacing: debt += max(0, n * min_command_time - elapsed)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            if self._min_command_time <= 0:
+                return fn(self, *args, **kwargs)
+            start = self._clock()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                n = pages(*args, **kwargs) if pages is not None else 1
+                elapsed = self._clock() - start
+                self._pacing_debt += max(0.0, n * self._min_command_time - elapsed)
+
+        return wrapper
+
+    return deco
+
+
+def _batch_pages(handle, pfns, *rest, **kw) -> int:
+    try:
+        return max(1, len(pfns))
+    except TypeError:
+        return 1
+
+
+class Firmware:
+    """The emulated PSP of one host. See the module docstring for what is emulated how."""
+
+    def __init__(self, identity, *, rng: Rng = os.urandom, api_major: int | None = None,
+                 api_minor: int | None = None, build: int = 25, es_initialized: bool = True,
+                 min_command_time: float = 0.0, clock: Callable[[], float] | None = None):
+        self.identity = identity
+        self._rng = rng
+        self.api_major = identity.api_major if api_major is None else api_major
+        self.api_minor = identity.api_minor if api_minor is None else api_minor
+        self.build = build
+        self.es_initialized = es_initialized
+        self._min_command_time = float(min_command_time)
+        self._clock = clock if clock is not None else time.monotonic
+        self._pacing_debt = 0.0
+        self._state = PlatformState.UNINIT
+        self._guests: dict[int, _Guest] = {}
+        self._asids: dict[int, int] = {}   # asid -> handle
+
+    def __repr__(self) -> str:
+        return (f"<Firmware {self._state.name} api={self.api_major}.{self.api_minor} build={self.build} "
+                f"guests={len(self._guests)}>")
+
+    # ------------------------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def platform_state(self) -> PlatformState:
+        return self._state
+
+    @property
+    def guest_count(self) -> int:
+        return len(self._guests)
+
+    def take_pacing_debt(self) -> float:
+        """Seconds the caller must still wait to model a slow PSP; resets the debt."""
+        debt, self._pacing_debt = self._pacing_debt, 0.0
+        return debt
+
+    def _rand(self, n: int) -> bytes:
+        b = bytes(self._rng(n))
+        if len(b) != n:
+            raise SevError(SevStatus.HWERROR_PLATFORM, "RNG returned the wrong number of bytes")
+        return b
+
+    def _need_platform(self, *states: PlatformState) -> None:
+        if self._state not in states:
+            raise SevError(SevStatus.INVALID_PLATFORM_STATE, f"platform is {self._state.name}")
+
+    def _guest(self, handle: int) -> _Guest:
+        g = self._guests.get(handle) if isinstance(handle, int) else None
+        if g is None:
+            raise SevError(SevStatus.INVALID_GUEST, f"no guest with handle {handle!r}")
+        return g
+
+    @staticmethod
+    def _need_state(g: _Guest, *states: GuestState) -> None:
+        if g.state not in states:
+            raise SevError(SevStatus.INVALID_GUEST_STATE, f"guest {g.handle} is {g.state.name}")
+
+    @staticmethod
+    def _need_active(g: _Guest) -> None:
+        if not g.active:
+            raise SevError(SevStatus.INACTIVE, f"guest {g.handle} is not activated")
+
+    @staticmethod
+    def _need_es(g: _Guest) -> None:
+        if not g.es:
+            raise SevError(SevStatus.UNSUPPORTED, f"guest {g.handle} is not an SEV-ES guest")
+
+    @staticmethod
+    def _need_ram(g: _Guest, paddr: int, length: int) -> None:
+        if g.ram is None or paddr < 0 or paddr + length > len(g.ram):
+            raise SevError(SevStatus.INVALID_ADDRESS, "range is outside the guest's memory")
+
+    def _need_vmsa(self, g: _Guest) -> None:
+        if g.vmsa is None or len(g.vmsa) != VMSA_SIZE:
+            raise SevError(SevStatus.INVALID_ADDRESS, f"guest {g.handle} has no VMSA page mapped")
+
+    def _check_policy(self, policy: int) -> None:
+        """Reference §3.4 steps 2–3: API version <= ours, reserved bits zero (POLICY_FAILURE)."""
+        if policy_api(policy) > (self.api_major, self.api_minor):
+            raise SevError(SevStatus.POLICY_FAILURE, "policy requires a newer firmware API")
+        if policy & RESERVED_MASK:
+            raise SevError(SevStatus.POLICY_FAILURE, "reserved policy bits are set")
+
+    def _open_server_channel(self, peer_cert: bytes, session: bytes, policy: int) -> crypto.Channel:
+        """LAUNCH_START / RECEIVE_START: ECDH(our PDH, peer), unwrap TEK/TIK, verify POLICY_MAC."""
+        peer = chain.pdh_sanity_check(bytes(peer_cert))
+        z = crypto.ecdh_z(self.identity.pdh_private, peer)
+        tek, tik = crypto.open_session(z, bytes(session))
+        crypto.verify_policy_mac(tik, bytes(session), policy)
+        return crypto.Channel(tek, tik)
+
+    def _new_guest(self, policy: int, share_handle: int) -> _Guest:
+        """Key sharing, handle allocation, ES check (shared by LAUNCH_START and RECEIVE_START)."""
+        if share_handle:
+            other = self._guest(share_handle)
+            if other.policy != policy or other.policy & Policy.NOKS:
+                raise SevError(SevStatus.POLICY_FAILURE, "key sharing refused by policy (NOKS or different policy)")
+            vek, engine = other.vek, other.engine
+        else:
+            vek = None
+            engine = None
+        handle = next((h for h in range(1, MAX_HANDLES + 1) if h not in self._guests), None)
+        if handle is None:
+            raise SevError(SevStatus.RESOURCE_LIMIT, "no free guest handle")
+        if policy & Policy.ES and not self.es_initialized:
+            raise SevError(SevStatus.UNSUPPORTED, "SEV-ES guest on a platform without SEV-ES")
+        if vek is None:
+            vek = self._rand(VEK_SIZE)
+            engine = MemoryEngine(vek)
+        return _Guest(handle, policy, vek, engine)
+
+    @staticmethod
+    def _check_u32(name: str, value: int) -> None:
+        if not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+            raise SevError(SevStatus.INVALID_PARAM, f"{name} is not a u32")
+
+    # ------------------------------------------------------------------------------------------------
+    # platform commands
+    # ------------------------------------------------------------------------------------------------
+    @_command()
+    def init(self) -> None:
+        """INIT: UNINIT → INIT."""
+        self._need_platform(PlatformState.UNINIT)
+        self._state = PlatformState.INIT
+
+    @_command()
+    def shutdown(self) -> None:
+        """SHUTDOWN: any state → UNINIT; every guest context is destroyed."""
+        self._guests.clear()
+        self._asids.clear()
+        self._state = PlatformState.UNINIT
+
+    @_command()
+    def pdh_cert_export(self, pdh_cert_len: int = PDH_CERT_LEN, certs_len: int = CERT_CHAIN_LEN) -> tuple[bytes, bytes]:
+        """PDH_CERT_EXPORT → (PDH cert, PEK ‖ OCA ‖ CEK) with the CEK unsigned (as Rome+ firmware)."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        if pdh_cert_len < PDH_CERT_LEN or certs_len < CERT_CHAIN_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "buffers too small",
+                           pdh_cert_len=PDH_CERT_LEN, certs_len=CERT_CHAIN_LEN)
+        ident = self.identity
+        chain_bytes = ident.pek.encode() + ident.oca.encode() + ident.cek.without_signatures().encode()
+        return ident.pdh.encode(), chain_bytes
+
+    @_command()
+    def pek_gen(self) -> None:
+        """PEK_GEN (INIT only): new OCA, PEK and PDH."""
+        self._need_platform(PlatformState.INIT)
+        self.identity = self.identity.pek_gen(self._rng)
+
+    @_command()
+    def pdh_gen(self) -> None:
+        """PDH_GEN (INIT or WORKING): new PDH signed by the PEK."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        self.identity = self.identity.pdh_gen(self._rng)
+
+    # ------------------------------------------------------------------------------------------------
+    # guest management
+    # ------------------------------------------------------------------------------------------------
+    @_command()
+    def activate(self, handle: int, asid: int) -> None:
+        """ACTIVATE: bind the guest's key to an ASID (FW `mcmd_activate_common` order)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        if not isinstance(asid, int) or not 1 <= asid <= MAX_ASID:
+            raise SevError(SevStatus.INVALID_ASID, f"ASID {asid!r} out of range 1..{MAX_ASID}")
+        if asid in self._asids:
+            raise SevError(SevStatus.ASID_OWNED, f"ASID {asid} is in use")
+        if g.active:
+            raise SevError(SevStatus.ACTIVE, f"guest {handle} is already active")
+        g.asid = asid
+        g.active = True
+        self._asids[asid] = handle
+
+    @_command()
+    def deactivate(self, handle: int) -> None:
+        """DEACTIVATE: unbind the ASID (no-op for an inactive guest)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        if g.active:
+            self._asids.pop(g.asid, None)
+        g.active = False
+        g.asid = 0
+
+    @_command()
+    def decommission(self, handle: int) -> None:
+        """DECOMMISSION from any live state (incl. SENT); the guest must be deactivated (ACTIVE)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        if g.active:
+            raise SevError(SevStatus.ACTIVE, f"guest {handle} is still active: DEACTIVATE first")
+        g.channel = None
+        del self._guests[handle]
+        if not self._guests:
+            self._state = PlatformState.INIT
+
+    @_command()
+    def guest_status(self, handle: int) -> GuestStatus:
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        return GuestStatus(policy=g.policy, asid=g.asid, state=g.state)
+
+    def map_guest_memory(self, handle: int, ram, vmsa: bytearray | None = None) -> None:
+        """Emulation of the ASID/C-bit wiring: guest-physical address = offset in `ram`."""
+        g = self._guest(handle)
+        if len(ram) % PAGE_SIZE:
+            raise SevError(SevStatus.INVALID_PARAM, "guest memory must be a whole number of 4 KiB pages")
+        if vmsa is not None and len(vmsa) != VMSA_SIZE:
+            raise SevError(SevStatus.INVALID_PARAM, "the VMSA page is 4096 bytes")
+        g.ram = ram
+        g.vmsa = vmsa
+
+    def memory_engine(self, handle: int) -> MemoryEngine:
+        """GUEST SIDE ONLY: the CPU's view of this guest's memory with the C-bit set."""
+        return self._guest(handle).engine
+
+    def launch_digest(self, handle: int) -> bytes:
+        """Emulation extra: the SHA-256 launch digest (final after LAUNCH_MEASURE, running before)."""
+        g = self._guest(handle)
+        return g.final_digest if g.final_digest is not None else g.digest.copy().digest()
+
+    # ------------------------------------------------------------------------------------------------
+    # launch
+    # ------------------------------------------------------------------------------------------------
+    @_command()
+    def launch_start(self, *, policy: int, handle: int = 0, dh_cert: bytes | None = None,
+                     session: bytes | None = None) -> int:
+        """LAUNCH_START → new handle. With `dh_cert` (GODH) the channel is opened as server."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        self._check_u32("policy", policy)
+        channel = None
+        if dh_cert is not None:
+            if session is None or len(session) != SESSION_LEN:
+                raise SevError(SevStatus.INVALID_LENGTH, "session must be 0x80 bytes")
+            if len(dh_cert) != PDH_CERT_LEN:
+                raise SevError(SevStatus.INVALID_LENGTH, "GODH certificate must be 0x824 bytes")
+            channel = self._open_server_channel(dh_cert, session, policy)
+        self._check_policy(policy)
+        g = self._new_guest(policy, handle)
+        g.channel = channel if channel is not None else crypto.Channel(bytes(16), bytes(16))
+        g.state = GuestState.LUPDATE
+        self._guests[g.handle] = g
+        self._state = PlatformState.WORKING
+        return g.handle
+
+    @_command()
+    def launch_update_data(self, handle: int, paddr: int, length: int) -> None:
+        """Hash plaintext ram[paddr:paddr+length] into the launch digest, then encrypt it in place."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.LUPDATE)
+        self._need_active(g)
+        if paddr % 16:
+            raise SevError(SevStatus.INVALID_ADDRESS, "paddr must be 16-byte aligned")
+        if length <= 0 or length % 16:
+            raise SevError(SevStatus.INVALID_LENGTH, "length must be a non-zero multiple of 16")
+        self._need_ram(g, paddr, length)
+        plain = bytes(memoryview(g.ram)[paddr:paddr + length])
+        g.digest.update(plain)
+        g.engine.write(g.ram, paddr, plain)
+
+    @_command()
+    def launch_update_vmsa(self, handle: int) -> None:
+        """ES only: hash the VMSA plaintext into the digest, encrypt it in place."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.LUPDATE)
+        self._need_active(g)
+        self._need_es(g)
+        self._need_vmsa(g)
+        plain = bytes(g.vmsa)
+        g.digest.update(plain)
+        g.vmsa[:] = g.engine.encrypt(VMSA_PADDR, plain)
+
+    @_command()
+    def launch_measure(self, handle: int, *, measure_len: int = MEASURE_LEN) -> tuple[bytes, bytes]:
+        """LAUNCH_MEASURE → (MEASURE 32, MNONCE 16); LUPDATE → LSECRET."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.LUPDATE)
+        if measure_len < MEASURE_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "measurement buffer too small", measure_len=MEASURE_LEN)
+        digest = g.digest.digest()
+        mnonce = self._rand(16)
+        measure = crypto.launch_measure(g.channel.tik, api_major=self.api_major, api_minor=self.api_minor,
+                                        build=self.build, policy=g.policy, digest=digest, mnonce=mnonce)
+        g.final_digest = digest
+        g.measure = measure
+        g.state = GuestState.LSECRET
+        return measure, mnonce
+
+    @_command()
+    def launch_secret(self, handle: int, hdr: bytes, guest_paddr: int, trans: bytes) -> None:
+        """LAUNCH_SECRET: verify (ctx 0x01, MEASURE appended), decrypt with TEK, write under the VEK."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.LSECRET)
+        self._need_active(g)
+        if guest_paddr % 16:
+            raise SevError(SevStatus.INVALID_ADDRESS, "guest_paddr must be 16-byte aligned")
+        n = len(trans)
+        if len(hdr) != HDR_LEN or n == 0 or n % 16 or n > MAX_PACKET:
+            raise SevError(SevStatus.INVALID_LENGTH, "bad header or secret length")
+        self._need_ram(g, guest_paddr, n)
+        hdr, trans = bytes(hdr), bytes(trans)
+        if not g.channel.verify(hdr, trans, ctx=crypto.CTX_LAUNCH_SECRET, measure=g.measure):
+            raise SevError(SevStatus.BAD_MEASUREMENT, "LAUNCH_SECRET MAC does not verify")
+        flags, iv, _mac = crypto.parse_header(hdr)
+        if flags & crypto.FLAG_COMPRESSED:
+            raise SevError(SevStatus.UNSUPPORTED, "compressed packets are not supported")
+        plain = g.channel.ctr(iv, trans)
+        g.engine.write(g.ram, guest_paddr, plain)
+
+    @_command()
+    def launch_finish(self, handle: int) -> None:
+        """LAUNCH_FINISH: erase TEK/TIK; LSECRET → RUNNING."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.LSECRET)
+        g.channel = None
+        g.state = GuestState.RUNNING
+
+    # ------------------------------------------------------------------------------------------------
+    # send
+    # ------------------------------------------------------------------------------------------------
+    @_command()
+    def send_start(self, handle: int, *, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes,
+                   session_len: int = SESSION_LEN) -> tuple[int, bytes]:
+        """SEND_START → (policy, session 0x80). This platform's PDH is the client key (§3.3)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        if session_len != SESSION_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "session buffer must be 0x80 bytes", session_len=SESSION_LEN)
+        self._need_state(g, GuestState.RUNNING)
+        policy = g.policy
+        if policy & Policy.NOSEND:
+            raise SevError(SevStatus.POLICY_FAILURE, "policy forbids sending this guest (NOSEND)")
+        pdh_cert, plat_certs, amd_certs = bytes(pdh_cert), bytes(plat_certs), bytes(amd_certs)
+        if policy & Policy.SEV:
+            ident = self.identity
+            chain.validate_platform(amd_certs, plat_certs, pdh_cert, root_key_id=ident.ark.key_id,
+                                    root_key_hash=chain.ark_key_hash(ident.ark))
+            pek = SevCert.decode(chain.split_plat_certs(plat_certs)[0])
+            if (pek.api_major, pek.api_minor) < policy_api(policy):
+                raise SevError(SevStatus.POLICY_FAILURE, "target firmware API is older than the policy requires")
+        if policy & Policy.DOMAIN:
+            chain.validate_domain(plat_certs, pdh_cert, local_oca=self.identity.oca.encode())
+        if not policy & (Policy.SEV | Policy.DOMAIN) and len(pdh_cert) != PDH_CERT_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "PDH certificate must be 0x824 bytes")
+        peer = chain.pdh_sanity_check(pdh_cert)
+        z = crypto.ecdh_z(self.identity.pdh_private, peer)
+        tek, tik = self._rand(16), self._rand(16)
+        nonce, wrap_iv = self._rand(16), self._rand(16)
+        session = crypto.build_session(z, tek=tek, tik=tik, nonce=nonce, wrap_iv=wrap_iv, policy=policy)
+        g.channel = crypto.Channel(tek, tik)
+        g.state = GuestState.SUPDATE
+        return policy, session
+
+    def _send_checks(self, handle: int, hdr_len: int, vmsa: bool) -> _Guest:
+        self._need_platform(PlatformState.WORKING)
+        if hdr_len < HDR_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "header buffer too small", hdr_len=HDR_LEN)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.SUPDATE)
+        if vmsa:
+            self._need_es(g)
+        self._need_active(g)
+        return g
+
+    @_command()
+    def send_update_data(self, handle: int, guest_paddr: int, guest_len: int, *, hdr_len: int = HDR_LEN,
+                         trans_len: int | None = None) -> tuple[bytes, bytes]:
+        """SEND_UPDATE_DATA → (header 0x34, ciphertext guest_len)."""
+        g = self._send_checks(handle, hdr_len, vmsa=False)
+        if trans_len is None:
+            trans_len = guest_len
+        if guest_len <= 0 or guest_len > MAX_PACKET or guest_len % 16 or trans_len < guest_len:
+            raise SevError(SevStatus.INVALID_LENGTH, "bad guest_len / trans_len")
+        if guest_paddr % 16:
+            raise SevError(SevStatus.INVALID_ADDRESS, "guest_paddr must be 16-byte aligned")
+        self._need_ram(g, guest_paddr, guest_len)
+        plain = g.engine.read(g.ram, guest_paddr, guest_len)
+        return g.channel.seal(self._rand(16), plain, ctx=crypto.CTX_UPDATE)
+
+    @_command(_batch_pages)
+    def send_update_data_batch(self, handle: int, pfns: Sequence[int]) -> tuple[bytes, bytes]:
+        """N whole pages at pfn*4096 → (N headers, N*4096 ciphertext), same bytes as N single commands.
+
+        Per-packet checks (page inside guest memory) run for all pages before any output is made; the
+        first failure raises SevError(INVALID_ADDRESS) with `.index` = its packet number.
+        """
+        g = self._send_checks(handle, HDR_LEN, vmsa=False)
+        p = np.asarray(pfns, dtype=np.int64).ravel() if len(pfns) else np.zeros(0, dtype=np.int64)
+        if not p.size:
+            return b"", b""
+        npages = 0 if g.ram is None else len(g.ram) // PAGE_SIZE
+        bad = np.flatnonzero((p < 0) | (p >= npages))
+        if bad.size:
+            err = SevError(SevStatus.INVALID_ADDRESS, f"page {int(p[bad[0]])} is outside the guest's memory")
+            err.index = int(bad[0])
+            raise err
+        ivs = b"".join([self._rand(16) for _ in range(p.size)])
+        plain = g.engine.read_pages(g.ram, p)
+        return g.channel.seal_batch(ivs, plain, PAGE_SIZE, ctx=crypto.CTX_UPDATE)
+
+    @_command()
+    def send_update_vmsa(self, handle: int, *, guest_len: int = VMSA_SIZE, hdr_len: int = HDR_LEN,
+                         trans_len: int | None = None) -> tuple[bytes, bytes]:
+        """ES only: validate the VMSA, then export it as one packet (ctx 0x02, like the firmware)."""
+        g = self._send_checks(handle, hdr_len, vmsa=True)
+        if trans_len is None:
+            trans_len = guest_len
+        if guest_len != VMSA_SIZE or trans_len < guest_len:
+            raise SevError(SevStatus.INVALID_LENGTH, "a VMSA is exactly 4096 bytes")
+        self._need_vmsa(g)
+        plain = g.engine.decrypt(VMSA_PADDR, bytes(g.vmsa))
+        if not vmsa_is_valid(plain):
+            raise SevError(SevStatus.INVALID_PARAM, "VMSA failed validation (reserved bytes not zero)")
+        return g.channel.seal(self._rand(16), plain, ctx=crypto.CTX_UPDATE)
+
+    @_command()
+    def send_finish(self, handle: int) -> None:
+        """SEND_FINISH: erase the channel; SUPDATE → SENT."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.SUPDATE)
+        g.channel = None
+        g.state = GuestState.SENT
+
+    @_command()
+    def send_cancel(self, handle: int) -> None:
+        """SEND_CANCEL: erase the channel; SUPDATE → RUNNING (the guest may run on here)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.SUPDATE)
+        g.channel = None
+        g.state = GuestState.RUNNING
+
+    # ------------------------------------------------------------------------------------------------
+    # receive
+    # ------------------------------------------------------------------------------------------------
+    @_command()
+    def receive_start(self, *, policy: int, pdh_cert: bytes, session: bytes, handle: int = 0) -> int:
+        """RECEIVE_START → new handle: server side with the *sender's* PDH (sanity-checked only)."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        self._check_u32("policy", policy)
+        if len(session) != SESSION_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "session must be 0x80 bytes")
+        if len(pdh_cert) != PDH_CERT_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "PDH certificate must be 0x824 bytes")
+        channel = self._open_server_channel(pdh_cert, session, policy)
+        self._check_policy(policy)
+        g = self._new_guest(policy, handle)
+        g.channel = channel
+        g.state = GuestState.RUPDATE
+        self._guests[g.handle] = g
+        self._state = PlatformState.WORKING
+        return g.handle
+
+    def _receive_checks(self, handle: int, vmsa: bool) -> _Guest:
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.RUPDATE)
+        if vmsa:
+            self._need_es(g)
+        self._need_active(g)
+        return g
+
+    @staticmethod
+    def _check_packet_lengths(hdr, trans) -> None:
+        n = len(trans)
+        if n == 0 or n > MAX_PACKET or n % 16 or len(hdr) < HDR_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "bad header or transport length")
+
+    @_command()
+    def receive_update_data(self, handle: int, hdr: bytes, guest_paddr: int, trans: bytes) -> None:
+        """RECEIVE_UPDATE_DATA: verify, decrypt, write under the new VEK at guest_paddr."""
+        g = self._receive_checks(handle, vmsa=False)
+        self._check_packet_lengths(hdr, trans)
+        if guest_paddr % 16:
+            raise SevError(SevStatus.INVALID_ADDRESS, "guest_paddr must be 16-byte aligned")
+        self._need_ram(g, guest_paddr, len(trans))
+        hdr, trans = bytes(hdr[:HDR_LEN]), bytes(trans)
+        flags, _iv, _mac = crypto.parse_header(hdr)
+        if flags & crypto.FLAG_COMPRESSED:
+            raise SevError(SevStatus.UNSUPPORTED, "compressed packets are not supported")
+        plain = g.channel.open(hdr, trans, ctx=crypto.CTX_UPDATE)
+        g.engine.write(g.ram, guest_paddr, plain)
+
+    @_command(_batch_pages)
+    def receive_update_data_batch(self, handle: int, pfns: Sequence[int], headers: bytes, ciphertext: bytes) -> None:
+        """Apply N page packets in order (same effect as N single commands). On the first failing
+        packet, the packets before it are applied and SevError is raised with `.index` set."""
+        g = self._receive_checks(handle, vmsa=False)
+        p = np.asarray(pfns, dtype=np.int64).ravel() if len(pfns) else np.zeros(0, dtype=np.int64)
+        n = p.size
+        if len(headers) != n * HDR_LEN or len(ciphertext) != n * PAGE_SIZE:
+            raise SevError(SevStatus.INVALID_LENGTH, "headers / ciphertext do not match the page count")
+        if n == 0:
+            return
+        headers, ciphertext = bytes(headers), memoryview(ciphertext).cast("B")
+        npages = 0 if g.ram is None else len(g.ram) // PAGE_SIZE
+        fail: SevError | None = None
+        good = n
+        bad = np.flatnonzero((p < 0) | (p >= npages))
+        if bad.size:
+            good = int(bad[0])
+            fail = SevError(SevStatus.INVALID_ADDRESS, f"page {int(p[good])} is outside the guest's memory")
+        flags = np.frombuffer(headers, dtype="<u4")[::HDR_LEN // 4][:good]
+        comp = np.flatnonzero(flags & crypto.FLAG_COMPRESSED)
+        if comp.size:
+            good = int(comp[0])
+            fail = SevError(SevStatus.UNSUPPORTED, "compressed packets are not supported")
+        ok = g.channel.verify_batch(headers, ciphertext, PAGE_SIZE, ctx=crypto.CTX_UPDATE, stop_at=good)
+        if ok < good:
+            good = ok
+            fail = SevError(SevStatus.BAD_MEASUREMENT, f"packet {ok} MAC does not verify")
+        if good:
+            plain = g.channel.decrypt_batch(headers, ciphertext, PAGE_SIZE, good)
+            g.engine.write_pages(g.ram, p[:good], plain)
+        if fail is not None:
+            fail.index = good
+            raise fail
+
+    @_command()
+    def receive_update_vmsa(self, handle: int, hdr: bytes, trans: bytes) -> None:
+        """ES only: verify and decrypt the VMSA packet, validate it, store it under the new VEK."""
+        g = self._receive_checks(handle, vmsa=True)
+        self._check_packet_lengths(hdr, trans)
+        if len(trans) != VMSA_SIZE:
+            raise SevError(SevStatus.INVALID_LENGTH, "a VMSA is exactly 4096 bytes")
+        self._need_vmsa(g)
+        hdr, trans = bytes(hdr[:HDR_LEN]), bytes(trans)
+        flags, _iv, _mac = crypto.parse_header(hdr)
+        if flags & crypto.FLAG_COMPRESSED:
+            raise SevError(SevStatus.UNSUPPORTED, "compressed packets are not supported")
+        plain = g.channel.open(hdr, trans, ctx=crypto.CTX_UPDATE)
+        if not vmsa_is_valid(plain):
+            raise SevError(SevStatus.INVALID_PARAM, "VMSA failed validation (reserved bytes not zero)")
+        g.vmsa[:] = g.engine.encrypt(VMSA_PADDR, plain)
+
+    @_command()
+    def receive_finish(self, handle: int) -> None:
+        """RECEIVE_FINISH: erase the channel; RUPDATE → RUNNING (no final MAC: none exists)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, GuestState.RUPDATE)
+        g.channel = None
+        g.state = GuestState.RUNNING
+
+    # ------------------------------------------------------------------------------------------------
+    # debug
+    # ------------------------------------------------------------------------------------------------
+    def _dbg_checks(self, handle: int, paddr: int, length: int) -> _Guest:
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        if g.policy & Policy.NODBG:
+            raise SevError(SevStatus.POLICY_FAILURE, "policy forbids debugging (NODBG)")
+        self._need_active(g)
+        if paddr % 16:
+            raise SevError(SevStatus.INVALID_ADDRESS, "paddr must be 16-byte aligned")
+        if length <= 0 or length % 16:
+            raise SevError(SevStatus.INVALID_LENGTH, "length must be a non-zero multiple of 16")
+        self._need_ram(g, paddr, length)
+        return g
+
+    @_command()
+    def dbg_decrypt(self, handle: int, paddr: int, length: int) -> bytes:
+        """DBG_DECRYPT: plaintext of guest memory (refused with NODBG)."""
+        g = self._dbg_checks(handle, paddr, length)
+        return g.engine.read(g.ram, paddr, length)
+
+    @_command()
+    def dbg_encrypt(self, handle: int, paddr: int, data: bytes) -> None:
+        """DBG_ENCRYPT: write plaintext into guest memory under the VEK (refused with NODBG)."""
+        g = self._dbg_checks(handle, paddr, len(data))
+        g.engine.write(g.ram, paddr, bytes(data))
