@@ -1,0 +1,244 @@
+"""The shipped deployment files: systemd units (deploy/systemd/) and the example config (deploy/sevmigd.toml).
+
+Rules for this file: systemd's own tools judge the units (`systemd-analyze verify`, `systemd-analyze
+security --offline`), skipped with the reason when the tool is missing; the example config is read
+by the daemon's real config loader; the MemoryDenyWriteExecute claim is checked by running our stack
+under the kernel's equivalent (prctl PR_SET_MDWE), skipped when the kernel lacks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+UNITS = ROOT / "deploy" / "systemd"
+SERVICE = UNITS / "sevmigd.service"
+SOCKET = UNITS / "sevmigd.socket"
+EXAMPLE = ROOT / "deploy" / "sevmigd.toml"
+SEVMIGD_BIN = pathlib.Path(sys.executable).parent / "sevmigd"
+
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                   reason="systemd-analyze not installed (package systemd)")
+
+
+def parse_unit(path: pathlib.Path) -> dict[str, list[tuple[str, str]]]:
+    """{section: [(key, value), ...]} keeping repeats (systemd allows and accumulates them)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections.setdefault(current, [])
+            continue
+        key, _, value = line.partition("=")
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def one(section: list[tuple[str, str]], key: str) -> str:
+    values = [v for k, v in section if k == key]
+    assert values, f"{key}= missing"
+    return values[-1]
+
+
+def _copy_for_verify(tmp_path: pathlib.Path) -> list[pathlib.Path]:
+    """Units as shipped, except ExecStart pointing at the venv's sevmigd (verify checks it exists)."""
+    if not SEVMIGD_BIN.exists():
+        pytest.skip(f"{SEVMIGD_BIN} missing (package not installed in this venv)")
+    out = []
+    for src in (SERVICE, SOCKET):
+        dst = tmp_path / src.name
+        dst.write_text(src.read_text().replace("ExecStart=/usr/bin/sevmigd ", f"ExecStart={SEVMIGD_BIN} "))
+        out.append(dst)
+    return out
+
+
+# ------------------------------------------------------------------------------ systemd's verdict
+
+
+@needs_analyze
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    units = _copy_for_verify(tmp_path)
+    proc = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    # verify exits 0 even for unknown keys or unparsable values ("... ignoring"): any output about
+    # our files counts as a failure.
+    ours = [l for l in (proc.stdout + proc.stderr).splitlines() if "sevmigd" in l]
+    assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
+
+
+@needs_analyze
+def test_verify_catches_a_broken_unit(tmp_path):
+    """The check above can fail: a misspelt key and a bad value are reported."""
+    units = _copy_for_verify(tmp_path)
+    units[0].write_text(units[0].read_text().replace("ProtectSystem=strict", "ProtectSystem=strictt\nProtectSystm=yes"))
+    proc = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "ProtectSystm" in out and "strictt" in out
+
+
+@needs_analyze
+def test_security_exposure_is_low(tmp_path):
+    units = _copy_for_verify(tmp_path)
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(units[0])],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    if proc.returncode != 0 and "offline" in proc.stderr:
+        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
+    m = re.search(r"Overall exposure level for sevmigd\.service: ([0-9.]+)", proc.stdout + proc.stderr)
+    assert m, proc.stdout + proc.stderr
+    # 0 = fully locked down, 10 = unprotected; "OK" starts below 5. What remains is network access,
+    # which a migration daemon needs by definition.
+    assert float(m.group(1)) <= 2.0, proc.stdout
+
+
+# --------------------------------------------------------------------------------- unit contents
+
+
+def test_service_is_notify_watchdog_restart():
+    s = parse_unit(SERVICE)["Service"]
+    assert one(s, "Type") == "notify"
+    assert one(s, "ExecStart") == "/usr/bin/sevmigd serve --config /etc/sevmigd/sevmigd.toml"
+    assert one(s, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(s, "Restart") == "on-failure"
+    assert one(s, "WatchdogSec").endswith("s")
+    assert one(s, "TimeoutStopSec").endswith("s")
+    # The daemon's graceful shutdown budget must fit in the stop timeout.
+    from sevmigd.daemon import server
+    assert int(one(s, "TimeoutStopSec").rstrip("s")) > getattr(server, "SHUTDOWN_MIGRATIONS_S", 0)
+
+
+def test_service_runs_as_dedicated_user_with_private_dirs():
+    s = parse_unit(SERVICE)["Service"]
+    assert one(s, "User") == "sevmigd" and one(s, "DynamicUser") == "no"
+    assert one(s, "StateDirectory") == "sevmigd" and one(s, "StateDirectoryMode") == "0700"
+    assert one(s, "RuntimeDirectory") == "sevmigd"
+    assert one(s, "ConfigurationDirectory") == "sevmigd"
+    assert one(s, "UMask") == "0077"
+
+
+@pytest.mark.parametrize("key,value", [
+    ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
+    ("PrivateDevices", "yes"), ("ProtectKernelTunables", "yes"), ("ProtectKernelModules", "yes"),
+    ("ProtectControlGroups", "yes"), ("RestrictNamespaces", "yes"), ("LockPersonality", "yes"),
+    ("MemoryDenyWriteExecute", "yes"), ("RestrictRealtime", "yes"), ("CapabilityBoundingSet", ""),
+    ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"), ("SystemCallArchitectures", "native"),
+])
+def test_service_hardening(key, value):
+    assert one(parse_unit(SERVICE)["Service"], key) == value
+
+
+def test_service_syscall_filter_is_system_service():
+    filters = [v for k, v in parse_unit(SERVICE)["Service"] if k == "SystemCallFilter"]
+    assert "@system-service" in filters
+
+
+def test_socket_passes_port_4446_to_the_service():
+    unit = parse_unit(SOCKET)
+    s = unit["Socket"]
+    assert one(s, "ListenStream") == "4446"
+    assert one(s, "Service") == "sevmigd.service"
+    assert one(s, "Accept") == "no"
+    assert one(unit["Install"], "WantedBy") == "sockets.target"
+    svc = parse_unit(SERVICE)["Unit"]
+    assert "sevmigd.socket" in one(svc, "After")
+
+
+# ------------------------------------------------------------------------------ MDWE and our stack
+
+
+_MDWE_CHILD = textwrap.dedent("""
+    import ctypes, mmap, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        print("UNSUPPORTED", ctypes.get_errno()); sys.exit(0)
+    try:  # prove it is enforced
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        print("NOT ENFORCED"); sys.exit(1)
+    except OSError:
+        pass
+    # Everything the daemon loads and exercises, after W^X is locked in.
+    import ssl, msgpack, numpy, structlog, trio
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa, padding
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    import sevmigd.cli, sevmigd.daemon.systemd, sevmigd.daemon.tls
+    a, b = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    assert a.exchange(ec.ECDH(), b.public_key()) == b.exchange(ec.ECDH(), a.public_key())
+    k = rsa.generate_private_key(65537, 2048)
+    k.public_key().verify(k.sign(b"m", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256()),
+                          b"m", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    Cipher(algorithms.AES(os.urandom(16)), modes.CTR(os.urandom(16))).encryptor().update(b"x" * 4096)
+    assert msgpack.unpackb(msgpack.packb({"a": b"x"})) == {"a": b"x"}
+    assert int(numpy.packbits(numpy.ones(64, dtype=bool)).sum()) == 8 * 255
+    ssl.create_default_context()
+    async def main():
+        async def echo(stream):
+            await stream.send_all(await stream.receive_some(10))
+        async with trio.open_nursery() as n:
+            ls = await n.start(trio.serve_tcp, echo, 0)
+            port = ls[0].socket.getsockname()[1]
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(b"ok")
+            assert await s.receive_some(10) == b"ok"
+            n.cancel_scope.cancel()
+    trio.run(main)
+    print("OK")
+""")
+
+
+def test_memory_deny_write_execute_does_not_break_the_stack():
+    proc = subprocess.run([sys.executable, "-c", _MDWE_CHILD], capture_output=True, text=True, timeout=120)
+    if proc.stdout.startswith("UNSUPPORTED"):
+        pytest.skip(f"kernel lacks PR_SET_MDWE (Linux >= 6.3): {proc.stdout.strip()}")
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------- example config
+
+
+def _uncommented_example(tmp_path: pathlib.Path) -> pathlib.Path:
+    """The example with every `#key = value` and `#[table]` line uncommented."""
+    lines = []
+    for line in EXAMPLE.read_text().splitlines():
+        if re.match(r"^#\s*(\[[a-z_]+\]|[a-z_]+\s*=)", line):
+            line = line.lstrip("#").lstrip()
+        lines.append(line)
+    out = tmp_path / "sevmigd.toml"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_example_config_loads_as_shipped():
+    from sevmigd.daemon.config import Config, load_config
+    cfg = load_config(str(EXAMPLE), {}, environ={"STATE_DIRECTORY": "/var/lib/sevmigd",
+                                                "RUNTIME_DIRECTORY": "/run/sevmigd"})
+    assert isinstance(cfg, Config)
+
+
+def test_example_config_documents_every_key_with_its_default(tmp_path):
+    from sevmigd.daemon.config import KEYS, Config, load_config
+    text = EXAMPLE.read_text()
+    missing = [k for k in KEYS if not re.search(rf"^#?{k}\s*=", text, re.M) and not re.search(rf"^#?\[{k}\]", text, re.M)]
+    assert not missing, f"keys not documented in deploy/sevmigd.toml: {missing}"
+    env = {"STATE_DIRECTORY": "/var/lib/sevmigd", "RUNTIME_DIRECTORY": "/run/sevmigd"}
+    full = load_config(str(_uncommented_example(tmp_path)), {}, environ=env)
+    default = load_config(None, {}, environ=env)
+    # Keys whose default is "unset" are shown with an example value instead.
+    examples = {"control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls"}
+    differ = [f.name for f in dataclasses.fields(Config)
+              if f.name not in examples and getattr(full, f.name) != getattr(default, f.name)]
+    assert not differ, f"example values differ from the defaults for {differ}"
+    assert full.tls.cert and full.tls.key and full.tls.ca
