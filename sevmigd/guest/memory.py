@@ -1,0 +1,98 @@
+"""Guest "DRAM" and the dirty log: raw bytes as the memory controller stores them.
+
+Owns: the RAM buffer of one guest (an anonymous mmap, lazily backed by the OS so an 8 GiB guest costs
+nothing until pages are touched), page-granular raw views, and the dirty log the guest's writes feed.
+Holds no key and imports no memory engine: what is stored here is ciphertext for private pages and
+plaintext for shared ones, exactly what a hypervisor could read from DRAM. Both the guest side and the
+host view (`hypervisor.py`) use it.
+
+Dirty tracking costs in proportion to what changed (KVM_GET_DIRTY_LOG semantics without an
+O(guest size) bitmap scan): writes append their pfn arrays to a list; get-and-clear concatenates and
+de-duplicates only those.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+PAGE_SIZE = 4096
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def as_pfns(pfns, npages: int) -> np.ndarray:
+    """pfns (int, sequence or array) -> int64 array, ValueError when one is outside 0..npages-1."""
+    p = np.atleast_1d(np.asarray(pfns)).ravel()
+    if p.size and not np.issubdtype(p.dtype, np.integer):
+        raise ValueError("page frame numbers must be integers")
+    p = p.astype(np.int64, copy=False)
+    if p.size and (int(p.min()) < 0 or int(p.max()) >= npages):
+        raise ValueError(f"page frame number outside guest memory (0..{npages - 1})")
+    return p
+
+
+class DirtyLog:
+    """Pages written by the guest since the last get_and_clear (only while enabled)."""
+
+    __slots__ = ("enabled", "_chunks")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._chunks: list[np.ndarray] = []
+
+    def mark(self, pfns: np.ndarray) -> None:
+        if self.enabled and len(pfns):
+            self._chunks.append(np.asarray(pfns, dtype=np.int64))
+
+    def mark_one(self, pfn: int) -> None:
+        if self.enabled:
+            self._chunks.append(np.array([pfn], dtype=np.int64))
+
+    def get_and_clear(self) -> np.ndarray:
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return _EMPTY.copy()
+        return np.unique(np.concatenate(chunks))
+
+    def clear(self) -> None:
+        self._chunks = []
+
+
+class GuestRam:
+    """The guest's physical memory: `memory_bytes` of raw DRAM, guest-physical address = offset."""
+
+    def __init__(self, memory_bytes: int):
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
+            raise ValueError("memory size must be a positive multiple of 4096")
+        self.memory_bytes = memory_bytes
+        self.npages = memory_bytes // PAGE_SIZE
+        # Anonymous mapping: zero-filled and backed lazily, so creating a big guest is O(1).
+        self.buf = mmap.mmap(-1, memory_bytes)
+        self.pages = np.frombuffer(self.buf, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
+        self.dirty = DirtyLog()
+
+    # raw access (no dirty marking: callers decide whether a write is the guest's)
+    def read_raw(self, pfns: np.ndarray) -> bytes:
+        if len(pfns) == 1:
+            return self.pages[int(pfns[0])].tobytes()
+        return self.pages[pfns].tobytes()
+
+    def write_raw(self, pfns: np.ndarray, data) -> None:
+        if len(data) != len(pfns) * PAGE_SIZE:
+            raise ValueError("data must be len(pfns) * 4096 bytes")
+        if not len(pfns):
+            return
+        arr = np.frombuffer(data, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
+        if len(pfns) == 1:
+            self.pages[int(pfns[0])] = arr[0]
+        else:
+            self.pages[pfns] = arr
+
+    def release(self) -> None:
+        """Drop the mapping (best effort: outstanding buffer exports keep it alive until collected)."""
+        self.pages = None  # type: ignore[assignment]
+        try:
+            self.buf.close()
+        except BufferError:
+            pass

@@ -1,0 +1,319 @@
+"""An emulated SEV guest: launch through the PSP, run, self-check, reboot, release.
+
+Owns: the life cycle of one guest (LAUNCH_* through the firmware, or the destination side of a
+migration), its RAM and VMSA buffers, its vCPU register file, and the wiring between the guest side
+(`kernel`, `ledger`, `workload`, `agent`) and the hypervisor's view (`hypervisor.HostView`).
+Must never: give host-side callers anything but `host` (ciphertext, bitmaps, plain registers of
+non-ES guests); keep guest state that a migration must carry outside guest RAM or vCPU registers.
+
+Launch (reference §2.4): LAUNCH_START(policy) -> ACTIVATE(asid) -> map memory -> LAUNCH_UPDATE_DATA
+over exactly the image's bytes at GPA 0 (so launch_digest == SHA-256(image) for SEV guests) ->
+LAUNCH_UPDATE_VMSA for SEV-ES (the reset register state, so the digest then also covers the VMSA)
+-> LAUNCH_MEASURE -> LAUNCH_FINISH; then the guest kernel boots.
+
+SEV-ES: while the guest runs its registers are inside the "CPU" (this object); at every exit to the
+host (end of run/agent/boot) they are written back to the VMSA page encrypted under the VEK at the
+firmware's VMSA address, exactly what SEND_UPDATE_VMSA exports. An incoming ES guest loads its
+registers from the VMSA that RECEIVE_UPDATE_VMSA stored.
+
+Big guests: RAM is an anonymous mmap and the ledger is created lazily, so launching an 8 GiB guest
+touches only the image, a few metadata pages and the shared pages the workload asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..psp.firmware import VMSA_PADDR, VMSA_RESERVED_OFFSET
+from ..psp.policy import Policy
+from ..psp.status import SevError, SevStatus
+from . import vcpu as vc
+from .agent import GuestAgent, GuestNotRunning
+from .hypervisor import HostView
+from .kernel import GuestKernel, GuestPanic
+from .ledger import Layout
+from .memory import PAGE_SIZE, GuestRam
+
+assert vc.VMSA_REGS_LIMIT == VMSA_RESERVED_OFFSET, "VMSA layout out of step with the firmware"
+
+MIN_MEMORY = 1 << 20
+#: Size of the generated default image (a stand-in for OVMF): 64 KiB, small enough to keep launch
+#: measurement instant, big enough to span several pages.
+DEFAULT_IMAGE_BYTES = 64 * 1024
+MAX_VCPUS = 64
+
+__all__ = ["GuestConfig", "SevVm", "VerifyReport", "default_image", "GuestPanic", "GuestNotRunning"]
+
+
+def default_image() -> bytes:
+    """A deterministic stand-in firmware image (same bytes on every host, so digests compare)."""
+    out = bytearray()
+    ctr = 0
+    while len(out) < DEFAULT_IMAGE_BYTES:
+        out += hashlib.sha256(b"sevmigd default guest image v1" + ctr.to_bytes(4, "little")).digest()
+        ctr += 1
+    return bytes(out[:DEFAULT_IMAGE_BYTES])
+
+
+@dataclass
+class GuestConfig:
+    name: str
+    memory_bytes: int
+    policy: int = 0
+    image: bytes | None = None
+    dirty_rate_mib_s: float = 0.0
+    working_set_mib: float | None = None
+    shared_fraction: float = 0.0
+    flip_rate: float = 0.0
+    seed: int = 0
+    migration_control: bool = True
+    vcpus: int = 1
+
+    def validate(self) -> None:
+        """ConfigError naming the first bad field."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("name", "must be a non-empty string")
+        _check_memory(self.memory_bytes)
+        _check_policy(self.policy)
+        if self.image is not None:
+            if not isinstance(self.image, (bytes, bytearray)) or not self.image or len(self.image) % 16:
+                raise ConfigError("image", "must be non-empty bytes, a multiple of 16 long "
+                                           "(LAUNCH_UPDATE_DATA measures 16-byte blocks)")
+        for key in ("dirty_rate_mib_s", "flip_rate"):
+            v = getattr(self, key)
+            if not _real(v) or v < 0:
+                raise ConfigError(key, "must be a finite number >= 0")
+        if self.working_set_mib is not None and (not _real(self.working_set_mib) or self.working_set_mib <= 0):
+            raise ConfigError("working_set_mib", "must be a finite number > 0 or None (whole RAM)")
+        if not _real(self.shared_fraction) or not 0 <= self.shared_fraction <= 1:
+            raise ConfigError("shared_fraction", "must be between 0 and 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("seed", "must be an integer")
+        if not isinstance(self.migration_control, bool):
+            raise ConfigError("migration_control", "must be true or false")
+        _check_vcpus(self.vcpus, self.policy)
+        image_len = len(self.image) if self.image is not None else DEFAULT_IMAGE_BYTES
+        try:
+            Layout.compute(self.memory_bytes // PAGE_SIZE, -(-image_len // PAGE_SIZE))
+        except ValueError as exc:
+            raise ConfigError("memory_bytes", str(exc)) from None
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_memory(memory_bytes) -> None:
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes < MIN_MEMORY \
+            or memory_bytes % PAGE_SIZE:
+        raise ConfigError("memory_bytes", "must be a multiple of 4096 and at least 1 MiB")
+
+
+def _check_policy(policy) -> None:
+    if isinstance(policy, bool) or not isinstance(policy, int) or not 0 <= policy <= 0xFFFFFFFF:
+        raise ConfigError("policy", "must be a u32")
+
+
+def _check_vcpus(vcpus, policy: int) -> None:
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError("vcpus", f"must be 1..{MAX_VCPUS}")
+    if policy & Policy.ES and vcpus > vc.vmsa_capacity():
+        raise ConfigError("vcpus", f"an SEV-ES guest here has at most {vc.vmsa_capacity()} vCPUs "
+                                   "(all save areas share the one VMSA page)")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    pages_checked: int
+    mismatches: list[int] = field(default_factory=list)
+    ok: bool = True
+
+
+class SevVm:
+    """One emulated SEV guest. Construct with `launch` (fresh guest) or `incoming` (migration target)."""
+
+    def __init__(self, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
+                 vcpus: int, ram: GuestRam, vmsa: bytearray | None, launch_digest: bytes,
+                 measurement: bytes | None, mnonce: bytes | None = None):
+        self._fw = fw
+        self.name = name
+        self.memory_bytes = memory_bytes
+        self.npages = memory_bytes // PAGE_SIZE
+        self.policy = policy
+        self.handle = handle
+        self.asid = asid
+        self.vcpus = vcpus
+        self.launch_digest = launch_digest
+        self.measurement = measurement
+        self.mnonce = mnonce
+        self._ram = ram
+        self._vmsa = vmsa
+        self._es = bool(policy & Policy.ES)
+        self._regs = [vc.reset_state(i) for i in range(vcpus)]
+        self.host = HostView(ram, policy=policy, handle=handle, vcpu_regs=self._regs, es=self._es)
+        self.agent = GuestAgent(self)
+        self._kernel: GuestKernel | None = None
+        self._released = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def launch(cls, fw, config: GuestConfig, *, asid: int, rng) -> "SevVm":
+        config.validate()
+        image = bytes(config.image) if config.image is not None else default_image()
+        es = bool(config.policy & Policy.ES)
+        ram = GuestRam(config.memory_bytes)
+        vmsa = bytearray(vc.VMSA_SIZE) if es else None
+        handle = fw.launch_start(policy=config.policy)
+        try:
+            fw.activate(handle, asid)
+            fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
+            ram.buf[0:len(image)] = image
+            fw.launch_update_data(handle, 0, len(image))
+            if es:
+                vmsa[:] = vc.encode_vmsa([vc.reset_state(i) for i in range(config.vcpus)])
+                fw.launch_update_vmsa(handle)
+            measure, mnonce = fw.launch_measure(handle)
+            fw.launch_finish(handle)
+            digest = fw.launch_digest(handle)
+        except BaseException:
+            _teardown(fw, handle)
+            ram.release()
+            raise
+        vm = cls(fw, name=config.name, memory_bytes=config.memory_bytes, policy=config.policy,
+                 handle=handle, asid=asid, vcpus=config.vcpus, ram=ram, vmsa=vmsa,
+                 launch_digest=digest, measurement=measure, mnonce=mnonce)
+        try:
+            vm._kernel = GuestKernel(ram, fw.memory_engine(handle), vm._regs[0], vm.host)
+            vm._kernel.boot(image_len=len(image), config=config, secret=bytes(rng(64)))
+            vm._vmexit()
+        except BaseException:
+            vm.release()
+            raise
+        return vm
+
+    @classmethod
+    def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
+                 vcpus: int = 1) -> "SevVm":
+        """Destination side after RECEIVE_START: zero RAM, ACTIVATE, map memory, vCPUs paused."""
+        _check_memory(memory_bytes)
+        _check_policy(policy)
+        _check_vcpus(vcpus, policy)
+        ram = GuestRam(memory_bytes)
+        vmsa = bytearray(vc.VMSA_SIZE) if policy & Policy.ES else None
+        fw.activate(handle, asid)
+        try:
+            fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
+        except BaseException:
+            fw.deactivate(handle)
+            raise
+        vm = cls(fw, name=name, memory_bytes=memory_bytes, policy=policy, handle=handle, asid=asid,
+                 vcpus=vcpus, ram=ram, vmsa=vmsa, launch_digest=b"", measurement=None)
+        vm.host.pause()
+        return vm
+
+    def start_incoming(self) -> None:
+        """After RECEIVE_FINISH: the guest kernel resumes from its RAM and vCPU state, vCPUs run."""
+        if self._kernel is not None:
+            raise GuestPanic(f"guest {self.name}: already running")
+        state = self.sev_state
+        if state != "RUNNING":
+            raise GuestPanic(f"guest {self.name}: PSP guest state is {state}, not RUNNING (RECEIVE_FINISH first)")
+        engine = self._fw.memory_engine(self.handle)
+        if self._es:
+            try:
+                regs = vc.decode_vmsa(engine.decrypt(VMSA_PADDR, bytes(self._vmsa)))
+            except ValueError as exc:
+                raise GuestPanic(f"guest {self.name}: VMSA does not decode: {exc}") from None
+            if len(regs) != self.vcpus:
+                raise GuestPanic(f"guest {self.name}: VMSA holds {len(regs)} vCPUs, expected {self.vcpus}")
+            for mine, theirs in zip(self._regs, regs):
+                mine.clear()
+                mine.update(theirs)
+        kernel = GuestKernel(self._ram, engine, self._regs[0], self.host)
+        kernel.resume()
+        self._kernel = kernel
+        self._vmexit()
+        self.host.resume()
+
+    # ------------------------------------------------------------------ running
+    def run(self, dt: float) -> None:
+        """Advance the guest by `dt` seconds of wall time (no-op while paused or not running)."""
+        if not _real(dt) or dt < 0:
+            raise ValueError("dt must be a finite number of seconds >= 0")
+        if self._kernel is None or self.host.paused:
+            return
+        eff = dt * (100 - self.host.throttle_pct) / 100.0
+        self._kernel.run_step(eff)
+        self._regs[0]["rax"] = self._regs[0]["wl_seq"] & vc.U64
+        self._vmexit()
+
+    def _vmexit(self) -> None:
+        """Registers leave the CPU: for SEV-ES they are saved, encrypted, into the VMSA page."""
+        if self._es and self._kernel is not None:
+            engine = self._fw.memory_engine(self.handle)
+            self._vmsa[:] = engine.encrypt(VMSA_PADDR, vc.encode_vmsa(self._regs))
+
+    def verify(self) -> VerifyReport:
+        if self._kernel is None:
+            raise GuestNotRunning(f"guest {self.name}: kernel not running, nothing to verify")
+        res = self._kernel.verify()
+        return VerifyReport(res.pages_checked, res.mismatches, not res.mismatches)
+
+    def reboot(self) -> None:
+        """Kernel restart: every page private again, host bitmap and MSR reset, fresh ledger."""
+        kernel = self._kernel
+        if kernel is None:
+            raise GuestNotRunning(f"guest {self.name}: kernel not running")
+        secret = kernel.reboot_secret()
+        cfg = kernel.boot_config()
+        self.host._reset_for_reboot()
+        boots = self._regs[0]["boots"]
+        for i, r in enumerate(self._regs):
+            r.clear()
+            r.update(vc.reset_state(i))
+        self._regs[0]["boots"] = boots
+        kernel.boot(image_len=kernel.image_len, config=cfg, secret=secret)
+        self._vmexit()
+
+    def release(self) -> None:
+        """DEACTIVATE + DECOMMISSION the handle if still live, and drop the RAM."""
+        if self._released:
+            return
+        self._released = True
+        self._kernel = None
+        _teardown(self._fw, self.handle)
+        self._ram.release()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def sev_state(self) -> str:
+        try:
+            return self._fw.guest_status(self.handle).state.name
+        except SevError:
+            return "UNINIT"
+
+    @property
+    def running(self) -> bool:
+        return self._kernel is not None and not self.host.paused
+
+    def shared_pages(self) -> int:
+        return int(self._regs[0].get("shared", 0))
+
+    def private_pages(self) -> int:
+        return self.npages - self.shared_pages()
+
+    def __repr__(self) -> str:
+        return f"SevVm(name={self.name!r}, handle={self.handle}, asid={self.asid}, {self.memory_bytes >> 20} MiB)"
+
+
+def _teardown(fw, handle: int) -> None:
+    """DEACTIVATE then DECOMMISSION (KVM's order), tolerating a handle that is already gone."""
+    for step in (fw.deactivate, fw.decommission):
+        try:
+            step(handle)
+        except SevError as exc:
+            if exc.status not in (SevStatus.INVALID_GUEST, SevStatus.INVALID_PLATFORM_STATE):
+                raise
