@@ -169,13 +169,6 @@ def test_validate_platform_statuses(fleet):
     assert _vp(a, root=ca.ark, pdh=half.encode()) == s.BAD_SIGNATURE
 
 
-def test_validate_platform_4096_fleet():
-    ca4 = FleetCA.create(rng_from(40))
-    ident = PlatformIdentity.create(ca4, rng_from(41))
-    assert len(ident.amd_certs()) == 0xC80
-    assert _vp(ident, root=ca4.ark) == SevStatus.SUCCESS
-
-
 # -- validate_domain (SEND_START DOMAIN bit) -------------------------------------------------------
 
 

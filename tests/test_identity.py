@@ -46,6 +46,8 @@ def test_fleet_ca_4096_is_rome_shaped():
     assert (ident.cek.sig1_usage, ident.cek.sig1_algo) == (Usage.ASK, Algo.RSA_SHA384)
     assert len(ident.amd_certs()) == 0xC80
     verify_platform_chain(ident.ark, ident.ask, ident.cek, ident.oca, ident.pek, ident.pdh, trusted_arks=[ca4.ark])
+    validate_platform(ident.amd_certs(), ident.plat_certs(), ident.pdh.encode(),
+                      root_key_id=ca4.ark.key_id, root_key_hash=ark_key_hash(ca4.ark))
 
 
 def test_platform_chain_shape(ident, ca):
@@ -159,3 +161,24 @@ def test_private_keys_not_in_repr(ident, ca):
 def test_decoded_chain_certs_are_plain_codecs(ident):
     assert SevCert.decode(ident.pek.encode()) == ident.pek
     assert AmdCert.decode(ident.ask.encode()) == ident.ask
+
+
+def test_every_single_byte_tamper_of_emulated_cek_and_pdh_is_rejected(ident):
+    """The emulated chain is as tamper-evident as AMD's: CEK (RSA-PSS by the ASK) and PDH (ECDSA by the PEK)."""
+    from sevmigd.psp.certs import ask_signer, sev_signer, verify_sev_cert
+    from sevmigd.psp.status import SevError, SevStatus
+
+    cases = [(ident.cek, ask_signer(ident.ask), 0x414 + 8 + 0x200), (ident.pdh, sev_signer(ident.pek), 0x414 + 8 + 0x200)]
+    accepted = []
+    for cert, signer, end in cases:  # body + slot 1 (the used slot of both)
+        raw = cert.encode()
+        for i in range(end):
+            b = bytearray(raw)
+            b[i] ^= 1
+            try:
+                verify_sev_cert(SevCert.decode(bytes(b)), signer)
+            except SevError as exc:
+                assert exc.status in (SevStatus.INVALID_CERTIFICATE, SevStatus.BAD_SIGNATURE)
+                continue
+            accepted.append((cert.pubkey_usage, i))
+    assert not accepted
