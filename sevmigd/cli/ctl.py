@@ -1,15 +1,329 @@
-"""`sevmigd ctl`: not yet implemented (placeholder so the CLI dispatcher is complete)."""
+"""`sevmigd ctl VERB ...`: talk to a running daemon over its control socket.
+
+One subcommand per control verb (see `sevmigd.daemon.control`). Exit statuses: 0 success; 1 the
+operation failed or the daemon refused it (unknown guest, migration failed, verify found mismatches,
+no daemon listening); 2 unusable input (bad SIZE/GPA/HEX, or the daemon rejected an argument).
+The control socket is `--control PATH`, else `--config FILE`'s `control`, else $SEVMIGD_CONTROL, else
+the daemon's default path.
+
+This module must never print a traceback for a known failure, nor guest data except what the user
+asked `guest-read` for.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
+from typing import Any
+
+from sevmigd.errors import ConfigError
+from sevmigd.units import parse_gpa, parse_size
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ctl", help="(not yet implemented)")
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser("ctl", help="control a running daemon (launch, migrate, status, ...)",
+                       description="Send one command to a running sevmigd daemon over its control socket.")
+    p.add_argument("--control", metavar="PATH", help="control socket (default: the daemon's default path)")
+    p.add_argument("--config", metavar="FILE", help="read the control socket path from this daemon config")
+    p.add_argument("--timeout", metavar="S", type=float, default=None,
+                   help="give up waiting for a reply after S seconds (default: wait; migrate always waits)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    v = verbs.add_parser("launch", help="launch a new SEV guest")
+    v.add_argument("name")
+    v.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 256M, 1G")
+    v.add_argument("--policy", default="0", metavar="HEX", help="SEV guest policy (hex), default 0")
+    v.add_argument("--image", metavar="FILE", help="initial image measured at launch")
+    v.add_argument("--dirty-rate", type=float, default=0.0, metavar="MIB_S", help="workload dirty rate")
+    v.add_argument("--working-set", type=float, default=None, metavar="MIB", help="pages the workload touches")
+    v.add_argument("--shared-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of pages the guest keeps shared (0..1)")
+    v.add_argument("--flip-rate", type=float, default=0.0, metavar="N", help="private<->shared flips per s")
+    v.add_argument("--seed", type=int, default=0, metavar="N", help="workload seed")
+    v.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    v.add_argument("--no-migration-control", action="store_true",
+                   help="guest kernel does not set MSR_KVM_MIGRATION_CONTROL (migration will be refused)")
+    v.add_argument("--json", action="store_true", help="print the new guest's status as JSON")
+    v.set_defaults(ctl=_launch)
+
+    v = verbs.add_parser("list", help="list guests")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(ctl=_list)
+
+    v = verbs.add_parser("status", help="show one guest")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(ctl=_status)
+
+    v = verbs.add_parser("migrate", help="live-migrate a guest to another daemon (waits until done)")
+    v.add_argument("name")
+    v.add_argument("--to", required=True, metavar="HOST:PORT", help="destination daemon's listen address")
+    v.add_argument("--downtime-limit", type=int, default=None, metavar="MS", help="max stop-and-copy downtime")
+    v.add_argument("--max-bandwidth", type=float, default=None, metavar="MIB_S", help="bandwidth cap")
+    v.add_argument("--json", action="store_true", help="print the final figures as JSON")
+    v.set_defaults(ctl=_migrate)
+
+    v = verbs.add_parser("cancel", help="cancel a guest's outgoing migration")
+    v.add_argument("name")
+    v.set_defaults(ctl=_cancel)
+
+    v = verbs.add_parser("resolve", help="settle a migration left uncertain after 'go'")
+    v.add_argument("name")
+    g = v.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run-here", action="store_true", help="resume the guest on this host")
+    g.add_argument("--discard", action="store_true", help="discard this copy (it runs elsewhere)")
+    v.set_defaults(ctl=_resolve)
+
+    v = verbs.add_parser("verify", help="run the guest's self-check (exit 1 on mismatches)")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(ctl=_verify)
+
+    v = verbs.add_parser("stop", help="stop a guest (DECOMMISSION) and forget it")
+    v.add_argument("name")
+    v.set_defaults(ctl=_stop)
+
+    v = verbs.add_parser("guest-write", help="write bytes into guest memory through the in-guest agent")
+    v.add_argument("name")
+    v.add_argument("gpa", help="guest-physical address (0x... or decimal)")
+    v.add_argument("hex", help="data as hex digits")
+    v.add_argument("--shared", action="store_true", help="write to a shared (unencrypted) page")
+    v.set_defaults(ctl=_guest_write)
+
+    v = verbs.add_parser("guest-read", help="read guest memory through the in-guest agent (prints hex)")
+    v.add_argument("name")
+    v.add_argument("gpa")
+    v.add_argument("length", help="bytes to read (SIZE)")
+    v.set_defaults(ctl=_guest_read)
+
+    v = verbs.add_parser("server-info", help="daemon version, listen address, platform id, counts")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(ctl=_server_info)
+
+    p.set_defaults(func=ctl_main)
 
 
-def _not_yet(args) -> int:
-    print("sevmigd ctl: not yet implemented", file=sys.stderr)
-    return 1
+def control_path(args: argparse.Namespace) -> str:
+    from sevmigd.daemon.config import default_control_path, load_config
+
+    if getattr(args, "control", None):
+        return args.control
+    if getattr(args, "config", None):
+        return load_config(args.config, {}).control
+    if os.environ.get("SEVMIGD_CONTROL"):
+        return os.environ["SEVMIGD_CONTROL"]
+    return default_control_path()
+
+
+def ctl_main(args: argparse.Namespace) -> int:
+    from sevmigd.daemon.client import ControlClient, ControlError, DaemonNotRunning, ConnectionLost
+
+    path = control_path(args)
+    timeout = None if args.verb == "migrate" else args.timeout
+    try:
+        with ControlClient(path, timeout=timeout) as client:
+            return int(args.ctl(client, args) or 0)
+    except ControlError as exc:
+        print(f"sevmigd ctl {args.verb}: {exc.desc}", file=sys.stderr)
+        if exc.error_class == "InvalidParameter":
+            return 2
+        return 1
+    except (DaemonNotRunning, ConnectionLost) as exc:
+        print(f"sevmigd ctl: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _mib(n: Any) -> str:
+    if n is None:
+        return "-"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _launch(client, args) -> int:
+    try:
+        policy = int(args.policy, 16)
+    except ValueError:
+        raise ConfigError("--policy", f"not a hex number: {args.policy!r}") from None
+    req: dict[str, Any] = {
+        "name": args.name,
+        "memory": parse_size(args.memory, key="--memory"),
+        "policy": policy,
+        "dirty_rate": args.dirty_rate,
+        "shared_fraction": args.shared_fraction,
+        "flip_rate": args.flip_rate,
+        "seed": args.seed,
+        "vcpus": args.vcpus,
+        "migration_control": not args.no_migration_control,
+    }
+    if args.working_set is not None:
+        req["working_set"] = args.working_set
+    if args.image is not None:
+        req["image"] = os.path.abspath(args.image)
+    st = client.execute("launch", req)
+    if args.json:
+        _print_json(st)
+    else:
+        print(f"launched {st['name']}: {_mib(st.get('memory_bytes'))}, policy {st.get('policy')}, "
+              f"sev_state {st.get('sev_state')}, measurement {st.get('measurement') or '-'}")
+    return 0
+
+
+def _list(client, args) -> int:
+    guests = client.execute("list")["guests"]
+    if args.json:
+        _print_json(guests)
+        return 0
+    rows = [("NAME", "STATE", "MEMORY", "POLICY", "SEV_STATE", "PRIVATE", "SHARED")]
+    for g in guests:
+        rows.append((g["name"], g["state"], _mib(g.get("memory_bytes")), str(g.get("policy")),
+                     str(g.get("sev_state")), str(g.get("private_pages")), str(g.get("shared_pages"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _status(client, args) -> int:
+    st = client.execute("status", {"name": args.name})
+    if args.json:
+        _print_json(st)
+        return 0
+    for key in ("name", "state", "memory_bytes", "policy", "sev_state", "private_pages", "shared_pages",
+                "launch_digest", "measurement", "migration_control", "asid", "error"):
+        if key in st:
+            print(f"{key + ':':19} {'-' if st[key] is None else st[key]}")
+    mig = st.get("migration")
+    if mig:
+        print("migration:")
+        for k, v in mig.items():
+            print(f"  {k + ':':21} {v}")
+    return 0
+
+
+class _ProgressLine:
+    """A live one-line progress display on a TTY: round, % of this round, MB/s, remaining, downtime."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.round_start_remaining: dict[Any, float] = {}
+        self.shown = False
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event != "progress" or not self.tty:
+            return
+        rnd = data.get("round")
+        remaining = data.get("remaining") or 0
+        start = self.round_start_remaining.setdefault(rnd, max(remaining, 1))
+        pct = 100.0 * (1 - remaining / start) if start else 100.0
+        mbps = data.get("throughput_mbps")
+        exp = data.get("expected_downtime_ms")
+        line = (f"round {rnd}  {pct:5.1f}%  {mbps if mbps is not None else 0:8.1f} MB/s  "
+                f"remaining {_mib(remaining)}  expected downtime "
+                f"{'-' if exp is None else f'{exp:.0f} ms'}  [{data.get('status', '')}]")
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _migrate(client, args) -> int:
+    from sevmigd.daemon.client import ControlError
+
+    req: dict[str, Any] = {"name": args.name, "to": args.to}
+    if args.downtime_limit is not None:
+        req["downtime_limit_ms"] = args.downtime_limit
+    if args.max_bandwidth is not None:
+        req["max_bandwidth_mib_s"] = args.max_bandwidth
+    progress = _ProgressLine(sys.stderr)
+    started = time.monotonic()
+    try:
+        stats = client.execute("migrate", req, on_event=progress)
+    except ControlError as exc:
+        progress.finish()
+        if args.json and exc.data is not None:
+            _print_json(exc.data)
+        raise
+    progress.finish()
+    if args.json:
+        _print_json(stats)
+    else:
+        print(f"{args.name}: migration {stats.get('status', '?')} in "
+              f"{stats.get('total_time_ms', (time.monotonic() - started) * 1000):.0f} ms, "
+              f"downtime {stats.get('downtime_ms', '-')} ms, {stats.get('round', '-')} round(s), "
+              f"{_mib(stats.get('transferred'))} transferred")
+    return 0 if stats.get("status") == "completed" else 1
+
+
+def _cancel(client, args) -> int:
+    client.execute("cancel", {"name": args.name})
+    print(f"{args.name}: migration cancel requested")
+    return 0
+
+
+def _resolve(client, args) -> int:
+    r = client.execute("resolve", {"name": args.name, "run_here": bool(args.run_here)})
+    print(f"{args.name}: {r.get('state', 'resolved')}")
+    return 0
+
+
+def _verify(client, args) -> int:
+    r = client.execute("verify", {"name": args.name})
+    if args.json:
+        _print_json(r)
+    elif r["ok"]:
+        print(f"{r['name']}: ok ({r['pages_checked']} pages checked)")
+    else:
+        shown = ", ".join(hex(p) for p in r["mismatches"][:16])
+        print(f"{r['name']}: FAILED: {r.get('mismatch_count', len(r['mismatches']))} mismatching page(s) "
+              f"of {r['pages_checked']} (pfns {shown}{', ...' if len(r['mismatches']) > 16 else ''})")
+    return 0 if r["ok"] else 1
+
+
+def _stop(client, args) -> int:
+    client.execute("stop", {"name": args.name})
+    print(f"{args.name}: stopped")
+    return 0
+
+
+def _guest_write(client, args) -> int:
+    text = args.hex[2:] if args.hex.lower().startswith("0x") else args.hex
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError("HEX", "expected an even number of hex digits") from None
+    if not data:
+        raise ConfigError("HEX", "no data")
+    gpa = parse_gpa(args.gpa, key="GPA")
+    client.execute("guest-write", {"name": args.name, "gpa": gpa, "data_hex": data.hex(), "shared": args.shared})
+    return 0
+
+
+def _guest_read(client, args) -> int:
+    gpa = parse_gpa(args.gpa, key="GPA")
+    length = parse_size(args.length, key="LENGTH")
+    r = client.execute("guest-read", {"name": args.name, "gpa": gpa, "length": length})
+    print(r["data_hex"])
+    return 0
+
+
+def _server_info(client, args) -> int:
+    info = client.execute("server-info")
+    if args.json:
+        _print_json(info)
+        return 0
+    for k, v in info.items():
+        print(f"{k + ':':17} {v}")
+    return 0

@@ -1,0 +1,360 @@
+"""Daemon configuration: defaults, the TOML file, command-line overrides, validation.
+
+Owns the `Config` dataclass and `load_config(path, overrides)`. Precedence, lowest first: built-in
+defaults (which depend on the environment: root or not, systemd's $STATE_DIRECTORY /
+$RUNTIME_DIRECTORY, $XDG_*), the TOML file, then overrides (the `sevmigd serve` flags). Every value is
+checked here, once, so the rest of the daemon can trust `Config`; a bad value raises
+`ConfigError(key, message)` naming the key (`tls.cert`, `max_incoming`, ...) so the operator gets one
+clear line and exit status 2.
+
+This module must never: create files or directories (the daemon does that when it binds), read
+certificates (the server loads trusted roots), or accept an unknown key silently (a typo in a limit
+would otherwise leave the default in force without anyone noticing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from sevmigd.errors import ConfigError
+from sevmigd.units import parse_size
+
+# The migration port. 4446 is unassigned by IANA and close to QEMU's customary 4444 for `-incoming
+# tcp:...` examples, without colliding with a QEMU running on the same host.
+DEFAULT_PORT = 4446
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "console")
+
+# Keys that SIGHUP re-reads and applies to a running daemon. Everything else (sockets, state dir,
+# TLS material bound into listeners) needs a restart; the daemon logs which changed keys it ignored.
+RELOADABLE = frozenset({
+    "log_level", "trusted_roots", "allowed_platforms", "allowed_oca", "max_guest_bytes", "max_incoming",
+    "max_outgoing", "handshake_timeout_s", "peer_timeout_s", "keepalive_interval_s", "downtime_limit_ms",
+    "max_bandwidth_mib_s", "max_rounds", "max_total_s", "max_unauthenticated",
+})
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS on the migration channel: all three paths, or none (off)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated daemon configuration (see api-daemon.md for the meaning of every field)."""
+
+    state_dir: str
+    control: str
+    listen: str = DEFAULT_LISTEN
+    control_group: str | None = None
+    log_level: str = "info"
+    log_format: str = "auto"
+    trusted_roots: tuple[str, ...] | None = None      # ARK cert paths; None = the state dir's roots
+    allowed_platforms: tuple[str, ...] | None = None  # platform ids (hex); None = any verified platform
+    allowed_oca: tuple[str, ...] | None = None        # OCA cert paths; None = any
+    # 64 GiB: larger than any guest the emulation can hold in RAM on a normal host, so it only stops
+    # a typo (64T) or a hostile peer announcing an absurd size.
+    max_guest_bytes: int = 64 << 30
+    max_incoming: int = 4
+    max_outgoing: int = 4
+    handshake_timeout_s: float = 10.0
+    peer_timeout_s: float = 10.0
+    keepalive_interval_s: float = 1.0
+    downtime_limit_ms: int = 300        # QEMU's default downtime-limit (300 ms)
+    max_bandwidth_mib_s: float = 0.0    # 0 = unlimited
+    max_rounds: int = 30
+    max_total_s: float = 600.0
+    psp_min_command_time_us: int = 0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    max_unauthenticated: int = 64
+
+    # -- derived, for the server -------------------------------------------------------------
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen, key="listen")[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen, key="listen")[1]
+
+    def reloadable_changes(self, new: Config) -> tuple[dict[str, Any], list[str]]:
+        """(changes SIGHUP applies, names of changed keys that need a restart)."""
+        apply: dict[str, Any] = {}
+        ignored: list[str] = []
+        for f in dataclasses.fields(self):
+            old_v, new_v = getattr(self, f.name), getattr(new, f.name)
+            if old_v == new_v:
+                continue
+            if f.name in RELOADABLE:
+                apply[f.name] = new_v
+            else:
+                ignored.append(f.name)
+        return apply, ignored
+
+
+# ------------------------------------------------------------------------------------- defaults
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def default_state_dir(environ: dict[str, str] | None = None) -> str:
+    """$STATE_DIRECTORY (systemd StateDirectory=, first entry), /var/lib/sevmigd as root, else XDG."""
+    env = os.environ if environ is None else environ
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    if _is_root():
+        var = pathlib.Path("/var/lib/sevmigd")
+        parent = var if var.exists() else var.parent
+        if os.access(parent, os.W_OK):
+            return str(var)
+    xdg = env.get("XDG_STATE_HOME")
+    base = pathlib.Path(xdg) if xdg else pathlib.Path(env.get("HOME") or pathlib.Path.home()) / ".local" / "state"
+    return str(base / "sevmigd")
+
+
+def default_control_path(environ: dict[str, str] | None = None) -> str:
+    """$RUNTIME_DIRECTORY/control.sock, /run/sevmigd/control.sock as root, else the user's runtime dir."""
+    env = os.environ if environ is None else environ
+    if env.get("RUNTIME_DIRECTORY"):
+        return str(pathlib.Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock")
+    if _is_root():
+        return "/run/sevmigd/control.sock"
+    if env.get("XDG_RUNTIME_DIR"):
+        return str(pathlib.Path(env["XDG_RUNTIME_DIR"]) / "sevmigd" / "control.sock")
+    return f"/tmp/sevmigd-{os.getuid()}/control.sock"
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def split_host_port(text: Any, *, key: str = "listen") -> tuple[str, int]:
+    """'127.0.0.1:4446', '[::1]:4446', 'host.example:4446', ':4446' (all addresses) -> (host, port)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1:].startswith(":"):
+            raise ConfigError(key, f"expected [IPV6]:PORT, got {text!r}")
+        host, port_s = text[1:close], text[close + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f"not an IPv6 address: {host!r}") from None
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+        if ":" in host:
+            raise ConfigError(key, f"IPv6 addresses need brackets: [{host}]:{port_s}")
+        if not host:
+            host = "0.0.0.0"
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(key, f"port must be 0..65535, got {port_s!r}")
+    return host, int(port_s)
+
+
+def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _float(key: str, v: Any, lo: float | None = None, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"expected a number, got {v!r}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(key, f"must be a finite number, got {v}")
+    if positive and v <= 0:
+        raise ConfigError(key, f"must be > 0, got {v}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    return v
+
+
+def _str(key: str, v: Any, *, choices: tuple[str, ...] | None = None, nonempty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"expected a string, got {v!r}")
+    if nonempty and not v.strip():
+        raise ConfigError(key, "must not be empty")
+    if choices is not None:
+        low = v.lower()
+        if low not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(choices)}; got {v!r}")
+        return low
+    return v
+
+
+def _opt_str_list(key: str, v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)):
+        raise ConfigError(key, f"expected a list of strings, got {v!r}")
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{key}[{i}]", f"expected a non-empty string, got {item!r}")
+        out.append(item)
+    return tuple(out)
+
+
+def _platform_ids(key: str, v: Any) -> tuple[str, ...] | None:
+    ids = _opt_str_list(key, v)
+    if ids is None:
+        return None
+    out = []
+    for i, pid in enumerate(ids):
+        p = pid.strip().lower()
+        if len(p) < 16 or any(c not in "0123456789abcdef" for c in p):
+            raise ConfigError(f"{key}[{i}]", f"expected a platform id (>= 16 hex digits), got {pid!r}")
+        out.append(p)
+    return tuple(out)
+
+
+def _path(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if "\0" in s:
+        raise ConfigError(key, "path contains a NUL byte")
+    return os.path.expanduser(s)
+
+
+def _tls(v: Any) -> TlsConfig:
+    if v is None:
+        return TlsConfig()
+    if isinstance(v, TlsConfig):
+        v = dataclasses.asdict(v)
+    if not isinstance(v, dict):
+        raise ConfigError("tls", f"expected a table with cert, key, ca; got {v!r}")
+    unknown = sorted(set(v) - {"cert", "key", "ca"})
+    if unknown:
+        raise ConfigError(f"tls.{unknown[0]}", "unknown key (expected cert, key, ca)")
+    vals = {k: (None if v.get(k) is None else _path(f"tls.{k}", v.get(k))) for k in ("cert", "key", "ca")}
+    given = [k for k, x in vals.items() if x is not None]
+    if given and len(given) != 3:
+        missing = [k for k in ("cert", "key", "ca") if vals[k] is None]
+        raise ConfigError(f"tls.{missing[0]}", "mutual TLS needs cert, key and ca together")
+    return TlsConfig(**vals)
+
+
+# key -> validator(key, raw value) -> validated value
+_VALIDATORS: dict[str, Any] = {
+    "state_dir": _path,
+    "control": _path,
+    "listen": lambda k, v: (split_host_port(v, key=k), v.strip())[1],
+    "control_group": lambda k, v: None if v is None else _str(k, v),
+    "log_level": lambda k, v: _str(k, v, choices=LOG_LEVELS),
+    "log_format": lambda k, v: _str(k, v, choices=LOG_FORMATS),
+    "trusted_roots": lambda k, v: None if v is None else tuple(os.path.expanduser(p) for p in _opt_str_list(k, v)),
+    "allowed_platforms": _platform_ids,
+    "allowed_oca": lambda k, v: None if v is None else tuple(os.path.expanduser(p) for p in _opt_str_list(k, v)),
+    "max_guest_bytes": lambda k, v: _positive_size(k, v),
+    "max_incoming": lambda k, v: _int(k, v, 0, 1024),
+    "max_outgoing": lambda k, v: _int(k, v, 0, 1024),
+    "handshake_timeout_s": lambda k, v: _float(k, v, positive=True),
+    "peer_timeout_s": lambda k, v: _float(k, v, positive=True),
+    "keepalive_interval_s": lambda k, v: _float(k, v, positive=True),
+    "downtime_limit_ms": lambda k, v: _int(k, v, 1),
+    "max_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
+    "max_rounds": lambda k, v: _int(k, v, 1, 100_000),
+    "max_total_s": lambda k, v: _float(k, v, positive=True),
+    "psp_min_command_time_us": lambda k, v: _int(k, v, 0, 10_000_000),
+    "tls": lambda k, v: _tls(v),
+    "max_unauthenticated": lambda k, v: _int(k, v, 1, 65536),
+}
+
+
+def _positive_size(key: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(key, f"expected a size such as 64G, got {v!r}")
+    n = parse_size(v, key=key)
+    if n < 4096:
+        raise ConfigError(key, f"must be at least 4096 bytes, got {n}")
+    return n
+
+
+KEYS = tuple(_VALIDATORS)
+
+
+def _check_cross(cfg: Config) -> None:
+    if cfg.keepalive_interval_s >= cfg.peer_timeout_s:
+        raise ConfigError("keepalive_interval_s",
+                          f"must be smaller than peer_timeout_s ({cfg.peer_timeout_s}) or a healthy peer "
+                          "would look stalled")
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Parse the TOML file; unreadable or malformed -> ConfigError naming the file (and line)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"no such file: {path}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                environ: dict[str, str] | None = None) -> Config:
+    """Defaults <- TOML file at `path` (when given) <- `overrides` (None values are "not given")."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        data = read_toml(path)
+        for k in data:
+            if k not in _VALIDATORS:
+                raise ConfigError(k, f"unknown configuration key in {path}")
+        raw.update(data)
+    for k, v in (overrides or {}).items():
+        if k not in _VALIDATORS:
+            raise ConfigError(k, "unknown configuration key")
+        if v is not None:
+            raw[k] = v
+    values: dict[str, Any] = {}
+    for k, v in raw.items():
+        if v is None and k not in ("control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls"):
+            raise ConfigError(k, "must not be empty")
+        values[k] = _VALIDATORS[k](k, v)
+    values.setdefault("state_dir", default_state_dir(environ))
+    values.setdefault("control", default_control_path(environ))
+    cfg = Config(**values)
+    _check_cross(cfg)
+    return cfg
+
+
+def config_as_dict(cfg: Config) -> dict[str, Any]:
+    """JSON-able view (for `server-info` and logs); contains paths, never key material."""
+    d = dataclasses.asdict(cfg)
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
+__all__ = ["Config", "TlsConfig", "load_config", "default_state_dir", "default_control_path",
+           "split_host_port", "config_as_dict", "RELOADABLE", "KEYS", "DEFAULT_PORT", "DEFAULT_LISTEN"]

@@ -1,0 +1,641 @@
+"""The control socket: a QMP-like JSON-lines protocol on a Unix socket, for `sevmigd ctl`.
+
+Theory of operation. One request per line, `{"execute": VERB, "arguments": {...}, "id": ANY?}`; one
+reply per request, `{"return": {...}}` or `{"error": {"class": CLASS, "desc": TEXT}}`, carrying the
+request's `id` when it had one. `migrate` first streams `{"event": "progress", "data": {...}}` lines.
+Unlike QMP there is no greeting and no capability negotiation: the socket is private to the daemon's
+user (mode 0600, or 0660 for `control_group`), so whoever can connect may command.
+
+Every request is validated here against a per-verb argument table before the daemon sees it: unknown
+verb, unknown/missing/wrong-typed argument, unknown guest, invalid JSON, an oversize line: each is an
+error reply naming what was wrong, never a crash and never a dropped connection (except an oversize
+line, after which the stream cannot be resynchronised, so we reply and close). Each connection is its
+own task, so a slow or idle client holds up nobody.
+
+This module must never: put guest data (guest-write payloads, guest-read results) or keys into a log
+line, or let a control client's disconnect cancel a migration it started (migrations run in the
+daemon's nursery; the connection only watches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket as stdlib_socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+
+from sevmigd.daemon.config import split_host_port
+from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
+from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.units import parse_gpa, parse_size
+
+# A request line is at most 1 MiB: the largest legitimate one is a guest-write of MAX_IO_BYTES (hex
+# doubles it) plus a little JSON; anything bigger is a broken or hostile client.
+MAX_LINE_BYTES = 1 << 20
+# guest-write / guest-read move at most 256 KiB per request (512 KiB of hex in one line); the agent is
+# a debugging/verification tool, not a bulk data path.
+MAX_IO_BYTES = 256 << 10
+# Receive granularity; only bounds one read syscall.
+RECV_CHUNK = 64 << 10
+# Listen backlog for the control socket; ctl connections are short-lived and few.
+CONTROL_BACKLOG = 64
+# Progress events buffered per migrate request; a client that reads slower than rounds complete
+# misses intermediate events (the newest figures matter), never the final reply.
+PROGRESS_BUFFER = 64
+# sun_path is 108 bytes on Linux including the terminating NUL.
+MAX_UNIX_PATH = 107
+# Guest names: what a user types and a log line or systemd STATUS can show unquoted.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Guest RAM bounds as the guest API pins them: whole pages, at least 1 MiB.
+PAGE = 4096
+MIN_GUEST_BYTES = 1 << 20
+
+_log = structlog.get_logger("sevmigd")
+
+
+# ------------------------------------------------------------------------------- socket setup
+
+
+def _resolve_group(group: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ConfigError("control_group", f"no such group: {group!r}") from None
+
+
+def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.SocketListener, tuple[int, int]]:
+    """Bind the control socket at `path`: parent dir created 0700 (0750 + group with control_group)
+    when missing; refuse when another daemon answers there; remove a stale socket file; bind under
+    umask 0o177 so the socket is never connectable by others, then chmod 0600 (0660 + chgrp).
+    Returns (listener, (st_dev, st_ino)) so shutdown removes only the socket it bound."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ConfigError("control", f"socket path is {len(os.fsencode(path))} bytes; Unix sockets allow "
+                                     f"at most {MAX_UNIX_PATH}: {path}")
+    gid = _resolve_group(group) if group else None
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            os.chmod(parent, 0o750 if gid is not None else 0o700)
+            if gid is not None:
+                os.chown(parent, -1, gid)
+        except OSError as exc:
+            raise StartupError(f"cannot create control socket directory {parent}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                os.unlink(path)  # stale: left behind by a daemon that died without cleaning up
+            except FileNotFoundError:
+                pass
+            _log.info("control_socket_stale_removed", path=path)
+        except TimeoutError:
+            raise StartupError(f"another sevmigd daemon is already serving {path} (busy)") from None
+        except OSError as exc:
+            raise StartupError(f"cannot check existing control socket {path}: {exc.strerror}") from None
+        else:
+            raise StartupError(f"another sevmigd daemon is already serving {path}")
+        finally:
+            probe.close()
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        sock.listen(CONTROL_BACKLOG)
+        st = os.stat(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind control socket {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return listener, (st.st_dev, st.st_ino)
+
+
+async def serve_control(daemon: Any, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
+    """Accept control connections forever; each is handled in its own task in the daemon's nursery."""
+    await trio.serve_listeners(partial(handle_connection, daemon), [listener],
+                               handler_nursery=daemon.nursery, task_status=task_status)
+
+
+# ------------------------------------------------------------------------------ connection loop
+
+
+def _encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def error_reply(cls: str, desc: str, req_id: Any = None, **extra: Any) -> dict:
+    err: dict[str, Any] = {"class": cls, "desc": desc}
+    err.update(extra)
+    reply: dict[str, Any] = {"error": err}
+    if req_id is not None:
+        reply["id"] = req_id
+    return reply
+
+
+class _Conn:
+    """Writes lines to one client; after the client goes away, writes become no-ops (a migration
+    the client started must keep running)."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.gone = False
+        self._lock = trio.Lock()
+
+    async def send(self, obj: dict) -> None:
+        if self.gone:
+            return
+        data = _encode(obj)
+        async with self._lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.gone = True
+
+
+async def handle_connection(daemon: Any, stream: trio.abc.Stream) -> None:
+    """Read request lines, answer each in order; end on EOF, an oversize line or a broken socket."""
+    conn = _Conn(stream)
+    buf = bytearray()
+    scanned = 0
+    try:
+        while not conn.gone:
+            nl = buf.find(b"\n", scanned)
+            if nl < 0:
+                if len(buf) > MAX_LINE_BYTES:
+                    await conn.send(error_reply("InvalidRequest",
+                                                f"request line longer than {MAX_LINE_BYTES} bytes"))
+                    return
+                scanned = len(buf)
+                try:
+                    data = await stream.receive_some(RECV_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                buf += data
+                continue
+            line = bytes(buf[:nl])
+            del buf[:nl + 1]
+            scanned = 0
+            if len(line) > MAX_LINE_BYTES:
+                await conn.send(error_reply("InvalidRequest", f"request line longer than {MAX_LINE_BYTES} bytes"))
+                return
+            if not line.strip():
+                continue
+            reply = await process_line(daemon, line, conn.send)
+            await conn.send(reply)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def process_line(daemon: Any, line: bytes, send: Callable[[dict], Awaitable[None]]) -> dict:
+    """One request line -> its reply (events, if any, go through `send` first)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error_reply("ParseError", f"invalid JSON: {exc}")
+    if not isinstance(req, dict):
+        return error_reply("InvalidRequest", 'a request is a JSON object {"execute": VERB, "arguments": {...}}')
+    req_id = req.get("id")
+    extra = sorted(set(req) - {"execute", "arguments", "id"})
+    if extra:
+        return error_reply("InvalidRequest", f"unknown request member {extra[0]!r}", req_id)
+    verb = req.get("execute")
+    if not isinstance(verb, str):
+        return error_reply("InvalidRequest", '"execute" must name a verb (a string)', req_id)
+    args = req.get("arguments", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return error_reply("InvalidRequest", '"arguments" must be a JSON object', req_id)
+    command = COMMANDS.get(verb)
+    if command is None:
+        return error_reply("CommandNotFound", f"unknown verb {verb!r} (known: {', '.join(sorted(COMMANDS))})",
+                           req_id)
+
+    async def emit(event: str, data: dict) -> None:
+        msg: dict[str, Any] = {"event": event, "data": data}
+        if req_id is not None:
+            msg["id"] = req_id
+        await send(msg)
+
+    try:
+        parsed = command.parse(args)
+        _log.debug("control_request", verb=verb, guest=parsed.get("name"))
+        result = await command.handler(daemon, parsed, emit)
+    except (SevmigdError, _sev_error_type()) as exc:
+        extra_fields = {}
+        code = getattr(exc, "code", None)
+        if code is not None:
+            extra_fields["code"] = getattr(code, "name", str(code))
+        status = getattr(exc, "status", None)
+        if status is not None and not isinstance(exc, SevmigdError):
+            extra_fields["status"] = getattr(status, "name", str(status))
+        stats = getattr(exc, "stats", None)
+        if isinstance(stats, dict):
+            extra_fields["data"] = _jsonable(stats)
+        return error_reply(error_class(exc), str(exc) or type(exc).__name__, req_id, **extra_fields)
+    except Exception as exc:  # the control loop is an outermost loop: report, log, keep serving
+        _log.error("control_request_failed", verb=verb, exc_info=True)
+        return error_reply("InternalError", f"internal error in {verb}: {type(exc).__name__}: {exc}", req_id)
+    reply: dict[str, Any] = {"return": _jsonable(result if result is not None else {})}
+    if req_id is not None:
+        reply["id"] = req_id
+    return reply
+
+
+def _sev_error_type() -> type:
+    try:
+        from sevmigd.psp.status import SevError
+        return SevError
+    except ImportError:  # pragma: no cover
+        return SevmigdError
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make a reply JSON-safe: bytes -> hex, enums -> names, NaN/inf -> None, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "name") and hasattr(obj, "value") and isinstance(getattr(obj, "name"), str):
+        return obj.name  # enum members
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).hex()
+    if hasattr(obj, "item"):  # numpy scalar
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- argument tables
+
+
+def _req_str(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _name(key: str, v: Any) -> str:
+    v = _req_str(key, v)
+    if not NAME_RE.match(v):
+        raise ConfigError(key, "guest names are 1-64 characters: letters, digits, '_', '.', '-' "
+                               f"(starting with a letter or digit); got {v!r}")
+    return v
+
+
+def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _num(key: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"expected a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ConfigError(key, "must be a finite number")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {type(v).__name__}")
+    return v
+
+
+def _size(key: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(key, "expected a size")
+    return parse_size(v, key=key)
+
+
+def _gpa(key: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(key, "expected an address")
+    return parse_gpa(v, key=key)
+
+
+def _policy(key: str, v: Any) -> int:
+    """An integer, or a hex string with or without 0x (as `sevctl` and our status print it)."""
+    if isinstance(v, str):
+        try:
+            v = int(v, 16)
+        except ValueError:
+            raise ConfigError(key, f"not a hex policy: {v!r}") from None
+    return _int(key, v, 0, 0xFFFFFFFF)
+
+
+def _hexdata(key: str, v: Any) -> bytes:
+    v = _req_str(key, v)
+    try:
+        data = bytes.fromhex(v)
+    except ValueError:
+        raise ConfigError(key, "expected an even number of hex digits") from None
+    if not data:
+        raise ConfigError(key, "no data")
+    if len(data) > MAX_IO_BYTES:
+        raise ConfigError(key, f"at most {MAX_IO_BYTES} bytes per request, got {len(data)}")
+    return data
+
+
+def _opt(fn: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda k, v: None if v is None else fn(k, v)
+
+
+@dataclass(frozen=True)
+class Arg:
+    check: Callable[[str, Any], Any]
+    required: bool = False
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[Any, dict, Callable], Awaitable[Any]]
+    args: dict[str, Arg]
+
+    def parse(self, raw: dict) -> dict:
+        unknown = sorted(set(raw) - set(self.args))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown argument (expected: {', '.join(self.args) or 'none'})")
+        out: dict[str, Any] = {}
+        for key, spec in self.args.items():
+            if key not in raw:
+                if spec.required:
+                    raise ConfigError(key, "missing required argument")
+                out[key] = spec.default
+                continue
+            out[key] = spec.check(key, raw[key])
+        return out
+
+
+# ----------------------------------------------------------------------------------- handlers
+
+
+def _guest(daemon: Any, name: str) -> Any:
+    return daemon.get_guest(name)
+
+
+def _require_vm_live(hosted: Any, verb: str) -> None:
+    if hosted.state in ("migrated", "incoming", "stopped"):
+        raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; {verb} needs a guest running here")
+
+
+async def _launch(daemon: Any, a: dict, emit: Callable) -> dict:
+    from sevmigd.guest.vm import GuestConfig
+
+    memory = a["memory"]
+    if memory % PAGE or memory < MIN_GUEST_BYTES:
+        raise ConfigError("memory", f"must be a whole number of 4 KiB pages and at least 1 MiB, got {memory}")
+    image = None
+    if a["image"] is not None:
+        path = a["image"]
+        if not os.path.isabs(path):
+            raise ConfigError("image", f"must be an absolute path (the daemon's cwd is not yours): {path!r}")
+        try:
+            size = os.path.getsize(path)
+            if size > memory:
+                raise ConfigError("image", f"{path} is {size} bytes, larger than the guest's memory ({memory})")
+            with open(path, "rb") as f:
+                image = f.read(memory + 1)
+        except OSError as exc:
+            raise ConfigError("image", f"cannot read {path}: {exc.strerror}") from None
+        if len(image) > memory:
+            raise ConfigError("image", f"{path} is larger than the guest's memory ({memory})")
+    ws = a["working_set"]
+    gcfg = GuestConfig(
+        name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
+        dirty_rate_mib_s=a["dirty_rate"], working_set_mib=ws, shared_fraction=a["shared_fraction"],
+        flip_rate=a["flip_rate"], seed=a["seed"], migration_control=a["migration_control"], vcpus=a["vcpus"],
+    )
+    hosted = await daemon.launch_guest(gcfg)
+    return daemon.guest_status(hosted)
+
+
+async def _list(daemon: Any, a: dict, emit: Callable) -> dict:
+    guests = []
+    for hosted in list(daemon.guests.values()):
+        st = daemon.guest_status(hosted)
+        guests.append({k: st[k] for k in ("name", "state", "memory_bytes", "policy", "sev_state",
+                                           "private_pages", "shared_pages")})
+    return {"guests": guests}
+
+
+async def _status(daemon: Any, a: dict, emit: Callable) -> dict:
+    return daemon.guest_status(_guest(daemon, a["name"]))
+
+
+async def _verify(daemon: Any, a: dict, emit: Callable) -> dict:
+    hosted = _guest(daemon, a["name"])
+    _require_vm_live(hosted, "verify")
+    report = hosted.vm.verify()
+    mismatches = [int(p) for p in report.mismatches]
+    return {"name": hosted.name, "ok": bool(report.ok), "pages_checked": int(report.pages_checked),
+            "mismatches": mismatches[:1024], "mismatch_count": len(mismatches)}
+
+
+async def _stop(daemon: Any, a: dict, emit: Callable) -> dict:
+    hosted = await daemon.stop_guest(a["name"])
+    return {"name": hosted.name, "state": "stopped"}
+
+
+def _check_range(hosted: Any, gpa: int, length: int) -> None:
+    mem = int(hosted.vm.memory_bytes)
+    if gpa + length > mem:
+        raise ConfigError("gpa", f"range {gpa:#x}+{length} is outside the guest's {mem} bytes of memory")
+
+
+async def _guest_write(daemon: Any, a: dict, emit: Callable) -> dict:
+    hosted = _guest(daemon, a["name"])
+    _require_vm_live(hosted, "guest-write")
+    data = a["data_hex"]
+    _check_range(hosted, a["gpa"], len(data))
+    try:
+        hosted.vm.agent.write(a["gpa"], data, shared=a["shared"])
+    except ValueError as exc:  # the guest agent refusing our (user-supplied) range/alignment
+        raise ConfigError("gpa", str(exc)) from None
+    return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "shared": a["shared"]}
+
+
+async def _guest_read(daemon: Any, a: dict, emit: Callable) -> dict:
+    hosted = _guest(daemon, a["name"])
+    _require_vm_live(hosted, "guest-read")
+    _check_range(hosted, a["gpa"], a["length"])
+    try:
+        data = hosted.vm.agent.read(a["gpa"], a["length"])
+    except ValueError as exc:
+        raise ConfigError("gpa", str(exc)) from None
+    return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "data_hex": bytes(data).hex()}
+
+
+async def _server_info(daemon: Any, a: dict, emit: Callable) -> dict:
+    return daemon.server_info()
+
+
+class _Progress:
+    """The `progress` callback handed to migrate_out: call it with a stats dict. It is a plain
+    function (never blocks, drops intermediate events for a slow client) and, so that a caller may
+    also `await progress(stats)`, returns an already-completed awaitable."""
+
+    def __init__(self, channel: trio.MemorySendChannel):
+        self._channel = channel
+
+    def __call__(self, stats: Any) -> _Done:
+        try:
+            self._channel.send_nowait(_jsonable(_as_dict(stats)))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return _DONE
+
+
+class _Done:
+    def __await__(self):
+        return iter(())
+
+
+_DONE = _Done()
+
+
+def _as_dict(stats: Any) -> dict:
+    from sevmigd.daemon.server import _stats_dict
+
+    return _stats_dict(stats) or {}
+
+
+async def _migrate(daemon: Any, a: dict, emit: Callable) -> dict:
+    if daemon.shutting_down:
+        raise ShuttingDown("the daemon is shutting down; no new migrations")
+    hosted = _guest(daemon, a["name"])
+    if hosted.state != "running" and hosted.state != "paused":
+        raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; only a running guest can migrate")
+    host, port = split_host_port(a["to"], key="to")
+    if port == 0:
+        raise ConfigError("to", "port 0 is not a destination")
+    send_ch, recv_ch = trio.open_memory_channel(PROGRESS_BUFFER)
+    outcome: dict[str, Any] = {}
+
+    async def run_migration() -> None:
+        # Runs in the daemon's nursery: the migration's lifetime is the daemon's, not this client's.
+        async with send_ch:
+            try:
+                outcome["result"] = await daemon.migrations.migrate_out(
+                    hosted.name, host, port, downtime_limit_ms=a["downtime_limit_ms"],
+                    max_bandwidth_mib_s=a["max_bandwidth_mib_s"], progress=_Progress(send_ch))
+            except (SevmigdError, _sev_error_type()) as exc:
+                outcome["error"] = exc
+            except Exception as exc:
+                _log.error("migration_crashed", guest=hosted.name, exc_info=True)
+                outcome["error"] = DaemonError(f"internal error in migration: {type(exc).__name__}: {exc}")
+
+    daemon.nursery.start_soon(run_migration, name=f"migrate:{hosted.name}")
+    async with recv_ch:
+        async for stats in recv_ch:
+            await emit("progress", stats)
+    if "error" in outcome:
+        raise outcome["error"]
+    return _as_dict(outcome.get("result"))
+
+
+async def _cancel(daemon: Any, a: dict, emit: Callable) -> dict:
+    _guest(daemon, a["name"])
+    daemon.migrations.cancel(a["name"])
+    return {"name": a["name"], "cancelled": True}
+
+
+async def _resolve(daemon: Any, a: dict, emit: Callable) -> dict:
+    hosted = _guest(daemon, a["name"])
+    daemon.migrations.resolve(a["name"], run_here=a["run_here"])
+    return {"name": a["name"], "state": hosted.state}
+
+
+_NAME = Arg(_name, required=True)
+
+COMMANDS: dict[str, Command] = {
+    "launch": Command(_launch, {
+        "name": _NAME,
+        "memory": Arg(_size, required=True),
+        "policy": Arg(_policy, default=0),
+        "image": Arg(_opt(_req_str)),
+        "dirty_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
+        "working_set": Arg(_opt(lambda k, v: _num(k, v, 0.0))),
+        "shared_fraction": Arg(lambda k, v: _num(k, v, 0.0, 1.0), default=0.0),
+        "flip_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
+        "seed": Arg(lambda k, v: _int(k, v, 0, (1 << 64) - 1), default=0),
+        "migration_control": Arg(_bool, default=True),
+        "vcpus": Arg(lambda k, v: _int(k, v, 1, 64), default=1),
+    }),
+    "list": Command(_list, {}),
+    "status": Command(_status, {"name": _NAME}),
+    "migrate": Command(_migrate, {
+        "name": _NAME,
+        "to": Arg(_req_str, required=True),
+        "downtime_limit_ms": Arg(_opt(lambda k, v: _int(k, v, 1)), default=None),
+        "max_bandwidth_mib_s": Arg(_opt(lambda k, v: _num(k, v, 0.0)), default=None),
+    }),
+    "cancel": Command(_cancel, {"name": _NAME}),
+    "resolve": Command(_resolve, {"name": _NAME, "run_here": Arg(_bool, required=True)}),
+    "verify": Command(_verify, {"name": _NAME}),
+    "stop": Command(_stop, {"name": _NAME}),
+    "guest-write": Command(_guest_write, {
+        "name": _NAME,
+        "gpa": Arg(_gpa, required=True),
+        "data_hex": Arg(_hexdata, required=True),
+        "shared": Arg(_bool, default=False),
+    }),
+    "guest-read": Command(_guest_read, {
+        "name": _NAME,
+        "gpa": Arg(_gpa, required=True),
+        "length": Arg(lambda k, v: _int(k, v, 1, MAX_IO_BYTES), required=True),
+    }),
+    "server-info": Command(_server_info, {}),
+}
+
+__all__ = ["bind_control_socket", "serve_control", "handle_connection", "process_line", "COMMANDS",
+           "MAX_LINE_BYTES", "MAX_IO_BYTES", "error_reply"]

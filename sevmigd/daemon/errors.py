@@ -1,0 +1,81 @@
+"""Daemon-level errors and their control-protocol error classes.
+
+Owns the exception types the daemon core raises (guest registry, control requests, startup) and
+`error_class(exc)`, the one mapping from an exception to the `{"error": {"class": ...}}` name a control
+client sees (QMP style: a stable CamelCase class plus a human `desc`). Configuration and request
+input errors stay `sevmigd.errors.ConfigError` (the user is at fault; it names the key).
+
+This module must never carry secrets in messages: errors are shown to control clients and logged.
+"""
+
+from __future__ import annotations
+
+from sevmigd.errors import ConfigError, SevmigdError
+
+
+class DaemonError(SevmigdError):
+    """The daemon cannot do what was asked (startup failure, resource limit, wrong state)."""
+
+    error_class = "GenericError"
+
+
+class StartupError(DaemonError):
+    """The daemon cannot start (socket in use, unreadable state dir); exit status 1."""
+
+    error_class = "StartupError"
+
+
+class GuestNotFound(DaemonError):
+    error_class = "GuestNotFound"
+
+    def __init__(self, name: str):
+        super().__init__(f"no guest named {name!r}")
+        self.name = name
+
+
+class GuestExists(DaemonError):
+    error_class = "GuestExists"
+
+    def __init__(self, name: str):
+        super().__init__(f"a guest named {name!r} already exists on this host")
+        self.name = name
+
+
+class InvalidState(DaemonError):
+    """The guest is in a state where the request makes no sense (e.g. stop while migrating)."""
+
+    error_class = "InvalidState"
+
+
+class ResourceLimit(DaemonError):
+    """A configured or hardware limit (ASIDs, max_guest_bytes) would be exceeded."""
+
+    error_class = "ResourceLimit"
+
+
+class ShuttingDown(DaemonError):
+    error_class = "ShuttingDown"
+
+    def __init__(self, what: str = "the daemon is shutting down"):
+        super().__init__(what)
+
+
+def error_class(exc: BaseException) -> str:
+    """The control-protocol error class for an exception (stable names; clients may switch on them)."""
+    if isinstance(exc, ConfigError):
+        return "InvalidParameter"
+    cls = getattr(exc, "error_class", None)
+    if isinstance(cls, str):
+        return cls
+    name = type(exc).__name__
+    if name == "MigrationError":
+        return "MigrationFailed"
+    if name == "SevError":
+        return "FirmwareError"
+    if isinstance(exc, SevmigdError):
+        return "GenericError"
+    return "InternalError"
+
+
+__all__ = ["DaemonError", "StartupError", "GuestNotFound", "GuestExists", "InvalidState", "ResourceLimit",
+           "ShuttingDown", "error_class"]

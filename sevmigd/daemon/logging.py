@@ -1,0 +1,106 @@
+"""Structured logging for the daemon: structlog to stdout, JSON lines or console lines.
+
+Owns `configure_logging(level, fmt)` and the processor chain. We log to **stdout** (structlog's and
+systemd's convention: journald captures stdout, a container runtime too); JSON lines when stdout is
+not a TTY (machines read it), readable coloured lines on a TTY (people read it). Context such as
+`migration_id`, `guest` and `round` is bound with `structlog.contextvars.bound_contextvars(...)` by
+the code doing the work and merged into every line logged inside that task.
+
+This module must never let a secret out: a last-line-of-defence processor drops fields whose name
+says they hold key material or page contents, and replaces any raw `bytes` value by its length. The
+first line of defence is still not passing such values to a logger at all.
+"""
+
+from __future__ import annotations
+
+import logging as _stdlib_logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+from sevmigd.errors import ConfigError
+
+_LEVELS = {
+    "debug": _stdlib_logging.DEBUG,
+    "info": _stdlib_logging.INFO,
+    "warning": _stdlib_logging.WARNING,
+    "error": _stdlib_logging.ERROR,
+    "critical": _stdlib_logging.CRITICAL,
+}
+
+# Field names that must never reach a log line, whatever a caller passes: memory/transport keys,
+# session blobs, private keys, and page contents (guest-write payloads and guest-read results).
+REDACTED_FIELDS = frozenset({
+    "vek", "tek", "tik", "kek", "kik", "key", "private_key", "pdh_private", "secret", "session",
+    "master_secret", "data", "data_hex", "plaintext", "ciphertext", "page", "pages_data", "trans",
+})
+
+
+def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for name in list(event_dict):
+        if name.lower() in REDACTED_FIELDS:
+            event_dict[name] = "<redacted>"
+        else:
+            v = event_dict[name]
+            if isinstance(v, (bytes, bytearray, memoryview)):
+                event_dict[name] = f"<{len(v)} bytes>"
+    return event_dict
+
+
+def _resolve_format(fmt: str, stream: TextIO) -> str:
+    if fmt == "auto":
+        try:
+            return "console" if stream.isatty() else "json"
+        except (AttributeError, ValueError):
+            return "json"
+    if fmt not in ("json", "console"):
+        raise ConfigError("log_format", f"must be auto, json or console; got {fmt!r}")
+    return fmt
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None) -> str:
+    """Configure structlog process-wide; returns the format actually used ("json" or "console").
+
+    Safe to call again (SIGHUP changes the level): loggers are not cached, so the new level applies to
+    loggers that already exist.
+    """
+    if level not in _LEVELS:
+        raise ConfigError("log_level", f"must be one of {', '.join(_LEVELS)}; got {level!r}")
+    out = stream if stream is not None else sys.stdout
+    used = _resolve_format(fmt, out)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    if used == "json":
+        processors += [
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=_supports_color(out))]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    return used
+
+
+def _supports_color(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def get_logger(**initial: Any) -> Any:
+    """A bound logger; `initial` values are bound to every line it logs."""
+    return structlog.get_logger("sevmigd").bind(**initial)
+
+
+__all__ = ["configure_logging", "get_logger", "REDACTED_FIELDS"]

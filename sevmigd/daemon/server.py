@@ -1,0 +1,690 @@
+"""The sevmigd daemon: one emulated PSP, the guests it hosts, the migration listener, the control socket.
+
+Owns `Daemon` (the process-wide state every other daemon module works through), `HostedGuest` (a
+guest plus its vCPU task) and `run(config)` (the entry `sevmigd serve` calls: signals, reload,
+graceful shutdown). The shape follows trio's servers: `await nursery.start(daemon.serve)` returns the
+bound migration address once the listener *and* the control socket accept connections, which is also
+when systemd hears READY=1.
+
+Lifetimes: every task (vCPU loops, control connections, incoming migration connections, outgoing
+migrations started from the control socket) runs in the daemon's nursery, so a migration outlives
+the control client that asked for it and the whole tree is cancelled together at exit.
+
+This module must never: touch a guest's memory key or page plaintext (guest I/O goes through the
+guest's own agent; migration code gets `vm.host`), let one guest's or one connection's failure take
+the daemon down (those tasks catch, log and end themselves), or remove a control socket that another
+daemon is serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket as stdlib_socket
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from sevmigd import __version__
+from sevmigd.daemon.config import Config, load_config, split_host_port
+from sevmigd.daemon.errors import (
+    DaemonError,
+    GuestExists,
+    GuestNotFound,
+    InvalidState,
+    ResourceLimit,
+    ShuttingDown,
+    StartupError,
+)
+from sevmigd.daemon.logging import configure_logging
+from sevmigd.errors import ConfigError, SevmigdError
+
+try:  # systemd/security engineer's modules; the daemon runs without them (no notify, no TLS).
+    from sevmigd.daemon import systemd as _systemd
+except ImportError:  # pragma: no cover - only while the tree is being assembled
+    _systemd = None
+try:
+    from sevmigd.daemon import tls as _tls
+except ImportError:  # pragma: no cover
+    _tls = None
+
+GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped")
+
+# vCPU scheduling quantum. 10 ms is the Linux CFS default latency order of magnitude and fine enough
+# that a guest's dirty rate looks continuous to a migration round (rounds last 100s of ms).
+VCPU_TICK_S = 0.010
+# A vCPU task that was starved (event loop busy launching another guest) does not get to replay all
+# the time it missed in one go: like a descheduled vCPU, the lost wall time is simply lost.
+VCPU_MAX_SLICE_S = 0.100
+# SEV ASIDs available to guests: EPYC 7xx2 (Rome) reports 509 in CPUID 0x8000001F[ECX]. ASID 0 is
+# the hypervisor's own.
+MAX_ASID = 509
+# Bounded graceful shutdown: migrations get this long to abort or finish cleanly after SIGTERM, well
+# inside systemd's TimeoutStopSec (60 s in our unit) so the final cleanup still runs.
+SHUTDOWN_MIGRATIONS_S = 20.0
+# Beyond max_incoming + max_unauthenticated concurrent migration connections we accept-and-close
+# instead of queueing, so a connection flood cannot pin memory or file descriptors.
+
+_log = structlog.get_logger("sevmigd")
+
+
+# ------------------------------------------------------------------------------- hosted guests
+
+
+class HostedGuest:
+    """A guest this daemon hosts: the SevVm, its lifecycle state, and its vCPU task.
+
+    `state` is one of GUEST_STATES; the migration code sets migrating/migrated/incoming, the daemon
+    core sets running/paused/stopped. `migration` holds the latest stats dict (or None).
+    """
+
+    def __init__(self, daemon: Daemon, name: str, vm: Any, state: str):
+        if state not in GUEST_STATES:
+            raise ValueError(f"unknown guest state {state!r}")
+        self.daemon = daemon
+        self.name = name
+        self.vm = vm
+        self.state = state
+        self.migration: Any = None
+        self.error: str | None = None
+        self.created = time.time()
+        self._vcpu_scope: trio.CancelScope | None = None
+
+    @property
+    def vcpus_running(self) -> bool:
+        return self._vcpu_scope is not None
+
+    def start_vcpus(self, nursery: trio.Nursery | None = None) -> None:
+        """Start the vCPU task (idempotent): vm.run(dt) every VCPU_TICK_S in `nursery` (default: the
+        daemon's)."""
+        if self._vcpu_scope is not None:
+            return
+        nursery = nursery if nursery is not None else self.daemon.nursery
+        if nursery is None:
+            raise DaemonError("the daemon is not serving; cannot start vCPUs")
+        scope = trio.CancelScope()
+        self._vcpu_scope = scope
+        nursery.start_soon(self._vcpu_loop, scope, name=f"vcpu:{self.name}")
+
+    def stop_vcpus(self) -> None:
+        """Stop the vCPU task. Synchronous and final: once this returns, vm.run() is not called again
+        (the task can only be parked at a checkpoint while we run, and it wakes up cancelled)."""
+        scope, self._vcpu_scope = self._vcpu_scope, None
+        if scope is not None:
+            scope.cancel()
+
+    async def _vcpu_loop(self, scope: trio.CancelScope) -> None:
+        with scope, structlog.contextvars.bound_contextvars(guest=self.name):
+            last = trio.current_time()
+            while True:
+                await trio.sleep(VCPU_TICK_S)
+                now = trio.current_time()
+                dt, last = min(now - last, VCPU_MAX_SLICE_S), now
+                try:
+                    self.vm.run(dt)
+                except Exception as exc:  # a guest bug must not take the other guests down
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    self.state = "stopped"
+                    self._vcpu_scope = None
+                    _log.error("guest_crashed", error=self.error, exc_info=True)
+                    return
+
+
+# ------------------------------------------------------------------------------ migration stub
+
+
+class _NoMigrations:
+    """Stand-in until sevmigd.daemon.migration is importable: the daemon serves guests, refuses to
+    migrate, and closes incoming migration connections."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def _unavailable(self) -> DaemonError:
+        return DaemonError(f"migration support is not available in this build ({self.reason})")
+
+    async def migrate_out(self, name, host, port, **kwargs):
+        raise self._unavailable()
+
+    def cancel(self, name):
+        raise self._unavailable()
+
+    def resolve(self, name, *, run_here):
+        raise self._unavailable()
+
+    async def handle_incoming(self, stream, peer):
+        await trio.aclose_forcefully(stream)
+
+    def active(self) -> int:
+        return 0
+
+    async def shutdown(self) -> None:
+        return None
+
+
+def _migration_manager(daemon: Daemon) -> Any:
+    try:
+        from sevmigd.daemon.migration import MigrationManager
+    except ImportError as exc:
+        daemon.log.warning("migration_unavailable", reason=str(exc))
+        return _NoMigrations(str(exc))
+    return MigrationManager(daemon)
+
+
+# --------------------------------------------------------------------------------- the daemon
+
+
+def _stats_dict(stats: Any) -> dict | None:
+    if stats is None:
+        return None
+    if isinstance(stats, dict):
+        return dict(stats)
+    for meth in ("as_dict", "to_dict"):
+        if hasattr(stats, meth):
+            return dict(getattr(stats, meth)())
+    if dataclasses.is_dataclass(stats):
+        return dataclasses.asdict(stats)
+    return {"value": str(stats)}
+
+
+def _hex(b: Any) -> str | None:
+    return None if b is None else bytes(b).hex()
+
+
+class Daemon:
+    """Process-wide daemon state (see api-daemon.md for the pinned attributes).
+
+    Construct with a validated Config; `identity`, `fw` and `trusted_roots` may be injected (tests);
+    otherwise `serve()` loads them from the state dir (creating a fresh platform on first start).
+    """
+
+    def __init__(self, config: Config, *, identity: Any = None, fw: Any = None,
+                 trusted_roots: list | None = None, rng: Callable[[int], bytes] = os.urandom,
+                 config_source: tuple[str | None, dict] | None = None,
+                 vm_launcher: Callable[..., Any] | None = None):
+        self.config = config
+        self.identity = identity
+        self.fw = fw
+        self.trusted_roots: list = list(trusted_roots) if trusted_roots is not None else []
+        self._roots_injected = trusted_roots is not None
+        self.rng = rng
+        self.guests: dict[str, HostedGuest] = {}
+        self.log = structlog.get_logger("sevmigd")
+        self.migrations: Any = None
+        self.shutting_down = False
+        self.nursery: trio.Nursery | None = None
+        self.listen_address: str | None = None
+        self.listen_addresses: list[tuple[str, int]] = []
+        self.control_path: str = config.control
+        self.started_at: float | None = None
+        self._config_source = config_source or (None, {})
+        self._vm_launcher = vm_launcher
+        self._used_asids: set[int] = set()
+        self._shutdown_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._listener_scope = trio.CancelScope()
+        self._serve_scope: trio.CancelScope | None = None
+        self._incoming_connections = 0
+        self._tls_server_ctx = None
+        self._control_inode: tuple[int, int] | None = None
+        self.platform_created = False
+
+    # ------------------------------------------------------------------ pinned small helpers
+    def allocate_asid(self) -> int:
+        """Lowest free SEV ASID (1..MAX_ASID); ResourceLimit when all are bound."""
+        for asid in range(1, MAX_ASID + 1):
+            if asid not in self._used_asids:
+                self._used_asids.add(asid)
+                return asid
+        raise ResourceLimit(f"all {MAX_ASID} SEV ASIDs are in use")
+
+    def release_asid(self, asid: int | None) -> None:
+        """Give an ASID back (e.g. an incoming migration that failed before add_guest)."""
+        if asid is not None:
+            self._used_asids.discard(asid)
+
+    def add_guest(self, name: str, vm: Any, state: str) -> HostedGuest:
+        """Register a guest (its ASID, vm.asid, counts as used). GuestExists when the name is taken.
+        Does not start vCPUs: call `hosted.start_vcpus()` when the guest should run."""
+        if name in self.guests:
+            raise GuestExists(name)
+        hosted = HostedGuest(self, name, vm, state)
+        asid = getattr(vm, "asid", None)
+        if asid is not None:
+            self._used_asids.add(asid)
+        self.guests[name] = hosted
+        return hosted
+
+    def remove_guest(self, name: str) -> HostedGuest:
+        """Deregister a guest: stop its vCPUs and free its ASID. Does NOT call vm.release() (the caller
+        decides whether the guest's firmware context is to be decommissioned)."""
+        hosted = self.get_guest(name)
+        hosted.stop_vcpus()
+        del self.guests[name]
+        self.release_asid(getattr(hosted.vm, "asid", None))
+        return hosted
+
+    def get_guest(self, name: str) -> HostedGuest:
+        try:
+            return self.guests[name]
+        except KeyError:
+            raise GuestNotFound(name) from None
+
+    # ------------------------------------------------------------------ platform
+    def _load_platform(self) -> None:
+        from sevmigd import store
+        from sevmigd.psp.firmware import Firmware
+
+        state_dir = self.config.state_dir
+        if self.identity is None:
+            self.identity = _load_or_create_platform(self, store, state_dir)
+        if not self.trusted_roots and not self._roots_injected:
+            self.trusted_roots = self._read_trusted_roots()
+        if self.fw is None:
+            self.fw = Firmware(self.identity, rng=self.rng,
+                               min_command_time=self.config.psp_min_command_time_us / 1e6)
+        state = getattr(self.fw, "platform_state", None)
+        if state is None or getattr(state, "name", str(state)) == "UNINIT":
+            self.fw.init()
+
+    def _read_trusted_roots(self) -> list:
+        """ARK certificates this daemon trusts: config.trusted_roots files, else the state dir's."""
+        if self.config.trusted_roots is None:
+            from sevmigd import store
+            return list(store.load_trusted_roots(self.config.state_dir))
+        from sevmigd.psp.certs import AmdCert
+        from sevmigd.psp.status import SevError
+
+        roots = []
+        for i, path in enumerate(self.config.trusted_roots):
+            key = f"trusted_roots[{i}]"
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+            try:
+                roots.append(AmdCert.decode(data))
+            except SevError as exc:
+                raise ConfigError(key, f"{path} is not an AMD ARK certificate: {exc}") from None
+        return roots
+
+    @property
+    def platform_id(self) -> str | None:
+        return getattr(self.identity, "platform_id", None)
+
+    # ------------------------------------------------------------------ guests (used by control)
+    async def launch_guest(self, gcfg: Any) -> HostedGuest:
+        """LAUNCH_* a new guest from a GuestConfig and start its vCPUs."""
+        if self.shutting_down:
+            raise ShuttingDown()
+        if gcfg.name in self.guests:
+            raise GuestExists(gcfg.name)
+        if gcfg.memory_bytes > self.config.max_guest_bytes:
+            raise ResourceLimit(f"memory {gcfg.memory_bytes} bytes exceeds max_guest_bytes "
+                                f"({self.config.max_guest_bytes})")
+        asid = self.allocate_asid()
+        try:
+            launcher = self._vm_launcher
+            if launcher is None:
+                from sevmigd.guest.vm import SevVm
+                launcher = SevVm.launch
+            vm = launcher(self.fw, gcfg, asid=asid, rng=self.rng)
+        except BaseException:
+            self.release_asid(asid)
+            raise
+        hosted = self.add_guest(gcfg.name, vm, "running")
+        hosted.start_vcpus()
+        self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
+                      policy=f"{gcfg.policy:#x}", asid=asid)
+        await self.pace()
+        return hosted
+
+    async def stop_guest(self, name: str) -> HostedGuest:
+        """Stop a guest for good: vCPUs off, DECOMMISSION, deregister."""
+        hosted = self.get_guest(name)
+        if hosted.state in ("migrating", "incoming"):
+            raise InvalidState(f"guest {name!r} is {hosted.state}; cancel the migration first")
+        hosted.stop_vcpus()
+        try:
+            hosted.vm.release()
+        finally:
+            self.remove_guest(name)
+            hosted.state = "stopped"
+        self.log.info("guest_stopped", guest=name)
+        await self.pace()
+        return hosted
+
+    async def pace(self) -> None:
+        """Wait out the firmware's pacing debt (models a slow PSP; 0 when pacing is off)."""
+        take = getattr(self.fw, "take_pacing_debt", None)
+        debt = take() if take is not None else 0.0
+        if debt > 0:
+            await trio.sleep(debt)
+
+    def guest_status(self, hosted: HostedGuest) -> dict[str, Any]:
+        vm = hosted.vm
+
+        def safe(fn: Callable[[], Any]) -> Any:
+            # Status reports what it can of a guest in any state: a decommissioned (migrated) guest
+            # has no firmware context left, which is a fact to show, not an error to raise.
+            try:
+                return fn()
+            except Exception:
+                return None
+
+        policy = safe(lambda: int(vm.policy))
+        return {
+            "name": hosted.name,
+            "state": hosted.state,
+            "memory_bytes": safe(lambda: int(vm.memory_bytes)),
+            "policy": None if policy is None else f"{policy:#x}",
+            "sev_state": safe(lambda: str(vm.sev_state)),
+            "private_pages": safe(lambda: int(vm.private_pages())),
+            "shared_pages": safe(lambda: int(vm.shared_pages())),
+            "launch_digest": safe(lambda: _hex(vm.launch_digest)),
+            "measurement": safe(lambda: _hex(vm.measurement)),
+            "migration_control": safe(lambda: int(vm.host.migration_control)),
+            "asid": safe(lambda: int(vm.asid)),
+            "migration": _stats_dict(hosted.migration),
+            "error": hosted.error,
+        }
+
+    def server_info(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for g in self.guests.values():
+            states[g.state] = states.get(g.state, 0) + 1
+        fw_api = None
+        if self.fw is not None:
+            major, minor = getattr(self.fw, "api_major", None), getattr(self.fw, "api_minor", None)
+            if major is not None:
+                fw_api = f"{major}.{minor}"
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "listen": self.listen_address,
+            "listen_addresses": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.listen_addresses],
+            "control": self.control_path,
+            "state_dir": self.config.state_dir,
+            "platform_id": self.platform_id,
+            "api_version": fw_api,
+            "guests": len(self.guests),
+            "guest_states": states,
+            "migrations": self.migrations.active() if self.migrations is not None else 0,
+            "shutting_down": self.shutting_down,
+            "uptime_s": None if self.started_at is None else round(time.monotonic() - self.started_at, 3),
+            "tls": bool(self.config.tls.enabled),
+            "log_level": self.config.log_level,
+        }
+
+    # ------------------------------------------------------------------ serving
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Load the platform, bind the listener and the control socket, then serve until
+        `request_shutdown()`; `task_status.started(listen_address)` once both accept connections."""
+        from sevmigd.daemon import control
+
+        inherited = _systemd.inherited_listeners() if _systemd is not None else []
+        tcp_inherited = [l for l in inherited if l.socket.family != stdlib_socket.AF_UNIX]
+        unix_inherited = [l for l in inherited if l.socket.family == stdlib_socket.AF_UNIX]
+        if _tls is not None:
+            self._tls_server_ctx = _tls.server_context(self.config.tls)
+        elif self.config.tls.enabled:
+            raise ConfigError("tls", "TLS support is not available in this build")
+        self._load_platform()
+        self.migrations = _migration_manager(self)
+        with trio.CancelScope() as serve_scope:
+            self._serve_scope = serve_scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    listeners = tcp_inherited or await self._open_listeners()
+                    self.listen_addresses = [_sockname(l.socket) for l in listeners]
+                    self.listen_address = _fmt_addr(*self.listen_addresses[0])
+                    if unix_inherited:
+                        control_listener = unix_inherited[0]
+                        self.control_path = _systemd.socket_address(control_listener.socket)
+                    else:
+                        control_listener, self._control_inode = control.bind_control_socket(
+                            self.config.control, self.config.control_group)
+                        self.control_path = self.config.control
+                    await nursery.start(self._serve_migration_listeners, listeners)
+                    await nursery.start(control.serve_control, self, control_listener)
+                    self.started_at = time.monotonic()
+                    if _systemd is not None:
+                        _systemd.ready(status=_systemd.daemon_status_text(self))
+                        nursery.start_soon(_systemd.status_task, self)
+                        nursery.start_soon(_systemd.watchdog_task)
+                    self.log.info("ready", listen=self.listen_address, control=self.control_path,
+                                  platform_id=self.platform_id, state_dir=self.config.state_dir,
+                                  socket_activated=bool(tcp_inherited), pid=os.getpid(),
+                                  version=__version__)
+                    task_status.started(self.listen_address)
+                    await self._shutdown_requested.wait()
+                    await self._graceful_shutdown()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._cleanup_control_socket()
+                self.nursery = None
+                self._stopped.set()
+        self.log.info("stopped", forced=serve_scope.cancelled_caught)
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        host, port = split_host_port(self.config.listen, key="listen")
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self.config.listen}: "
+                               f"{exc.strerror or exc}") from None
+
+    async def _serve_migration_listeners(self, listeners: list, *, task_status=trio.TASK_STATUS_IGNORED):
+        with self._listener_scope:
+            await trio.serve_listeners(self._incoming_connection, listeners, handler_nursery=self.nursery,
+                                       task_status=task_status)
+        self.log.info("listener_closed", listen=self.listen_address)
+
+    async def _incoming_connection(self, stream: trio.abc.Stream) -> None:
+        peer = _peer_of(stream)
+        cap = self.config.max_incoming + self.config.max_unauthenticated
+        if self.shutting_down or self._incoming_connections >= cap:
+            self.log.warning("incoming_refused", peer=peer,
+                             reason="shutting down" if self.shutting_down else f"more than {cap} connections")
+            await trio.aclose_forcefully(stream)
+            return
+        self._incoming_connections += 1
+        try:
+            if self._tls_server_ctx is not None:
+                try:
+                    stream = await _tls.wrap_server(stream, self._tls_server_ctx,
+                                                    timeout=self.config.handshake_timeout_s, peer=peer)
+                except _tls.TlsError as exc:
+                    self.log.warning("tls_refused", peer=peer, reason=exc.reason)
+                    return
+            await self.migrations.handle_incoming(stream, peer)
+        except Exception:  # one connection's failure is logged and contained in its task
+            self.log.error("incoming_connection_failed", peer=peer, exc_info=True)
+        finally:
+            self._incoming_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (SIGTERM/SIGINT). Idempotent."""
+        self._shutdown_requested.set()
+
+    def force_stop(self) -> None:
+        """Cancel everything now (a second SIGTERM/SIGINT during shutdown)."""
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _graceful_shutdown(self) -> None:
+        self.shutting_down = True
+        active = self.migrations.active() if self.migrations is not None else 0
+        if _systemd is not None:
+            _systemd.stopping(f"stopping: {active} migration(s) to settle")
+        self.log.info("shutting_down", guests=len(self.guests), migrations=active)
+        self._listener_scope.cancel()
+        if self.migrations is not None:
+            with trio.move_on_after(SHUTDOWN_MIGRATIONS_S) as scope:
+                try:
+                    await self.migrations.shutdown()
+                except Exception:
+                    self.log.error("migration_shutdown_failed", exc_info=True)
+            if scope.cancelled_caught:
+                self.log.warning("migration_shutdown_timeout", seconds=SHUTDOWN_MIGRATIONS_S)
+        live = [g.name for g in self.guests.values() if g.state in ("running", "paused", "migrating")]
+        if live:
+            self.log.warning("guests_stopped_by_shutdown", guests=live)
+        for hosted in list(self.guests.values()):
+            hosted.stop_vcpus()
+            try:
+                hosted.vm.release()
+            except Exception:
+                self.log.warning("guest_release_failed", guest=hosted.name, exc_info=True)
+            hosted.state = "stopped"
+        self._used_asids.clear()
+        shutdown = getattr(self.fw, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:
+                self.log.warning("firmware_shutdown_failed", exc_info=True)
+
+    def _cleanup_control_socket(self) -> None:
+        """Remove our control socket file, but only if it is still the one we bound."""
+        if self._control_inode is None:
+            return
+        path = self.config.control
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._control_inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log.warning("control_socket_cleanup_failed", path=path, error=exc.strerror)
+        self._control_inode = None
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration; apply the reloadable keys (trusted roots, limits, log
+        level). On any error keep the old configuration (and say so). Returns True when applied."""
+        if _systemd is not None:
+            _systemd.reloading()
+        path, overrides = self._config_source
+        try:
+            new = load_config(path, overrides)
+            apply, ignored = self.config.reloadable_changes(new)
+            candidate = dataclasses.replace(self.config, **apply)
+            roots = self.trusted_roots
+            if not self._roots_injected:  # re-read even when unchanged: the files may have been replaced
+                old_cfg, self.config = self.config, candidate
+                try:
+                    roots = self._read_trusted_roots()
+                finally:
+                    self.config = old_cfg
+        except (ConfigError, SevmigdError, OSError) as exc:
+            self.log.error("reload_failed", error=str(exc))
+            if _systemd is not None:
+                _systemd.ready(status=_systemd.daemon_status_text(self))
+            return False
+        self.config = candidate
+        self.trusted_roots = roots
+        if "log_level" in apply:
+            configure_logging(candidate.log_level, candidate.log_format)
+        self.log.info("reloaded", changed=sorted(apply), restart_needed_for=sorted(ignored),
+                      trusted_roots=len(roots))
+        if _systemd is not None:
+            _systemd.ready(status=_systemd.daemon_status_text(self))
+        return True
+
+
+def _sockname(sock: Any) -> tuple[str, int]:
+    addr = sock.getsockname()
+    return str(addr[0]), int(addr[1])
+
+
+def _fmt_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_of(stream: Any) -> str:
+    try:
+        addr = stream.socket.getpeername()
+        return _fmt_addr(str(addr[0]), int(addr[1]))
+    except Exception:
+        return "unknown"
+
+
+def _load_or_create_platform(daemon: Daemon, store: Any, state_dir: str) -> Any:
+    """store.load_platform(state_dir); on a first start (no identity there yet) create a fresh
+    self-contained fleet CA + platform in the state dir and say so in the log."""
+    if _platform_exists(store, state_dir):
+        return store.load_platform(state_dir)
+    daemon.log.warning("platform_created", state_dir=state_dir,
+                       note="no platform identity found: created a new self-contained fleet CA and "
+                            "platform (use `sevmigd platform init` to join an existing fleet)")
+    daemon.platform_created = True
+    return _create_platform(daemon, store, state_dir)
+
+
+def _platform_exists(store: Any, state_dir: str) -> bool:
+    exists = getattr(store, "platform_exists", None)
+    if exists is not None:
+        return bool(exists(state_dir))
+    from sevmigd.psp.identity import PLATFORM_FILES
+
+    return any(os.path.exists(os.path.join(state_dir, f)) for f in PLATFORM_FILES) or \
+        any(os.path.exists(os.path.join(state_dir, "platform", f)) for f in PLATFORM_FILES)
+
+
+def _create_platform(daemon: Daemon, store: Any, state_dir: str) -> Any:
+    init = getattr(store, "init_self_contained", None)
+    if init is not None:
+        return init(state_dir, rng=daemon.rng)
+    from sevmigd.psp.identity import FleetCA, PlatformIdentity
+
+    ca = FleetCA.create(daemon.rng)
+    identity = PlatformIdentity.create(ca, daemon.rng)
+    store.save_fleet(state_dir, ca)
+    store.save_platform(state_dir, identity)
+    return store.load_platform(state_dir)
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+async def run(config: Config, *, config_path: str | None = None, overrides: dict | None = None,
+              daemon: Daemon | None = None) -> int:
+    """Run a daemon until SIGTERM/SIGINT (graceful; a second one forces), SIGHUP reloads.
+    Returns the process exit status."""
+    if daemon is None:
+        daemon = Daemon(config, config_source=(config_path, dict(overrides or {})))
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signal_loop, daemon, signals)
+            await daemon.serve()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _signal_loop(daemon: Daemon, signals: Any) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            daemon.log.info("signal", signal="SIGHUP", action="reload")
+            daemon.reload()
+        elif daemon.shutting_down or daemon._shutdown_requested.is_set():
+            daemon.log.warning("signal", signal=signal.Signals(signum).name, action="force stop")
+            daemon.force_stop()
+        else:
+            daemon.log.info("signal", signal=signal.Signals(signum).name, action="shutdown")
+            daemon.request_shutdown()
+
+
+__all__ = ["Daemon", "HostedGuest", "run", "GUEST_STATES", "VCPU_TICK_S", "MAX_ASID"]
