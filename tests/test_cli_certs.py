@@ -282,6 +282,12 @@ def test_verify_naples_variants(tmp_path, capsys):
     assert "ark.cert.sig appended" in capsys.readouterr().out
     (d / "ark.cert.sig").write_bytes(b"\0" * 17)
     assert main(["certs", "verify", str(d)]) == 2
+    # the unsigned ARK saved under the ordinary name gets the same clear message
+    (d / "ark.cert.sig").unlink()
+    (d / "ark.cert.bad").rename(d / "ark.cert")
+    capsys.readouterr()
+    assert main(["certs", "verify", str(d)]) == 1
+    assert "lacks its self-signature" in capsys.readouterr().out
 
 
 def test_certs_show(capsys):

@@ -240,7 +240,8 @@ def _load_ark(directory: Path) -> tuple[AmdCert, str | None]:
     """ark.cert, else ark.cert.bad (+ ark.cert.sig when present): the Naples ARK as AMD published it."""
     path = directory / "ark.cert"
     if path.exists():
-        return _load_amd(path, _read_input(path)), None
+        ark = _load_amd(path, _read_input(path), allow_unsigned=True)
+        return ark, None if ark.signature is not None else "ark.cert is unsigned (the Naples ARK as AMD published it)"
     bad = directory / "ark.cert.bad"
     if not bad.exists():
         raise ConfigError(str(path), "missing (no ark.cert.bad either)")

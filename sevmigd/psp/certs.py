@@ -241,7 +241,12 @@ class SevCert:
         for i, (u, a, s) in enumerate(self.slots(), 1):
             out[f"sig{i}_usage"] = _name(Usage, u)
             out[f"sig{i}_algo"] = _name(Algo, a)
-            out[f"sig{i}"] = s.rstrip(b"\0").hex()
+            if a in _ECDSA_ALGOS:  # big-endian r and s, as other tools print them (48 bytes unless padded)
+                for part, field in (("r", s[:ECDSA_RS_FIELD]), ("s", s[ECDSA_RS_FIELD : 2 * ECDSA_RS_FIELD])):
+                    shown = field if any(field[EC_COORD_BYTES:]) else field[:EC_COORD_BYTES]
+                    out[f"sig{i}_{part}"] = shown[::-1].hex()
+            elif any(s):
+                out[f"sig{i}"] = s.hex()  # raw little-endian field
         return out
 
 

@@ -132,7 +132,13 @@ def _check_ask(ask: AmdCert, ark: AmdCert) -> None:
 def validate_platform(
     amd_certs: bytes, plat_certs: bytes, pdh: bytes, *, root_key_id: bytes, root_key_hash: bytes
 ) -> None:
-    """SEND_START step 5 (SEV policy bit): ARK (root) → ASK → CEK → PEK (CEK slot) → remote PDH."""
+    """SEND_START step 5 (SEV policy bit): ARK (root) → ASK → CEK → PEK (CEK slot) → remote PDH.
+
+    Lengths → INVALID_LENGTH; a certificate of the wrong shape (usage, version, sizes, ids, not the
+    fused root) → INVALID_CERTIFICATE; a signature that does not verify → BAD_SIGNATURE, including
+    the ARK's self-signature (its signed part is already pinned by the fused hash, so only the
+    signature bytes can be wrong there). SEV certificates follow the slot rules of §2.6.
+    """
     if len(plat_certs) != PLAT_CERTS_SIZE:
         raise SevError(SevStatus.INVALID_LENGTH, "plat_certs length")
     if len(pdh) != SEV_CERT_SIZE:
