@@ -394,7 +394,8 @@ class GuestKernel:
         kstate = self.mem.read_private(np.array([lay.kstate_pfn])).tobytes()
         if _digest64(kstate) != self.regs["kstate"]:
             return VerifyResult(1, [lay.kstate_pfn])
-        return self.ledger.verify(self._check_data)
+        res = self.ledger.verify(self._check_data)
+        return VerifyResult(res.pages_checked + 1, res.mismatches)   # + the kernel state page
 
     def _check_data(self, pfns: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> list[int]:
         bad: list[int] = []
