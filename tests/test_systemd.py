@@ -9,7 +9,9 @@ I/O tests under fail_after. Loopback and port 0 only.
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -375,3 +377,86 @@ async def test_watchdog_pings_reach_notify_socket(notify_sock, monkeypatch):
                 got += _pending(notify_sock)
             n.cancel_scope.cancel()
     assert set(got) == {b"WATCHDOG=1"}
+
+
+# =========================================================================== the real daemon
+# `sevmigd serve` subprocesses (harness in tests/test_security.py): what systemd sees of it.
+
+from test_security import RealDaemon, daemons, make_state, migration_available, needs_migration  # noqa: E402,F401
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_daemon_ready_status_watchdog_stopping(daemons):
+    """READY=1 only once both sockets accept; STATUS= lines; WATCHDOG=1 pings; STOPPING=1 on SIGTERM."""
+    d = daemons("host", env={"WATCHDOG_USEC": "200000"})  # 0.2 s -> a ping every 0.1 s
+    ready = d.messages[-1]
+    assert ready["READY"] == "1"
+    assert ready["STATUS"].startswith("0 guests; migrations: 0 out, 0 in; listening on 127.0.0.1:")
+    # READY=1 means both sockets accept connections right now.
+    assert d.ctl("server-info")["listen"] == ready["STATUS"].rsplit("listening on ", 1)[1]
+    with socket.create_connection(("127.0.0.1", d.port), timeout=IO_TIMEOUT):
+        pass
+    mark = len(d.messages)
+    for _ in range(3):
+        d.wait_notify(lambda m: m.get("WATCHDOG") == "1", since=len(d.messages))
+    assert all(m == {"WATCHDOG": "1"} for m in d.messages[mark:] if "WATCHDOG" in m)
+    d.signal(signal.SIGTERM)
+    stopping = d.wait_notify(lambda m: m.get("STOPPING") == "1")
+    assert "stopping" in stopping.get("STATUS", "")
+    assert d.proc.wait(IO_TIMEOUT) == 0
+
+
+def test_daemon_watchdog_pid_for_another_process_means_no_pings(daemons):
+    """WATCHDOG_PID naming another process (inherited from a parent): the daemon must not ping."""
+    d = daemons("host", env={"WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+    mark = len(d.messages)
+    # A control round trip plus a STATUS refresh window; no ping may be among what arrived meanwhile.
+    d.ctl("server-info")
+    d.signal(signal.SIGTERM)
+    d.wait_notify(lambda m: m.get("STOPPING") == "1", since=mark)
+    assert not [m for m in d.messages if "WATCHDOG" in m]
+    assert d.proc.wait(IO_TIMEOUT) == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (package systemd)")
+def test_socket_activated_daemon_serves_the_inherited_listener(tmp_path):
+    """Under systemd-socket-activate the daemon uses fd 3 instead of binding `listen`, and a connection
+    made *before* the daemon ran (it is what starts it) is served: it is waiting in the backlog."""
+    port = _free_port()
+    state = make_state(tmp_path / "state")
+    notify_path = str(tmp_path / "sa" / "notify.sock")
+    (tmp_path / "sa").mkdir()
+    d = RealDaemon(tmp_path / "sa", state_dir=state, listen="127.0.0.1:1",  # must be ignored
+                   launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+                             "-E", f"NOTIFY_SOCKET={notify_path}"], stderr_pipe=True)
+    try:
+        # systemd-socket-activate says "Listening on ... as 3." on stderr once bound, and spawns the
+        # daemon on the first connection.
+        assert select.select([d.proc.stderr], [], [], IO_TIMEOUT)[0], "systemd-socket-activate said nothing"
+        assert b"Listening on" in d.proc.stderr.readline()
+        early = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        ready = d.wait_ready()
+        assert ready["STATUS"].endswith(f"listening on 127.0.0.1:{port}")
+        info = d.ctl("server-info")
+        assert info["listen"] == f"127.0.0.1:{port}"
+        assert any(e.get("event") == "ready" and e.get("socket_activated") is True for e in d.log_events())
+        # The early connection reached the daemon's migration handler: garbage gets it closed by the
+        # daemon (not by a timeout of ours).
+        early.sendall(b"\xff" * 64)
+        early.settimeout(IO_TIMEOUT)
+        try:
+            while early.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        early.close()
+        assert d.ctl("server-info")  # and the daemon is still fine
+        assert d.stop() == 0
+    finally:
+        d.close()
