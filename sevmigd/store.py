@@ -25,6 +25,7 @@ previous PEK after a crash. So each save writes a fresh generation directory, fs
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -117,7 +118,14 @@ def write_atomic(path: os.PathLike | str, data: bytes, mode: int = FILE_MODE) ->
         raise StoreError(path, f"cannot write: {exc.strerror}") from None
 
 
-def _check_dir(path: Path) -> None:
+def _check_dir(path: Path, *, private: bool = False) -> None:
+    """A directory we read from: never writable by group/other (someone could swap a file or the
+    identity symlink); `private` ones (identity generations) also not readable by them.
+
+    The state directory itself is only required to be non-writable by others, not 0700: systemd's
+    StateDirectory= re-applies its StateDirectoryMode= (default 0755) on every start, and the keys
+    inside are protected by their own 0700 directory and 0600 modes.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -127,7 +135,7 @@ def _check_dir(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(path, "is not a directory")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
+    if mode & (0o077 if private else 0o022):
         raise StoreError(path, f"directory mode is {mode:04o}, must be 0700 (chmod 700 '{path}')")
 
 
@@ -136,9 +144,14 @@ def read_file(path: os.PathLike | str, *, secret: bool) -> bytes:
     any file must not be writable by group/other (someone else could swap a certificate)."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # A private key is never read through a symlink; a public certificate may be (e.g. a trusted
+        # root linked into STATE_DIR/trusted/).
+        fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if secret else 0))
     except FileNotFoundError:
         raise StoreError(path, "missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(path, "is a symlink; private keys must be regular files") from None
     except OSError as exc:
         raise StoreError(path, f"cannot open: {exc.strerror}") from None
     try:
@@ -262,7 +275,7 @@ def load_platform(state_dir: os.PathLike | str) -> PlatformIdentity:
     state = Path(state_dir)
     _check_dir(state)
     gdir = _platform_dir(state)
-    _check_dir(gdir)
+    _check_dir(gdir, private=True)
     files = _read_set(gdir, PLATFORM_FILES)
     try:
         return PlatformIdentity.from_files(files)

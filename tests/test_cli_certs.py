@@ -112,8 +112,22 @@ def test_missing_corrupt_and_wrong_mode_files_name_the_file(tmp_path, ident):
         store.load_platform(st)
     assert exc.value.path.endswith("pdh.cert") and "missing" in str(exc.value)
 
-    st.chmod(0o755)
-    with pytest.raises(store.StoreError, match="0755"):
+    st.chmod(0o755)  # systemd's default StateDirectoryMode: fine, nobody else can write
+    with pytest.raises(store.StoreError, match="pdh.cert"):
+        store.load_platform(st)
+    st.chmod(0o775)
+    with pytest.raises(store.StoreError, match="0775"):
+        store.load_platform(st)
+    st.chmod(0o700)
+    gdir.chmod(0o750)
+    with pytest.raises(store.StoreError, match="0750"):
+        store.load_platform(st)
+    gdir.chmod(0o700)
+    (gdir / "pdh.cert").write_bytes(ident.pdh.encode())
+    (gdir / "pdh.cert").chmod(0o600)
+    (gdir / "pdh.key").unlink()
+    (gdir / "pdh.key").symlink_to(gdir / "pek.key")
+    with pytest.raises(store.StoreError, match="symlink"):
         store.load_platform(st)
 
 
