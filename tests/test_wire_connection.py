@@ -1,0 +1,492 @@
+"""Connection-level tests of the wire protocol: the whole conversation, every state x every message, the
+hand-off rules, sticky errors, framing limits, and the channel integrity (replay, reorder, tamper).
+
+Pure tests (no I/O): two Connection objects talk through bytes. Deterministic rngs from
+sevmigd.wire.testing so failures reproduce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sevmigd.wire import (CLOSED, NEED_DATA, TRANSITIONS, AbortCode, Connection, Limits, LocalProtocolError,
+                          RemoteProtocolError, Role, State, messages as m)
+from sevmigd.wire.framing import PREFIX, array_header, bin_header, uint
+from sevmigd.wire.limits import MIN_MAX_FRAME, PAGE_SIZE, SEV_HDR_SIZE
+from sevmigd.wire.messages import MsgType
+from sevmigd.wire.testing import (fixed_rng, forge, pair, sample_accept, sample_hello, sample_pages,
+                                  sample_start, sample_vcpu_state, script, transfer)
+
+S, D = Role.SOURCE, Role.DESTINATION
+LIVE_STATES = [s for s in State if s not in (State.REFUSED, State.ABORTED, State.ERROR)]
+
+
+def expect(exc_type, code, fn, *args):
+    with pytest.raises(exc_type) as ei:
+        fn(*args)
+    assert ei.value.code == code, ei.value
+    return ei.value
+
+
+# ------------------------------------------------------------------------------------------ conversation
+@pytest.mark.parametrize("es", [False, True])
+def test_full_conversation_reaches_done_with_handoff_to_destination(es):
+    hello = sample_hello(es=es, vcpus=3)
+    src = Connection(S, rng=fixed_rng("a"))
+    dst = Connection(D, rng=fixed_rng("b"))
+    for role, make in script(hello):
+        a, b = (src, dst) if role is S else (dst, src)
+        msg = make()
+        assert transfer(a, b, msg) == msg
+        assert src.state == dst.state
+        if isinstance(msg, m.Go):
+            assert src.handoff == dst.handoff == "uncertain"
+        elif not isinstance(msg, m.Started):
+            assert src.handoff == dst.handoff == "source"
+    assert src.state == dst.state == "DONE"
+    assert src.handoff == dst.handoff == "destination"
+    assert src.session_id == dst.session_id and len(src.session_id) == 32
+    assert src.pages_total == dst.pages_total == 4
+    src.receive_data(b"")
+    assert src.next_event() is CLOSED
+    assert src.next_event() is CLOSED
+
+
+def test_keys_differ_per_connection_and_direction():
+    a, _ = pair(until=State.ACCEPTED, seed=1)
+    b, _ = pair(until=State.ACCEPTED, seed=2)
+    assert a.session_id != b.session_id
+    assert a._send_key != a._recv_key
+
+
+def test_refuse_ends_the_conversation():
+    src, dst = pair(until=State.HELLO_SENT)
+    ev = transfer(dst, src, m.Refuse(AbortCode.UNTRUSTED_PLATFORM, "unknown ARK"))
+    assert ev == m.Refuse(AbortCode.UNTRUSTED_PLATFORM, "unknown ARK")
+    assert src.state == dst.state == "REFUSED" and src.handoff == "source"
+    src.receive_data(b"")
+    assert src.next_event() is CLOSED
+    with pytest.raises(LocalProtocolError):
+        src.send(sample_start(sample_hello()))
+
+
+def test_multiple_frames_in_one_read_and_byte_by_byte():
+    src, dst = pair(until=State.PRECOPY)
+    data = src.send(sample_pages(0, [3, 4], [5])) + src.send(m.RoundEnd(0, 3, 0)) + src.send(m.Bitmap(64, bytes(8)))
+    got = []
+    for i in range(len(data)):
+        dst.receive_data(data[i:i + 1])
+        while (ev := dst.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert [type(e) for e in got] == [m.Pages, m.RoundEnd, m.Bitmap]
+    src2, dst2 = pair(until=State.PRECOPY)
+    dst2.receive_data(src2.send(sample_pages(0, [3], [])) + src2.send(m.RoundEnd(0, 1, 0)))
+    assert isinstance(dst2.next_event(), m.Pages) and isinstance(dst2.next_event(), m.RoundEnd)
+    assert dst2.next_event() is NEED_DATA
+
+
+# ------------------------------------------------------------------------------------------ state matrix
+def _any_message(mtype: MsgType, hello: m.Hello):
+    return {
+        MsgType.HELLO: hello, MsgType.ACCEPT: sample_accept(),
+        MsgType.REFUSE: m.Refuse(AbortCode.POLICY_REFUSED, "no"), MsgType.START: sample_start(hello),
+        MsgType.PAGES: sample_pages(0, [1], []), MsgType.ROUND_END: m.RoundEnd(0, 0, 0),
+        MsgType.BITMAP: m.Bitmap(64, bytes(8)), MsgType.VCPU_STATE: sample_vcpu_state(hello),
+        MsgType.COMPLETE: m.Complete(0), MsgType.READY: m.Ready(), MsgType.GO: m.Go(),
+        MsgType.STARTED: m.Started(), MsgType.KEEPALIVE: m.Keepalive(),
+        MsgType.ABORT: m.Abort(AbortCode.CANCELLED, "bye"),
+    }[mtype]
+
+
+@pytest.mark.parametrize("state", LIVE_STATES, ids=str)
+@pytest.mark.parametrize("mtype", list(MsgType), ids=lambda t: t.name)
+@pytest.mark.parametrize("sender", [S, D], ids=lambda r: r.value)
+def test_every_state_every_message(state, mtype, sender):
+    """Illegal sends raise LocalProtocolError at the sender; the same frame forged onto the wire raises
+    RemoteProtocolError(PROTOCOL_ERROR) at the receiver. Legal ones are accepted by both."""
+    hello = sample_hello()
+    src, dst = pair(hello=hello, until=state)
+    a, b = (src, dst) if sender is S else (dst, src)
+    msg = _any_message(mtype, hello)
+    legal = (state, sender, mtype) in TRANSITIONS
+    if not legal:
+        err = expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, a.send, msg)
+        assert a.state == "ERROR" and a.error is err
+        b.receive_data(forge(a, msg))
+        expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, b.next_event)
+        assert b.state == "ERROR"
+    else:
+        # legal by the table; the content guards may still refuse the sample (e.g. a round count), but
+        # never with a "state" error, and sender and receiver agree.
+        try:
+            data = a.send(msg)
+        except LocalProtocolError as e:
+            assert "in state" not in e.message
+            b.receive_data(forge(a, msg))
+            with pytest.raises(RemoteProtocolError) as ei:
+                b.next_event()
+            assert ei.value.code == e.code
+        else:
+            b.receive_data(data)
+            assert b.next_event() == msg
+            assert a.state == b.state == TRANSITIONS[(state, sender, mtype)]
+
+
+def test_messages_after_peer_abort_are_errors():
+    src, dst = pair(until=State.PRECOPY)
+    assert transfer(dst, src, m.Abort(AbortCode.SHUTDOWN, "going down")).code is AbortCode.SHUTDOWN
+    assert src.state == "ABORTED"
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, m.RoundEnd(0, 0, 0))
+    src2, dst2 = pair(until=State.PRECOPY)
+    transfer(dst2, src2, m.Abort(AbortCode.SHUTDOWN, "x"))
+    src2.receive_data(forge(dst2, m.Keepalive()))
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, src2.next_event)
+
+
+def test_after_sending_abort_in_flight_frames_are_discarded():
+    src, dst = pair(until=State.PRECOPY)
+    in_flight = src.send(sample_pages(0, [1], []))
+    dst.send(m.Abort(AbortCode.CANCELLED, "operator"))
+    dst.receive_data(in_flight)
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(b"")
+    assert dst.next_event() is CLOSED
+
+
+# ------------------------------------------------------------------------------------------ hand-off
+def test_destination_abort_after_go_gives_the_guest_back_to_the_source():
+    src, dst = pair(until=State.GO)
+    assert src.handoff == "uncertain"
+    transfer(dst, src, m.Abort(AbortCode.FIRMWARE_ERROR, "RECEIVE_FINISH failed"))
+    assert src.handoff == dst.handoff == "source"
+
+
+def test_source_abort_after_go_does_not_revoke_go():
+    src, dst = pair(until=State.GO)
+    transfer(src, dst, m.Abort(AbortCode.SHUTDOWN, "x"))
+    assert src.handoff == dst.handoff == "uncertain"
+
+
+def test_eof_after_go_is_an_error_and_leaves_uncertain():
+    src, dst = pair(until=State.GO)
+    src.receive_data(b"")
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, src.next_event)
+    assert src.handoff == "uncertain"
+
+
+def test_abort_and_go_crossing_gives_a_consistent_answer():
+    """The destination aborts in READY while the source sends Go: the destination discards Go (it never
+    starts) and the source, seeing the destination's Abort in GO, may resume."""
+    src, dst = pair(until=State.READY)
+    go = src.send(m.Go())
+    abort = dst.send(m.Abort(AbortCode.TIMEOUT, "gave up"))
+    dst.receive_data(go)
+    assert dst.next_event() is NEED_DATA and dst.handoff == "source"
+    src.receive_data(abort)
+    assert isinstance(src.next_event(), m.Abort)
+    assert src.handoff == "source"
+
+
+@pytest.mark.parametrize("state", [State.PRECOPY, State.COMPLETE, State.READY], ids=str)
+def test_eof_before_go_keeps_the_guest_at_the_source(state):
+    src, dst = pair(until=state)
+    dst.receive_data(b"")
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    assert dst.handoff == src.handoff == "source"
+
+
+# ------------------------------------------------------------------------------------------ sticky errors
+def test_errors_are_sticky_but_one_abort_may_be_sent():
+    src, dst = pair(until=State.PRECOPY)
+    dst.receive_data(forge(src, m.Go()))
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    for call in (dst.next_event, lambda: dst.receive_data(b"x"), lambda: dst.send(m.Keepalive())):
+        with pytest.raises(RemoteProtocolError):
+            call()
+    frame = dst.send(m.Abort(AbortCode.PROTOCOL_ERROR, "bad frame"))
+    with pytest.raises(RemoteProtocolError):
+        dst.send(m.Abort(AbortCode.PROTOCOL_ERROR, "again"))
+    src.receive_data(frame)
+    assert src.next_event() == m.Abort(AbortCode.PROTOCOL_ERROR, "bad frame")
+
+
+def test_local_error_is_sticky():
+    src, _ = pair(until=State.PRECOPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, m.Ready())
+    with pytest.raises(LocalProtocolError):
+        src.send(m.RoundEnd(0, 0, 0))
+    assert src.state == "ERROR"
+
+
+# ------------------------------------------------------------------------------------------ framing limits
+def test_oversized_length_prefix_is_refused_from_four_bytes():
+    src, dst = pair(until=State.PRECOPY)
+    expect(RemoteProtocolError, AbortCode.FRAME_TOO_LARGE, dst.receive_data,
+           PREFIX.pack(dst.limits.max_frame + 1))
+    assert dst.state == "ERROR"
+
+
+def test_handshake_frames_are_capped_before_keys_exist():
+    dst = Connection(D, rng=fixed_rng(1))
+    expect(RemoteProtocolError, AbortCode.FRAME_TOO_LARGE, dst.receive_data, PREFIX.pack(MIN_MAX_FRAME + 1))
+
+
+def test_feeding_more_while_a_frame_is_buffered_is_refused():
+    src, dst = pair(until=State.PRECOPY)
+    dst.receive_data(src.send(m.Keepalive()))
+    expect(LocalProtocolError, AbortCode.RESOURCE_LIMIT, dst.receive_data, src.send(m.Keepalive()))
+
+
+def test_eof_in_the_middle_of_a_frame():
+    src, dst = pair(until=State.PRECOPY)
+    data = src.send(m.Keepalive())
+    dst.receive_data(data[:-1])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(b"")
+    e = expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    assert "middle of a frame" in e.message
+
+
+def test_sender_respects_the_peer_max_frame():
+    small = Limits(max_frame=MIN_MAX_FRAME)
+    src = Connection(S, rng=fixed_rng(1))
+    dst = Connection(D, rng=fixed_rng(2), limits=small)
+    transfer(src, dst, sample_hello(memory_bytes=1 << 30))
+    transfer(dst, src, sample_accept())
+    transfer(src, dst, sample_start(sample_hello()))
+    assert src.max_send_frame == MIN_MAX_FRAME
+    n = src.max_pages_per_frame
+    transfer(src, dst, sample_pages(0, list(range(n)), []))
+    expect(LocalProtocolError, AbortCode.FRAME_TOO_LARGE, src.send, sample_pages(0, list(range(n + 1)), []))
+
+
+# ------------------------------------------------------------------------------------------ guards
+def test_round_end_must_count_the_pages_of_its_round():
+    src, dst = pair(until=State.PRECOPY)
+    transfer(src, dst, sample_pages(0, [1, 2], []))
+    expect(LocalProtocolError, AbortCode.INTEGRITY_FAILURE, src.send, m.RoundEnd(0, 3, 0))
+    dst.receive_data(forge(src, m.RoundEnd(0, 3, 0)))
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_pages_of_the_wrong_round_or_out_of_range_pfn():
+    src, dst = pair(until=State.PRECOPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, sample_pages(1, [1], []))
+    src, dst = pair(until=State.PRECOPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, sample_pages(0, [64], []))
+    dst.receive_data(forge(src, sample_pages(0, [], [64])))
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+
+
+def test_bitmap_and_complete_need_a_closed_round():
+    src, dst = pair(until=State.PRECOPY)
+    transfer(src, dst, sample_pages(0, [1], []))
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, m.Bitmap(64, bytes(8)))
+    dst.receive_data(forge(src, m.Bitmap(64, bytes(8))))
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+
+
+def test_complete_must_count_all_pages():
+    src, dst = pair(until=State.STOP_COPY_VCPU)
+    expect(LocalProtocolError, AbortCode.INTEGRITY_FAILURE, src.send, m.Complete(5))
+
+
+def test_start_policy_must_match_hello():
+    src, dst = pair(until=State.ACCEPTED)
+    dst.receive_data(forge(src, m.Start(policy=0x1, pdh=b"\0" * 0x824, session=b"\0" * 0x80)))
+    expect(RemoteProtocolError, AbortCode.POLICY_REFUSED, dst.next_event)
+
+
+def test_vcpu_state_must_match_the_guest():
+    src, dst = pair(hello=sample_hello(es=True, vcpus=2), until=State.STOP_COPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, sample_vcpu_state(sample_hello(vcpus=2)))
+    src, dst = pair(hello=sample_hello(vcpus=2), until=State.STOP_COPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, src.send, sample_vcpu_state(sample_hello(vcpus=3)))
+
+
+def test_send_pages_accepts_lists_and_rejects_bad_columns():
+    src, dst = pair(until=State.PRECOPY)
+    data = src.send_pages(0, [7, 8], bytes(2 * SEV_HDR_SIZE), bytes(2 * PAGE_SIZE), np.array([9]),
+                          bytes(PAGE_SIZE))
+    dst.receive_data(data)
+    ev = dst.next_event()
+    assert ev.enc_pfns.tolist() == [7, 8] and ev.shr_pfns.tolist() == [9] and ev.enc_pfns.dtype == np.uint64
+    for bad in ([-1], [1.5], [[1]]):
+        s, _ = pair(until=State.PRECOPY)
+        expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, s.send_pages, 0, bad, bytes(52), bytes(4096),
+               [], b"")
+    s, _ = pair(until=State.PRECOPY)
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, s.send_pages, 0, [1], bytes(51), bytes(4096), [], b"")
+
+
+def test_guest_too_large_for_the_destination():
+    src = Connection(S, rng=fixed_rng(1))
+    dst = Connection(D, rng=fixed_rng(2), limits=Limits(max_guest_bytes=1 << 20))
+    dst.receive_data(src.send(sample_hello(memory_bytes=2 << 20)))
+    expect(RemoteProtocolError, AbortCode.RESOURCE_LIMIT, dst.next_event)
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def _pages_frame(src, enc=(1, 2), shr=(3,)):
+    return src.send(sample_pages(0, list(enc), list(shr)))
+
+
+def _offsets(frame: bytes):
+    """Byte offsets (in the frame) of the columns of a Pages frame built by send_pages."""
+    from sevmigd.wire.framing import Reader
+    rd = Reader(frame[4:])
+    rd.array_header(), rd.uint("t"), rd.uint("s"), rd.uint("r")
+    cols = {name: rd.bin(name) for name in ("enc_pfns", "enc_headers", "shr_pfns", "shr_data", "enc_data")}
+    return {k: (o + 4, n) for k, (o, n) in cols.items()}
+
+
+@pytest.mark.parametrize("column", ["enc_pfns", "enc_headers", "shr_pfns", "shr_data"])
+def test_flipped_byte_in_authenticated_columns_fails_the_channel_mac(column):
+    src, dst = pair(until=State.PRECOPY)
+    frame = bytearray(_pages_frame(src))
+    off, n = _offsets(bytes(frame))[column]
+    frame[off + n // 2] ^= 0x01
+    dst.receive_data(bytes(frame))
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_flipped_ciphertext_byte_passes_the_channel_for_the_psp_to_catch():
+    """The PSP's packet MAC covers the ciphertext; the channel deliberately does not (PROTOCOL.md §9), so
+    the flipped byte must reach RECEIVE_UPDATE_DATA (which then fails with BAD_MEASUREMENT)."""
+    src, dst = pair(until=State.PRECOPY)
+    frame = bytearray(_pages_frame(src))
+    off, n = _offsets(bytes(frame))["enc_data"]
+    frame[off + 100] ^= 0x80
+    dst.receive_data(bytes(frame))
+    ev = dst.next_event()
+    assert ev.enc_data[100] == 0xEE ^ 0x80 and ev.enc_data[:100] == b"\xee" * 100
+
+
+@pytest.mark.parametrize("where", [-1, -20, 5, 6])
+def test_flipped_byte_in_small_frames_or_mac_fails(where):
+    src, dst = pair(until=State.PRECOPY)
+    frame = bytearray(src.send(m.RoundEnd(0, 0, 12345)))
+    frame[where] ^= 0x04
+    dst.receive_data(bytes(frame))
+    with pytest.raises(RemoteProtocolError) as ei:
+        dst.next_event()
+    assert ei.value.code in (AbortCode.INTEGRITY_FAILURE, AbortCode.PROTOCOL_ERROR)
+
+
+def test_replayed_frame_is_rejected():
+    src, dst = pair(until=State.PRECOPY)
+    f = _pages_frame(src)
+    dst.receive_data(f)
+    dst.next_event()
+    dst.receive_data(f)
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_reordered_and_dropped_frames_are_rejected():
+    src, dst = pair(until=State.PRECOPY)
+    f1, f2 = _pages_frame(src, (1,), ()), _pages_frame(src, (2,), ())
+    dst.receive_data(f2)
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_frame_from_the_other_direction_is_rejected():
+    """Per-direction keys: a destination frame reflected back to the destination, with a sequence number
+    that is the one expected, still fails the MAC."""
+    src, dst = pair(until=State.PRECOPY)
+    assert dst._recv_seq == 2 and dst._send_seq == 1
+    dst.send(m.Keepalive())
+    reflected = dst.send(m.Keepalive())  # seq 2
+    dst.receive_data(reflected)
+    e = expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+    assert "MAC" in e.message
+
+
+def test_frame_from_another_session_is_rejected():
+    src, dst = pair(until=State.PRECOPY, seed=1)
+    other_src, _ = pair(until=State.PRECOPY, seed=2)
+    dst.receive_data(other_src.send(m.Keepalive()))
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_unauthenticated_frame_after_handshake_is_rejected():
+    src, dst = pair(until=State.PRECOPY)
+    body = array_header(3) + uint(MsgType.KEEPALIVE) + uint(src._send_seq) + b"\xc0"
+    dst.receive_data(PREFIX.pack(len(body)) + body)
+    expect(RemoteProtocolError, AbortCode.INTEGRITY_FAILURE, dst.next_event)
+
+
+def test_source_abort_crossing_accept_is_understood():
+    """The source may abort before it sees Accept; that Abort has no MAC and must still be accepted."""
+    src, dst = pair(until=State.HELLO_SENT)
+    abort = src.send(m.Abort(AbortCode.CANCELLED, "operator cancelled"))
+    dst.send(sample_accept())
+    dst.receive_data(abort)
+    assert dst.next_event() == m.Abort(AbortCode.CANCELLED, "operator cancelled")
+
+
+# ------------------------------------------------------------------------------------------ versioning
+def test_extension_frames_are_skipped_and_unknown_types_rejected():
+    src, dst = pair(until=State.PRECOPY)
+    from sevmigd.wire import channel
+    for mtype, ok in ((0x40, True), (0x7F, True), (20, False)):
+        body_wo = array_header(4) + uint(mtype) + uint(src._send_seq) + bin_header(1) + b"x"
+        mac = channel.new_mac(src._send_key)
+        mac.update(body_wo)
+        body = body_wo + b"\xc4\x20" + mac.digest()
+        src._send_seq += 1
+        dst.receive_data(PREFIX.pack(len(body)) + body)
+        if ok:
+            assert dst.next_event() is NEED_DATA
+        else:
+            expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    # and after skipping, the sequence continues
+    src2, dst2 = pair(until=State.PRECOPY)
+    body_wo = array_header(3) + uint(0x41) + uint(src2._send_seq)
+    mac = channel.new_mac(src2._send_key)
+    mac.update(body_wo)
+    body = body_wo + b"\xc4\x20" + mac.digest()
+    src2._send_seq += 1
+    dst2.receive_data(PREFIX.pack(len(body)) + body)
+    assert dst2.next_event() is NEED_DATA
+    assert transfer(src2, dst2, m.Keepalive()) == m.Keepalive()
+
+
+def test_later_hello_version_interoperates_at_version_1():
+    """A v2 source may append Hello fields; a v1 destination decodes the v1 part and answers v1."""
+    import msgpack
+    from sevmigd.wire import channel, negotiate_version
+    from sevmigd.wire.messages import fields_of
+    hello = sample_hello()
+    fields = fields_of(hello)
+    fields[0] = 2
+    share = channel.KeyShare(fixed_rng("v2")).public
+    body = msgpack.packb([1, 0, *fields, share, 1 << 24, "future-field", None], use_bin_type=True)
+    dst = Connection(D, rng=fixed_rng(3))
+    dst.receive_data(PREFIX.pack(len(body)) + body)
+    ev = dst.next_event()
+    assert ev.version == 2 and negotiate_version(ev.version) == 1
+    expect(LocalProtocolError, AbortCode.VERSION_MISMATCH, dst.send, m.Accept(2, (), sample_accept().platform))
+
+
+def test_old_hello_version_is_for_the_destination_to_refuse():
+    from sevmigd.wire import negotiate_version
+    assert negotiate_version(0) is None
+    src = Connection(S, rng=fixed_rng(1))
+    expect(LocalProtocolError, AbortCode.VERSION_MISMATCH, src.send,
+           m.Hello(0, (), sample_accept().platform, "g", 4096, 0, 1, False, "id"))
+
+
+def test_accept_with_a_higher_version_than_offered_is_rejected():
+    src, dst = pair(until=State.HELLO_SENT)
+    dst.receive_data(b"")  # irrelevant; use forge from a fresh destination-like sender
+    src.receive_data(forge(dst, m.Accept(2, (), sample_accept().platform)))
+    expect(RemoteProtocolError, AbortCode.VERSION_MISMATCH, src.next_event)
+
+
+def test_features_are_the_intersection():
+    src = Connection(S, rng=fixed_rng(1))
+    dst = Connection(D, rng=fixed_rng(2))
+    transfer(src, dst, sample_hello(features=("a", "b", "zz-future")))
+    transfer(dst, src, sample_accept(features=("b", "a", "c")))
+    assert src.features == dst.features == frozenset({"a", "b"})
