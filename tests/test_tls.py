@@ -191,6 +191,15 @@ def test_context_accepts_object_with_attributes(pki):
     assert tls.server_context(T()) is not None
 
 
+def test_context_accepts_the_daemon_config(pki, tmp_path):
+    from sevmigd.daemon.config import load_config
+    cfg = load_config(None, {"state_dir": str(tmp_path), "control": str(tmp_path / "c.sock"),
+                             "tls": pki["server"]})
+    assert tls.server_context(cfg).verify_mode == ssl.CERT_REQUIRED
+    assert tls.client_context(cfg) is not None
+    assert tls.client_context(load_config(None, {"state_dir": str(tmp_path), "control": "/tmp/x.sock"})) is None
+
+
 @pytest.mark.parametrize("missing", ["cert", "key", "ca"])
 def test_partial_tls_config_names_the_missing_key(pki, missing):
     cfg = dict(pki["server"])

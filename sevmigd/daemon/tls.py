@@ -61,11 +61,15 @@ class TlsError(SevmigdError):
 def tls_settings(cfg: object) -> dict[str, str] | None:
     """Normalise the config's `tls` table to {"cert", "key", "ca"} paths, or None when TLS is off.
 
-    Accepts None, a mapping, or an object with cert/key/ca attributes. All three must be set
-    together: mutual TLS without a CA (or without our own certificate) is not mutual.
+    Accepts None, a mapping, an object with cert/key/ca attributes (config.TlsConfig), or the whole
+    daemon Config (its `tls` is used). All three must be set together: mutual TLS without a CA (or without our own certificate) is not mutual.
     """
     if cfg is None:
         return None
+    if not isinstance(cfg, Mapping) and not hasattr(cfg, "cert") and hasattr(cfg, "tls"):
+        cfg = cfg.tls  # the whole daemon Config was handed in: use its [tls] table
+        if cfg is None:
+            return None
     if isinstance(cfg, Mapping):
         values = {k: cfg.get(k) for k in _KEYS}
         unknown = sorted(set(cfg) - set(_KEYS))
