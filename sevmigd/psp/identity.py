@@ -26,12 +26,14 @@ from sevmigd.psp.certs import (
     Algo,
     AmdCert,
     SevCert,
-    SevError,
     Usage,
     new_sev_cert,
     sign_amd_cert,
     sign_sev_cert,
+    verify_amd_cert,
 )
+from sevmigd.psp.chain import ChainError, verify_platform_chain
+from sevmigd.psp.status import SevError
 
 Rng = Callable[[int], bytes]
 
@@ -170,8 +172,6 @@ class FleetCA:
         ask_key = _load_key(files, "ask.key", rsa.RSAPrivateKey)
         _check_rsa_pair("ark.key", ark, ark_key)
         _check_rsa_pair("ask.key", ask, ask_key)
-        from sevmigd.psp.certs import verify_amd_cert
-
         if ark.key_usage != Usage.ARK or ask.key_usage != Usage.ASK:
             raise IdentityError("ark.cert", "ARK/ASK key usages must be 0x0 / 0x13")
         try:
@@ -308,8 +308,6 @@ class PlatformIdentity:
             ark, ask, certs["cek"], certs["oca"], certs["pek"], certs["pdh"],
             keys["cek"], keys["oca"], keys["pek"], keys["pdh"],
         )
-        from sevmigd.psp.chain import ChainError, verify_platform_chain
-
         try:
             verify_platform_chain(ark, ask, ident.cek, ident.oca, ident.pek, ident.pdh, trusted_arks=[ark])
         except ChainError as exc:
