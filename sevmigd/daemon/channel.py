@@ -1,0 +1,328 @@
+"""The one I/O adapter between a byte stream and the sans-I/O wire `Connection` (hypercorn / trio-websocket style).
+
+Owns, per migration connection: the read loop that feeds the Connection and hands decoded messages to the
+driver; the send path (Connection.send then stream.send_all under one lock, because sequence numbers and
+the channel MAC make the order of frames on the wire the order of `send` calls); keepalives every
+`keepalive_interval_s` while idle; the peer timeout (no frame at all for `peer_timeout_s` while we wait
+for one = the peer is dead); TCP_USER_TIMEOUT / TCP keepalive on TCP sockets so the kernel agrees; and the
+mapping of every way a connection can end (trio Broken/Closed, EOF, timeout, the peer's Abort, a protocol
+violation) onto one outcome: a `MigrationError` recorded as `Channel.failure` (the first one wins).
+
+`run_channel(stream, conn, body, ...)` runs `body(channel)` with the read loop and keepalive task in one
+nursery. When anything fails the nursery is cancelled, an Abort is sent to the peer when the failure is
+ours (shielded, bounded), the stream is closed, and the first error is raised unwrapped. Cleanup of
+firmware and guest state is the drivers' business, not this module's.
+
+This module must never look inside pages or keys: it moves frames.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from typing import Awaitable, Callable, TypeVar
+
+import trio
+
+from sevmigd.migrate.errors import MigrationError
+from sevmigd.wire import CLOSED, NEED_DATA, Connection
+from sevmigd.wire import messages as m
+from sevmigd.wire.errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+
+T = TypeVar("T")
+
+# Bytes asked of the stream per read: a few Pages frames' worth (one frame of 256 pages is ~1 MiB), so a
+# fast peer is drained in few syscalls without holding much memory per connection.
+RECEIVE_SIZE = 256 * 1024
+# Decoded messages buffered between the read loop and the driver. Small on purpose: when the driver is
+# slow (firmware busy), the read loop stops reading and TCP flow control slows the sender down.
+EVENT_BUFFER = 4
+# How long we try to tell the peer why we abort, and then wait for it to close (a lingering close: if we
+# closed at once, our RST could destroy the Abort frame in the peer's receive queue).
+ABORT_SEND_TIMEOUT_S = 2.0
+ABORT_LINGER_S = 1.0
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _closed_error(peer: str, detail: str = "") -> MigrationError:
+    text = f"connection to {peer} closed" + (f": {detail}" if detail else "")
+    return MigrationError(AbortCode.PROTOCOL_ERROR, text)
+
+
+def tune_tcp(stream: trio.abc.Stream, *, peer_timeout_s: float, keepalive_interval_s: float) -> None:
+    """Kernel-level liveness on TCP streams: unacknowledged data for longer than the peer timeout
+    fails the socket (TCP_USER_TIMEOUT), and an idle connection is probed (SO_KEEPALIVE) so a vanished
+    host is noticed even when neither side has anything to send. No-op for other streams."""
+    inner = getattr(stream, "transport_stream", stream)  # trio.SSLStream wraps the TCP stream
+    if not isinstance(inner, trio.SocketStream):
+        return
+    try:
+        inner.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle = max(1, math.ceil(keepalive_interval_s))
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+            inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, math.ceil(peer_timeout_s / idle)))
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(peer_timeout_s * 1000)))
+    except OSError:
+        pass  # best effort: the application-level peer timeout still holds
+
+
+class Channel:
+    """A migration connection as the drivers see it: `send`, `send_pages`, `receive`, `fail`."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Connection, *, peer: str,
+                 keepalive_interval_s: float, peer_timeout_s: float, log=None):
+        self.stream = stream
+        self.conn = conn
+        self.peer = peer
+        self.keepalive_interval_s = keepalive_interval_s
+        self.peer_timeout_s = peer_timeout_s
+        self.log = log
+        self.failure: MigrationError | None = None
+        self.tell_peer = True
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
+        self.keepalives_sent = 0
+        self.keepalives_enabled = False
+        self._send_lock = trio.Lock()
+        self._events_in, self._events_out = trio.open_memory_channel(EVENT_BUFFER)
+        self._cancel: trio.CancelScope | None = None
+        self._reader_done = trio.Event()
+        self._last_send = trio.current_time()
+        self._broken = False
+
+    # -- failure -----------------------------------------------------------------------------------
+
+    def fail(self, err: MigrationError, *, tell_peer: bool = True) -> MigrationError:
+        """Record `err` unless an earlier failure is recorded, stop the channel's tasks; return the winner.
+
+        `tell_peer=False` when the peer already knows (its Abort or Refuse) or must not be told."""
+        if self.failure is None:
+            self.failure = err
+            self.tell_peer = tell_peer
+        if self._cancel is not None:
+            self._cancel.cancel()
+        return self.failure
+
+    def start_keepalives(self) -> None:
+        """Called by the driver once the handshake is over (Keepalive is illegal before)."""
+        self.keepalives_enabled = True
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> int:
+        try:
+            await self.stream.send_all(data)
+        except _STREAM_ERRORS as exc:
+            self._broken = True
+            # The peer may have closed after an Abort that the read loop has not yet decoded: give it a
+            # moment so the peer's reason, not "connection closed", is the error we keep.
+            with trio.move_on_after(ABORT_LINGER_S):
+                await self._reader_done.wait()
+            raise self.fail(_closed_error(self.peer, str(exc) or type(exc).__name__)) from None
+        self._last_send = trio.current_time()
+        self.bytes_sent += len(data)
+        self.frames_sent += 1
+        return len(data)
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def send(self, msg, *, on_write: Callable[[], None] | None = None) -> int:
+        """Send one message; returns the bytes put on the wire. Raises the channel failure if any.
+
+        `on_write` is called at the last moment before the bytes may reach the wire (no checkpoint in
+        between): the source's "go" commit point."""
+        async with self._send_lock:
+            self._check()
+            data = self.conn.send(msg)
+            if on_write is not None:
+                on_write()
+            return await self._write(data)
+
+    async def send_pages(self, round: int, enc_pfns, enc_headers: bytes, enc_data: bytes,
+                         shr_pfns, shr_data: bytes) -> int:
+        """One Pages frame through the Connection's fast path; returns the bytes put on the wire."""
+        async with self._send_lock:
+            self._check()
+            data = self.conn.send_pages(round, enc_pfns, enc_headers, enc_data, shr_pfns, shr_data)
+            return await self._write(data)
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    async def receive(self):
+        """The next message from the peer (Keepalives and Abort are handled here, never returned).
+
+        A message already decoded is returned even when the channel has failed since (e.g. "started"
+        followed at once by the peer's close): what the peer said before it went away still counts.
+        """
+        try:
+            return self._events_out.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self.failure or _closed_error(self.peer) from None
+        try:
+            return await self._events_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self.failure or _closed_error(self.peer) from None
+
+    async def receive_expect(self, *types):
+        """The next message, which must be one of `types` (else PROTOCOL_ERROR naming what came)."""
+        msg = await self.receive()
+        if not isinstance(msg, types):
+            want = " or ".join(t.__name__ for t in types)
+            raise self.fail(MigrationError(AbortCode.PROTOCOL_ERROR,
+                                           f"expected {want} from {self.peer}, got {type(msg).__name__}"))
+        return msg
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                with trio.move_on_after(self.peer_timeout_s) as cs:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if cs.cancelled_caught:
+                    self.fail(MigrationError(
+                        AbortCode.TIMEOUT, f"peer {self.peer} sent nothing for {self.peer_timeout_s:g} s"))
+                    return
+                self.bytes_received += len(data)
+                self.conn.receive_data(data)
+                while True:
+                    ev = self.conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        self.fail(_closed_error(self.peer, "end of stream"))
+                        return
+                    if isinstance(ev, m.Keepalive):
+                        continue
+                    if isinstance(ev, m.Abort):
+                        code = _abort_code(ev.code)
+                        self.fail(MigrationError(code, f"{self.peer} aborted ({code.name}): {ev.reason}"),
+                                  tell_peer=False)
+                        return
+                    await self._events_in.send(ev)
+                    if isinstance(ev, m.Refuse):
+                        return  # ends the connection; the driver reads the reason
+                if not data:
+                    self.fail(_closed_error(self.peer, "end of stream"))
+                    return
+        except RemoteProtocolError as exc:
+            self.fail(MigrationError(_abort_code(exc.code), f"{self.peer} broke the protocol: {exc}"))
+        except _STREAM_ERRORS as exc:
+            self.fail(_closed_error(self.peer, str(exc) or type(exc).__name__))
+        finally:
+            self._events_in.close()
+            self._reader_done.set()
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await trio.sleep_until(self._last_send + self.keepalive_interval_s)
+            if (not self.keepalives_enabled or self._send_lock.locked()
+                    or trio.current_time() < self._last_send + self.keepalive_interval_s):
+                if trio.current_time() >= self._last_send + self.keepalive_interval_s:
+                    self._last_send = trio.current_time()  # skipped this beat; look again one interval later
+                continue
+            try:
+                await self.send(m.Keepalive())
+                self.keepalives_sent += 1
+            except LocalProtocolError:
+                self.keepalives_enabled = False  # connection in a state where keepalives are over
+            except MigrationError:
+                return
+
+    # -- ending --------------------------------------------------------------------------------------
+
+    async def _tell_peer_and_close(self) -> None:
+        """Shielded: send our Abort when the failure is ours, linger for the peer's close, close."""
+        with trio.CancelScope(shield=True):
+            err = self.failure
+            if err is not None and self.tell_peer and not self._broken:
+                with trio.move_on_after(ABORT_SEND_TIMEOUT_S):
+                    try:
+                        data = self.conn.send(m.Abort(err.code, err.message[:1000]))
+                        await self.stream.send_all(data)
+                        try:
+                            await self.stream.send_eof()
+                        except (AttributeError, NotImplementedError):
+                            pass
+                        with trio.move_on_after(ABORT_LINGER_S):
+                            while await self.stream.receive_some(RECEIVE_SIZE):
+                                pass
+                    except (ProtocolError, *_STREAM_ERRORS, OSError):
+                        pass
+            await trio.aclose_forcefully(self.stream)
+
+
+def _abort_code(code) -> AbortCode:
+    try:
+        return AbortCode(code)
+    except ValueError:
+        return AbortCode.PROTOCOL_ERROR
+
+
+async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[[Channel], Awaitable[T]], *,
+                      peer: str, keepalive_interval_s: float, peer_timeout_s: float, log=None,
+                      on_open: Callable[[Channel], None] | None = None) -> T:
+    """Run `body(channel)` over `stream` with the read loop and keepalives; return its result.
+
+    Every failure (the body's MigrationError, a protocol error, the peer's Abort, EOF, a timeout, a
+    `channel.fail(...)` from outside such as an operator cancel) ends in one MigrationError raised from
+    here, the first one recorded. The stream is always closed on return.
+    """
+    tune_tcp(stream, peer_timeout_s=peer_timeout_s, keepalive_interval_s=keepalive_interval_s)
+    ch = Channel(stream, conn, peer=peer, keepalive_interval_s=keepalive_interval_s,
+                 peer_timeout_s=peer_timeout_s, log=log)
+    result = None
+    ok = False
+    try:
+        async with trio.open_nursery() as nursery:
+            ch._cancel = nursery.cancel_scope
+            if on_open is not None:
+                on_open(ch)
+            nursery.start_soon(ch._read_loop)
+            nursery.start_soon(ch._keepalive_loop)
+            try:
+                result = await body(ch)
+                ok = True  # what the body achieved stands, whatever the connection does afterwards
+            except MigrationError as exc:
+                ch.fail(exc)
+            except ProtocolError as exc:
+                ch.fail(MigrationError(_abort_code(exc.code), f"protocol error: {exc}"))
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if ok:
+            await _graceful_close(stream)
+        else:
+            if ch.failure is None:
+                # Cancelled from outside (daemon shutdown) or a bug: the peer still deserves a reason.
+                ch.failure = MigrationError(AbortCode.INTERNAL_ERROR, "migration interrupted")
+            await ch._tell_peer_and_close()
+    if not ok:
+        raise ch.failure
+    return result
+
+
+async def _graceful_close(stream: trio.abc.Stream) -> None:
+    """Half-close, wait briefly for the peer's close, then close: our last frame must not be lost to
+    an RST caused by closing with unread bytes (keepalives) in our receive queue."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(ABORT_LINGER_S):
+            try:
+                await stream.send_eof()
+                while await stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (AttributeError, NotImplementedError, *_STREAM_ERRORS, OSError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)

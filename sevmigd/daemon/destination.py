@@ -1,0 +1,353 @@
+"""Destination side of a live migration: one `IncomingMigration` per accepted connection.
+
+Owns the incoming protocol run over a `Channel`: the handshake limits (max_incoming, max_guest_bytes, a
+guest of that name already here -> GUEST_EXISTS, the source chain verified against our trusted roots and
+allowed_platforms / allowed_oca) decided **before any memory is reserved**; RECEIVE_START; the incoming
+guest (`SevVm.incoming`, registered with state `incoming`); every Pages batch applied as it arrives
+(private pages through RECEIVE_UPDATE_DATA, shared pages stored as they are, the page-encryption bitmap
+built as pages arrive and set from the final Bitmap); vCPU state (registers, or the SEV-ES VMSA through
+RECEIVE_UPDATE_VMSA); RECEIVE_FINISH -> Ready; and on Go only: start the guest, register it running,
+start its vCPU task, answer Started.
+
+It must never start a guest without "go", and never keep a partial one: any failure or end of stream
+before "go" DECOMMISSIONs the context and drops the guest (shielded). It never sees a private page's
+plaintext (the firmware writes it into guest memory under the guest's new key).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import structlog
+import trio
+
+from sevmigd.daemon.channel import Channel, run_channel
+from sevmigd.guest.hypervisor import PAGE_SIZE
+from sevmigd.migrate.errors import MigrationError, firmware_error
+from sevmigd.migrate.pages import unpack_bitmap
+from sevmigd.migrate.stats import MigrationStats
+from sevmigd.migrate.trust import check_peer_platform, platform_files
+from sevmigd.psp.status import SevError
+from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
+from sevmigd.wire import messages as m
+from sevmigd.wire.errors import AbortCode
+
+from sevmigd.daemon.source import PROGRESS_INTERVAL_S
+
+SEV_HDR_SIZE = 0x34
+
+
+class IncomingMigration:
+    """One incoming connection from a source daemon at `peer`."""
+
+    def __init__(self, manager, stream: trio.abc.Stream, peer: str):
+        self.manager = manager
+        self.daemon = manager.daemon
+        self.stream = stream
+        self.peer = peer
+        self.name: str | None = None
+        self.id = "?"
+        self.stats = MigrationStats("?", "destination", peer, "?", started_at=trio.current_time())
+        self.channel: Channel | None = None
+        self.log = self.daemon.log.bind(role="destination", peer=peer)
+        self.reserved = False
+        self.handle: int | None = None
+        self.asid: int | None = None
+        self.vm = None
+        self.hosted = None
+        self.started = False
+        self.ready = False
+        self.npages = 0
+        self.pages_received = 0
+        self.round_pages = 0
+        self.pending_error: MigrationError | None = None
+        self._last_progress = 0.0
+
+    def cancel(self, err: MigrationError) -> bool:
+        if self.started:
+            return False
+        if self.pending_error is None:
+            self.pending_error = err
+        if self.channel is not None:
+            self.channel.fail(err)
+        return True
+
+    async def run(self) -> None:
+        cfg = self.daemon.config
+        conn = Connection(Role.DESTINATION, rng=os.urandom, limits=self.manager.wire_limits())
+        try:
+            await run_channel(self.stream, conn, self._protocol, peer=self.peer,
+                              keepalive_interval_s=cfg.keepalive_interval_s, peer_timeout_s=cfg.peer_timeout_s,
+                              log=self.log, on_open=self._opened)
+        except MigrationError as err:
+            await self._failed(err)
+        except BaseException:
+            await self._failed(MigrationError(AbortCode.INTERNAL_ERROR, "migration interrupted"))
+            raise
+        finally:
+            if self.reserved:
+                self.manager.incoming.pop(self.name, None)
+            if self.name is not None:
+                self.manager.record_finished(self.stats)
+
+    def _opened(self, ch: Channel) -> None:
+        self.channel = ch
+        if self.pending_error is not None:
+            ch.fail(self.pending_error)
+
+    # -- handshake ------------------------------------------------------------------------------------------
+
+    def _refusal(self, hello: m.Hello) -> MigrationError | None:
+        """Why we will not take this guest, or None. Decided before anything is reserved."""
+        cfg = self.daemon.config
+        d = self.daemon
+        if getattr(d, "shutting_down", False):
+            return MigrationError(AbortCode.SHUTDOWN, "destination daemon is shutting down")
+        if negotiate_version(hello.version) is None:
+            return MigrationError(AbortCode.VERSION_MISMATCH,
+                                  f"protocol version {hello.version} not supported "
+                                  f"(this daemon speaks {self.manager.protocol_version})")
+        if len(self.manager.incoming) >= cfg.max_incoming:
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"destination already receives {len(self.manager.incoming)} guests "
+                                  f"(max_incoming = {cfg.max_incoming})")
+        if hello.memory_bytes > cfg.max_guest_bytes:
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"guest of {hello.memory_bytes} bytes exceeds max_guest_bytes = {cfg.max_guest_bytes}")
+        if hello.memory_bytes <= 0 or hello.memory_bytes % PAGE_SIZE:
+            return MigrationError(AbortCode.PROTOCOL_ERROR,
+                                  f"guest size {hello.memory_bytes} is not a positive multiple of {PAGE_SIZE}")
+        existing = d.guests.get(hello.guest_name)
+        if hello.guest_name in self.manager.incoming or (
+                existing is not None and existing.state not in self.manager.REPLACEABLE_STATES):
+            return MigrationError(AbortCode.GUEST_EXISTS,
+                                  f"a guest named {hello.guest_name!r} already exists on the destination")
+        try:
+            pid = check_peer_platform(hello.platform, who="source", trusted_roots=d.trusted_roots,
+                                      allowed_platforms=cfg.allowed_platforms,
+                                      allowed_oca=self.manager.allowed_oca())
+        except MigrationError as err:
+            return err
+        self.log.info("source platform verified", source_platform=pid[:16])
+        return None
+
+    async def _protocol(self, ch: Channel) -> None:
+        cfg = self.daemon.config
+        fw = self.daemon.fw
+        hello = None
+        with trio.move_on_after(cfg.handshake_timeout_s):
+            hello = await ch.receive_expect(m.Hello)
+        if hello is None:
+            raise MigrationError(AbortCode.TIMEOUT, f"no hello from {self.peer} within {cfg.handshake_timeout_s:g} s")
+        self.id = hello.migration_id
+        self.name = hello.guest_name
+        self.stats = MigrationStats(hello.migration_id, "destination", self.peer, hello.guest_name,
+                                    total=hello.memory_bytes, started_at=self.stats.started_at)
+        self.log = self.log.bind(migration_id=self.id, guest=self.name)
+        structlog.contextvars.bind_contextvars(migration_id=self.id, guest=self.name)
+        refusal = self._refusal(hello)
+        if refusal is not None:
+            self.log.warning("migration refused", code=refusal.code.name, reason=str(refusal))
+            await ch.send(m.Refuse(refusal.code, str(refusal)[:1000]))
+            ch.fail(MigrationError(refusal.code, f"refused: {refusal}"), tell_peer=False)
+            raise ch.failure
+        # Reserve the name (no checkpoint since the checks above), then answer.
+        self.manager.incoming[self.name] = self
+        self.reserved = True
+        await ch.send(m.Accept(version=negotiate_version(hello.version), features=SUPPORTED_FEATURES,
+                               platform=platform_files(fw.identity)))
+        ch.start_keepalives()
+        self.log.info("incoming migration accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
+                      vcpus=hello.vcpus, es=hello.es)
+
+        start = await ch.receive_expect(m.Start)
+        if start.policy != hello.policy:
+            raise MigrationError(AbortCode.POLICY_REFUSED,
+                                 f"policy in start (0x{start.policy:x}) differs from hello (0x{hello.policy:x})")
+        try:
+            self.handle = await self.manager.psp(
+                lambda: fw.receive_start(policy=start.policy, pdh_cert=start.pdh, session=start.session))
+        except SevError as exc:
+            raise firmware_error("RECEIVE_START", exc) from None
+        self.asid = self.daemon.allocate_asid()
+        try:
+            self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
+                                                   policy=start.policy, handle=self.handle, asid=self.asid,
+                                                   vcpus=hello.vcpus)
+        except SevError as exc:
+            raise firmware_error("ACTIVATE", exc) from None
+        self.npages = self.vm.npages
+        self.hosted = self.manager.add_incoming_guest(self.name, self.vm)
+        self.hosted.migration = self.stats
+        self.stats.status = "active"
+        self.stats.setup_time_ms = round((trio.current_time() - self.stats.started_at) * 1000, 3)
+        await self._receive_loop(ch)
+
+    # -- pages ------------------------------------------------------------------------------------------------
+
+    async def _receive_loop(self, ch: Channel) -> None:
+        fw = self.daemon.fw
+        host = self.vm.host
+        while True:
+            msg = await ch.receive()
+            if isinstance(msg, m.Pages):
+                await self._apply_pages(msg)
+            elif isinstance(msg, m.RoundEnd):
+                # (page counts per round and in Complete are checked by the Connection)
+                self.stats.round = msg.round + 1
+                self.stats.remaining = msg.remaining * PAGE_SIZE
+                self.log.info("round received", round=msg.round + 1, pages=msg.pages,
+                              remaining_pages=msg.remaining, transferred=ch.bytes_received)
+                await self._push_progress(force=True)
+            elif isinstance(msg, m.Bitmap):
+                if msg.npages != self.npages:
+                    raise MigrationError(AbortCode.PROTOCOL_ERROR,
+                                         f"bitmap covers {msg.npages} pages, the guest has {self.npages}")
+                host.set_page_enc_bitmap(unpack_bitmap(msg.bits, msg.npages))
+                self.stats.status = "device"
+            elif isinstance(msg, m.VcpuState):
+                await self._apply_vcpu_state(msg)
+            elif isinstance(msg, m.Complete):
+                try:
+                    await self.manager.psp(lambda: fw.receive_finish(self.handle))
+                except SevError as exc:
+                    raise firmware_error("RECEIVE_FINISH", exc) from None
+                self.ready = True
+                await ch.send(m.Ready())
+                self.log.info("ready: waiting for go", pages=self.pages_received)
+            elif isinstance(msg, m.Go):
+                if not self.ready:
+                    raise MigrationError(AbortCode.PROTOCOL_ERROR, "go before the guest was complete")
+                await self._start(ch)
+                return
+            else:
+                raise MigrationError(AbortCode.PROTOCOL_ERROR, f"unexpected {type(msg).__name__} from {self.peer}")
+
+    async def _apply_pages(self, msg: m.Pages) -> None:
+        fw = self.daemon.fw
+        host = self.vm.host
+        enc = np.asarray(msg.enc_pfns, dtype=np.uint64)
+        shr = np.asarray(msg.shr_pfns, dtype=np.uint64)
+        for arr in (enc, shr):
+            if len(arr) and int(arr.max()) >= self.npages:
+                raise MigrationError(AbortCode.PROTOCOL_ERROR,
+                                     f"page {int(arr.max())} beyond the guest's {self.npages} pages")
+        if len(enc):
+            try:
+                await self.manager.psp(
+                    lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data))
+            except SevError as exc:
+                idx = getattr(exc, "index", None)
+                where = f"round {msg.round}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
+                raise firmware_error("RECEIVE_UPDATE_DATA", exc, where) from None
+            host.set_page_enc_status(enc.astype(np.int64), True)
+        if len(shr):
+            host.write_raw_pages(shr.astype(np.int64), msg.shr_data)
+            host.set_page_enc_status(shr.astype(np.int64), False)
+        self.pages_received += len(enc) + len(shr)
+        self.stats.private_pages += len(enc)
+        self.stats.shared_pages += len(shr)
+        await self._push_progress()
+
+    async def _apply_vcpu_state(self, msg: m.VcpuState) -> None:
+        fw = self.daemon.fw
+        host = self.vm.host
+        if msg.regs is not None:
+            if host.is_es:
+                raise MigrationError(AbortCode.PROTOCOL_ERROR, "SEV-ES guest sent plain registers, not its VMSA")
+            host.set_vcpu_state([dict(r) for r in msg.regs])
+            return
+        if not host.is_es:
+            raise MigrationError(AbortCode.PROTOCOL_ERROR, "VMSA sent for a guest without SEV-ES")
+        n = len(msg.vmsa_header) // SEV_HDR_SIZE
+        for i in range(n):
+            hdr = msg.vmsa_header[i * SEV_HDR_SIZE:(i + 1) * SEV_HDR_SIZE]
+            trans = msg.vmsa[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            try:
+                await self.manager.psp(lambda: fw.receive_update_vmsa(self.handle, hdr, trans))
+            except SevError as exc:
+                raise firmware_error("RECEIVE_UPDATE_VMSA", exc, f"vCPU {i}") from None
+
+    # -- hand-off ---------------------------------------------------------------------------------------------
+
+    async def _start(self, ch: Channel) -> None:
+        """Go arrived: the source has given up its copy. Start ours, then say so.
+
+        If the guest cannot start, we raise before Started: the Abort we send in state GO is our promise
+        that we did not start it, which hands the guest back to the source (PROTOCOL.md §7.3)."""
+        try:
+            self.vm.start_incoming()
+        except Exception as exc:  # noqa: BLE001 - any start failure hands the guest back
+            raise MigrationError(AbortCode.INTERNAL_ERROR,
+                                 f"the guest did not start on the destination: {type(exc).__name__}: {exc}") from None
+        self.started = True
+        self.manager.start_guest(self.hosted)
+        now = trio.current_time()
+        self.stats.status = "completed"
+        self.stats.transferred = ch.bytes_received
+        self.stats.tick(now)
+        try:
+            await ch.send(m.Started())
+        except MigrationError as err:
+            # The guest runs here (the source sent go and will not resume alone), but the source may not
+            # know: report it, and let an operator settle it with `resolve`.
+            self.stats.status = "uncertain"
+            self.stats.fail(err.code.name, f"could not confirm the start to the source: {err}")
+            self.manager.mark_uncertain(self.name, self)
+            self.log.error("started, but could not tell the source", error=str(err))
+            return
+        self.log.info("migration completed: guest running here", total_time_ms=self.stats.total_time_ms,
+                      rounds=self.stats.round, transferred=self.stats.transferred,
+                      private_pages=self.stats.private_pages, shared_pages=self.stats.shared_pages)
+        await self._push_progress(force=True)
+
+    # -- failure -------------------------------------------------------------------------------------------------
+
+    async def _failed(self, err: MigrationError) -> None:
+        with trio.CancelScope(shield=True):
+            if self.pending_error is not None and not self.started:
+                err = self.pending_error
+            self.stats.tick(trio.current_time())
+            if self.started:
+                # Go arrived and the guest runs here; whatever failed afterwards (the close) does not undo it.
+                self.log.info("connection ended after start", detail=str(err))
+                return
+            self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
+            self.stats.fail(err.code.name, str(err))
+            self._discard()
+            if self.name is not None:
+                self.log.warning("incoming migration failed; partial guest discarded", error=str(err),
+                                 code=err.code.name, rounds=self.stats.round)
+            else:
+                self.log.info("incoming connection ended before hello", error=str(err))
+
+    def _discard(self) -> None:
+        """DECOMMISSION and drop the partial guest (never started)."""
+        fw = self.daemon.fw
+        if self.hosted is not None:
+            try:
+                self.manager.drop_guest(self.name, self.hosted)
+            except Exception:  # noqa: BLE001 - the DECOMMISSION below must still happen
+                self.log.exception("removing the partial guest failed")
+        if self.vm is not None:
+            try:
+                self.vm.release()
+            except Exception:  # noqa: BLE001
+                self.log.exception("releasing the partial guest failed")
+        elif self.handle is not None:
+            try:
+                fw.decommission(self.handle)
+            except SevError as exc:
+                self.log.error("DECOMMISSION failed", error=str(exc))
+        if self.hosted is None and self.asid is not None and hasattr(self.daemon, "release_asid"):
+            self.daemon.release_asid(self.asid)
+
+    async def _push_progress(self, *, force: bool = False) -> None:
+        now = trio.current_time()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        if self.channel is not None:
+            self.stats.transferred = self.channel.bytes_received
+        self.stats.tick(now)

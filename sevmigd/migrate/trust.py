@@ -1,0 +1,62 @@
+"""Trust decision about a peer platform: is the chain it presented one we migrate guests to / from?
+
+Parsing and verifying are the psp's (`sevmigd.psp.chain.verify_platform_chain`); this module only applies
+the daemon's policy values handed in (trusted roots, allowed platform ids, allowed OCAs) and turns every
+failure into one `MigrationError(UNTRUSTED_PLATFORM)` whose message names the failing link. Pure.
+
+Why the daemon verifies at all when SEND_START (SEV policy bit) verifies again: a guest without the SEV
+bit would otherwise go to any host that answers, and the destination has no firmware check of the source
+chain at all (RECEIVE_START only sanity-checks the source PDH). The daemon's check is the fleet policy; the
+firmware's is the guest owner's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from sevmigd.migrate.errors import MigrationError
+from sevmigd.psp.certs import AmdCert, SevCert
+from sevmigd.psp.chain import verify_platform_chain
+from sevmigd.psp.status import SevError
+from sevmigd.wire.errors import AbortCode
+
+
+def platform_files(identity) -> dict[str, bytes]:
+    """The Hello/Accept `platform` map (sevctl names without `.cert`) of a PlatformIdentity."""
+    return {name.removesuffix(".cert"): data for name, data in identity.chain_files().items()}
+
+
+def platform_id(platform: dict[str, bytes]) -> str:
+    """Hex SHA-256 of the PEK certificate, as PlatformIdentity.platform_id names a platform."""
+    return hashlib.sha256(platform["pek"]).hexdigest()
+
+
+def check_peer_platform(platform: dict[str, bytes], *, who: str, trusted_roots: Sequence[AmdCert] | None,
+                        allowed_platforms: Sequence[str] | None = None,
+                        allowed_oca: Sequence[bytes] | None = None) -> str:
+    """Verify `platform` (the peer's six certificates); return its platform id.
+
+    `who` ("destination" / "source") starts the error message. `trusted_roots` None means the ARK only has
+    to be self-signed (no pin); an empty list trusts nothing. `allowed_platforms` are platform-id prefixes
+    (>= 16 hex digits); `allowed_oca` OCA certificates (bytes), byte-identical match.
+    """
+    try:
+        ark = AmdCert.decode(platform["ark"], allow_unsigned=True)
+        ask = AmdCert.decode(platform["ask"])
+        cek, oca, pek, pdh = (SevCert.decode(platform[n]) for n in ("cek", "oca", "pek", "pdh"))
+        verify_platform_chain(ark, ask, cek, oca, pek, pdh,
+                              trusted_arks=None if trusted_roots is None else list(trusted_roots))
+    except SevError as exc:
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                             f"{who} platform chain rejected: {exc}") from None
+    except KeyError as exc:
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"{who} platform chain lacks {exc}") from None
+    pid = platform_id(platform)
+    if allowed_platforms is not None and not any(pid.startswith(p.lower()) for p in allowed_platforms):
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                             f"{who} platform {pid[:16]} is not in allowed_platforms")
+    if allowed_oca is not None and not any(bytes(o) == platform["oca"] for o in allowed_oca):
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                             f"{who} platform {pid[:16]} has an OCA not in allowed_oca (other owner domain)")
+    return pid

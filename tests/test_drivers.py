@@ -1,0 +1,401 @@
+"""Source and destination drivers joined in memory (no sockets, no subprocesses).
+
+Two in-process daemons (`Daemon` with injected identity / firmware of one fleet, not serving) run
+`MigrationManager.migrate_out` and `handle_incoming` over `trio.testing.memory_stream_pair()` streams, with
+an optional frame-aware tap in between that can cut, stall or corrupt the conversation. Real crypto,
+real firmware, real guests under their workload.
+
+Rules: `fail_after` on every test; timeouts exercised under `MockClock(autojump_threshold=0)`; no sleep
+is used to wait for something to happen (events and the progress callback are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from sevmigd.daemon.config import Config
+from sevmigd.daemon.migration import MigrationError, MigrationManager
+from sevmigd.daemon.server import Daemon
+from sevmigd.errors import ConfigError
+from sevmigd.guest.vm import GuestConfig
+from sevmigd.psp.firmware import Firmware
+from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from sevmigd.psp.policy import Policy
+from sevmigd.wire.errors import AbortCode
+from sevmigd.wire.messages import MsgType
+
+MiB = 1 << 20
+LEN = struct.Struct(">I")
+MAC_TAIL = 34  # c4 20 + HMAC-SHA256 at the end of every authenticated frame
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    ca = FleetCA.create(os.urandom, rsa_bits=2048)
+    return ca
+
+
+def make_daemon(tmp_path, name, ca, **cfg):
+    identity = PlatformIdentity.create(ca, os.urandom)
+    fw = Firmware(identity)
+    fw.init()
+    base = Config(state_dir=str(tmp_path / name), control=str(tmp_path / f"{name}.sock"))
+    config = dataclasses.replace(base, **cfg)
+    d = Daemon(config, identity=identity, fw=fw, trusted_roots=[ca.ark])
+    d.migrations = MigrationManager(d)
+    return d
+
+
+@pytest.fixture
+def pair(tmp_path, fleet):
+    def make(**cfg):
+        return make_daemon(tmp_path, "a", fleet, **cfg), make_daemon(tmp_path, "b", fleet, **cfg)
+    return make
+
+
+def guest_config(name="g1", mib=16, **kw):
+    kw.setdefault("dirty_rate_mib_s", 8.0)
+    kw.setdefault("shared_fraction", 0.25)
+    kw.setdefault("flip_rate", 20.0)
+    kw.setdefault("seed", 7)
+    return GuestConfig(name=name, memory_bytes=mib * MiB, **kw)
+
+
+class Tap:
+    """A frame-aware pump between two memory stream pairs: source <-> tap <-> destination.
+
+    `hook(direction, mtype, frame) -> bytes | None | "cut" | "stall"`: the bytes to forward (possibly
+    changed), None to drop, "cut" to close both sides (EOF to both peers), "stall" to stop forwarding
+    anything in either direction while keeping the streams open (a dead peer)."""
+
+    def __init__(self, hook=None):
+        self.hook = hook or (lambda d, t, f: f)
+        self.src_side, self._a = trio.testing.memory_stream_pair()
+        self._b, self.dst_side = trio.testing.memory_stream_pair()
+        self.stalled = trio.Event()
+        self.seen: list[tuple[str, int]] = []
+        self.captured = {"s2d": bytearray(), "d2s": bytearray()}
+
+    async def run(self):
+        async with trio.open_nursery() as n:
+            n.start_soon(self._pump, self._a, self._b, "s2d", n.cancel_scope)
+            n.start_soon(self._pump, self._b, self._a, "d2s", n.cancel_scope)
+
+    async def _pump(self, rx, tx, direction, scope):
+        buf = bytearray()
+        try:
+            while True:
+                data = await rx.receive_some(1 << 20)
+                if not data:
+                    await tx.aclose()
+                    return
+                buf += data
+                while len(buf) >= 4:
+                    (size,) = LEN.unpack_from(buf)
+                    if len(buf) < 4 + size:
+                        break
+                    frame = bytes(buf[:4 + size])
+                    del buf[:4 + size]
+                    mtype = msgpack.Unpacker(raw=False)
+                    mtype.feed(frame[4:4 + min(size, 64)])
+                    try:
+                        mtype.read_array_header()
+                        t = mtype.unpack()
+                    except Exception:  # noqa: BLE001 - not a frame we can classify
+                        t = -1
+                    self.seen.append((direction, t))
+                    if self.stalled.is_set():
+                        await trio.sleep_forever()
+                    out = self.hook(direction, t, frame)
+                    if out == "cut":
+                        await self._a.aclose()
+                        await self._b.aclose()
+                        scope.cancel()
+                        return
+                    if out == "stall":
+                        self.stalled.set()
+                        await trio.sleep_forever()
+                    if out is not None:
+                        self.captured[direction] += out
+                        await tx.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(tx)
+
+
+async def run_migration(src, dst, name, *, tap=None, on_progress=None, **kw):
+    """Migrate `name` from src to dst; returns (stats or MigrationError, destination done Event)."""
+    if tap is None:
+        s_stream, d_stream = trio.testing.memory_stream_pair()
+    else:
+        s_stream, d_stream = tap.src_side, tap.dst_side
+    result = {}
+    async with trio.open_nursery() as n:
+        if tap is not None:
+            n.start_soon(tap.run)
+
+        async def dest():
+            await dst.migrations.handle_incoming(d_stream, "source")
+
+        async def factory():
+            return s_stream
+
+        n.start_soon(dest)
+        try:
+            result["stats"] = await src.migrations.migrate_out(name, "destination", 4446, stream_factory=factory,
+                                                                progress=on_progress, **kw)
+        except MigrationError as exc:
+            result["error"] = exc
+        # the destination handler ends by itself (after "started", an abort or EOF); a stalled tap is
+        # torn down here so the nursery can end
+        if tap is not None and tap.stalled.is_set():
+            n.cancel_scope.cancel()
+    return result
+
+
+async def launch(d, nursery, gcfg):
+    d.nursery = nursery
+    return await d.launch_guest(gcfg)
+
+
+def assert_running_on_source(src, dst, name):
+    g = src.guests[name]
+    assert g.state == "running"
+    assert not g.vm.host.paused
+    assert g.vm.sev_state == "RUNNING"
+    assert g.vm.host.throttle_pct == 0
+    assert g.vm.verify().ok
+    assert name not in dst.guests
+    assert dst.fw.guest_count == 0  # the partial copy was DECOMMISSIONed
+
+
+# ------------------------------------------------------------------------------------------ happy paths
+
+
+async def test_guest_under_workload_migrates_and_verifies(pair):
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            events = []
+            res = await run_migration(src, dst, "g1", on_progress=events.append)
+            assert "error" not in res, res.get("error")
+            stats = res["stats"]
+            assert stats["status"] == "completed"
+            assert stats["role"] == "source"
+            assert stats["private_pages"] > 0 and stats["shared_pages"] > 0
+            assert stats["private_pages"] + stats["shared_pages"] >= 16 * MiB // 4096
+            assert stats["downtime_ms"] is not None and stats["downtime_ms"] >= 0
+            assert stats["round"] >= 1 and stats["transferred"] > 16 * MiB
+            assert stats["error"] is None
+            assert events and events[-1]["status"] == "completed"
+            assert src.guests["g1"].state == "migrated"
+            assert src.fw.guest_count == 0  # released: DECOMMISSIONed on the source
+            g = dst.guests["g1"]
+            assert g.state == "running" and g.vcpus_running
+            rep = g.vm.verify()
+            assert rep.ok, rep.mismatches[:10]
+            # the workload goes on from where it was, and still verifies
+            g.vm.run(0.2)
+            assert g.vm.verify().ok
+            assert dst.migrations.history[-1]["status"] == "completed"
+            n.cancel_scope.cancel()
+
+
+async def test_a_to_b_to_a_without_restart(pair):
+    a, b = pair()
+    with trio.fail_after(90):
+        async with trio.open_nursery() as n:
+            await launch(a, n, guest_config(shared_fraction=0.1))
+            b.nursery = n
+            res = await run_migration(a, b, "g1")
+            assert "error" not in res, res.get("error")
+            boots = b.guests["g1"].vm.host.get_vcpu_state()[0].get("boots")
+            res = await run_migration(b, a, "g1")
+            assert "error" not in res, res.get("error")
+            g = a.guests["g1"]
+            assert g.state == "running"
+            assert g.vm.verify().ok
+            assert g.vm.host.get_vcpu_state()[0].get("boots") == boots  # no reboot on the way
+            assert b.guests["g1"].state == "migrated"
+            n.cancel_scope.cancel()
+
+
+async def test_sev_es_guest_migrates_its_vmsa(pair):
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(policy=int(Policy.ES), mib=8))
+            dst.nursery = n
+            seen = []
+            tap = Tap(lambda d, t, f: (seen.append((d, t, len(f))), f)[1])
+            res = await run_migration(src, dst, "g1", tap=tap)
+            assert "error" not in res, res.get("error")
+            vcpu_frames = [x for x in seen if x[1] == MsgType.VCPU_STATE]
+            assert len(vcpu_frames) == 1
+            assert vcpu_frames[0][2] > 4096  # it carried a VMSA packet, not a few registers
+            g = dst.guests["g1"]
+            assert g.vm.verify().ok
+            g.vm.run(0.1)
+            assert g.vm.verify().ok
+            n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+async def test_refusals_before_anything_is_sent(pair):
+    src, dst = pair()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config("nosend", mib=4, policy=int(Policy.NOSEND)))
+            await launch(src, n, guest_config("noctl", mib=4, migration_control=False))
+
+            async def never():  # the refusals happen before any connection is made
+                raise AssertionError("connected")
+
+            for name, word in (("nosend", "NOSEND"), ("noctl", "MSR_KVM_MIGRATION_CONTROL")):
+                with pytest.raises(MigrationError) as ei:
+                    await src.migrations.migrate_out(name, "x", 1, stream_factory=never)
+                assert ei.value.code is AbortCode.POLICY_REFUSED
+                assert word in str(ei.value)
+                assert src.guests[name].state == "running"
+            with pytest.raises(ConfigError):
+                await src.migrations.migrate_out("absent", "x", 1, stream_factory=never)
+            with pytest.raises(ConfigError):
+                src.migrations.cancel("nosend")
+            n.cancel_scope.cancel()
+
+
+async def test_destination_refuses_existing_name_and_untrusted_source(tmp_path, pair):
+    src, dst = pair()
+    stranger = make_daemon(tmp_path, "c", FleetCA.create(os.urandom, rsa_bits=2048))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config("g1", mib=4))
+            await launch(dst, n, guest_config("g1", mib=4, seed=1))
+            res = await run_migration(src, dst, "g1")
+            assert res["error"].code is AbortCode.GUEST_EXISTS
+            assert "already exists" in str(res["error"])
+            assert src.guests["g1"].state == "running" and not src.guests["g1"].vm.host.paused
+
+            await launch(stranger, n, guest_config("g2", mib=4))
+            res = await run_migration(stranger, src, "g2")
+            assert res["error"].code is AbortCode.UNTRUSTED_PLATFORM
+            assert "source platform chain rejected" in str(res["error"])
+            assert stranger.guests["g2"].state == "running"
+            assert "g2" not in src.guests
+            n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+async def test_cancel_mid_migration_keeps_guest_on_source(pair):
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=32))
+            dst.nursery = n
+
+            def progress(stats):
+                if stats["status"] == "active" and stats["transferred"] > 2 * MiB and "g1" in src.migrations.outgoing:
+                    src.migrations.cancel("g1")
+
+            res = await run_migration(src, dst, "g1", on_progress=progress, max_bandwidth_mib_s=64)
+            err = res["error"]
+            assert err.code is AbortCode.CANCELLED
+            assert_running_on_source(src, dst, "g1")
+            assert src.guests["g1"].migration.status == "cancelled"
+            assert dst.migrations.history[-1]["status"] == "cancelled"
+            assert "cancelled by the operator" in dst.migrations.history[-1]["error"]
+            n.cancel_scope.cancel()
+
+
+async def test_destination_eof_before_go_keeps_source_running(pair):
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            tap = Tap(lambda d, t, f: "cut" if (d == "d2s" and t == MsgType.READY) else f)
+            res = await run_migration(src, dst, "g1", tap=tap)
+            assert isinstance(res.get("error"), MigrationError)
+            assert ("d2s", MsgType.READY) in tap.seen
+            assert ("s2d", MsgType.GO) not in tap.seen
+            assert_running_on_source(src, dst, "g1")
+            # and the guest can still be migrated afterwards
+            res = await run_migration(src, dst, "g1")
+            assert "error" not in res, res.get("error")
+            assert dst.guests["g1"].vm.verify().ok
+            n.cancel_scope.cancel()
+
+
+async def test_corrupt_ciphertext_byte_is_bad_measurement(pair):
+    src, dst = pair()
+    flipped = []
+
+    def hook(direction, t, frame):
+        # enc_data is the last field before the MAC: flip a byte just before the MAC tail of the first
+        # Pages frame that carries private pages. The channel MAC does not cover ciphertext by design.
+        if direction == "s2d" and t == MsgType.PAGES and not flipped and len(frame) > 8192:
+            b = bytearray(frame)
+            b[-MAC_TAIL - 100] ^= 0x01
+            flipped.append(True)
+            return bytes(b)
+        return frame
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(shared_fraction=0.0))
+            dst.nursery = n
+            res = await run_migration(src, dst, "g1", tap=Tap(hook))
+            err = res["error"]
+            assert flipped
+            assert err.code is AbortCode.FIRMWARE_ERROR
+            assert "RECEIVE_UPDATE_DATA failed: BAD_MEASUREMENT (0x0b)" in str(err)
+            assert_running_on_source(src, dst, "g1")
+            assert src.guests["g1"].migration.error_code == "FIRMWARE_ERROR"
+            n.cancel_scope.cancel()
+
+
+async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock):
+    mock_clock.autojump_threshold = 0
+    src, dst = pair(peer_timeout_s=5.0, keepalive_interval_s=1.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(dirty_rate_mib_s=0.0, flip_rate=0.0))
+            dst.nursery = n
+            tap = Tap(lambda d, t, f: "stall" if (d == "s2d" and t == MsgType.ROUND_END) else f)
+            t0 = trio.current_time()
+            res = await run_migration(src, dst, "g1", tap=tap)
+            err = res["error"]
+            assert err.code is AbortCode.TIMEOUT
+            assert "sent nothing for 5 s" in str(err)
+            assert trio.current_time() - t0 < 5.0 + 3.0
+            assert src.guests["g1"].state == "running" and not src.guests["g1"].vm.host.paused
+            assert src.guests["g1"].vm.sev_state == "RUNNING"
+            n.cancel_scope.cancel()
+
+
+async def test_convergence_failure_gives_up_and_keeps_running(pair):
+    # A guest dirtying far faster than a 4 MiB/s link with a 1 ms downtime limit never converges.
+    src, dst = pair(max_rounds=3)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=4, dirty_rate_mib_s=64.0))
+            dst.nursery = n
+            res = await run_migration(src, dst, "g1", downtime_limit_ms=1, max_bandwidth_mib_s=4)
+            err = res["error"]
+            assert err.code is AbortCode.CONVERGENCE_FAILED
+            assert "did not converge after 3 rounds" in str(err)
+            assert_running_on_source(src, dst, "g1")
+            n.cancel_scope.cancel()
