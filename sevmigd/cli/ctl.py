@@ -253,8 +253,15 @@ def _migrate(client, args) -> int:
         stats = client.execute("migrate", req, on_event=progress)
     except ControlError as exc:
         progress.finish()
-        if args.json and exc.data is not None:
-            _print_json(exc.data)
+        if args.json:
+            figures = exc.data
+            if figures is None:  # the failed migration's stats stay on the guest's status
+                try:
+                    figures = client.execute("status", {"name": args.name}).get("migration")
+                except ControlError:
+                    figures = None
+            if figures is not None:
+                _print_json(figures)
         raise
     progress.finish()
     if args.json:
@@ -275,7 +282,7 @@ def _cancel(client, args) -> int:
 
 def _resolve(client, args) -> int:
     r = client.execute("resolve", {"name": args.name, "run_here": bool(args.run_here)})
-    print(f"{args.name}: {r.get('state', 'resolved')}")
+    print(f"{args.name}: {r.get('resolution') or r.get('state', 'resolved')}")
     return 0
 
 
@@ -308,6 +315,7 @@ def _guest_write(client, args) -> int:
         raise ConfigError("HEX", "no data")
     gpa = parse_gpa(args.gpa, key="GPA")
     client.execute("guest-write", {"name": args.name, "gpa": gpa, "data_hex": data.hex(), "shared": args.shared})
+    print(f"{args.name}: wrote {len(data)} bytes at {gpa:#x}{' (shared)' if args.shared else ''}")
     return 0
 
 

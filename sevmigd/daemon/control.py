@@ -591,8 +591,10 @@ async def _cancel(daemon: Any, a: dict, emit: Callable) -> dict:
 
 async def _resolve(daemon: Any, a: dict, emit: Callable) -> dict:
     hosted = _guest(daemon, a["name"])
-    daemon.migrations.resolve(a["name"], run_here=a["run_here"])
-    return {"name": a["name"], "state": hosted.state}
+    result = daemon.migrations.resolve(a["name"], run_here=a["run_here"])
+    out = dict(result) if isinstance(result, dict) else {}
+    out.update({"name": a["name"], "state": hosted.state})
+    return out
 
 
 _NAME = Arg(_name, required=True)
@@ -604,7 +606,7 @@ COMMANDS: dict[str, Command] = {
         "policy": Arg(_policy, default=0),
         "image": Arg(_opt(_req_str)),
         "dirty_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
-        "working_set": Arg(_opt(lambda k, v: _num(k, v, 0.0))),
+        "working_set": Arg(_opt(lambda k, v: _num(k, v, 1e-9))),
         "shared_fraction": Arg(lambda k, v: _num(k, v, 0.0, 1.0), default=0.0),
         "flip_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
         "seed": Arg(lambda k, v: _int(k, v, 0, (1 << 64) - 1), default=0),

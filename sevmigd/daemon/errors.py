@@ -68,6 +68,8 @@ def error_class(exc: BaseException) -> str:
     if isinstance(cls, str):
         return cls
     name = type(exc).__name__
+    if name == "GuestNotRunning":  # sevmigd.guest.agent: paused or not-yet-started guest kernel
+        return "InvalidState"
     if name == "MigrationError":
         return "MigrationFailed"
     if name == "SevError":

@@ -260,6 +260,11 @@ class Daemon:
         self.guests[name] = hosted
         return hosted
 
+    def start_guest(self, hosted: HostedGuest) -> None:
+        """Mark a registered guest running and start its vCPU task (e.g. an incoming guest after "go")."""
+        hosted.state = "running"
+        hosted.start_vcpus()
+
     def remove_guest(self, name: str) -> HostedGuest:
         """Deregister a guest: stop its vCPUs and free its ASID. Does NOT call vm.release() (the caller
         decides whether the guest's firmware context is to be decommissioned)."""
@@ -334,15 +339,18 @@ class Daemon:
             if launcher is None:
                 from sevmigd.guest.vm import SevVm
                 launcher = SevVm.launch
-            vm = launcher(self.fw, gcfg, asid=asid, rng=self.rng)
+            vm = await self.psp_call(lambda: launcher(self.fw, gcfg, asid=asid, rng=self.rng))
         except BaseException:
             self.release_asid(asid)
             raise
+        if gcfg.name in self.guests:  # an incoming migration took the name while we launched
+            vm.release()
+            self.release_asid(asid)
+            raise GuestExists(gcfg.name)
         hosted = self.add_guest(gcfg.name, vm, "running")
         hosted.start_vcpus()
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
-        await self.pace()
         return hosted
 
     async def stop_guest(self, name: str) -> HostedGuest:
@@ -352,13 +360,24 @@ class Daemon:
             raise InvalidState(f"guest {name!r} is {hosted.state}; cancel the migration first")
         hosted.stop_vcpus()
         try:
-            hosted.vm.release()
+            await self.psp_call(hosted.vm.release)
         finally:
-            self.remove_guest(name)
+            if self.guests.get(name) is hosted:
+                self.remove_guest(name)
             hosted.state = "stopped"
         self.log.info("guest_stopped", guest=name)
-        await self.pace()
         return hosted
+
+    async def psp_call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (firmware commands) the way the migration drivers do: one at a time, like the
+        host's single PSP (in a worker thread, so vCPUs and the control socket keep running), then
+        wait out the pacing debt. Falls back to a direct call while no migration manager exists."""
+        psp = getattr(self.migrations, "psp", None)
+        if psp is not None:
+            return await psp(fn)
+        result = fn()
+        await self.pace()
+        return result
 
     async def pace(self) -> None:
         """Wait out the firmware's pacing debt (models a slow PSP; 0 when pacing is off)."""
@@ -497,13 +516,8 @@ class Daemon:
             return
         self._incoming_connections += 1
         try:
-            if self._tls_server_ctx is not None:
-                try:
-                    stream = await _tls.wrap_server(stream, self._tls_server_ctx,
-                                                    timeout=self.config.handshake_timeout_s, peer=peer)
-                except _tls.TlsError as exc:
-                    self.log.warning("tls_refused", peer=peer, reason=exc.reason)
-                    return
+            # TLS (when configured) is wrapped by migrations.handle_incoming itself, under its handshake
+            # timeout; the context built at startup only makes a bad [tls] section fail early.
             await self.migrations.handle_incoming(stream, peer)
         except Exception:  # one connection's failure is logged and contained in its task
             self.log.error("incoming_connection_failed", peer=peer, exc_info=True)
