@@ -6,6 +6,7 @@ wait has a deadline (see tests/daemon_helpers.py); every daemon is killed and re
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -142,3 +143,52 @@ def test_sighup_reloads_what_can_be_reloaded(daemon_factory, tmp_path):
 def test_logs_are_json_lines_on_stdout(daemon):
     assert daemon.raw_stdout and all(json.loads(line) for line in daemon.raw_stdout)
     assert {"event", "level", "timestamp"} <= set(daemon.ready)
+
+
+def test_migrate_to_nowhere_exits_1_and_the_guest_keeps_running(daemon):
+    import socket
+    with socket.socket() as s:          # a port that is certainly closed: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        _ok(daemon.ctl("launch", "g", "--memory", "4M"))
+        res = daemon.ctl("migrate", "g", "--to", f"127.0.0.1:{port}")
+    assert res.returncode == 1 and res.stderr.strip() and "Traceback" not in res.stderr
+    st = daemon.ctl_json("status", "g")
+    assert st["state"] == "running" and st["sev_state"] == "RUNNING"
+    assert st["migration"] is not None and st["migration"]["status"] == "failed"
+
+
+class _FakeTty:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_line_shows_round_percent_rate_and_downtime():
+    from sevmigd.cli.ctl import _ProgressLine
+
+    tty = _FakeTty()
+    p = _ProgressLine(tty)
+    mib = 1 << 20
+    p("progress", {"round": 0, "transferred": 1000, "total": 64 * mib, "remaining": 0, "status": "active"})
+    p("progress", {"round": 1, "transferred": 1000 + 16 * mib, "total": 64 * mib, "remaining": 0,
+                   "throughput_mbps": 400.0, "status": "active"})
+    assert "round 1   25.0%" in tty.text and "50.0 MB/s" in tty.text and "remaining 48.0 MiB" in tty.text
+    p("progress", {"round": 1, "transferred": 1000 + 64 * mib, "total": 64 * mib, "remaining": 8 * mib,
+                   "expected_downtime_ms": 120.4, "status": "active"})
+    p("progress", {"round": 2, "transferred": 1000 + 68 * mib, "total": 64 * mib, "remaining": 8 * mib,
+                   "expected_downtime_ms": 120.4, "status": "active"})
+    assert "round 2   50.0%" in tty.text and "expected downtime 120 ms" in tty.text
+    p.finish()
+    assert tty.text.endswith("\n")
+    quiet = _ProgressLine(io.StringIO())   # not a TTY: no progress output at all
+    quiet("progress", {"round": 1})
+    assert not quiet.shown

@@ -209,26 +209,44 @@ def _status(client, args) -> int:
 
 
 class _ProgressLine:
-    """A live one-line progress display on a TTY: round, % of this round, MB/s, remaining, downtime."""
+    """A live one-line progress display on a TTY: round, % of this round, MB/s, remaining, downtime.
+
+    The stats (QEMU names) give `remaining` = dirty bytes left when a round starts and `transferred`
+    = bytes sent so far; a round's progress is what was sent since it started over what it had to
+    send (the whole RAM for round 0). `throughput_mbps` is megabits/s, as QEMU's "mbps": shown /8.
+    """
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
-        self.round_start_remaining: dict[Any, float] = {}
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.round: Any = None
+        self.round_tx0 = 0
+        self.round_bytes = 0
+        self.last_tx: int | None = None
         self.shown = False
 
     def __call__(self, event: str, data: dict) -> None:
         if event != "progress" or not self.tty:
             return
         rnd = data.get("round")
-        remaining = data.get("remaining") or 0
-        start = self.round_start_remaining.setdefault(rnd, max(remaining, 1))
-        pct = 100.0 * (1 - remaining / start) if start else 100.0
-        mbps = data.get("throughput_mbps")
+        tx = int(data.get("transferred") or 0)
+        if rnd != self.round:
+            # Events are rate-limited: the round began where the previous event (the last round's
+            # forced round-end event) left `transferred`, not where we first hear of the new round.
+            self.round, self.round_tx0 = rnd, (tx if self.last_tx is None else self.last_tx)
+            first = not isinstance(rnd, int) or rnd <= 1  # stats count rounds from 1 (QEMU dirty-sync-count)
+            self.round_bytes = int((data.get("total") if first else data.get("remaining")) or 0)
+        self.last_tx = tx
+        sent = max(tx - self.round_tx0, 0)
+        pct = 100.0 if self.round_bytes <= 0 else min(100.0, 100.0 * sent / self.round_bytes)
+        left = max(self.round_bytes - sent, 0)
+        mbps = data.get("throughput_mbps") or 0.0
         exp = data.get("expected_downtime_ms")
-        line = (f"round {rnd}  {pct:5.1f}%  {mbps if mbps is not None else 0:8.1f} MB/s  "
-                f"remaining {_mib(remaining)}  expected downtime "
-                f"{'-' if exp is None else f'{exp:.0f} ms'}  [{data.get('status', '')}]")
+        line = (f"round {rnd}  {pct:5.1f}%  {mbps / 8:8.1f} MB/s  remaining {_mib(left)}  "
+                f"expected downtime {'-' if exp is None else f'{exp:.0f} ms'}  [{data.get('status', '')}]")
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
         self.shown = True
@@ -237,6 +255,10 @@ class _ProgressLine:
         if self.shown:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _ms(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.0f} ms"
 
 
 def _migrate(client, args) -> int:
@@ -268,9 +290,10 @@ def _migrate(client, args) -> int:
         _print_json(stats)
     else:
         print(f"{args.name}: migration {stats.get('status', '?')} in "
-              f"{stats.get('total_time_ms', (time.monotonic() - started) * 1000):.0f} ms, "
-              f"downtime {stats.get('downtime_ms', '-')} ms, {stats.get('round', '-')} round(s), "
-              f"{_mib(stats.get('transferred'))} transferred")
+              f"{_ms(stats.get('total_time_ms', (time.monotonic() - started) * 1000))}, "
+              f"downtime {_ms(stats.get('downtime_ms'))}, {stats.get('round', '-')} round(s), "
+              f"{_mib(stats.get('transferred'))} transferred, "
+              f"{stats.get('private_pages', '-')} private + {stats.get('shared_pages', '-')} shared pages")
     return 0 if stats.get("status") == "completed" else 1
 
 
