@@ -129,3 +129,31 @@ def test_vek_size_and_repr():
         MemoryEngine(bytes(16))
     r = repr(MemoryEngine(VEK))
     assert VEK.hex()[:8] not in r and "hidden" in r
+
+
+def test_one_engine_used_from_several_threads():
+    """The daemon runs PSP commands in a worker thread while the guest's vCPU loop uses the same engine:
+    concurrent use must neither raise (cryptography contexts refuse concurrent borrows) nor corrupt."""
+    import threading
+
+    e = MemoryEngine(VEK)
+    rams = [bytearray(256 * PAGE_SIZE) for _ in range(3)]
+    data = random.Random(9).randbytes(256 * PAGE_SIZE)
+    errors = []
+
+    def work(ram):
+        try:
+            for _ in range(10):
+                e.write_pages(ram, list(range(256)), data)
+                assert e.read_pages(ram, list(range(256))) == data
+                e.write(ram, 0, data)                       # 1 MiB in one call: long OpenSSL calls
+                assert e.read(ram, 0, len(data)) == data
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in rams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

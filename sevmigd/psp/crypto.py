@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac as _hmac
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,6 +72,22 @@ def aes128_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
         raise SevError(SevStatus.INVALID_PARAM, "AES-128-CTR needs a 16-byte key and IV")
     enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     return enc.update(data) + enc.finalize()
+
+
+class ThreadLocalEcb(threading.local):
+    """An AES-ECB context per thread (`.ctx`), created on first use in each thread.
+
+    cryptography's cipher contexts refuse concurrent use ("Already borrowed"), and the daemon runs PSP
+    commands in a worker thread while the guest's vCPU loop uses the same guest's memory engine in the
+    event-loop thread; one context per thread keeps both safe without a lock (ECB has no chaining state).
+    """
+
+    def __init__(self, key: bytes, decrypt: bool = False):
+        cipher = Cipher(algorithms.AES(key), modes.ECB())
+        self.ctx = cipher.decryptor() if decrypt else cipher.encryptor()
+
+    def __repr__(self) -> str:
+        return "ThreadLocalEcb(<key hidden>)"
 
 
 class HmacSha256:
@@ -281,7 +298,7 @@ class Channel:
             raise SevError(SevStatus.INVALID_PARAM, "TEK and TIK are 16 bytes each")
         self._tek = bytes(tek)
         self._tik = bytes(tik)
-        self._ecb = Cipher(algorithms.AES(self._tek), modes.ECB()).encryptor()
+        self._ecb = ThreadLocalEcb(self._tek)
         self._mac = HmacSha256(self._tik)
 
     def __repr__(self) -> str:
@@ -295,7 +312,7 @@ class Channel:
     # single packets --------------------------------------------------------------------------------
     def keystream(self, iv: bytes, length: int) -> bytes:
         blocks = -(-length // 16)
-        return self._ecb.update(memoryview(_counter_array(iv, blocks)).cast("B"))[:length]
+        return self._ecb.ctx.update(memoryview(_counter_array(iv, blocks)).cast("B"))[:length]
 
     def ctr(self, iv: bytes, data) -> bytes:
         """AES-128-CTR(TEK, iv) over `data` (encrypt and decrypt are the same)."""
@@ -342,7 +359,7 @@ class Channel:
         for s in range(0, n, per):
             e = min(n, s + per)
             ctr = _counter_array(ivs[s * 16:e * 16], blocks)
-            got = self._ecb.update_into(memoryview(ctr).cast("B"), scratch)
+            got = self._ecb.ctx.update_into(memoryview(ctr).cast("B"), scratch)
             np.bitwise_xor(dv[s * words:e * words], sv[:got // 8], out=out[s * words:e * words])
         return out.tobytes()
 

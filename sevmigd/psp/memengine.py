@@ -39,8 +39,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .crypto import ThreadLocalEcb
 from .status import SevError, SevStatus
 
 #: Guest page size (x86 4 KiB); the unit of page-batch operations and of migration.
@@ -77,9 +77,11 @@ class MemoryEngine:
             raise SevError(SevStatus.INVALID_PARAM, "VEK must be 32 bytes (two AES-128 keys)")
         vek = bytes(vek)
         k1, k2 = vek[:16], vek[16:]
-        self._k1_enc = Cipher(algorithms.AES(k1), modes.ECB()).encryptor()
-        self._k1_dec = Cipher(algorithms.AES(k1), modes.ECB()).decryptor()
-        self._k2_enc = Cipher(algorithms.AES(k2), modes.ECB()).encryptor()
+        # One context per thread (see crypto.ThreadLocalEcb): the PSP worker thread and the guest's
+        # vCPU loop use the same engine.
+        self._k1_enc = ThreadLocalEcb(k1)
+        self._k1_dec = ThreadLocalEcb(k1, decrypt=True)
+        self._k2_enc = ThreadLocalEcb(k2)
 
     def __repr__(self) -> str:
         return "MemoryEngine(<VEK hidden>)"
@@ -94,12 +96,12 @@ class MemoryEngine:
             blk = np.zeros((n, 2), dtype="<u8")
             blk[:, 0] = np.arange(0, length, BLOCK, dtype=np.uint64)
         blk[:, 0] += np.uint64(paddr)
-        return self._k2_enc.update(blk.tobytes())
+        return self._k2_enc.ctx.update(blk.tobytes())
 
     def _xform(self, data, masks: bytes, encrypt: bool) -> bytes:
         """C = E_K1(P ⊕ Δ) ⊕ Δ (or the inverse), in chunks that stay in cache."""
         total = len(data)
-        ecb = self._k1_enc if encrypt else self._k1_dec
+        ecb = (self._k1_enc if encrypt else self._k1_dec).ctx
         dv = np.frombuffer(data, dtype=np.uint64)
         mv = np.frombuffer(masks, dtype=np.uint64)
         if total <= _CHUNK:
@@ -119,7 +121,7 @@ class MemoryEngine:
     def _xform_pages_into(self, src: np.ndarray, pfns: np.ndarray, out: np.ndarray, encrypt: bool) -> None:
         """out = E/D of `src` (uint64 words of len(pfns) whole pages), 16 pages at a time, scratch reused:
         per chunk one ECB call for the masks, one for the data, two XORs, no temporary allocations."""
-        ecb = self._k1_enc if encrypt else self._k1_dec
+        ecb = (self._k1_enc if encrypt else self._k1_dec).ctx
         n = pfns.size
         per = min(n, _CHUNK_PAGES)
         blk = np.zeros((per, _BLOCKS_PER_PAGE, 2), dtype="<u8")         # LE128; high halves stay zero
@@ -133,7 +135,7 @@ class MemoryEngine:
             e = min(n, s + per)
             m = e - s
             np.add(base[s:e, None], _PAGE_OFFSETS[None, :], out=blk[:m, :, 0])
-            self._k2_enc.update_into(memoryview(blk[:m]).cast("B"), mbuf)
+            self._k2_enc.ctx.update_into(memoryview(blk[:m]).cast("B"), mbuf)
             d = mv[:m * words]
             o = out[s * words:e * words]
             np.bitwise_xor(src[s * words:e * words], d, out=o)
