@@ -316,110 +316,31 @@ class Connection:
             if msg is not None:
                 return msg
 
-    def _receive_body(self, body: bytes):
-        R = RemoteProtocolError
-        rd = Reader(body)
-        n = rd.array_header()
-        if n < 3:
-            raise R(AbortCode.PROTOCOL_ERROR, f"frame array has {n} elements, at least 3 needed")
-        mtype = rd.uint("type")
-        seq = rd.uint("seq")
-        if seq != self._recv_seq:
-            raise R(AbortCode.INTEGRITY_FAILURE,
-                    f"sequence number {seq}, expected {self._recv_seq}: replayed, reordered or lost frame")
-        # ---- channel MAC (before anything else of the frame is believed)
-        has_mac = len(body) >= _MAC_TAIL and body[-_MAC_TAIL:-channel.MAC_SIZE] == MAC_PREFIX
-        has_nil = body[-1:] == NIL
-        pages_cols = None
-        if self._recv_key is None:
-            if not has_nil:
-                raise R(AbortCode.PROTOCOL_ERROR, "handshake frame must end with nil (no channel keys yet)")
-        elif has_mac:
-            if mtype == MsgType.PAGES:
-                pages_cols = self._parse_pages(rd, n)
-                covered = memoryview(body)[:pages_cols[-1]]
-            else:
-                covered = memoryview(body)[:-_MAC_TAIL]
-            mac = channel.new_mac(self._recv_key)
-            mac.update(covered)
-            if not channel.mac_equal(mac.digest(), body[-channel.MAC_SIZE:]):
-                raise R(AbortCode.INTEGRITY_FAILURE, "channel MAC mismatch: frame altered or forged")
-        elif not (has_nil and mtype == MsgType.ABORT and self._state is State.ACCEPTED
-                  and self.role is Role.DESTINATION and self._recv_seq == 1):
-            # (the one unauthenticated frame after the handshake: the source's Abort sent before it saw our
-            # Accept; it can only end the connection, which a network attacker can do anyway)
-            raise R(AbortCode.INTEGRITY_FAILURE, "frame without channel MAC after the handshake")
-        # ---- type and transition
-        if mtype not in MsgType._value2member_map_:
-            if mtype in IGNORABLE_TYPES and self._recv_key is not None and has_mac:
-                self._recv_seq += 1
-                return None  # PROTOCOL.md §6: authenticated extension frames are skipped
-            raise R(AbortCode.PROTOCOL_ERROR, f"unknown message type {mtype}")
-        mtype = MsgType(mtype)
+    def _receive_body(self, body):
         peer = self.role.peer
-        new_state = TRANSITIONS.get((self._state, peer, mtype))
-        if new_state is None:
-            raise R(AbortCode.PROTOCOL_ERROR,
+        new_state = None
+
+        def on_type(mtype: MsgType):
+            nonlocal new_state
+            new_state = TRANSITIONS.get((self._state, peer, mtype))
+            if new_state is None:
+                raise RemoteProtocolError(
+                    AbortCode.PROTOCOL_ERROR,
                     f"{CLASS_NAME[mtype]} from the {peer.value} is illegal in state {self._state}")
-        # ---- fields
-        extras = ()
-        if mtype == MsgType.PAGES:
-            if pages_cols is None:
-                pages_cols = self._parse_pages(rd, n)
-            msg = self._pages_from_cols(body, pages_cols, R)
-        else:
-            obj = strict_unpack(body, max_array=self.limits.max_vcpus + 16,
-                                max_map=max(self.limits.max_regs, 16))
-            want = N_FIELDS[mtype] + 3
-            if not isinstance(obj, list):
-                raise R(AbortCode.PROTOCOL_ERROR, "frame body is not an array")
-            if mtype == MsgType.HELLO and len(obj) > want and type(obj[2]) is int and obj[2] > PROTOCOL_VERSION:
-                obj = obj[:want - 1] + obj[-1:]  # a later version may append Hello fields (PROTOCOL.md §6)
-            if len(obj) != want:
-                raise R(AbortCode.PROTOCOL_ERROR,
-                        f"{CLASS_NAME[mtype]} has {len(obj) - 3} fields, expected {want - 3}")
-            fields = obj[2:-1]
-            if mtype in (MsgType.HELLO, MsgType.ACCEPT):
-                extras = fields[-2:]
-                fields = fields[:-2]
-            msg = message_from_fields(mtype, fields, R, self.limits)
-        self._guard(peer, msg, R, extras)
+
+        # (the one unauthenticated frame after the handshake: the source's Abort sent before it saw our
+        # Accept, PROTOCOL.md §7.1; it can only end the connection, which a network attacker can do anyway)
+        race = self._state is State.ACCEPTED and self.role is Role.DESTINATION and self._recv_seq == 1
+        _seq, msg, extras = decode_body(body, key=self._recv_key, limits=self.limits,
+                                        expected_seq=self._recv_seq, unauth_abort_ok=race, on_type=on_type)
+        if msg is None:  # an authenticated frame of the ignorable extension range (PROTOCOL.md §6.4)
+            self._recv_seq += 1
+            return None
+        self._guard(peer, msg, RemoteProtocolError, extras)
         self._recv_seq += 1
-        self._apply(peer, msg, new_state, frame=PREFIX.pack(len(body)) + body if extras else None,
+        self._apply(peer, msg, new_state, frame=PREFIX.pack(len(body)) + bytes(body) if extras else None,
                     extras=extras)
         return msg
-
-    def _parse_pages(self, rd: Reader, n: int):
-        if n != 9:
-            raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, f"Pages has {n - 3} fields, expected 6")
-        rnd = rd.uint("round")
-        cols = [rnd]
-        for name in ("enc_pfns", "enc_headers", "shr_pfns", "shr_data", "enc_data"):
-            cols.append(rd.bin(name))
-        mac_off, mac_len = rd.bin("mac")
-        if mac_len != channel.MAC_SIZE or rd.pos != rd.end:
-            raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, "Pages must end with its 32-byte MAC")
-        cols.append(cols[5][0])  # the MAC covers the body up to the first byte of enc_data's payload
-        return cols
-
-    def _pages_from_cols(self, body: bytes, cols, err):
-        rnd, (ep_o, ep_n), (eh_o, eh_n), (sp_o, sp_n), (sd_o, sd_n), (ed_o, ed_n), _ = cols
-        if rnd >> 32:
-            raise err(AbortCode.PROTOCOL_ERROR, f"round {rnd} out of range for u32")
-        if ep_n % 8 or sp_n % 8:
-            raise err(AbortCode.PROTOCOL_ERROR, "pfn columns must be a multiple of 8 bytes (u64 LE)")
-        ne, ns = ep_n // 8, sp_n // 8
-        if eh_n != ne * SEV_HDR_SIZE or ed_n != ne * PAGE_SIZE or sd_n != ns * PAGE_SIZE:
-            raise err(AbortCode.PROTOCOL_ERROR,
-                      f"Pages columns disagree: {ne} private pfns, {eh_n} header bytes, {ed_n} data bytes, "
-                      f"{ns} shared pfns, {sd_n} shared bytes")
-        mv = memoryview(body)
-        return Pages(round=rnd,
-                     enc_pfns=np.frombuffer(body, dtype="<u8", count=ne, offset=ep_o),
-                     enc_headers=bytes(mv[eh_o:eh_o + eh_n]),
-                     enc_data=bytes(mv[ed_o:ed_o + ed_n]),
-                     shr_pfns=np.frombuffer(body, dtype="<u8", count=ns, offset=sp_o),
-                     shr_data=bytes(mv[sd_o:sd_o + sd_n]))
 
     # ----------------------------------------------------------------------------------- guards
     def _guard(self, sender: Role, msg, err, extras=()):
@@ -427,8 +348,8 @@ class Connection:
         t = type(msg)
         lim = self.limits
         if t is Hello:
-            share, max_frame = extras
-            self._check_extras(share, max_frame, err)
+            if err is LocalProtocolError:  # received extras were checked by decode_body
+                _check_extras(*extras, err)
             if msg.memory_bytes < PAGE_SIZE or msg.memory_bytes % PAGE_SIZE:
                 raise err(AbortCode.PROTOCOL_ERROR, f"memory_bytes {msg.memory_bytes} is not a positive "
                                                     f"multiple of {PAGE_SIZE}")
@@ -440,8 +361,8 @@ class Connection:
             if sender is self.role and msg.version != PROTOCOL_VERSION:
                 raise err(AbortCode.VERSION_MISMATCH, f"we speak version {PROTOCOL_VERSION}, not {msg.version}")
         elif t is Accept:
-            share, max_frame = extras
-            self._check_extras(share, max_frame, err)
+            if err is LocalProtocolError:
+                _check_extras(*extras, err)
             hv = self.hello.version
             if not (MIN_PROTOCOL_VERSION <= msg.version <= min(hv, PROTOCOL_VERSION)):
                 raise err(AbortCode.VERSION_MISMATCH,
@@ -482,17 +403,6 @@ class Connection:
             if msg.pages_total != self._pages_total:
                 raise err(AbortCode.INTEGRITY_FAILURE, f"Complete announces {msg.pages_total} pages, "
                                                        f"{self._pages_total} were sent")
-
-    def _check_extras(self, share, max_frame, err):
-        if not isinstance(share, bytes) or len(share) != channel.KEY_SHARE_SIZE:
-            raise err(AbortCode.PROTOCOL_ERROR, "key_share must be 32 bytes (X25519)")
-        if type(max_frame) is not int or not (MIN_MAX_FRAME <= max_frame <= MAX_MAX_FRAME):
-            raise err(AbortCode.PROTOCOL_ERROR, f"max_frame must be within [{MIN_MAX_FRAME}, {MAX_MAX_FRAME}]")
-        if err is RemoteProtocolError:
-            try:
-                channel.KeyShare(lambda n: _PROBE_SCALAR).exchange(share)
-            except channel.KeyShareError as e:
-                raise err(AbortCode.INTEGRITY_FAILURE, f"unusable key_share: {e}") from None
 
     # ----------------------------------------------------------------------------------- state update
     def _apply(self, sender: Role, msg, new_state: State, frame: bytes | None = None, extras=()):
@@ -573,21 +483,10 @@ class Connection:
             self._fail(e)
 
     def _encode(self, mtype: MsgType, fields: list) -> bytes:
-        head = pack([int(mtype), self._send_seq, *fields])
-        # re-head the array with one more element (the MAC / nil): same bytes msgpack would produce
-        n = len(fields) + 3
-        rest = head[len(array_header(n - 1)):]
-        body_wo_mac = array_header(n) + rest
-        if self._send_key is not None:
-            mac = channel.new_mac(self._send_key)
-            mac.update(body_wo_mac)
-            tail = MAC_PREFIX + mac.digest()
-        else:
-            tail = NIL
-        size = len(body_wo_mac) + len(tail)
-        self._check_send_size(size)
+        body = encode_body(mtype, fields, seq=self._send_seq, key=self._send_key)
+        self._check_send_size(len(body))
         self._send_seq += 1
-        return PREFIX.pack(size) + body_wo_mac + tail
+        return PREFIX.pack(len(body)) + body
 
     def _check_send_size(self, size: int):
         limit = self.max_send_frame if self._send_key is not None else MIN_MAX_FRAME
@@ -628,25 +527,10 @@ class Connection:
             self._fail(e)
 
     def _encode_pages(self, round: int, ep: np.ndarray, enc_headers, enc_data, sp: np.ndarray, shr_data) -> bytes:
-        # Body: [5, seq, round, enc_pfns, enc_headers, shr_pfns, shr_data, enc_data, mac]. enc_data comes
-        # last so that the MAC covers one contiguous prefix of the body: everything up to the first byte of
-        # the ciphertext (its bin header, hence its length, included), PROTOCOL.md §9.
-        ep_b, sp_b = memoryview(ep).cast("B"), memoryview(sp).cast("B")
-        enc_n, shr_n = memoryview(enc_data).nbytes, memoryview(shr_data).nbytes
-        head = (array_header(9) + uint(MsgType.PAGES) + uint(self._send_seq) + uint(round)
-                + bin_header(ep_b.nbytes))
-        pieces = [head, ep_b, bin_header(memoryview(enc_headers).nbytes), enc_headers, bin_header(sp_b.nbytes),
-                  sp_b, bin_header(shr_n), shr_data, bin_header(enc_n)]
-        if self._send_key is None:  # only reachable through testing.forge (Pages is illegal before keys)
-            tail = NIL
-        else:
-            mac = channel.new_mac(self._send_key)
-            for p in pieces:
-                mac.update(p)
-            tail = MAC_PREFIX + mac.digest()
-        size = sum(memoryview(p).nbytes for p in pieces) + enc_n + len(tail)
+        pieces, size = encode_pages_body_parts(round, ep, enc_headers, enc_data, sp, shr_data,
+                                               seq=self._send_seq, key=self._send_key)
         self._check_send_size(size)
-        frame = b"".join([PREFIX.pack(size), *pieces, enc_data, tail])
+        frame = b"".join([PREFIX.pack(size), *pieces])
         self._send_seq += 1
         return frame
 
@@ -663,3 +547,176 @@ def _pfn_column(pfns, name: str) -> np.ndarray:
     except (OverflowError, ValueError, TypeError) as e:
         raise LocalProtocolError(AbortCode.PROTOCOL_ERROR, f"{name}: {e}") from None
 
+
+# ------------------------------------------------------------------ frame codec (stateless)
+def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | None = None,
+                unauth_abort_ok: bool = False, on_type: Callable[[MsgType], None] | None = None):
+    """Decode one frame body in the order of PROTOCOL.md §9.3: header, seq, MAC, type, fields.
+
+    Returns (seq, message or None for a skipped extension frame, extras) where extras is
+    (key_share, max_frame) for Hello/Accept and () otherwise. `on_type` is called with the type after the
+    MAC verified and before the fields are decoded (the connection checks its state table there).
+    Raises RemoteProtocolError or FramingError. No state-dependent guards (that is Connection._guard).
+    """
+    R = RemoteProtocolError
+    rd = Reader(body)
+    n = rd.array_header()
+    if n < 3:
+        raise R(AbortCode.PROTOCOL_ERROR, f"frame array has {n} elements, at least 3 needed")
+    mtype = rd.uint("type")
+    seq = rd.uint("seq")
+    if expected_seq is not None and seq != expected_seq:
+        raise R(AbortCode.INTEGRITY_FAILURE,
+                f"sequence number {seq}, expected {expected_seq}: replayed, reordered or lost frame")
+    # ---- channel MAC (before anything else of the frame is believed)
+    has_mac = len(body) >= _MAC_TAIL and body[-_MAC_TAIL:-channel.MAC_SIZE] == MAC_PREFIX
+    has_nil = body[-1:] == NIL
+    pages_cols = None
+    if key is None:
+        if not has_nil:
+            raise R(AbortCode.PROTOCOL_ERROR, "handshake frame must end with nil (no channel keys yet)")
+    elif has_mac:
+        if mtype == MsgType.PAGES:
+            pages_cols = _parse_pages(rd, n)
+            covered = memoryview(body)[:pages_cols[-1]]
+        else:
+            covered = memoryview(body)[:-_MAC_TAIL]
+        mac = channel.new_mac(key)
+        mac.update(covered)
+        if not channel.mac_equal(mac.digest(), body[-channel.MAC_SIZE:]):
+            raise R(AbortCode.INTEGRITY_FAILURE, "channel MAC mismatch: frame altered or forged")
+    elif not (has_nil and mtype == MsgType.ABORT and unauth_abort_ok):
+        raise R(AbortCode.INTEGRITY_FAILURE, "frame without channel MAC after the handshake")
+    # ---- type
+    if mtype not in MsgType._value2member_map_:
+        if mtype in IGNORABLE_TYPES and key is not None and has_mac:
+            return seq, None, ()
+        raise R(AbortCode.PROTOCOL_ERROR, f"unknown message type {mtype}")
+    mtype = MsgType(mtype)
+    if on_type is not None:
+        on_type(mtype)
+    # ---- fields
+    extras = ()
+    if mtype == MsgType.PAGES:
+        if pages_cols is None:
+            pages_cols = _parse_pages(rd, n)
+        return seq, _pages_from_cols(body, pages_cols, R), ()
+    obj = strict_unpack(body, max_array=limits.max_vcpus + 16, max_map=max(limits.max_regs, 16))
+    want = N_FIELDS[mtype] + 3
+    if not isinstance(obj, list):
+        raise R(AbortCode.PROTOCOL_ERROR, "frame body is not an array")
+    if mtype == MsgType.HELLO and len(obj) > want and type(obj[2]) is int and obj[2] > PROTOCOL_VERSION:
+        obj = obj[:want - 1] + obj[-1:]  # a later version may append Hello fields (PROTOCOL.md §6.2)
+    if len(obj) != want:
+        raise R(AbortCode.PROTOCOL_ERROR, f"{CLASS_NAME[mtype]} has {len(obj) - 3} fields, expected {want - 3}")
+    fields = obj[2:-1]
+    if mtype in (MsgType.HELLO, MsgType.ACCEPT):
+        extras = tuple(fields[-2:])
+        fields = fields[:-2]
+        _check_extras(extras[0], extras[1], R)
+    return seq, message_from_fields(mtype, fields, R, limits), extras
+
+
+def _check_extras(share, max_frame, err):
+    if not isinstance(share, bytes) or len(share) != channel.KEY_SHARE_SIZE:
+        raise err(AbortCode.PROTOCOL_ERROR, "key_share must be 32 bytes (X25519)")
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int) or not (MIN_MAX_FRAME <= max_frame <= MAX_MAX_FRAME):
+        raise err(AbortCode.PROTOCOL_ERROR, f"max_frame must be within [{MIN_MAX_FRAME}, {MAX_MAX_FRAME}]")
+    if err is RemoteProtocolError:
+        try:
+            channel.KeyShare(lambda n: _PROBE_SCALAR).exchange(share)
+        except channel.KeyShareError as e:
+            raise err(AbortCode.INTEGRITY_FAILURE, f"unusable key_share: {e}") from None
+
+
+def _parse_pages(rd: Reader, n: int):
+    if n != 9:
+        raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, f"Pages has {n - 3} fields, expected 6")
+    rnd = rd.uint("round")
+    cols = [rnd]
+    for name in ("enc_pfns", "enc_headers", "shr_pfns", "shr_data", "enc_data"):
+        cols.append(rd.bin(name))
+    _mac_off, mac_len = rd.bin("mac")
+    if mac_len != channel.MAC_SIZE or rd.pos != rd.end:
+        raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, "Pages must end with its 32-byte MAC")
+    cols.append(cols[5][0])  # the MAC covers the body up to the first byte of enc_data's payload
+    return cols
+
+
+def _pages_from_cols(body, cols, err):
+    rnd, (ep_o, ep_n), (eh_o, eh_n), (sp_o, sp_n), (sd_o, sd_n), (ed_o, ed_n), _ = cols
+    if rnd >> 32:
+        raise err(AbortCode.PROTOCOL_ERROR, f"round {rnd} out of range for u32")
+    if ep_n % 8 or sp_n % 8:
+        raise err(AbortCode.PROTOCOL_ERROR, "pfn columns must be a multiple of 8 bytes (u64 LE)")
+    ne, ns = ep_n // 8, sp_n // 8
+    if eh_n != ne * SEV_HDR_SIZE or ed_n != ne * PAGE_SIZE or sd_n != ns * PAGE_SIZE:
+        raise err(AbortCode.PROTOCOL_ERROR,
+                  f"Pages columns disagree: {ne} private pfns, {eh_n} header bytes, {ed_n} data bytes, "
+                  f"{ns} shared pfns, {sd_n} shared bytes")
+    # Zero copy: the columns are read-only views into the received frame (bytes-like memoryviews; the pfn
+    # columns numpy uint64 views). Copy them (bytes(...)) only if they must outlive a huge frame.
+    mv = memoryview(body)
+    return Pages(round=rnd,
+                 enc_pfns=np.frombuffer(mv, dtype="<u8", count=ne, offset=ep_o),
+                 enc_headers=mv[eh_o:eh_o + eh_n],
+                 enc_data=mv[ed_o:ed_o + ed_n],
+                 shr_pfns=np.frombuffer(mv, dtype="<u8", count=ns, offset=sp_o),
+                 shr_data=mv[sd_o:sd_o + sd_n])
+
+
+def encode_body(mtype: MsgType, fields: list, *, seq: int, key: bytes | None) -> bytes:
+    """Body of a non-Pages frame: [type, seq, *fields, mac] with mac = HMAC(key, body before it) or nil."""
+    head = pack([int(mtype), seq, *fields])
+    n = len(fields) + 3
+    body_wo_mac = array_header(n) + head[len(array_header(n - 1)):]  # same array, one element more
+    if key is None:
+        return body_wo_mac + NIL
+    mac = channel.new_mac(key)
+    mac.update(body_wo_mac)
+    return body_wo_mac + MAC_PREFIX + mac.digest()
+
+
+def encode_pages_body_parts(round: int, ep: np.ndarray, enc_headers, enc_data, sp: np.ndarray, shr_data, *,
+                            seq: int, key: bytes | None) -> tuple[list, int]:
+    """Pieces of a Pages body ([5, seq, round, enc_pfns, enc_headers, shr_pfns, shr_data, enc_data, mac])
+    and its total length. enc_data comes last so the MAC covers one contiguous prefix of the body: all of
+    it up to the first byte of the ciphertext (enc_data's bin header, hence its length, included)."""
+    ep_b, sp_b = memoryview(ep).cast("B"), memoryview(sp).cast("B")
+    enc_n, shr_n = memoryview(enc_data).nbytes, memoryview(shr_data).nbytes
+    head = array_header(9) + uint(MsgType.PAGES) + uint(seq) + uint(round) + bin_header(ep_b.nbytes)
+    pieces = [head, ep_b, bin_header(memoryview(enc_headers).nbytes), enc_headers, bin_header(sp_b.nbytes),
+              sp_b, bin_header(shr_n), shr_data, bin_header(enc_n)]
+    if key is None:  # only reachable through testing.forge (Pages is illegal before the keys exist)
+        tail = NIL
+    else:
+        mac = channel.new_mac(key)
+        for p in pieces:
+            mac.update(p)
+        tail = MAC_PREFIX + mac.digest()
+    pieces += [enc_data, tail]
+    return pieces, sum(memoryview(p).nbytes for p in pieces)
+
+
+def encode_frame(msg, *, seq: int = 0, key: bytes | None = None, extras=()) -> bytes:
+    """One complete frame for `msg` (no state or guard checks; for vectors, tools and tests).
+    `extras` = (key_share, max_frame) for Hello/Accept."""
+    if isinstance(msg, Pages):
+        pieces, size = encode_pages_body_parts(msg.round, _pfn_column(msg.enc_pfns, "enc_pfns"),
+                                               msg.enc_headers, msg.enc_data,
+                                               _pfn_column(msg.shr_pfns, "shr_pfns"), msg.shr_data,
+                                               seq=seq, key=key)
+        return b"".join([PREFIX.pack(size), *pieces])
+    body = encode_body(TYPE_OF[type(msg)], fields_of(msg) + list(extras), seq=seq, key=key)
+    return PREFIX.pack(len(body)) + body
+
+
+def decode_frame(frame: bytes, *, key: bytes | None = None, limits: Limits | None = None):
+    """Decode one complete frame without a connection: (seq, message, extras). For vectors and tools."""
+    frame = bytes(frame)
+    if len(frame) < PREFIX.size or PREFIX.unpack_from(frame)[0] != len(frame) - PREFIX.size:
+        raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, "length prefix does not match the frame")
+    try:
+        return decode_body(frame[PREFIX.size:], key=key, limits=limits or Limits())
+    except FramingError as e:
+        raise RemoteProtocolError(e.code, e.message) from None

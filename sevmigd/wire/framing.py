@@ -205,22 +205,21 @@ class FrameBuffer:
                 raise FramingError(AbortCode.PROTOCOL_ERROR, f"frame body of {n} bytes is too short")
             self.need = n
 
-    def pop(self) -> bytes | None:
+    def pop(self):
+        """The next whole body (bytes, or a read-only memoryview into one received chunk), or None."""
         if not self.has_frame():
             return None
         body = self._take(self.need)
         self.need = None
         return body
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: int):
         c = self._chunks[0]
         off = self._off
         avail = len(c) - off
         if avail >= n:
-            if off == 0 and avail == n and type(c) is bytes:
-                out = c
-            else:
-                out = bytes(memoryview(c)[off:off + n])
+            # zero copy: a read-only view into the caller's chunk (which it keeps alive)
+            out = c if off == 0 and avail == n else memoryview(c)[off:off + n]
             off += n
             if off == len(c):
                 self._chunks.popleft()
