@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from sevmigd.daemon.config import Config
+from sevmigd.daemon import migration as migration_mod
 from sevmigd.daemon.migration import MigrationError, MigrationManager
 from sevmigd.daemon.server import Daemon
 from sevmigd.errors import ConfigError
@@ -367,7 +368,9 @@ async def test_corrupt_ciphertext_byte_is_bad_measurement(pair):
             n.cancel_scope.cancel()
 
 
-async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock):
+async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock, monkeypatch):
+    # Under the autojump clock a worker thread looks like an idle run loop: keep the PSP inline.
+    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
     mock_clock.autojump_threshold = 0
     src, dst = pair(peer_timeout_s=5.0, keepalive_interval_s=1.0)
     with trio.fail_after(60):
@@ -383,6 +386,7 @@ async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock):
             assert trio.current_time() - t0 < 5.0 + 3.0
             assert src.guests["g1"].state == "running" and not src.guests["g1"].vm.host.paused
             assert src.guests["g1"].vm.sev_state == "RUNNING"
+            assert "g1" not in dst.guests and dst.fw.guest_count == 0
             n.cancel_scope.cancel()
 
 

@@ -129,7 +129,7 @@ class IncomingMigration:
                                       allowed_oca=self.manager.allowed_oca())
         except MigrationError as err:
             return err
-        self.log.info("source platform verified", source_platform=pid[:16])
+        self.log.info("source_platform_verified", source_platform=pid[:16])
         return None
 
     async def _protocol(self, ch: Channel) -> None:
@@ -148,7 +148,7 @@ class IncomingMigration:
         structlog.contextvars.bind_contextvars(migration_id=self.id, guest=self.name)
         refusal = self._refusal(hello)
         if refusal is not None:
-            self.log.warning("migration refused", code=refusal.code.name, reason=str(refusal))
+            self.log.warning("incoming_refused", code=refusal.code.name, reason=str(refusal))
             await ch.send(m.Refuse(refusal.code, str(refusal)[:1000]))
             ch.fail(MigrationError(refusal.code, f"refused: {refusal}"), tell_peer=False)
             raise ch.failure
@@ -158,7 +158,7 @@ class IncomingMigration:
         await ch.send(m.Accept(version=negotiate_version(hello.version), features=SUPPORTED_FEATURES,
                                platform=platform_files(fw.identity)))
         ch.start_keepalives()
-        self.log.info("incoming migration accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
+        self.log.info("incoming_accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
                       vcpus=hello.vcpus, es=hello.es)
 
         start = await ch.receive_expect(m.Start)
@@ -197,7 +197,7 @@ class IncomingMigration:
                 # (page counts per round and in Complete are checked by the Connection)
                 self.stats.round = msg.round + 1
                 self.stats.remaining = msg.remaining * PAGE_SIZE
-                self.log.info("round received", round=msg.round + 1, pages=msg.pages,
+                self.log.info("round_received", round=msg.round + 1, pages=msg.pages,
                               remaining_pages=msg.remaining, transferred=ch.bytes_received)
                 await self._push_progress(force=True)
             elif isinstance(msg, m.Bitmap):
@@ -215,7 +215,7 @@ class IncomingMigration:
                     raise firmware_error("RECEIVE_FINISH", exc) from None
                 self.ready = True
                 await ch.send(m.Ready())
-                self.log.info("ready: waiting for go", pages=self.pages_received)
+                self.log.info("incoming_ready", pages=self.pages_received)
             elif isinstance(msg, m.Go):
                 if not self.ready:
                     raise MigrationError(AbortCode.PROTOCOL_ERROR, "go before the guest was complete")
@@ -295,9 +295,9 @@ class IncomingMigration:
             self.stats.status = "uncertain"
             self.stats.fail(err.code.name, f"could not confirm the start to the source: {err}")
             self.manager.mark_uncertain(self.name, self)
-            self.log.error("started, but could not tell the source", error=str(err))
+            self.log.error("incoming_uncertain", error=str(err))
             return
-        self.log.info("migration completed: guest running here", total_time_ms=self.stats.total_time_ms,
+        self.log.info("incoming_completed", total_time_ms=self.stats.total_time_ms,
                       rounds=self.stats.round, transferred=self.stats.transferred,
                       private_pages=self.stats.private_pages, shared_pages=self.stats.shared_pages)
         await self._push_progress(force=True)
@@ -311,16 +311,16 @@ class IncomingMigration:
             self.stats.tick(trio.current_time())
             if self.started:
                 # Go arrived and the guest runs here; whatever failed afterwards (the close) does not undo it.
-                self.log.info("connection ended after start", detail=str(err))
+                self.log.info("incoming_closed_after_start", detail=str(err))
                 return
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
             self._discard()
             if self.name is not None:
-                self.log.warning("incoming migration failed; partial guest discarded", error=str(err),
+                self.log.warning("incoming_failed", error=str(err),
                                  code=err.code.name, rounds=self.stats.round)
             else:
-                self.log.info("incoming connection ended before hello", error=str(err))
+                self.log.info("incoming_closed_before_hello", error=str(err))
 
     def _discard(self) -> None:
         """DECOMMISSION and drop the partial guest (never started)."""
@@ -329,17 +329,17 @@ class IncomingMigration:
             try:
                 self.manager.drop_guest(self.name, self.hosted)
             except Exception:  # noqa: BLE001 - the DECOMMISSION below must still happen
-                self.log.exception("removing the partial guest failed")
+                self.log.exception("drop_guest_failed")
         if self.vm is not None:
             try:
                 self.vm.release()
             except Exception:  # noqa: BLE001
-                self.log.exception("releasing the partial guest failed")
+                self.log.exception("release_failed")
         elif self.handle is not None:
             try:
                 fw.decommission(self.handle)
             except SevError as exc:
-                self.log.error("DECOMMISSION failed", error=str(exc))
+                self.log.error("decommission_failed", error=str(exc))
         if self.hosted is None and self.asid is not None and hasattr(self.daemon, "release_asid"):
             self.daemon.release_asid(self.asid)
 

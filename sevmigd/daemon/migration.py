@@ -168,7 +168,7 @@ class MigrationManager:
                 mig.stats.status = "failed"
                 resolution = "discarded on the destination"
         del self.uncertain[name]
-        self.daemon.log.warning("uncertain migration resolved", guest=name, migration_id=mig.stats.migration_id,
+        self.daemon.log.warning("migration_resolved", guest=name, migration_id=mig.stats.migration_id,
                                 resolution=resolution)
         d = mig.stats.to_dict()
         d["resolution"] = resolution
@@ -194,7 +194,7 @@ class MigrationManager:
             try:
                 stream = await self._wrap_server_tls(stream, peer)
             except MigrationError as err:
-                self.daemon.log.warning("incoming connection rejected", peer=peer, error=str(err))
+                self.daemon.log.warning("incoming_tls_failed", peer=peer, error=str(err))
                 return
             await IncomingMigration(self, stream, peer).run()
         finally:

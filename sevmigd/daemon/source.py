@@ -104,7 +104,7 @@ class OutgoingMigration:
 
     async def run(self) -> dict:
         with structlog.contextvars.bound_contextvars(migration_id=self.id, guest=self.hosted.name):
-            self.log.info("migration starting", peer=self.stats.peer, memory_bytes=self.vm.memory_bytes,
+            self.log.info("migration_started", peer=self.stats.peer, memory_bytes=self.vm.memory_bytes,
                           policy=hex(self.vm.policy), downtime_limit_ms=self.downtime_limit_s * 1000,
                           max_bandwidth_mib_s=self.max_bandwidth / (1 << 20))
             self.hosted.state = "migrating"
@@ -179,7 +179,7 @@ class OutgoingMigration:
                                       trusted_roots=self.daemon.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
                                       allowed_oca=self.manager.allowed_oca())
-        self.log.info("destination accepted", destination_platform=dest_id[:16])
+        self.log.info("destination_accepted", destination_platform=dest_id[:16])
 
         p = reply.platform
         try:
@@ -234,7 +234,7 @@ class OutgoingMigration:
                                expected_downtime_ms=self.stats.expected_downtime_ms,
                                throttle_pct=planner.throttle_pct, decision=decision.value)
                 self.stats.rounds.append(summary)
-                self.log.info("round done", **summary)
+                self.log.info("round_done", **summary)
                 await self._push_progress(force=True)
                 if decision is Decision.STOP_AND_COPY:
                     self.pending = np.asarray(dirty, dtype=np.int64)  # still to send, guest paused
@@ -244,7 +244,7 @@ class OutgoingMigration:
                 if planner.throttle_pct != self.stats.throttle_pct:
                     host.set_throttle(planner.throttle_pct)
                     self.stats.throttle_pct = planner.throttle_pct
-                    self.log.info("auto-converge throttle", throttle_pct=planner.throttle_pct)
+                    self.log.info("auto_converge_throttle", throttle_pct=planner.throttle_pct)
                 pfns = np.asarray(dirty, dtype=np.int64)
 
     async def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, *, bucket: TokenBucket | None = None,
@@ -325,7 +325,7 @@ class OutgoingMigration:
                            bytes=sent, seconds=round(trio.current_time() - t0, 4), dirty_pages=0,
                            flipped_pages=int(len(flipped)), decision="complete")
             self.stats.rounds.append(summary)
-            self.log.info("stop-and-copy sent", **summary)
+            self.log.info("stop_and_copy_sent", **summary)
         await self._push_progress(force=True)
 
     async def _handoff(self, ch: Channel) -> None:
@@ -345,7 +345,7 @@ class OutgoingMigration:
         self.stats.transferred = ch.bytes_sent
         self.stats.tick(now)
         self._release()
-        self.log.info("migration completed", total_time_ms=self.stats.total_time_ms,
+        self.log.info("migration_completed", total_time_ms=self.stats.total_time_ms,
                       downtime_ms=self.stats.downtime_ms, rounds=self.stats.round,
                       transferred=self.stats.transferred, throughput_mbps=self.stats.throughput_mbps,
                       private_pages=self.stats.private_pages, shared_pages=self.stats.shared_pages)
@@ -360,7 +360,7 @@ class OutgoingMigration:
         try:
             self.hosted.stop_vcpus()
         except Exception:  # noqa: BLE001 - the release below matters more than a stop that failed
-            self.log.exception("stopping vCPUs failed")
+            self.log.exception("stop_vcpus_failed")
         self.vm.release()
         self.hosted.state = "migrated"
 
@@ -374,7 +374,7 @@ class OutgoingMigration:
             if self.committed and not self.completed and handoff == "source":
                 # The destination aborted in state GO: its authenticated promise that it did not and will
                 # not start the guest (PROTOCOL.md §7.3). The guest is ours again.
-                self.log.warning("destination renounced after go; resuming here", error=str(err))
+                self.log.warning("destination_renounced_after_go", error=str(err))
             if self.committed and not self.completed and handoff != "source":
                 self.stats.status = "uncertain"
                 self.stats.fail(err.code.name, f"hand-off uncertain: {err}")
@@ -382,13 +382,13 @@ class OutgoingMigration:
                 msg = (f"hand-off of guest {self.hosted.name!r} is uncertain: 'go' was sent but 'started' did not "
                        f"come back ({err}). The guest is paused here and may be running on {self.stats.peer}; "
                        f"check there, then run `resolve {self.hosted.name} --run-here` or `--no-run-here` here.")
-                self.log.error("migration uncertain", error=str(err), code=err.code.name)
+                self.log.error("migration_uncertain", error=str(err), code=err.code.name)
                 await self._push_progress(force=True)
                 return MigrationError(err.code, msg)
             self._rollback(err)
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
-            self.log.warning("migration failed; guest keeps running here", error=str(err), code=err.code.name,
+            self.log.warning("migration_failed", error=str(err), code=err.code.name,
                              status=self.stats.status, rounds=self.stats.round,
                              transferred=self.stats.transferred)
             await self._push_progress(force=True)
@@ -402,11 +402,11 @@ class OutgoingMigration:
             try:
                 fw.send_cancel(self.vm.handle)
             except SevError as exc:
-                self.log.error("SEND_CANCEL failed", error=str(exc))
+                self.log.error("send_cancel_failed", error=str(exc))
         elif self.send_finished:
             # SEND_FINISH done but "go" never left: the PSP context is SENT (no SEND_CANCEL from there), but
             # the guest's key is still installed in its ASID, so it can run; it cannot be sent again.
-            self.log.warning("resuming a guest whose PSP context is SENT (go never sent)")
+            self.log.warning("resume_after_send_finish")
         for what, fn in (("throttle off", lambda: host.set_throttle(0)),
                          ("dirty log off", host.disable_dirty_log if self.dirty_log_on else None),
                          ("resume", host.resume if self.paused_by_us else None)):
@@ -415,7 +415,7 @@ class OutgoingMigration:
             try:
                 fn()
             except Exception:  # noqa: BLE001 - keep going: the guest must end up running
-                self.log.exception("rollback step failed", step=what)
+                self.log.exception("rollback_step_failed", step=what)
         self.hosted.state = "running"
 
     async def _push_progress(self, *, force: bool = False) -> None:
@@ -433,5 +433,5 @@ class OutgoingMigration:
             if hasattr(r, "__await__"):
                 await r
         except Exception:  # noqa: BLE001 - a broken progress listener must not break the migration
-            self.log.exception("progress callback failed")
+            self.log.exception("progress_callback_failed")
             self.progress = None
