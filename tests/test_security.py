@@ -358,3 +358,269 @@ def test_private_keys_never_logged(daemons, tmp_path):
     assert len(needles) > 10
     leaked = [n for n in needles if n in log]
     assert not leaked, f"key material in the daemon log: {leaked[:3]}"
+
+
+# ------------------------------------------------------------------------------ migrations helpers
+
+
+class BackgroundMigration:
+    """`ctl migrate` in a thread: progress events collected, `moving` set once pages are flowing."""
+
+    def __init__(self, source: RealDaemon, name: str, to: str, **args):
+        self.events: list[dict] = []
+        self.moving = threading.Event()
+        self.result: dict | None = None
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(source, name, to, args), daemon=True)
+        self._thread.start()
+
+    def _on_event(self, _name: str, data: dict) -> None:
+        self.events.append(data)
+        if data.get("transferred", 0) > 0:
+            self.moving.set()
+
+    def _run(self, source, name, to, args):
+        try:
+            self.result = source.ctl("migrate", name=name, to=to, on_event=self._on_event, timeout=120, **args)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            self.error = exc
+        finally:
+            self.moving.set()
+
+    def wait_moving(self, timeout: float = IO_TIMEOUT) -> None:
+        assert self.moving.wait(timeout), "the migration never started moving pages"
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "ctl migrate did not return"
+
+
+def _code(exc: ControlError) -> str | None:
+    """The AbortCode name a failed `migrate` reply carries (error.code)."""
+    return (exc.reply.get("error") or {}).get("code")
+
+
+def _guests(d: RealDaemon) -> dict[str, str]:
+    return {g["name"]: g["state"] for g in d.ctl("list")["guests"]}
+
+
+def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: bytes | None = None):
+    """Play a source: send one Hello (or `raw` bytes) and return the destination's first message
+    (Accept / Refuse), or None when it closed the connection without one."""
+    from sevmigd.wire import NEED_DATA, Connection, Role, RemoteProtocolError, messages as m
+    conn = Connection(Role.SOURCE)
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        s.sendall(raw if raw is not None else conn.send(m.Hello(
+            version=1, features=(), platform=platform, guest_name="intruder", memory_bytes=memory_bytes,
+            policy=0, vcpus=1, es=False, migration_id="0123456789abcdef")))
+        ev = NEED_DATA
+        while ev is NEED_DATA:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            conn.receive_data(data)
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError:
+                return None
+        return ev
+
+
+def _platform_of(fleet: str = "fleet") -> dict[str, bytes]:
+    from sevmigd.migrate.trust import platform_files
+    from sevmigd.psp.identity import PlatformIdentity
+    return platform_files(PlatformIdentity.create(fleet_ca(fleet), os.urandom))
+
+
+# --------------------------------------------------------------------------------- trust refusals
+
+
+@needs_migration
+@pytest.mark.parametrize("cert,offset,link", [
+    (None, 0, None),                    # control: the untampered chain is accepted
+    ("pek", 0x414 + 17, "PEK"),         # a flipped bit in the PEK's signature
+    ("cek", 0x500, "CEK"),              # ... in the CEK's signature (signed by the ASK)
+    ("ask", 100, "ASK"),                # ... in the ASK's key (signed by the ARK)
+])
+def test_tampered_chain_is_refused_with_the_failing_link(daemons, cert, offset, link):
+    d = daemons("dest")
+    plat = _platform_of("fleet")
+    if cert is not None:
+        b = bytearray(plat[cert])
+        b[offset] ^= 0x01
+        plat[cert] = bytes(b)
+    reply = _fake_hello(d.port, platform=plat)
+    from sevmigd.wire import AbortCode, messages as m
+    if cert is None:
+        assert isinstance(reply, m.Accept)
+        return
+    assert isinstance(reply, m.Refuse), reply
+    assert reply.code == AbortCode.UNTRUSTED_PLATFORM
+    assert "chain rejected" in reply.reason and link in reply.reason
+    assert "intruder" not in _guests(d)
+
+
+@needs_migration
+def test_platform_of_another_fleet_is_refused(daemons):
+    """A source whose chain ends in another fleet's ARK: refused by the destination, guest stays home."""
+    src = daemons("src", fleet="other", trust=("other", "fleet"))
+    dst = daemons("dst", fleet="fleet")  # trusts only its own fleet
+    src.ctl("launch", name="g1", memory=4 << 20)
+    with pytest.raises(ControlError) as ei:
+        src.ctl("migrate", name="g1", to=dst.listen, timeout=60)
+    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "source platform chain rejected" in str(ei.value)
+    assert _guests(src) == {"g1": "running"}
+    assert "g1" not in _guests(dst)
+
+
+@needs_migration
+def test_source_refuses_a_destination_of_another_fleet(daemons):
+    src = daemons("src", fleet="fleet")  # trusts only its own fleet
+    dst = daemons("dst", fleet="other", trust=("other", "fleet"))
+    src.ctl("launch", name="g1", memory=4 << 20)
+    with pytest.raises(ControlError) as ei:
+        src.ctl("migrate", name="g1", to=dst.listen, timeout=60)
+    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "destination platform chain rejected" in str(ei.value)
+    assert _guests(src) == {"g1": "running"}
+    assert "g1" not in _guests(dst)
+
+
+# ----------------------------------------------------------------------------------------- limits
+
+
+@needs_migration
+def test_oversized_guest_is_refused(daemons):
+    src = daemons("src")
+    dst = daemons("dst", config={"max_guest_bytes": "4M"})
+    src.ctl("launch", name="big", memory=8 << 20)
+    with pytest.raises(ControlError) as ei:
+        src.ctl("migrate", name="big", to=dst.listen, timeout=60)
+    msg = str(ei.value)
+    # The reason names the announced size and the destination's limit.
+    assert _code(ei.value) == "RESOURCE_LIMIT" and str(8 << 20) in msg and str(4 << 20) in msg, msg
+    assert _guests(src) == {"big": "running"}
+    assert "big" not in _guests(dst)
+    # An absurd announced size from a hand-written source is refused the same way, before allocation.
+    from sevmigd.wire import AbortCode, messages as m
+    reply = _fake_hello(dst.port, platform=_platform_of(), memory_bytes=1 << 42)
+    assert isinstance(reply, (m.Refuse, m.Abort)) and reply.code == AbortCode.RESOURCE_LIMIT, reply
+
+
+@needs_migration
+def test_silent_connection_is_dropped_at_handshake_timeout(daemons):
+    d = daemons("dest", config={"handshake_timeout_s": 1.0, "keepalive_interval_s": 0.2,
+                                "peer_timeout_s": 1.0})
+    with socket.create_connection(("127.0.0.1", d.port), timeout=IO_TIMEOUT) as s:
+        start = time.monotonic()
+        received = b""
+        try:
+            while chunk := s.recv(4096):   # the daemon may say why (an Abort frame) before closing
+                received += chunk
+        except ConnectionResetError:
+            pass
+        elapsed = time.monotonic() - start
+    # Closed by the daemon (EOF), at its deadline, not by our socket timeout.
+    assert 0.5 <= elapsed < IO_TIMEOUT
+    assert len(received) < 1024
+    assert d.ctl("server-info")
+
+
+@needs_migration
+def test_flood_and_garbage_do_not_disturb_a_running_migration(daemons):
+    """200 idle or garbage-sending connections against the destination while a migration runs there:
+    the migration completes, the guest verifies, the daemon still answers, excess connections are shed."""
+    src = daemons("src")
+    dst = daemons("dst", config={"handshake_timeout_s": 2.0, "max_unauthenticated": 32})
+    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=8)  # ~4 s of pre-copy
+    mig.wait_moving()
+    rng = __import__("random").Random(4446)
+    socks = []
+    try:
+        for i in range(200):
+            try:
+                s = socket.create_connection(("127.0.0.1", dst.port), timeout=IO_TIMEOUT)
+            except OSError:
+                continue  # backlog full for a moment: that is shedding too
+            socks.append(s)
+            try:
+                if i % 4 == 1:
+                    s.sendall(bytes(rng.getrandbits(8) for _ in range(512)))      # random garbage
+                elif i % 4 == 2:
+                    s.sendall(b"\xff\xff\xff\xff" + b"A" * 256)                    # a 4 GiB length prefix
+                elif i % 4 == 3:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")                 # wrong protocol
+            except OSError:
+                pass  # already shed by the daemon
+        assert dst.ctl("server-info")  # the control plane answers during the flood
+        assert mig.result is None and mig.error is None, "the flood did not overlap the migration"
+        mig.join()
+    finally:
+        for s in socks:
+            s.close()
+    assert mig.error is None, mig.error
+    assert mig.result["status"] == "completed"
+    assert _guests(dst) == {"g1": "running"}
+    assert dst.ctl("verify", name="g1")["ok"] is True
+    events = [e.get("event") for e in dst.log_events()]
+    assert "incoming_refused" in events  # connections beyond the cap were accepted and closed at once
+
+
+# -------------------------------------------------------------------------------------------- TLS
+
+
+def _tls_ca(name: str):
+    import test_tls as tt
+    if ("tls", name) not in _CA_CACHE:
+        _CA_CACHE[("tls", name)] = tt.make_ca(name)
+    return _CA_CACHE[("tls", name)]
+
+
+def _tls_files(root: pathlib.Path, name: str, ca_name: str = "tls-fleet", trust: str | None = None) -> dict[str, str]:
+    """TLS cert/key/ca for daemon `name`, issued by CA `ca_name`, trusting CA `trust` (default: same)."""
+    import test_tls as tt
+    ca = _tls_ca(ca_name)
+    return tt.write_tls_files(root / f"tls-{name}", ca, tt.make_leaf(ca, name), trust=_tls_ca(trust or ca_name))
+
+
+@needs_migration
+def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
+    src = daemons("src", config={"tls": _tls_files(tmp_path, "src")})
+    dst = daemons("dst", config={"tls": _tls_files(tmp_path, "dst"), "handshake_timeout_s": 2.0})
+    src.ctl("launch", name="g1", memory=4 << 20)
+    assert src.ctl("migrate", name="g1", to=dst.listen, timeout=60)["status"] == "completed"
+    assert _guests(dst) == {"g1": "running"}
+
+    # A plaintext source gets nothing: no Accept, the connection is closed, the log says why.
+    assert _fake_hello(dst.port, platform=_platform_of()) is None
+
+    # A source from another TLS CA that does not trust ours: it refuses the destination itself.
+    rogue = daemons("rogue", config={"tls": _tls_files(tmp_path, "rogue", ca_name="other-tls")})
+    rogue.ctl("launch", name="g2", memory=4 << 20)
+    with pytest.raises(ControlError) as ei:
+        rogue.ctl("migrate", name="g2", to=dst.listen, timeout=60)
+    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "certificate verify failed" in str(ei.value), ei.value.reply
+    assert _guests(rogue) == {"g2": "running"}
+
+    # A source whose certificate comes from another CA but that trusts ours: the destination refuses it.
+    sneaky = daemons("sneaky", config={"tls": _tls_files(tmp_path, "sneaky", ca_name="other-tls",
+                                                         trust="tls-fleet")})
+    sneaky.ctl("launch", name="g3", memory=4 << 20)
+    with pytest.raises(ControlError):
+        sneaky.ctl("migrate", name="g3", to=dst.listen, timeout=60)
+    assert _guests(sneaky) == {"g3": "running"}
+    assert set(_guests(dst)) == {"g1"}
+    assert dst.stop() == 0  # the log is complete once the daemon has exited
+    log = dst.log_text()
+    assert "peer is not speaking TLS" in log          # the plaintext source
+    assert "certificate verify failed" in log         # the sneaky source
+
+    # Neither daemon logged a private key: platform keys nor TLS keys.
+    for d, name in ((src, "src"), (dst, "dst")):
+        d.stop()
+        needles = _secret_needles(tmp_path / name / "state") + _secret_needles(tmp_path / f"tls-{name}")
+        leaked = [n for n in needles if n in d.log_text()]
+        assert not leaked, f"{name}: key material in the log: {leaked[:3]}"
