@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from sevmigd.guest.ledger import (ENTRIES_PER_PAGE, Layout, contrib, mix, workload_content)
+from sevmigd.guest.ledger import (ENTRIES_PER_PAGE, RECORDS_PER_PAGE, Layout, contrib, mix, workload_content)
 from sevmigd.guest.vm import GuestConfig, SevVm
 from sevmigd.psp.firmware import Firmware
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
@@ -124,46 +124,120 @@ def test_image_page_damage(vm):
     assert_caught(vm, [2])
 
 
-def test_corrupted_ledger_page(vm):
-    lay = vm._kernel.layout
-    lp = lay.ledger_start + (written_workload_pages(vm, False)[0] // ENTRIES_PER_PAGE)
+def journal_home(vm, pfn):
+    """The journal page holding pfn's latest record, or None when its entry is in the table."""
+    led = vm._kernel.ledger
+    recs = led._journal_records()
+    hits = np.flatnonzero(recs[:, 0] == pfn)
+    if not len(hits):
+        return None
+    return vm._kernel.layout.journal_start + int(hits[-1]) // RECORDS_PER_PAGE
+
+
+def test_corrupted_journal_page(vm):
+    pfn = written_workload_pages(vm, False)[-1]
+    jp = journal_home(vm, pfn)
+    assert jp is not None
+    flip_byte(vm, jp, offset=32 * 3 + 9)
+    assert_caught(vm, [jp])
+
+
+def test_corrupted_table_page(vm):
+    k = vm._kernel
+    assert k.ledger.compact()
+    assert vm.verify().ok and k.regs["jlen"] == 0
+    pfn = written_workload_pages(vm, False)[0]
+    lp = k.layout.ledger_start + pfn // ENTRIES_PER_PAGE
     flip_byte(vm, lp, offset=16 * 7 + 3)
     assert_caught(vm, [lp])
 
 
-def test_stale_ledger_page_with_stale_data(vm):
-    """Host rolls back a data page AND its ledger page to a consistent older snapshot: the directory
-    (and its root in the vCPU registers) catch it."""
+def test_stale_journal_page_with_stale_data(vm):
+    """Host rolls back a data page AND the journal page with its record to a consistent older
+    snapshot: the directory (and its root in the vCPU registers) catch it."""
     k = vm._kernel
-    lay = k.layout
     pfn = written_workload_pages(vm, False)[0]
-    lp = lay.ledger_start + pfn // ENTRIES_PER_PAGE
+    k.write_workload(np.array([pfn]))
+    jp = journal_home(vm, pfn)
+    snap = vm.host.read_raw_pages([pfn, jp])
+    k.write_workload(np.array([pfn]))
+    assert journal_home(vm, pfn) == jp and vm.verify().ok
+    vm.host.write_raw_pages([pfn, jp], snap)
+    assert_caught(vm, [jp])
+
+
+def test_stale_table_page_with_stale_data(vm):
+    k = vm._kernel
+    pfn = written_workload_pages(vm, False)[0]
+    lp = k.layout.ledger_start + pfn // ENTRIES_PER_PAGE
+    assert k.ledger.compact()
     snap = vm.host.read_raw_pages([pfn, lp])
     k.write_workload(np.array([pfn]))
+    assert k.ledger.compact()             # the new entry reaches the table
     assert vm.verify().ok
     vm.host.write_raw_pages([pfn, lp], snap)
     assert_caught(vm, [lp])
 
 
-def test_stale_ledger_and_directory_caught_by_register_root(vm):
-    """Rolling back data, ledger and directory pages together is still caught: the root is a register."""
+def test_stale_metadata_and_directory_caught_by_register_root(vm):
+    """Rolling back data, journal and directory pages together is still caught: the root is a register."""
     k = vm._kernel
     lay = k.layout
     pfn = written_workload_pages(vm, False)[0]
-    lp = lay.ledger_start + pfn // ENTRIES_PER_PAGE
-    dp = lay.dir_start + (lp - lay.ledger_start) // 256
-    snap = vm.host.read_raw_pages([pfn, lp, dp])
     k.write_workload(np.array([pfn]))
-    vm.host.write_raw_pages([pfn, lp, dp], snap)
-    assert_caught(vm, [dp])
+    jp = journal_home(vm, pfn)
+    snap = vm.host.read_raw_pages([pfn, jp, lay.dir_start])
+    k.write_workload(np.array([pfn]))
+    vm.host.write_raw_pages([pfn, jp, lay.dir_start], snap)
+    assert_caught(vm, [lay.dir_start])
 
 
-def test_swapped_ledger_pages(vm):
-    lay = vm._kernel.layout
-    a, b = lay.ledger_start, lay.ledger_start + lay.n_ledger - 1
+def test_swapped_table_pages(vm):
+    k = vm._kernel
+    lay = k.layout
+    assert k.ledger.compact()
+    a, b = lay.ledger_start + 1, lay.ledger_start + lay.n_ledger - 1
+    ra, rb = vm.host.read_raw_pages([a]), vm.host.read_raw_pages([b])
+    assert ra != rb
+    vm.host.write_raw_pages([a, b], rb + ra)
+    assert_caught(vm, [a, b])
+
+
+def test_swapped_journal_pages(vm):
+    k = vm._kernel
+    lay = k.layout
+    while k.regs["jlen"] < 2 * RECORDS_PER_PAGE:
+        vm.run(0.01)
+    a, b = lay.journal_start, lay.journal_start + 1
     ra, rb = vm.host.read_raw_pages([a]), vm.host.read_raw_pages([b])
     vm.host.write_raw_pages([a, b], rb + ra)
     assert_caught(vm, [a, b])
+
+
+def test_many_writes_wrap_the_journal_and_stay_verifiable(vm):
+    k = vm._kernel
+    cap = k.layout.journal_capacity
+    before = int(k.regs["wl_seq"])
+    for _ in range(40):
+        vm.run(0.01)
+    assert int(k.regs["wl_seq"]) - before > cap       # at least one compaction happened
+    assert vm.verify().ok
+    pfn = written_workload_pages(vm, True)[0]
+    flip_byte(vm, pfn)
+    assert_caught(vm, [pfn])
+
+
+def test_damaged_journal_is_not_compacted_away(vm):
+    """A full journal with a damaged page is not compacted (that would erase the evidence): later
+    writes go straight to the table, and verify still names the journal page."""
+    k = vm._kernel
+    pfn = written_workload_pages(vm, False)[-1]
+    jp = journal_home(vm, pfn)
+    flip_byte(vm, jp, offset=40)
+    assert not k.ledger.compact()
+    for _ in range(40):
+        vm.run(0.01)
+    assert_caught(vm, [jp])
 
 
 def test_lost_directory_page(vm):
@@ -178,34 +252,59 @@ def test_damaged_kernel_state_page(vm):
     assert_caught(vm, [lay.kstate_pfn])
 
 
-def test_damage_survives_later_updates_of_the_same_ledger_page(vm):
-    """Corrupt an entry, then let the guest update another entry of that ledger page: the
-    incremental accumulator keeps the discrepancy, verify still reports the ledger page."""
+def test_damage_survives_later_updates_of_the_same_table_page(vm):
+    """Corrupt an entry, then let compaction update another entry of that table page: the
+    incremental accumulator keeps the discrepancy, verify still reports the table page."""
     k = vm._kernel
     lay = k.layout
-    pages = written_workload_pages(vm, False)
-    pfn = pages[0]
+    assert k.ledger.compact()
+    pfn = written_workload_pages(vm, False)[0]
     lp = lay.ledger_start + pfn // ENTRIES_PER_PAGE
     flip_byte(vm, lp, offset=16 * ((pfn + 1) % ENTRIES_PER_PAGE))
     k.write_workload(np.array([pfn]))
-    assert lp in vm.verify().mismatches
+    assert k.ledger.compact()
+    assert_caught(vm, [lp])
+
+
+def test_damage_survives_later_appends_to_the_same_journal_page(vm):
+    k = vm._kernel
+    lay = k.layout
+    jlen = int(k.regs["jlen"])
+    assert jlen % RECORDS_PER_PAGE > 1
+    jp = lay.journal_start + (jlen - 1) // RECORDS_PER_PAGE
+    flip_byte(vm, jp, offset=8)
+    k.write_workload(np.array(written_workload_pages(vm, False)[:1]))
+    assert journal_home(vm, written_workload_pages(vm, False)[0]) == jp
+    assert_caught(vm, [jp])
 
 
 def test_verify_counts_pages(vm):
     rep = vm.verify()
     lay = vm._kernel.layout
     written = len(written_workload_pages(vm, False)) + len(written_workload_pages(vm, True)) + 2
-    assert rep.pages_checked == written + lay.image_pages + 1 + lay.n_dir + lay.n_ledger
+    jpages = -(-int(vm._kernel.regs["jlen"]) // RECORDS_PER_PAGE)
+    assert rep.pages_checked == (written + lay.image_pages + 1 + lay.n_dir + jpages
+                                 + _initialised_table_pages(vm))
+
+
+def _initialised_table_pages(vm):
+    led = vm._kernel.ledger
+    lay = vm._kernel.layout
+    idx = np.arange(lay.n_ledger)
+    dps, dpages = led._read_dir(idx)
+    d = dpages.reshape(-1, 2)[:lay.n_ledger]
+    return int(np.count_nonzero((d[:, 0] != 0) | (d[:, 1] != 0)))
 
 
 # ------------------------------------------------------------------------ pure parts
 def test_layout_orders_regions():
     lay = Layout.compute(npages=2048, image_pages=16)
     assert lay.kstate_pfn == 16 and lay.dir_start == 17
-    assert lay.n_ledger == 8 and lay.n_dir == 1
-    assert lay.pool_start == lay.ledger_start + lay.n_ledger
+    assert lay.n_ledger == 8 and lay.n_dir == 1 and lay.n_journal == 16
+    assert lay.journal_start == lay.ledger_start + lay.n_ledger
+    assert lay.pool_start == lay.journal_start + lay.n_journal
     big = Layout.compute(npages=(8 << 30) // PAGE, image_pages=16)
-    assert big.n_ledger == 8192 and big.n_dir == 32
+    assert big.n_ledger == 8192 and big.n_journal == 1024 and big.n_dir == 36
     with pytest.raises(ValueError):
         Layout.compute(npages=10, image_pages=16)
 

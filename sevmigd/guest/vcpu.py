@@ -39,6 +39,7 @@ KERNEL_REGS = (
     "shared",      # number of pages the kernel currently has shared (C-bit clear)
     "wl_shared",   # of which workload pages (the workload keeps this at its configured target)
     "boots",       # kernel boot counter (reboot derives fresh ledger keys from it)
+    "jlen",        # records in the ledger journal
 ) + tuple(f"lg{i}" for i in range(LEDGER_ROOTS))
 
 BSP_REGS = ARCH_REGS + KERNEL_REGS
