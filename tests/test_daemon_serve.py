@@ -192,3 +192,26 @@ def test_progress_line_shows_round_percent_rate_and_downtime():
     quiet = _ProgressLine(io.StringIO())   # not a TTY: no progress output at all
     quiet("progress", {"round": 1})
     assert not quiet.shown
+
+
+def test_sigterm_during_a_migration_answers_the_waiting_client(daemon_factory):
+    """Graceful shutdown cancels an outgoing migration before "go"; the `ctl migrate` that waits on
+    it gets a real error reply (exit 1), the destination keeps nothing, both daemons exit 0."""
+    a, b = daemon_factory(), daemon_factory()
+    _ok(a.ctl("launch", "g", "--memory", "32M"))
+    cmd = [sys.executable, "-m", "sevmigd", "ctl", "--control", a.control, "migrate", "g",
+           "--to", b.address, "--max-bandwidth", "2"]   # ~16 s at 2 MiB/s: still running when we stop
+    mig = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        a.wait_for_log(lambda line: "migration_id" in line and line.get("role", "source") == "source")
+        assert a.terminate() == 0
+        out, err = mig.communicate(timeout=60)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    assert mig.returncode == 1
+    assert "closed the connection" not in err and "Traceback" not in err
+    assert "shut" in err.lower() or "cancel" in err.lower(), err
+    assert b.execute("list") == {"guests": []}
+    assert b.terminate() == 0

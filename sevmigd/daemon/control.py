@@ -213,8 +213,12 @@ async def handle_connection(daemon: Any, stream: trio.abc.Stream) -> None:
                 return
             if not line.strip():
                 continue
-            reply = await process_line(daemon, line, conn.send)
-            await conn.send(reply)
+            daemon.request_started()
+            try:
+                reply = await process_line(daemon, line, conn.send)
+                await conn.send(reply)
+            finally:
+                daemon.request_finished()
     finally:
         await trio.aclose_forcefully(stream)
 

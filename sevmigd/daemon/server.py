@@ -67,6 +67,8 @@ MAX_ASID = 509
 # Bounded graceful shutdown: migrations get this long to abort or finish cleanly after SIGTERM, well
 # inside systemd's TimeoutStopSec (60 s in our unit) so the final cleanup still runs.
 SHUTDOWN_MIGRATIONS_S = 20.0
+# After migrations have settled at shutdown, control requests get this long to send their replies.
+CONTROL_DRAIN_S = 2.0
 # Beyond max_incoming + max_unauthenticated concurrent migration connections we accept-and-close
 # instead of queueing, so a connection flood cannot pin memory or file descriptors.
 
@@ -230,6 +232,9 @@ class Daemon:
         self._listener_scope = trio.CancelScope()
         self._serve_scope: trio.CancelScope | None = None
         self._incoming_connections = 0
+        self._inflight_requests = 0
+        self._requests_idle = trio.Event()
+        self._requests_idle.set()
         self._tls_server_ctx = None
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
@@ -468,8 +473,13 @@ class Daemon:
                         control_listener = unix_inherited[0]
                         self.control_path = _systemd.socket_address(control_listener.socket)
                     else:
-                        control_listener, self._control_inode = control.bind_control_socket(
-                            self.config.control, self.config.control_group)
+                        try:
+                            control_listener, self._control_inode = control.bind_control_socket(
+                                self.config.control, self.config.control_group)
+                        except BaseException:
+                            for listener in listeners:
+                                await trio.aclose_forcefully(listener)
+                            raise
                         self.control_path = self.config.control
                     await nursery.start(self._serve_migration_listeners, listeners)
                     await nursery.start(control.serve_control, self, control_listener)
@@ -525,6 +535,17 @@ class Daemon:
             self._incoming_connections -= 1
             await trio.aclose_forcefully(stream)
 
+    def request_started(self) -> None:
+        """Control bookkeeping: a request is being served (see _graceful_shutdown)."""
+        self._inflight_requests += 1
+        if self._requests_idle.is_set():
+            self._requests_idle = trio.Event()
+
+    def request_finished(self) -> None:
+        self._inflight_requests -= 1
+        if self._inflight_requests == 0:
+            self._requests_idle.set()
+
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown (SIGTERM/SIGINT). Idempotent."""
         self._shutdown_requested.set()
@@ -552,6 +573,11 @@ class Daemon:
                     self.log.error("migration_shutdown_failed", exc_info=True)
             if scope.cancelled_caught:
                 self.log.warning("migration_shutdown_timeout", seconds=SHUTDOWN_MIGRATIONS_S)
+        # Let control requests that were waiting on those migrations (`ctl migrate`) send their final
+        # reply, so the user reads "cancelled: daemon shutting down" rather than a dropped connection.
+        with trio.move_on_after(CONTROL_DRAIN_S):
+            while self._inflight_requests:
+                await self._requests_idle.wait()
         live = [g.name for g in self.guests.values() if g.state in ("running", "paused", "migrating")]
         if live:
             self.log.warning("guests_stopped_by_shutdown", guests=live)
