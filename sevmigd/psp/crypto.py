@@ -109,7 +109,8 @@ class HmacSha256:
     def mac(self, *parts) -> bytes:
         inner = self._inner.copy()
         for p in parts:
-            inner.update(p)
+            if len(p):
+                inner.update(p)
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
@@ -373,14 +374,18 @@ class Channel:
             return b"", b""
         ct = self._ctr_batch(ivs, plaintext, packet_len, n)
         ctv = memoryview(ct)
-        macf = self._mac.mac
+        inner0, outer0 = self._mac._inner, self._mac._outer   # HMAC inlined: this loop is per page
         aad = _AAD.pack
         hdr = _HDR.pack
         headers = []
         for i in range(n):
             iv = ivs[i * 16:(i + 1) * 16]
-            m = macf(aad(ctx, 0, iv, packet_len, packet_len), ctv[i * packet_len:(i + 1) * packet_len])
-            headers.append(hdr(0, iv, m))
+            inner = inner0.copy()
+            inner.update(aad(ctx, 0, iv, packet_len, packet_len))
+            inner.update(ctv[i * packet_len:(i + 1) * packet_len])
+            outer = outer0.copy()
+            outer.update(inner.digest())
+            headers.append(hdr(0, iv, outer.digest()))
         return b"".join(headers), ct
 
     def verify_batch(self, headers, ciphertext, packet_len: int, *, ctx: int = CTX_UPDATE,
@@ -389,13 +394,18 @@ class Channel:
         n = len(headers) // HEADER_SIZE if stop_at is None else stop_at
         hv = memoryview(headers)
         cv = memoryview(ciphertext)
-        macf = self._mac.mac
+        inner0, outer0 = self._mac._inner, self._mac._outer   # HMAC inlined: this loop is per page
         aad = _AAD.pack
+        unpack = _HDR.unpack_from
         cmp = _hmac.compare_digest
         for i in range(n):
-            flags, iv, mac = _HDR.unpack_from(hv, i * HEADER_SIZE)
-            m = macf(aad(ctx, flags, iv, packet_len, packet_len), cv[i * packet_len:(i + 1) * packet_len])
-            if not cmp(m, mac):
+            flags, iv, mac = unpack(hv, i * HEADER_SIZE)
+            inner = inner0.copy()
+            inner.update(aad(ctx, flags, iv, packet_len, packet_len))
+            inner.update(cv[i * packet_len:(i + 1) * packet_len])
+            outer = outer0.copy()
+            outer.update(inner.digest())
+            if not cmp(outer.digest(), mac):
                 return i
         return n
 

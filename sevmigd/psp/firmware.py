@@ -568,7 +568,10 @@ class Firmware:
             err = SevError(SevStatus.INVALID_ADDRESS, f"page {int(p[bad[0]])} is outside the guest's memory")
             err.index = int(bad[0])
             raise err
-        ivs = b"".join([self._rand(16) for _ in range(p.size)])
+        rng = self._rng
+        ivs = b"".join([rng(16) for _ in range(p.size)])     # one fresh IV per packet, as N commands would
+        if len(ivs) != 16 * p.size:
+            raise SevError(SevStatus.HWERROR_PLATFORM, "RNG returned the wrong number of bytes")
         plain = g.engine.read_pages(g.ram, p)
         return g.channel.seal_batch(ivs, plain, PAGE_SIZE, ctx=crypto.CTX_UPDATE)
 
