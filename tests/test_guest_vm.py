@@ -337,3 +337,38 @@ def test_big_guest_is_lazy():
     assert 200 < len(d) < 1000
     assert vm.verify().ok
     vm.release()
+
+
+def test_info_shows_measurement_and_state(launch):
+    vm = launch(shared_fraction=0.1)
+    info = vm.info()
+    assert info["measurement"] == vm.measurement.hex() and info["launch_digest"] == vm.launch_digest.hex()
+    assert info["sev_state"] == "RUNNING" and info["migration_control"] == 1
+    assert info["shared_pages"] + info["private_pages"] == vm.npages and info["shared_pages"] > 0
+
+
+# ---------------------------------------------------------------------------------------- VMSA codec
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, vc.vmsa_capacity()), vals=st.lists(st.integers(0, vc.U64), min_size=1, max_size=50))
+def test_vmsa_roundtrip(n, vals):
+    regs = [vc.reset_state(i) for i in range(n)]
+    for i, v in enumerate(vals):
+        r = regs[i % n]
+        r[sorted(r)[i % len(r)]] = v
+    page = vc.encode_vmsa(regs)
+    assert len(page) == 4096 and not any(page[vc.VMSA_REGS_LIMIT:])
+    assert vc.decode_vmsa(page) == regs
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=4100), keep_header=st.booleans())
+def test_vmsa_decode_rejects_garbage_with_valueerror(data, keep_header):
+    if keep_header:
+        data = vc.encode_vmsa([vc.reset_state(0)])[:16] + data[16:]
+    try:
+        vc.decode_vmsa(data)
+    except ValueError:
+        pass

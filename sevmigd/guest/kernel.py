@@ -51,6 +51,10 @@ KVM_MIGRATION_READY = 1 << 0
 KVM_ENOSYS = 1000
 KVM_EINVAL = 22
 
+#: Pages (or flip events) handled per batch in one run step: a long run(dt) (a daemon that was not
+#: scheduled for a while) is processed in batches of 16 MiB so memory stays flat.
+MAX_BATCH = 4096
+
 _KSTATE_MAGIC = b"SEVMIGDK"
 _KSTATE_FMT = "<8sIIQQQQQQ32sdQQdQB"   # see _encode_kstate
 _U64 = (1 << 64) - 1
@@ -291,11 +295,14 @@ class GuestKernel:
         step = self.regs["wl_step"]
         self.regs["wl_step"] = step + 1
         g = wl.step_rng(p, step)
-        if n_f:
-            self._flip_events(p, g, n_f)
+        for i in range(0, n_f, MAX_BATCH):
+            self._flip_events(p, g, min(MAX_BATCH, n_f - i))
+        done = 0
         if n_w:
-            return self.write_workload(wl.pick_writes(p, g, n_w))
-        return 0
+            picks = wl.pick_writes(p, g, n_w)
+            for i in range(0, len(picks), MAX_BATCH):
+                done += self.write_workload(picks[i:i + MAX_BATCH])
+        return done
 
     def _flip_events(self, p, g, n: int) -> None:
         cand = wl.pick_flip_candidates(p, g, n)

@@ -305,6 +305,21 @@ class SevVm:
     def private_pages(self) -> int:
         return self.npages - self.shared_pages()
 
+    def info(self) -> dict:
+        """What an operator sees (`sevmigd ctl` status): identity, PSP state, launch measurement,
+        page-state counts and the migration-control opt-in. Contains nothing secret."""
+        return {
+            "name": self.name, "memory_bytes": self.memory_bytes, "vcpus": self.vcpus,
+            "policy": self.policy, "handle": self.handle, "asid": self.asid, "es": self._es,
+            "sev_state": self.sev_state, "running": self.running,
+            "launch_digest": self.launch_digest.hex(),
+            "measurement": self.measurement.hex() if self.measurement is not None else None,
+            "private_pages": self.private_pages(), "shared_pages": self.shared_pages(),
+            "migration_control": self.host.migration_control,
+            "migration_control_supported": self.host.migration_control_supported,
+            "throttle_pct": self.host.throttle_pct,
+        }
+
     def __repr__(self) -> str:
         return f"SevVm(name={self.name!r}, handle={self.handle}, asid={self.asid}, {self.memory_bytes >> 20} MiB)"
 
