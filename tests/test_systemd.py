@@ -460,3 +460,71 @@ def test_socket_activated_daemon_serves_the_inherited_listener(tmp_path):
         assert d.stop() == 0
     finally:
         d.close()
+
+
+@needs_migration
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (package systemd)")
+def test_socket_activated_destination_receives_a_migration(tmp_path, daemons):
+    """The migration's own connection is what starts the destination (systemd-socket-activate spawns on
+    the first connection); it waits in the backlog of the inherited socket and the migration completes."""
+    src = daemons("src")
+    src.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+    port = _free_port()
+    (tmp_path / "dst").mkdir()
+    dst = RealDaemon(tmp_path / "dst", state_dir=make_state(tmp_path / "dst" / "state"), listen="127.0.0.1:1",
+                     launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+                               "-E", f"NOTIFY_SOCKET={tmp_path / 'dst' / 'notify.sock'}"], stderr_pipe=True)
+    try:
+        assert select.select([dst.proc.stderr], [], [], IO_TIMEOUT)[0]
+        assert b"Listening on" in dst.proc.stderr.readline()
+        stats = src.ctl("migrate", name="g1", to=f"127.0.0.1:{port}", timeout=120)
+        assert stats["status"] == "completed"
+        dst.wait_ready()
+        assert {g["name"]: g["state"] for g in dst.ctl("list")["guests"]} == {"g1": "running"}
+        assert dst.ctl("verify", name="g1")["ok"] is True
+        assert dst.stop() == 0
+    finally:
+        dst.close()
+
+
+@needs_migration
+def test_sigterm_on_destination_mid_migration_keeps_the_guest_on_the_source(daemons):
+    from test_security import BackgroundMigration
+    src = daemons("src")
+    dst = daemons("dst")
+    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=4)  # ~8 s of pre-copy
+    mig.wait_moving()
+    dst.signal(signal.SIGTERM)
+    stopping = dst.wait_notify(lambda m: m.get("STOPPING") == "1")
+    assert "1 migration(s)" in stopping["STATUS"]
+    assert dst.proc.wait(IO_TIMEOUT) == 0
+    mig.join()
+    assert mig.result is None and mig.error is not None
+    assert (mig.error.reply.get("error") or {}).get("code") in ("SHUTDOWN", "CANCELLED", "PROTOCOL_ERROR")
+    guests = src.ctl("list")["guests"]
+    assert [(g["name"], g["state"]) for g in guests] == [("g1", "running")]
+    assert src.ctl("verify", name="g1")["ok"] is True
+
+
+@needs_migration
+def test_sigterm_on_source_mid_migration_cancels_cleanly(daemons):
+    """SIGTERM on the source before "go": the migration is cancelled (the guest never left), the
+    destination discards its partial copy, and the source exits 0 within its stop budget."""
+    from test_security import BackgroundMigration
+    src = daemons("src")
+    dst = daemons("dst")
+    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=4)
+    mig.wait_moving()
+    src.signal(signal.SIGTERM)
+    src.wait_notify(lambda m: m.get("STOPPING") == "1")
+    assert src.proc.wait(IO_TIMEOUT) == 0
+    mig.join()
+    assert mig.result is None
+    # The destination never runs a copy; its incoming guest is gone (not left half-received).
+    dst_guests = {g["name"]: g["state"] for g in dst.ctl("list")["guests"]}
+    assert dst_guests.get("g1") not in ("running", "incoming", "paused")
+    events = [e for e in src.log_events() if e.get("event") in ("shutting_down", "stopped")]
+    assert [e["event"] for e in events] == ["shutting_down", "stopped"]
