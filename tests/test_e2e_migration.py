@@ -1,0 +1,284 @@
+"""End to end: two real `sevmigd serve` daemons, real TCP on loopback, the CLI as a user runs it.
+
+Rules for this file: loopback and port 0 only (daemons via tests/daemon_helpers.py, the proxy binds
+127.0.0.1:0); every wait has a deadline (`fail_after`, subprocess timeouts, `wait_for_log` deadlines); no
+sleep is used to wait for something: log lines, process exits and proxy events are. Guests are small
+(16-64 MiB) so the file stays fast. The frame-aware proxy below is the one place that tampers with
+traffic; it knows only the framing (4-byte length + msgpack array whose first element is the type).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import msgpack
+import pytest
+import trio
+
+from daemon_helpers import daemon_factory  # noqa: F401  (pytest fixture)
+from sevmigd.wire.messages import MsgType
+
+pytestmark = pytest.mark.slow
+
+LEN = struct.Struct(">I")
+MAC_TAIL = 34  # c4 20 + HMAC-SHA256: every authenticated frame ends with it
+CTL_TIMEOUT = 120
+
+
+def ctl_json(d, *argv):
+    res = d.ctl(*argv, "--json", timeout=CTL_TIMEOUT)
+    assert res.returncode == 0, f"ctl {argv} -> {res.returncode}\n{res.stdout}{res.stderr}\n{d.output()[-4000:]}"
+    return json.loads(res.stdout)
+
+
+def launch(d, name, memory, *extra):
+    return ctl_json(d, "launch", name, "--memory", memory, *extra)
+
+
+def guest_names(d):
+    return {g["name"]: g["state"] for g in ctl_json(d, "list")}
+
+
+def assert_still_running_here(src, dst, name):
+    st = ctl_json(src, "status", name)
+    assert st["state"] == "running", st
+    assert st["sev_state"] == "RUNNING", st
+    v = ctl_json(src, "verify", name)
+    assert v["ok"] and v["mismatch_count"] == 0, v
+    assert name not in guest_names(dst)
+
+
+def popen_ctl(d, *argv):
+    cmd = [sys.executable, "-m", "sevmigd", "ctl", "--control", d.control, *map(str, argv)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+# --------------------------------------------------------------------------------------- the proxy
+
+
+def pages_frame_has_private(frame: bytes) -> bool:
+    """True when a Pages frame carries at least one private page (so its tail before the MAC is enc_data)."""
+    u = msgpack.Unpacker(raw=False)
+    u.feed(frame[4:])
+    u.read_array_header()
+    u.unpack()  # type
+    u.unpack()  # seq
+    u.unpack()  # round
+    return len(u.unpack()) > 0  # enc_pfns column (8 bytes per page)
+
+
+class FrameProxy:
+    """TCP proxy 127.0.0.1:0 -> target, frame by frame. `hook(direction, mtype, frame)` returns the bytes to
+    forward (maybe changed). Everything forwarded is captured per direction ("s2d", "d2s")."""
+
+    def __init__(self, target_host, target_port, hook=None):
+        self.target = (target_host, target_port)
+        self.hook = hook or (lambda d, t, f: f)
+        self.captured = {"s2d": bytearray(), "d2s": bytearray()}
+        self.seen: list[tuple[str, int]] = []
+        self.port = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client):
+        upstream = await trio.open_tcp_stream(*self.target)
+        async with client, upstream, trio.open_nursery() as n:
+            n.start_soon(self._pump, client, upstream, "s2d", n.cancel_scope)
+            n.start_soon(self._pump, upstream, client, "d2s", n.cancel_scope)
+
+    async def _pump(self, rx, tx, direction, scope):
+        buf = bytearray()
+        try:
+            while True:
+                data = await rx.receive_some(1 << 20)
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 4:
+                    (size,) = LEN.unpack_from(buf)
+                    if len(buf) < 4 + size:
+                        break
+                    frame = bytes(buf[:4 + size])
+                    del buf[:4 + size]
+                    u = msgpack.Unpacker(raw=False)
+                    u.feed(frame[4:4 + min(size, 32)])
+                    try:
+                        u.read_array_header()
+                        mtype = u.unpack()
+                    except Exception:  # noqa: BLE001
+                        mtype = -1
+                    self.seen.append((direction, mtype))
+                    out = self.hook(direction, mtype, frame)
+                    self.captured[direction] += out
+                    await tx.send_all(out)
+            await tx.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+
+# --------------------------------------------------------------------------------------- the tests
+
+
+def test_live_guest_migrates_and_verifies(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "web", "48M", "--dirty-rate", "8", "--shared-fraction", "0.25", "--flip-rate", "10", "--seed", "3")
+    stats = ctl_json(a, "migrate", "web", "--to", b.address)
+    assert stats["status"] == "completed"
+    assert stats["role"] == "source" and stats["error"] is None
+    assert stats["round"] >= 2  # at least one pre-copy round and the stop-and-copy
+    assert stats["private_pages"] > 0 and stats["shared_pages"] > 0
+    assert stats["downtime_ms"] is not None and stats["downtime_ms"] < stats["total_time_ms"]
+    v = ctl_json(b, "verify", "web")
+    assert v["ok"] and v["mismatch_count"] == 0 and v["pages_checked"] > 0
+    assert guest_names(a) == {"web": "migrated"}
+    st = ctl_json(b, "status", "web")
+    assert st["state"] == "running" and st["sev_state"] == "RUNNING"
+    # the source's copy is gone from its PSP, the destination's log has the one summary line
+    assert ctl_json(a, "status", "web")["sev_state"] == "UNINIT"
+    done = b.wait_for_log("incoming_completed")
+    assert done["guest"] == "web" and done["migration_id"] == stats["migration_id"]
+    # and the plain CLI output is one readable line
+    launch(a, "small", "16M")
+    res = a.ctl("migrate", "small", "--to", b.address, timeout=CTL_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    assert "small: migration completed in" in res.stdout
+
+
+def test_a_to_b_to_a(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "g", "32M", "--dirty-rate", "4", "--shared-fraction", "0.2", "--flip-rate", "2")
+    assert ctl_json(a, "migrate", "g", "--to", b.address)["status"] == "completed"
+    assert ctl_json(b, "verify", "g")["ok"]
+    assert ctl_json(b, "migrate", "g", "--to", a.address)["status"] == "completed"
+    v = ctl_json(a, "verify", "g")
+    assert v["ok"] and v["mismatch_count"] == 0
+    assert guest_names(a) == {"g": "running"}
+    assert guest_names(b) == {"g": "migrated"}
+
+
+def test_nosend_and_no_migration_control_are_refused(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "secret", "16M", "--policy", "0x8")
+    launch(a, "oldkernel", "16M", "--no-migration-control")
+    for name, word in (("secret", "NOSEND"), ("oldkernel", "MSR_KVM_MIGRATION_CONTROL")):
+        res = a.ctl("migrate", name, "--to", b.address, timeout=CTL_TIMEOUT)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert word in res.stderr
+        assert_still_running_here(a, b, name)
+    # refused before any connection: the destination never heard of them
+    assert not [line for line in b.logs if str(line.get("event", "")).startswith("incoming")]
+
+
+def test_cancel_mid_migration(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "g", "64M", "--dirty-rate", "4")
+    proc = popen_ctl(a, "migrate", "g", "--to", b.address, "--max-bandwidth", "8")
+    try:
+        b.wait_for_log("incoming_accepted")
+        ctl_json(a, "status", "g")  # the daemon keeps answering during the migration
+        res = a.ctl("cancel", "g", timeout=CTL_TIMEOUT)
+        assert res.returncode == 0, res.stderr
+        out, err = proc.communicate(timeout=CTL_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "cancelled by the operator" in err
+    assert_still_running_here(a, b, "g")
+    st = ctl_json(a, "status", "g")
+    assert st["migration"]["status"] == "cancelled"
+    failed = b.wait_for_log("incoming_failed")
+    assert failed["code"] == "CANCELLED"
+
+
+def test_kill_destination_mid_migration_keeps_guest_on_source(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "g", "64M", "--dirty-rate", "4", "--shared-fraction", "0.1")
+    proc = popen_ctl(a, "migrate", "g", "--to", b.address, "--max-bandwidth", "16")
+    try:
+        b.wait_for_log("incoming_accepted")
+        os.kill(b.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=CTL_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    st = ctl_json(a, "status", "g")
+    assert st["state"] == "running" and st["sev_state"] == "RUNNING"
+    assert st["migration"]["status"] == "failed"
+    v = ctl_json(a, "verify", "g")
+    assert v["ok"] and v["mismatch_count"] == 0
+
+
+async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "g", "16M", "--dirty-rate", "2")
+    flipped = []
+
+    def hook(direction, mtype, frame):
+        if direction == "s2d" and mtype == MsgType.PAGES and not flipped and pages_frame_has_private(frame):
+            b2 = bytearray(frame)
+            b2[-MAC_TAIL - 1000] ^= 0x40  # inside enc_data: the last field before the MAC
+            flipped.append(True)
+            return bytes(b2)
+        return frame
+
+    proxy = FrameProxy(b.listen_host, b.listen_port, hook)
+    with trio.fail_after(CTL_TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await n.start(proxy.serve)
+            res = await a.actl("migrate", "g", "--to", f"127.0.0.1:{port}", timeout=CTL_TIMEOUT)
+            n.cancel_scope.cancel()
+    assert flipped
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "RECEIVE_UPDATE_DATA failed: BAD_MEASUREMENT (0x0b)" in res.stderr
+    assert_still_running_here(a, b, "g")
+    assert ctl_json(a, "status", "g")["migration"]["error_code"] == "FIRMWARE_ERROR"
+
+
+async def test_no_private_plaintext_on_the_wire(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "g", "16M", "--shared-fraction", "0.25", "--dirty-rate", "1")
+    private_canary = os.urandom(32)
+    shared_canary = os.urandom(32)
+    ctl_json_ok = a.ctl("guest-write", "g", "0x800000", private_canary.hex(), timeout=CTL_TIMEOUT)
+    assert ctl_json_ok.returncode == 0, ctl_json_ok.stderr
+    res = a.ctl("guest-write", "g", "0x900000", shared_canary.hex(), "--shared", timeout=CTL_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    proxy = FrameProxy(b.listen_host, b.listen_port)
+    with trio.fail_after(CTL_TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await n.start(proxy.serve)
+            res = await a.actl("migrate", "g", "--to", f"127.0.0.1:{port}", timeout=CTL_TIMEOUT)
+            n.cancel_scope.cancel()
+    assert res.returncode == 0, res.stderr
+    wire = bytes(proxy.captured["s2d"]) + bytes(proxy.captured["d2s"])
+    assert len(wire) > 16 << 20
+    assert shared_canary in wire          # the capture sees page contents: shared pages cross in the clear
+    assert private_canary not in wire     # ... and a private page's plaintext never does
+    got = b.ctl("guest-read", "g", "0x800000", "32", timeout=CTL_TIMEOUT)
+    assert got.returncode == 0, got.stderr
+    assert private_canary.hex() in got.stdout
+    assert ctl_json(b, "verify", "g")["ok"]
+
+
+def test_sev_es_guest_migrates_its_vmsa(daemon_factory):  # noqa: F811
+    a, b = daemon_factory(), daemon_factory()
+    launch(a, "es", "16M", "--policy", "0x4", "--dirty-rate", "2")
+    stats = ctl_json(a, "migrate", "es", "--to", b.address)
+    assert stats["status"] == "completed"
+    st = ctl_json(b, "status", "es")
+    assert st["state"] == "running" and st["policy"] == "0x4" and st["sev_state"] == "RUNNING"
+    v = ctl_json(b, "verify", "es")
+    assert v["ok"] and v["mismatch_count"] == 0
+    # and back: the VMSA the destination now holds migrates again
+    assert ctl_json(b, "migrate", "es", "--to", a.address)["status"] == "completed"
+    assert ctl_json(a, "verify", "es")["ok"]
