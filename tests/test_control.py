@@ -325,3 +325,32 @@ async def test_guest_data_never_reaches_the_log(served):
     out = buf.getvalue()
     assert "control_request" in out  # we did log the requests...
     assert secret not in out         # ...but never their payload or result
+
+
+async def test_control_group_gives_mode_0660_and_the_group(nursery, sock_dir):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    d = make_daemon(sock_dir, control_group=group)
+    with trio.fail_after(TIMEOUT):
+        await nursery.start(d.serve)
+        st = os.stat(d.control_path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+        parent = os.stat(os.path.dirname(d.control_path))
+        assert stat.S_IMODE(parent.st_mode) == 0o750 and parent.st_gid == os.getgid()
+        d.request_shutdown()
+        await d.wait_stopped()
+
+
+async def test_unknown_control_group_is_a_config_error(sock_dir):
+    from sevmigd.errors import ConfigError
+
+    d = make_daemon(sock_dir, control_group="no-such-group-sevmigd")
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(BaseException) as ei:
+            async with trio.open_nursery() as n:
+                await n.start(d.serve)
+    exc = ei.value
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, ConfigError) and exc.key == "control_group"

@@ -195,7 +195,8 @@ def _stats_dict(stats: Any) -> dict | None:
 
 
 def _hex(b: Any) -> str | None:
-    return None if b is None else bytes(b).hex()
+    """Hex of a digest; None when there is none (an incoming guest was never launched here)."""
+    return bytes(b).hex() if b else None
 
 
 class Daemon:
@@ -348,10 +349,11 @@ class Daemon:
         except BaseException:
             self.release_asid(asid)
             raise
-        if gcfg.name in self.guests:  # an incoming migration took the name while we launched
+        if gcfg.name in self.guests or self.shutting_down:
+            # An incoming migration took the name, or shutdown began, while the PSP worked.
             vm.release()
             self.release_asid(asid)
-            raise GuestExists(gcfg.name)
+            raise ShuttingDown() if self.shutting_down else GuestExists(gcfg.name)
         hosted = self.add_guest(gcfg.name, vm, "running")
         hosted.start_vcpus()
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
