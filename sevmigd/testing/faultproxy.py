@@ -1,35 +1,46 @@
 """A fault-injecting TCP proxy for the migration channel (tests and the `make faults` matrix).
 
 It sits between a source and a destination daemon on loopback and forwards bytes both ways,
-frame-aware: it follows the wire framing (4-byte big-endian length, one msgpack body) so a fault can
-be scripted by byte offset, by message type and by migration phase. Faults:
+frame-aware: it follows the wire framing of PROTOCOL.md §3-§5 (4-byte big-endian length, one msgpack
+*array* body `[type, seq, field..., mac]` with integer type codes) so a fault can be scripted by byte
+offset, by message type and by migration phase. Faults:
 
   reset        abort both TCP connections with RST (SO_LINGER 0)
   close        close both connections cleanly (FIN both ways)
-  half_close   send FIN towards the receiver of the triggering frame, keep the other way open
+  half_close   send FIN towards the receiver of the triggering frame (which is dropped), keep the
+               other way open
   blackhole    stop forwarding in both directions and keep the sockets open (a dead peer that
                never closes: only keepalives / peer timeouts can detect it)
   corrupt      flip one byte of the triggering frame; `field` picks where: "length" (the 4-byte
-               prefix), "body" (first body byte), or a message field name ("enc_data" ciphertext,
-               "enc_headers" SEV packet headers, "shr_data" shared page, "bits" bitmap, ...): the
-               field's bytes are located inside the raw frame and one byte in their middle flipped
+               prefix), "body" (the array header, first body byte), "seq", "mac", or a message field
+               name ("enc_data" ciphertext, "enc_headers" SEV packet headers, "shr_data" shared page,
+               "bits" bitmap, "key_share", "session", ...): the field's bytes are located inside the
+               raw frame by walking the msgpack array and one byte in their middle is flipped
   truncate     forward half of the triggering frame, then close
   duplicate    forward the triggering frame twice
   replay       forward the triggering frame, then an earlier frame of the same direction again
   reorder      hold the triggering frame and forward it after the next one
-  delay        add `seconds` of latency to every chunk after the trigger (and to the trigger)
+  delay        add `seconds` of one-way latency to everything after the trigger (a delay line: the
+               throughput is unchanged, every byte just arrives later)
   rate         limit forwarding to `bytes_per_s` after the trigger (bandwidth collapse)
   drop_frame   silently drop the triggering frame (a lost message that TCP would never lose)
+  call         call `action()` (e.g. SIGKILL/SIGSTOP a daemon), then forward the frame unless
+               `hold` (then the frame is dropped: it never reaches its receiver)
 
-Every fired fault is recorded with its monotonic time, so a test can bound detection time.
+Triggers (first match wins, each fault fires once): `byte_offset` (in `direction`), `msg_type` (its
+`nth` occurrence in `direction`), or `phase` (the `nth` frame of that phase, see `PHASE_TRIGGERS`).
+
+Every fired fault is recorded with its trio time (`fired_at`), so a test can bound detection time.
 The proxy also captures every byte per direction (for the "no private plaintext on the wire" test).
 Nothing here knows what a migration *should* do: it only breaks things on request.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -39,28 +50,117 @@ LEN = struct.Struct(">I")
 C2S = "c2s"  # source -> destination (the source connects to us)
 S2C = "s2c"
 
-# Phases as the proxy infers them from the message types that have crossed (both directions).
+# Wire type codes (PROTOCOL.md §5, sevmigd.wire.messages.MsgType) by the names used in fault scripts.
+TYPE_NAMES = {1: "hello", 2: "accept", 3: "refuse", 4: "start", 5: "pages", 6: "round_end", 7: "bitmap",
+              8: "vcpu_state", 9: "complete", 10: "ready", 11: "go", 12: "started", 13: "keepalive",
+              14: "abort"}
+# Field names in wire order after [type, seq] (PROTOCOL.md §5); every body ends with the mac.
+FIELDS = {
+    "hello": ("version", "features", "platform", "guest_name", "memory_bytes", "policy", "vcpus", "es",
+              "migration_id", "key_share", "max_frame"),
+    "accept": ("version", "features", "platform", "key_share", "max_frame"),
+    "refuse": ("code", "reason"),
+    "start": ("policy", "pdh", "session"),
+    "pages": ("round", "enc_pfns", "enc_headers", "shr_pfns", "shr_data", "enc_data"),
+    "round_end": ("round", "pages", "remaining"),
+    "bitmap": ("npages", "bits"),
+    "vcpu_state": ("regs", "vmsa_header", "vmsa"),
+    "complete": ("pages_total",),
+    "ready": (), "go": (), "started": (), "keepalive": (),
+    "abort": ("code", "reason"),
+}
+
+# Phases of a migration, in order, as the issue names them.
 PHASES = ("handshake", "first_round", "later_round", "stop_copy", "readiness", "go", "confirmation")
+# The frames a phase trigger counts (direction, predicate on (type name, pages round)); the fault fires
+# on the nth of them. handshake: Hello; first_round: Pages of round 0; later_round: Pages of a pre-copy
+# round >= 1; stop_copy: Bitmap then the frames after it up to Complete; readiness: Ready; go: Go;
+# confirmation: Started.
+PHASE_TRIGGERS: dict[str, tuple[str, Callable[[str, "_Dir"], bool]]] = {
+    "handshake": (C2S, lambda t, d: t == "hello"),
+    "first_round": (C2S, lambda t, d: t == "pages" and d.round == 0),
+    "later_round": (C2S, lambda t, d: t == "pages" and d.round >= 1 and not d.stop_copy),
+    "stop_copy": (C2S, lambda t, d: d.stop_copy and t in ("bitmap", "pages", "round_end", "vcpu_state",
+                                                          "complete")),
+    "readiness": (S2C, lambda t, d: t == "ready"),
+    "go": (C2S, lambda t, d: t == "go"),
+    "confirmation": (S2C, lambda t, d: t == "started"),
+}
 
 
-def frame_type(body: bytes) -> str | None:
-    """The message type of a frame body, or None when it is not a decodable map with a type."""
-    try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception:
+def _uint_at(b, p: int) -> tuple[int, int] | None:
+    """(value, next offset) of a msgpack unsigned int at b[p], or None."""
+    if p >= len(b):
         return None
-    if isinstance(obj, dict):
-        for key in ("t", "type", "msg"):
-            if isinstance(obj.get(key), str):
-                return obj[key]
+    c = b[p]
+    if c < 0x80:
+        return c, p + 1
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(c)
+    if width is None or p + 1 + width > len(b):
+        return None
+    return int.from_bytes(bytes(b[p + 1:p + 1 + width]), "big"), p + 1 + width
+
+
+def _array_start(b) -> int | None:
+    """Offset of the first element of the top-level array of body `b`, or None."""
+    if not b:
+        return None
+    c = b[0]
+    if 0x90 <= c <= 0x9F:
+        return 1
+    if c == 0xDC:
+        return 3
+    if c == 0xDD:
+        return 5
     return None
 
 
-def decode_body(body: bytes):
+def parse_head(body) -> tuple[str | None, int | None, int | None]:
+    """(type name, seq, first uint field) of a frame body without decoding the rest; Nones when the body
+    is not a frame of the real wire format. The first uint field is Pages.round / RoundEnd.round."""
+    p = _array_start(body)
+    if p is None:
+        return None, None, None
+    t = _uint_at(body, p)
+    if t is None:
+        return None, None, None
+    name = TYPE_NAMES.get(t[0], f"type{t[0]}")
+    s = _uint_at(body, t[1])
+    if s is None:
+        return name, None, None
+    f = _uint_at(body, s[1])
+    return name, s[0], (f[0] if f else None)
+
+
+def frame_type(body: bytes) -> str | None:
+    """The message type name of a frame body (see TYPE_NAMES), or None when it is not one."""
+    return parse_head(body)[0]
+
+
+def field_spans(body: bytes) -> dict[str, tuple[int, int]]:
+    """Byte spans (start, end) inside `body` of each element of the top-level array, by name: "type",
+    "seq", the message's fields (FIELDS) and "mac". For bin values the span is the payload only."""
+    p = _array_start(body)
+    if p is None:
+        return {}
+    name = frame_type(body)
+    names = ["type", "seq", *FIELDS.get(name or "", ())]
+    up = msgpack.Unpacker(raw=True, strict_map_key=False, max_buffer_size=len(body) + 16)
+    up.feed(body)
+    out: dict[str, tuple[int, int]] = {}
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception:
-        return None
+        n = up.read_array_header()
+        for i in range(n):
+            start = up.tell()
+            value = up.unpack()
+            end = up.tell()
+            key = names[i] if i < len(names) and i < n - 1 else ("mac" if i == n - 1 else f"extra{i}")
+            if isinstance(value, bytes) and len(value) and end - start > len(value):
+                start = end - len(value)  # payload of a bin (skip its header)
+            out[key] = (start, end)
+    except Exception:  # noqa: BLE001 - a garbage body simply has fewer known spans
+        pass
+    return out
 
 
 @dataclass
@@ -68,14 +168,17 @@ class Fault:
     kind: str
     direction: str | None = None        # C2S / S2C / None = either
     msg_type: str | None = None         # trigger on this message type ...
-    nth: int = 1                        # ... its nth occurrence in `direction`
-    phase: str | None = None            # or on the first frame seen in this phase
+    nth: int = 1                        # ... its nth occurrence in `direction` (or nth frame of `phase`)
+    phase: str | None = None            # or on the nth trigger frame of this phase (PHASE_TRIGGERS)
     byte_offset: int | None = None      # or when this many bytes have crossed in `direction`
     field: str = "body"                 # for corrupt
     seconds: float = 0.0                # for delay
     bytes_per_s: float = 0.0            # for rate
+    action: Callable[[], None] | None = None  # for call
+    hold: bool = False                  # for call: drop the frame instead of forwarding it
     fired_at: float | None = None
     fired_info: str = ""
+    phase_count: int = 0
 
 
 @dataclass
@@ -87,25 +190,40 @@ class _Dir:
     history: list = field(default_factory=list)   # raw frames forwarded (for replay)
     held: bytes | None = None                     # reorder
     capture: bytearray = field(default_factory=bytearray)
+    pending: int = 0                              # chunks queued in the delay line, not yet sent
+    round: int = 0                                # current pre-copy round (from Pages / RoundEnd)
+    stop_copy: bool = False                       # Bitmap seen
+
+    def reset(self) -> None:
+        self.buf.clear()
+        self.held = None
+        self.crossed = 0
+        self.counts.clear()
+        self.history.clear()
+        self.round = 0
+        self.stop_copy = False
 
 
 class FaultProxy:
     """`await nursery.start(proxy.serve)` returns the port; connections go to (target_host, target_port)."""
 
     def __init__(self, target_host: str, target_port: int, faults: list[Fault] | None = None,
-                 *, capture: bool = False, max_capture: int = 64 << 20):
+                 *, capture: bool = False, max_capture: int = 64 << 20, host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
+        self.host = host
         self.faults = list(faults or [])
         self.capture = capture
         self.max_capture = max_capture
         self.phase = "handshake"
+        self.phases_seen: list[str] = ["handshake"]
         self.port: int | None = None
         self.connections = 0
         self.dirs = {C2S: _Dir(C2S), S2C: _Dir(S2C)}
         self._delay = 0.0
         self._rate = 0.0
-        self._blackholed = trio.Event()
-        self._cancel: trio.CancelScope | None = None
+        self._blackholed = False
+        self._transparent = False
+        self._scopes: set[trio.CancelScope] = set()
 
     # -- public ---------------------------------------------------------------------------------
     def fired(self) -> list[Fault]:
@@ -115,57 +233,91 @@ class FaultProxy:
         return bytes(self.dirs[direction].capture)
 
     def stop_faults(self) -> None:
-        """Forget pending faults and go transparent for new connections (the network is back)."""
-        self.faults = [f for f in self.faults if f.fired_at is not None]
+        """The network is back: forget pending faults, no more delay/rate, and cut connections that are
+        black-holed or half-closed (new connections are forwarded transparently)."""
         for f in self.faults:
-            f.kind = "none"
+            if f.fired_at is None:
+                f.kind = "none"
         self._delay = 0.0
         self._rate = 0.0
+        self._transparent = True
+        if self._blackholed:
+            for s in list(self._scopes):
+                s.cancel()
+        self._blackholed = False
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(0, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             task_status.started(self.port)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     # -- internals ------------------------------------------------------------------------------
     async def _handle(self, client: trio.SocketStream):
         self.connections += 1
-        # Each new connection starts transparent unless faults are still pending.
         for d in self.dirs.values():
-            d.buf.clear()
-            d.held = None
+            d.reset()
         try:
             server = await trio.open_tcp_stream(*self.target)
         except OSError:
             await _abort(client)
             return
         with trio.CancelScope() as scope:
+            self._scopes.add(scope)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, client, server, self.dirs[C2S], scope)
                     nursery.start_soon(self._pump, server, client, self.dirs[S2C], scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+            finally:
+                self._scopes.discard(scope)
         await _close_quietly(client)
         await _close_quietly(server)
 
     async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, d: _Dir, scope):
+        # A delay line per direction: chunks are stamped on arrival and sent `delay` later by `_sender`.
+        send_ch, recv_ch = trio.open_memory_channel(math.inf)
         try:
-            while True:
-                if self._blackholed.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, recv_ch, dst, d, scope)
+                while True:
+                    data = await src.receive_some(1 << 16)
+                    if self._blackholed:
+                        await trio.sleep_forever()
+                    if not data:
+                        send_ch.send_nowait((None, trio.current_time()))
+                        return
+                    d.buf += data
+                    await self._drain(d, src, dst, scope, send_ch)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            scope.cancel()
+
+    async def _sender(self, recv_ch, dst, d: _Dir, scope):
+        try:
+            async for data, t in recv_ch:
+                if self._delay:
+                    await trio.sleep_until(t + self._delay)
+                if self._blackholed:
                     await trio.sleep_forever()
-                data = await src.receive_some(1 << 16)
-                if not data:
+                if data is None:
                     try:
                         await dst.send_eof()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
                     return
-                d.buf += data
-                await self._drain(d, src, dst, scope)
+                if self._rate:
+                    step = 16 << 10
+                    for i in range(0, len(data), step):
+                        chunk = data[i:i + step]
+                        await trio.sleep(len(chunk) / self._rate)
+                        await dst.send_all(chunk)
+                else:
+                    await dst.send_all(data)
+                d.pending -= 1
+                if self.capture and len(d.capture) < self.max_capture:
+                    d.capture += data
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             scope.cancel()
 
@@ -173,83 +325,91 @@ class FaultProxy:
         for f in self.faults:
             if f.fired_at is not None or f.kind == "none":
                 continue
-            if f.direction is not None and f.direction != d.name:
-                continue
             if f.byte_offset is not None:
-                if start <= f.byte_offset < end:
+                if (f.direction is None or f.direction == d.name) and start <= f.byte_offset < end:
                     return f
                 continue
             if f.msg_type is not None:
-                if mtype == f.msg_type and d.counts.get(mtype, 0) == f.nth:
+                if ((f.direction is None or f.direction == d.name) and mtype == f.msg_type
+                        and d.counts.get(mtype, 0) == f.nth):
                     return f
                 continue
-            if f.phase is not None and f.phase == self.phase:
-                return f
+            if f.phase is not None:
+                trig = PHASE_TRIGGERS.get(f.phase)
+                if trig is None or trig[0] != d.name or mtype is None or not trig[1](mtype, d):
+                    continue
+                f.phase_count += 1
+                if f.phase_count == f.nth:
+                    return f
         return None
 
-    def _advance_phase(self, mtype: str | None):
-        order = {
-            "start": "first_round", "round_end": "later_round", "bitmap": "stop_copy",
-            "complete": "stop_copy", "ready": "readiness", "go": "go", "started": "confirmation",
-        }
-        key = (mtype or "").lower().replace("-", "_")
-        nxt = order.get(key)
-        if nxt and PHASES.index(nxt) > PHASES.index(self.phase):
-            self.phase = nxt
+    def _track(self, d: _Dir, mtype: str | None, first_uint: int | None) -> None:
+        """Follow rounds and phases from the frames that cross (before the fault match)."""
+        if mtype == "pages" and first_uint is not None:
+            d.round = first_uint
+        elif mtype == "bitmap":
+            d.stop_copy = True
+        phase = {"start": "first_round", "bitmap": "stop_copy", "ready": "readiness", "go": "go",
+                 "started": "confirmation"}.get(mtype or "")
+        if mtype == "pages" and d.round >= 1 and not d.stop_copy:
+            phase = "later_round"
+        if phase and PHASES.index(phase) > PHASES.index(self.phase):
+            self.phase = phase
+            self.phases_seen.append(phase)
 
-    async def _drain(self, d: _Dir, src, dst, scope):
+    def _after(self, d: _Dir, mtype: str | None, first_uint: int | None) -> None:
+        if mtype == "round_end" and first_uint is not None:
+            d.round = first_uint + 1
+
+    async def _drain(self, d: _Dir, src, dst, scope, out):
         while len(d.buf) >= LEN.size:
             (n,) = LEN.unpack_from(d.buf)
             total = LEN.size + n
             if n > (256 << 20):  # garbage length: forward raw, no framing to follow
-                frame, mtype = bytes(d.buf), None
+                frame, mtype, first = bytes(d.buf), None, None
                 d.buf.clear()
             elif len(d.buf) < total:
                 return
             else:
                 frame = bytes(d.buf[:total])
                 del d.buf[:total]
-                mtype = frame_type(frame[LEN.size:])
+                mtype, _seq, first = parse_head(frame[LEN.size:])
             if mtype is not None:
                 d.counts[mtype] = d.counts.get(mtype, 0) + 1
             start = d.crossed
             d.crossed += len(frame)
-            self._advance_phase(mtype)
-            fault = self._match(d, mtype, start, d.crossed)
+            self._track(d, mtype, first)
+            fault = None if self._transparent else self._match(d, mtype, start, d.crossed)
             if fault is None:
-                await self._forward(d, dst, frame)
-                continue
-            fault.fired_at = trio.current_time()
-            fault.fired_info = f"{d.name} {mtype} #{d.counts.get(mtype, 0)} phase={self.phase}"
-            await self._apply(fault, d, src, dst, frame, scope)
+                self._forward(d, out, frame)
+            else:
+                fault.fired_at = trio.current_time()
+                fault.fired_info = f"{d.name} {mtype} #{d.counts.get(mtype, 0)} phase={self.phase}"
+                await self._apply(fault, d, src, dst, frame, scope, out)
+            self._after(d, mtype, first)
 
-    async def _forward(self, d: _Dir, dst, frame: bytes):
+    def _forward(self, d: _Dir, out, frame: bytes):
         if d.held is not None:
             held, d.held = d.held, None
-            await self._send(d, dst, frame)
-            await self._send(d, dst, held)
+            self._send(d, out, frame)
+            self._send(d, out, held)
             return
-        await self._send(d, dst, frame)
+        self._send(d, out, frame)
 
-    async def _send(self, d: _Dir, dst, data: bytes):
-        if self._delay:
-            await trio.sleep(self._delay)
-        if self._rate:
-            step = 16 << 10
-            for i in range(0, len(data), step):
-                chunk = data[i:i + step]
-                await trio.sleep(len(chunk) / self._rate)
-                await dst.send_all(chunk)
-        else:
-            await dst.send_all(data)
-        if self.capture and len(d.capture) < self.max_capture:
-            d.capture += data
+    def _send(self, d: _Dir, out, data: bytes):
+        d.pending += 1
+        out.send_nowait((data, trio.current_time()))
         d.history.append(data)
         if len(d.history) > 64:
             del d.history[0]
 
-    async def _apply(self, f: Fault, d: _Dir, src, dst, frame: bytes, scope):
+    async def _apply(self, f: Fault, d: _Dir, src, dst, frame: bytes, scope, out):
         k = f.kind
+        if k in ("reset", "close"):
+            # what was forwarded before the fault leaves first (bounded: the peer may not be reading)
+            with trio.move_on_after(1.0):
+                while d.pending > 0:
+                    await trio.sleep(0.005)
         if k == "reset":
             await _abort(src)
             await _abort(dst)
@@ -259,62 +419,69 @@ class FaultProxy:
             await _close_quietly(dst)
             scope.cancel()
         elif k == "half_close":
-            try:
-                await dst.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            out.send_nowait((None, trio.current_time()))
             await trio.sleep_forever()
         elif k == "blackhole":
-            self._blackholed.set()
+            self._blackholed = True
             await trio.sleep_forever()
         elif k == "corrupt":
-            await self._send(d, dst, corrupt_frame(frame, f.field))
+            bad, where = corrupt_frame_info(frame, f.field)
+            f.fired_info += f" corrupt {where}"
+            self._send(d, out, bad)
         elif k == "truncate":
-            await self._send(d, dst, frame[: max(1, len(frame) // 2)])
-            await _close_quietly(dst)
-            await _close_quietly(src)
-            scope.cancel()
+            self._send(d, out, frame[: max(1, len(frame) // 2)])
+            out.send_nowait((None, trio.current_time()))  # EOF right after the half frame
+            await trio.sleep_forever()
         elif k == "duplicate":
-            await self._send(d, dst, frame)
-            await self._send(d, dst, frame)
+            self._send(d, out, frame)
+            self._send(d, out, frame)
         elif k == "replay":
-            earlier = d.history[-2] if len(d.history) >= 2 else (d.history[-1] if d.history else frame)
-            await self._send(d, dst, frame)
-            await self._send(d, dst, earlier)
+            earlier = d.history[-1] if d.history else frame
+            self._send(d, out, frame)
+            self._send(d, out, earlier)
         elif k == "reorder":
             d.held = frame
         elif k == "delay":
             self._delay = f.seconds
-            await self._send(d, dst, frame)
+            self._send(d, out, frame)
         elif k == "rate":
             self._rate = f.bytes_per_s
-            await self._send(d, dst, frame)
+            self._send(d, out, frame)
         elif k == "drop_frame":
             pass
+        elif k == "call":
+            if f.action is not None:
+                f.action()
+            if not f.hold:
+                self._send(d, out, frame)
         else:
-            await self._send(d, dst, frame)
+            self._send(d, out, frame)
+
+
+def corrupt_frame_info(frame: bytes, where: str) -> tuple[bytes, str]:
+    """Flip one byte of `frame` at the place `where` names (see the module docstring); returns the
+    corrupted frame and a description of the byte flipped."""
+    out = bytearray(frame)
+    if where == "length":
+        out[0] ^= 0x7F
+        return bytes(out), "length prefix byte 0"
+    body = frame[LEN.size:]
+    if where == "body" or not body:
+        out[LEN.size] ^= 0xFF
+        return bytes(out), "body byte 0 (array header)"
+    spans = field_spans(body)
+    span = spans.get(where)
+    if span is None or span[1] <= span[0]:
+        # field absent (or empty) in this frame: corrupt the MAC, still a corruption of this frame
+        span, where = spans.get("mac", (len(body) - 1, len(body))), f"mac (no {where} in this frame)"
+    pos = LEN.size + (span[0] + span[1] - 1) // 2
+    out[pos] ^= 0x01
+    return bytes(out), f"{where} at body offset {pos - LEN.size}"
 
 
 def corrupt_frame(frame: bytes, where: str) -> bytes:
     """Flip one byte of `frame` at the place `where` names (see the module docstring)."""
-    out = bytearray(frame)
-    if where == "length":
-        out[0] ^= 0x7F
-        return bytes(out)
-    body = frame[LEN.size:]
-    if where == "body" or not body:
-        out[LEN.size] ^= 0xFF
-        return bytes(out)
-    obj = decode_body(body)
-    value = obj.get(where) if isinstance(obj, dict) else None
-    if isinstance(value, (bytes, bytearray)) and len(value) > 0:
-        pos = body.find(bytes(value))
-        if pos >= 0:
-            out[LEN.size + pos + len(value) // 2] ^= 0x01
-            return bytes(out)
-    # field absent: flip the last body byte (still a corruption, reported by fired_info)
-    out[-1] ^= 0x01
-    return bytes(out)
+    return corrupt_frame_info(frame, where)[0]
 
 
 async def _abort(stream: trio.SocketStream):
