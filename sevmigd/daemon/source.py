@@ -255,6 +255,7 @@ class OutgoingMigration:
         handle = self.vm.handle
         host = self.host
         sent = npriv = nshr = 0
+        left = len(pfns)
         for chunk in batches(pfns, BATCH_PAGES):
             bits = private if private is not None else host.page_enc_bitmap()
             enc, shr = split_by_encryption(chunk, bits)
@@ -283,6 +284,8 @@ class OutgoingMigration:
             self.stats.transferred = ch.bytes_sent
             self.stats.private_pages += len(enc)
             self.stats.shared_pages += len(shr)
+            left -= len(chunk)
+            self.stats.remaining = left * PAGE_SIZE  # QEMU: what is still dirty in the bitmap
             await self._push_progress()
         return sent, npriv, nshr
 
