@@ -20,6 +20,7 @@ hypercall number the VMM does not handle. A malformed call never raises and neve
 from __future__ import annotations
 
 import copy
+import numbers
 
 import numpy as np
 
@@ -101,9 +102,9 @@ class HostView:
 
     def set_throttle(self, pct: int) -> None:
         """Take `pct` % of vCPU time away (auto-converge); 0 = full speed, at most 99."""
-        if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 99:
+        if isinstance(pct, bool) or not isinstance(pct, numbers.Integral) or not 0 <= pct <= 99:
             raise ConfigError("throttle", "must be an integer percentage 0..99")
-        self.throttle_pct = pct
+        self.throttle_pct = int(pct)
 
     # ---------------------------------------------------------------- dirty log
     def enable_dirty_log(self) -> None:

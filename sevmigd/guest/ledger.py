@@ -232,6 +232,7 @@ class Ledger:
         self.mirror = np.zeros((layout.n_ledger * ENTRIES_PER_PAGE, 2), dtype=np.uint64)
         self.valid = np.zeros(layout.n_ledger, dtype=bool)
         self._jrec: np.ndarray | None = None     # journal records found in RAM at resume
+        self._journal_damaged = False            # compaction refused once: do not retry every step
 
     # ------------------------------------------------------------------ set-up
     def format(self) -> None:
@@ -320,7 +321,9 @@ class Ledger:
         cap = lay.journal_capacity
         jlen = int(self.regs["jlen"])
         if jlen + n > cap:
-            if not self.compact():
+            if self._journal_damaged or not self.compact():
+                # keep the damaged journal as evidence (verify names it); write to the table instead
+                self._journal_damaged = True
                 self._apply_to_table(pfns, w0, w1)
                 return
             jlen = 0
