@@ -156,3 +156,37 @@ def test_dropped_dirty_pages_are_caught_on_the_destination(fws, what):
         dst.release()
     finally:
         src.release()
+
+
+def test_incoming_guest_is_inert_until_started_and_checks_its_state(fws):
+    """Before start_incoming nothing runs; starting from a vCPU state that does not match the RAM
+    (a daemon that forgot set_vcpu_state) is a typed GuestPanic, not a crash or a silent restart."""
+    from sevmigd.guest.agent import GuestNotRunning
+    from sevmigd.guest.kernel import GuestPanic
+    fw_a, fw_b, _ = fws
+    src = SevVm.launch(fw_a, GuestConfig("i", 8 * MiB, dirty_rate_mib_s=10), asid=5, rng=seeded_rng(4))
+    try:
+        pdh_b, chain_b = fw_b.pdh_cert_export()
+        policy, session = fw_a.send_start(src.handle, pdh_cert=pdh_b, plat_certs=chain_b,
+                                          amd_certs=fw_b.identity.amd_certs())
+        h = fw_b.receive_start(policy=policy, pdh_cert=fw_a.pdh_cert_export()[0], session=session)
+        dst = SevVm.incoming(fw_b, name="i", memory_bytes=src.memory_bytes, policy=policy, handle=h, asid=6)
+        dst.run(1.0)
+        with pytest.raises(GuestNotRunning):
+            dst.agent.write(0, b"x")
+        with pytest.raises(GuestNotRunning):
+            dst.verify()
+        with pytest.raises(GuestPanic):
+            dst.start_incoming()               # still RUPDATE: RECEIVE_FINISH first
+        pfns = np.arange(src.npages)
+        hdrs, ct = fw_a.send_update_data_batch(src.handle, pfns)
+        fw_b.receive_update_data_batch(h, pfns, hdrs, ct)
+        fw_a.send_finish(src.handle)
+        fw_b.receive_finish(h)
+        with pytest.raises(GuestPanic):
+            dst.start_incoming()               # registers never transferred
+        assert not dst.running
+        dst.release()
+        assert dst.sev_state == "UNINIT"
+    finally:
+        src.release()
