@@ -5,7 +5,9 @@ machine). Targets from the guest issue, for reading the output:
   * 8 GiB guest, one dirty-log get-and-clear + page-encryption bitmap read, 1,000 dirty pages: < 5 ms
   * one guest page write through the memory engine (incl. the ledger update): < 10 us
 The page-write figure is given per page for the workload's batched writes (how the guest writes in a
-run(dt) step) next to the memory engine's own share, and for a single agent write.
+run(dt) step) next to the memory engine's own share, and for a single agent write. Page-write
+figures are the best of 3 warm passes (pages already faulted in; the cold first pass is reported
+separately): on a machine shared with other work, interference only ever adds time.
 """
 
 from __future__ import annotations
@@ -66,13 +68,16 @@ def run(quick: bool = False) -> dict:
     out["dirty_sync_8gib_1000_pages_ms"] = statistics.median(syncs) * 1e3
     out["dirty_sync_pages"] = int(statistics.median(counts))
     g = np.random.default_rng(0)
-    scattered = np.unique(g.integers(k.layout.pool_start, big.npages, 1000))
-    k.write_workload(scattered)
-    t = time.perf_counter()
-    d = big.host.get_and_clear_dirty_log()
-    big.host.page_enc_bitmap()
-    out["dirty_sync_8gib_scattered_ms"] = (time.perf_counter() - t) * 1e3
-    out["dirty_sync_scattered_pages"] = len(d)
+    syncs, counts = [], []
+    for _ in range(reps):
+        k.write_workload(np.unique(g.integers(k.layout.pool_start, big.npages, 1000)))
+        t = time.perf_counter()
+        d = big.host.get_and_clear_dirty_log()
+        big.host.page_enc_bitmap()
+        syncs.append(time.perf_counter() - t)
+        counts.append(len(d))
+    out["dirty_sync_8gib_scattered_ms"] = statistics.median(syncs) * 1e3
+    out["dirty_sync_scattered_pages"] = int(statistics.median(counts))
     big.release()
 
     # --- page write cost (256 MiB guest)
@@ -88,22 +93,32 @@ def run(quick: bool = False) -> dict:
         pages += k.write_workload(b)
     # first touch of a page includes the host kernel's page fault (the guest RAM is a lazy mmap)
     out["page_write_batched_cold_us"] = (time.perf_counter() - t) / pages * 1e6
-    t = time.perf_counter()
-    pages = 0
-    for b in batches:
-        pages += k.write_workload(b)
-    out["page_write_batched_us"] = (time.perf_counter() - t) / pages * 1e6
+    # Warm passes, best of 3: on a shared machine other processes only ever add time.
+    best = []
+    for _ in range(3):
+        t = time.perf_counter()
+        pages = 0
+        for b in batches:
+            pages += k.write_workload(b)
+        best.append((time.perf_counter() - t) / pages * 1e6)
+    out["page_write_batched_us"] = min(best)
     engine = fw.memory_engine(vm.handle)
     data = bytes(batch * PAGE)
-    t = time.perf_counter()
-    for b in batches:
-        engine.write_pages(vm._ram.buf, b, data[: len(b) * PAGE])
-    out["engine_only_page_write_us"] = (time.perf_counter() - t) / sum(len(b) for b in batches) * 1e6
+    best = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for b in batches:
+            engine.write_pages(vm._ram.buf, b, data[: len(b) * PAGE])
+        best.append((time.perf_counter() - t) / sum(len(b) for b in batches) * 1e6)
+    out["engine_only_page_write_us"] = min(best)
     seq = np.arange(lay.pool_start, lay.pool_start + batch)
-    t = time.perf_counter()
-    for _ in range(n_batches):
-        k.write_workload(seq)
-    out["page_write_sequential_us"] = (time.perf_counter() - t) / (n_batches * batch) * 1e6
+    best = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            k.write_workload(seq)
+        best.append((time.perf_counter() - t) / (n_batches * batch) * 1e6)
+    out["page_write_sequential_us"] = min(best)
     one = bytes(range(256)) * 16
     gpa = (vm.npages - 10) * PAGE
     out["agent_single_page_write_us"] = _ms(lambda: vm.agent.write(gpa, one), 50 if quick else 300) * 1e3
