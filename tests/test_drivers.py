@@ -403,3 +403,81 @@ async def test_convergence_failure_gives_up_and_keeps_running(pair):
             assert "did not converge after 3 rounds" in str(err)
             assert_running_on_source(src, dst, "g1")
             n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------ after "go"
+
+
+async def test_started_lost_leaves_source_uncertain_until_resolved(pair):
+    """The destination started the guest but "started" never reached the source: the source must not
+    resume on its own; resolve(run_here=False) releases its copy."""
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            tap = Tap(lambda d, t, f: "cut" if (d == "d2s" and t == MsgType.STARTED) else f)
+            res = await run_migration(src, dst, "g1", tap=tap)
+            err = res["error"]
+            assert "uncertain" in str(err) and "resolve" in str(err)
+            g = src.guests["g1"]
+            assert g.state == "migrating" and g.vm.host.paused  # never resumed by itself
+            assert g.migration.status == "uncertain"
+            assert dst.guests["g1"].state == "running" and dst.guests["g1"].vm.verify().ok
+            with pytest.raises(ConfigError):
+                src.migrations.cancel("g1")  # nothing to cancel any more
+            with pytest.raises(MigrationError):
+                await src.migrations.migrate_out("g1", "x", 1)  # refused until resolved
+            out = src.migrations.resolve("g1", run_here=False)
+            assert out["status"] == "completed" and "released" in out["resolution"]
+            assert g.state == "migrated" and src.fw.guest_count == 0
+            with pytest.raises(ConfigError):
+                src.migrations.resolve("g1", run_here=True)
+            n.cancel_scope.cancel()
+
+
+async def test_go_lost_destination_discards_and_source_resumes_on_resolve(pair):
+    """"go" never reached the destination: it discards its copy at EOF; the source, uncertain, resumes
+    only when told (run_here=True), and the guest is intact."""
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            tap = Tap(lambda d, t, f: "cut" if (d == "s2d" and t == MsgType.GO) else f)
+            res = await run_migration(src, dst, "g1", tap=tap)
+            assert "uncertain" in str(res["error"])
+            g = src.guests["g1"]
+            assert g.state == "migrating" and g.vm.host.paused
+            assert "g1" not in dst.guests and dst.fw.guest_count == 0
+            out = src.migrations.resolve("g1", run_here=True)
+            assert "resumed" in out["resolution"]
+            assert g.state == "running" and not g.vm.host.paused
+            g.vm.run(0.1)
+            assert g.vm.verify().ok
+            n.cancel_scope.cancel()
+
+
+async def test_destination_that_cannot_start_hands_the_guest_back(pair, monkeypatch):
+    """An Abort from the destination in state GO is its promise not to run the guest: the source resumes."""
+    from sevmigd.guest.vm import SevVm
+
+    def broken(self):
+        raise RuntimeError("no vCPU for you")
+
+    monkeypatch.setattr(SevVm, "start_incoming", broken)
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            res = await run_migration(src, dst, "g1")
+            err = res["error"]
+            assert "did not start on the destination" in str(err)
+            g = src.guests["g1"]
+            assert g.state == "running" and not g.vm.host.paused
+            assert g.migration.status == "failed"
+            g.vm.run(0.1)
+            assert g.vm.verify().ok
+            assert "g1" not in dst.guests and dst.fw.guest_count == 0
+            n.cancel_scope.cancel()

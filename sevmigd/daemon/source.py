@@ -108,6 +108,7 @@ class OutgoingMigration:
                           policy=hex(self.vm.policy), downtime_limit_ms=self.downtime_limit_s * 1000,
                           max_bandwidth_mib_s=self.max_bandwidth / (1 << 20))
             self.hosted.state = "migrating"
+            stream = None
             try:
                 with self.scope:
                     stream = await self._connect()
