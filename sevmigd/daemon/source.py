@@ -348,7 +348,11 @@ class OutgoingMigration:
         self.stats.status = "completed"
         self.stats.transferred = ch.bytes_sent
         self.stats.tick(now)
-        self._release()
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001 - the guest runs on the destination; a failed local release
+            self.log.exception("release_failed")  # must not turn a completed migration into a failure
+            self.hosted.state = "migrated"
         self.log.info("migration_completed", total_time_ms=self.stats.total_time_ms,
                       downtime_ms=self.stats.downtime_ms, rounds=self.stats.round,
                       transferred=self.stats.transferred, throughput_mbps=self.stats.throughput_mbps,
@@ -374,6 +378,11 @@ class OutgoingMigration:
         """Shielded cleanup after a failure; returns the error to raise to the caller."""
         with trio.CancelScope(shield=True):
             self.stats.tick(trio.current_time())
+            if self.completed:
+                # The destination runs the guest: whatever failed after "started" (our local clean-up)
+                # must never bring the source copy back.
+                self.log.error("post_handoff_cleanup_failed", error=str(err))
+                return err
             handoff = self.channel.conn.handoff if self.channel is not None else "source"
             if self.committed and not self.completed and handoff == "source":
                 # The destination aborted in state GO: its authenticated promise that it did not and will
@@ -385,7 +394,8 @@ class OutgoingMigration:
                 self.manager.mark_uncertain(self.hosted.name, self)
                 msg = (f"hand-off of guest {self.hosted.name!r} is uncertain: 'go' was sent but 'started' did not "
                        f"come back ({err}). The guest is paused here and may be running on {self.stats.peer}; "
-                       f"check there, then run `resolve {self.hosted.name} --run-here` or `--no-run-here` here.")
+                       f"check there: if it runs there, `sevmigd ctl resolve {self.hosted.name} --discard` here, "
+                       f"otherwise `sevmigd ctl resolve {self.hosted.name} --run-here`.")
                 self.log.error("migration_uncertain", error=str(err), code=err.code.name)
                 await self._push_progress(force=True)
                 return MigrationError(err.code, msg)
