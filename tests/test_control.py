@@ -354,3 +354,57 @@ async def test_unknown_control_group_is_a_config_error(sock_dir):
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     assert isinstance(exc, ConfigError) and exc.key == "control_group"
+
+
+# ------------------------------------------------------------------------------ property: no crash
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
+                          st.sampled_from(["0x1000", "4M", "g", "1", "zz", "127.0.0.1:1", "abcd"]))
+_json = st.recursive(_json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                                          max_size=3), max_leaves=6)
+_arg_names = sorted({k for c in control.COMMANDS.values() for k in c.args} | {"bogus"})
+_requests = st.fixed_dictionaries(
+    {"execute": st.one_of(st.sampled_from(sorted(control.COMMANDS)), _json)},
+    optional={"arguments": st.one_of(st.dictionaries(st.sampled_from(_arg_names), _json, max_size=6), _json),
+              "id": _json_scalars})
+
+
+def _offline_daemon():
+    """A daemon that is not serving (no nursery): every request must still get a typed reply."""
+    from sevmigd.daemon.server import _NoMigrations
+    from sevmigd.psp.firmware import Firmware
+
+    cfg = load_config(None, {"state_dir": "/nonexistent", "control": "/nonexistent/c.sock",
+                             "max_guest_bytes": "2M"})
+    d = Daemon(cfg, identity=identity(), trusted_roots=[])
+    d.fw = Firmware(identity())
+    d.fw.init()
+    d.migrations = _NoMigrations("test")
+    return d
+
+
+_OFFLINE = None
+
+
+@settings(max_examples=int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", 200)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(req=_requests)
+def test_any_request_gets_a_typed_reply_never_an_internal_error(req):
+    global _OFFLINE
+    if _OFFLINE is None:
+        _OFFLINE = _offline_daemon()
+    sent = []
+
+    async def send(obj):
+        sent.append(obj)
+
+    line = json.dumps(req).encode()
+    reply = trio.run(control.process_line, _OFFLINE, line, send)
+    assert ("return" in reply) != ("error" in reply)
+    if "error" in reply:
+        assert reply["error"]["class"] != "InternalError", reply
+    json.dumps(reply, allow_nan=False)

@@ -355,7 +355,12 @@ class Daemon:
             self.release_asid(asid)
             raise ShuttingDown() if self.shutting_down else GuestExists(gcfg.name)
         hosted = self.add_guest(gcfg.name, vm, "running")
-        hosted.start_vcpus()
+        try:
+            hosted.start_vcpus()
+        except BaseException:
+            self.remove_guest(gcfg.name)
+            vm.release()
+            raise
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
         return hosted
