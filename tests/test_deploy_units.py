@@ -9,9 +9,13 @@ under the kernel's equivalent (prctl PR_SET_MDWE), skipped when the kernel lacks
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 import shutil
+import signal
+import stat
+import threading
 import subprocess
 import sys
 import textwrap
@@ -242,3 +246,89 @@ def test_example_config_documents_every_key_with_its_default(tmp_path):
               if f.name not in examples and getattr(full, f.name) != getattr(default, f.name)]
     assert not differ, f"example values differ from the defaults for {differ}"
     assert full.tls.cert and full.tls.key and full.tls.ca
+
+
+# ------------------------------------------------------------- the unit's command line, as systemd runs it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None or shutil.which("setpriv") is None,
+                    reason="needs systemd-socket-activate and setpriv (util-linux)")
+def test_unit_command_line_runs_as_service_user(tmp_path):
+    """ExecStart= as shipped (binary -> the venv's, config -> deploy/sevmigd.toml as shipped), with
+    what the units provide: fd 3 from the socket, $STATE_DIRECTORY (0700) and $RUNTIME_DIRECTORY
+    owned by the service user, NOTIFY_SOCKET, UMask=0077, an unprivileged uid. The daemon must come
+    up READY on the inherited port with its state and control socket where systemd put them."""
+    import socket
+    import tempfile
+
+    svc = parse_unit(SERVICE)["Service"]
+    argv = one(svc, "ExecStart").split()
+    assert argv[0] == "/usr/bin/sevmigd" and argv[-1] == "/etc/sevmigd/sevmigd.toml"
+    root = pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-unit-"))
+    try:
+        os.chmod(root, 0o755)
+        uid = gid = 65534
+        state, runtime = root / "state", root / "run"
+        state.mkdir(mode=0o700)
+        runtime.mkdir(mode=0o750)
+        for d in (state, runtime):
+            os.chown(d, uid, gid)
+        config = root / "sevmigd.toml"
+        shutil.copy(EXAMPLE, config)
+        os.chmod(config, 0o644)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(root / "notify.sock"))
+        os.chmod(root / "notify.sock", 0o777)  # like systemd's /run/systemd/notify
+        notify.settimeout(60)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        # The ExecStart arguments, run by this venv's interpreter (entry point `sevmigd.cli:main`, what
+        # /usr/bin/sevmigd runs) under UMask=0077. One exec, straight from setpriv: in some sandboxes the
+        # interpreter's real path is not traversable by other users except on that first exec.
+        argv = [sys.executable, "-c", "import os, sys; os.umask(0o077); from sevmigd.cli import main; "
+                                      "sys.exit(main(sys.argv[1:]))", *argv[1:-1], str(config)]
+        cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+               "-E", f"NOTIFY_SOCKET={root / 'notify.sock'}", "-E", f"STATE_DIRECTORY={state}",
+               "-E", f"RUNTIME_DIRECTORY={runtime}", "-E", f"CONFIGURATION_DIRECTORY={root}",
+               "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
+        log = open(root / "log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, cwd=root)
+        # Drain stderr (systemd-socket-activate's chatter, a traceback if the daemon dies) into a list.
+        errors: list[bytes] = []
+        first = proc.stderr.readline()
+        drain = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+        drain.start()
+        try:
+            assert b"Listening on" in first
+            # The first connection starts the daemon (as the socket unit would on a migration).
+            with socket.create_connection(("127.0.0.1", port), timeout=60):
+                pass
+            while True:
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    pytest.fail(f"no READY=1; log:\n{(root / 'log').read_text()[-3000:]}\n"
+                                f"stderr:\n{b''.join(errors).decode(errors='replace')[-3000:]}")
+                if "READY=1" in msg:
+                    break
+            assert f"listening on 127.0.0.1:{port}" in msg
+            ctl = runtime / "control.sock"
+            st = os.stat(ctl)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o600)
+            keys = [p for p in state.rglob("*.key")]
+            assert keys and all(stat.S_IMODE(p.stat().st_mode) == 0o600 and p.stat().st_uid == uid for p in keys)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            assert not ctl.exists()  # removed on a clean stop
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            drain.join(10)
+            proc.stderr.close()
+            log.close()
+            notify.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
