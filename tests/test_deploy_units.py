@@ -332,3 +332,39 @@ def test_unit_command_line_runs_as_service_user(tmp_path):
             notify.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+_MDWE_LAUNCHER = ("import ctypes, os, sys\n"
+                  "libc = ctypes.CDLL(None, use_errno=True)\n"
+                  "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"        # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+                  "    sys.exit(97)\n"
+                  "os.execv(sys.argv[1], sys.argv[1:])\n")       # inherited across execve
+
+
+def test_daemons_migrate_with_memory_deny_write_execute(tmp_path):
+    """Two real daemons under W^X (MemoryDenyWriteExecute=yes's kernel twin) with mutual TLS migrate a
+    guest: the sandboxed configuration works end to end, not just at import time."""
+    check = "import ctypes; print(ctypes.CDLL(None).prctl(66, 0, 0, 0, 0))"  # PR_GET_MDWE after execve
+    probe = subprocess.run([sys.executable, "-c", _MDWE_LAUNCHER, sys.executable, "-c", check],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode == 97:
+        pytest.skip("kernel lacks PR_SET_MDWE (Linux >= 6.3)")
+    assert probe.stdout.strip() == "1", "W^X must survive execve so that the daemon runs under it"
+    import test_security as ts
+    if not ts.migration_available():
+        pytest.skip("the migration engine is not in this tree yet")
+    launcher = [sys.executable, "-c", _MDWE_LAUNCHER]
+    started = []
+    try:
+        for name in ("a", "b"):
+            d = ts.RealDaemon(tmp_path / name, state_dir=ts.make_state(tmp_path / name / "state"),
+                              launcher=launcher, config={"tls": ts._tls_files(tmp_path, name)})
+            started.append(d)
+            d.wait_ready()
+        a, b = started
+        a.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+        assert a.ctl("migrate", name="g1", to=b.listen, timeout=120)["status"] == "completed"
+        assert b.ctl("verify", name="g1")["ok"] is True
+    finally:
+        for d in started:
+            d.close()
