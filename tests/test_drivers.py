@@ -481,3 +481,70 @@ async def test_destination_that_cannot_start_hands_the_guest_back(pair, monkeypa
             assert g.vm.verify().ok
             assert "g1" not in dst.guests and dst.fw.guest_count == 0
             n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------ limits, policy, shutdown
+
+
+async def test_destination_limits_refuse_before_reserving_memory(tmp_path, fleet):
+    src = make_daemon(tmp_path, "a", fleet)
+    small = make_daemon(tmp_path, "b", fleet, max_guest_bytes=8 * MiB)
+    busy = make_daemon(tmp_path, "c", fleet, max_incoming=0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=16))
+            for dst, word in ((small, "max_guest_bytes"), (busy, "max_incoming")):
+                res = await run_migration(src, dst, "g1")
+                assert res["error"].code is AbortCode.RESOURCE_LIMIT
+                assert word in str(res["error"])
+                assert dst.fw.guest_count == 0 and not dst.guests
+                assert src.guests["g1"].state == "running"
+            n.cancel_scope.cancel()
+
+
+async def test_allowed_platforms_on_either_side(tmp_path, fleet):
+    src = make_daemon(tmp_path, "a", fleet)
+    picky_dst = make_daemon(tmp_path, "b", fleet, allowed_platforms=("00" * 8,))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=8))
+            res = await run_migration(src, picky_dst, "g1")
+            assert res["error"].code is AbortCode.UNTRUSTED_PLATFORM
+            assert "not in allowed_platforms" in str(res["error"])
+            # the source's own allow-list applies to the destination it is sent to
+            picky_src = make_daemon(tmp_path, "c", fleet, allowed_platforms=("11" * 8,))
+            dst = make_daemon(tmp_path, "d", fleet)
+            dst.nursery = n
+            await launch(picky_src, n, guest_config("g2", mib=8))
+            res = await run_migration(picky_src, dst, "g2")
+            assert res["error"].code is AbortCode.UNTRUSTED_PLATFORM
+            assert "destination platform" in str(res["error"])
+            assert picky_src.guests["g2"].state == "running"
+            assert "g2" not in dst.guests and dst.fw.guest_count == 0
+            n.cancel_scope.cancel()
+
+
+async def test_shutdown_mid_migration_keeps_guest_and_stops_cleanly(pair):
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=32))
+            dst.nursery = n
+            done = trio.Event()
+
+            async def shut():
+                await src.migrations.shutdown()
+                done.set()
+
+            def progress(stats):
+                if stats["status"] == "active" and stats["transferred"] > MiB and not done.is_set():
+                    if src.migrations.outgoing:
+                        n.start_soon(shut)
+
+            res = await run_migration(src, dst, "g1", on_progress=progress, max_bandwidth_mib_s=32)
+            await done.wait()
+            assert res["error"].code is AbortCode.SHUTDOWN
+            assert src.migrations.active() == 0
+            assert_running_on_source(src, dst, "g1")
+            assert src.guests["g1"].migration.status == "cancelled"
+            n.cancel_scope.cancel()

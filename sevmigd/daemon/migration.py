@@ -203,8 +203,9 @@ class MigrationManager:
     # -- services for the drivers ---------------------------------------------------------------------------
 
     def wire_limits(self):
-        cfg = self.daemon.config
-        return wire_limits.Limits(max_guest_bytes=cfg.max_guest_bytes)
+        """The codec's hard size limits. The configured max_guest_bytes is applied by the destination
+        driver itself, so the source gets a Refuse naming the setting rather than a protocol abort."""
+        return wire_limits.Limits()
 
     async def psp(self, fn, *, thread: bool = True):
         """Run one firmware command (a zero-argument callable) like the host's single PSP: one at a time,
