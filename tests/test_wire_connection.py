@@ -490,3 +490,43 @@ def test_features_are_the_intersection():
     transfer(src, dst, sample_hello(features=("a", "b", "zz-future")))
     transfer(dst, src, sample_accept(features=("b", "a", "c")))
     assert src.features == dst.features == frozenset({"a", "b"})
+
+
+def test_last_element_must_be_the_mac_or_nil():
+    """A body whose last bytes merely look like nil (or like a MAC) but belong to a longer last element is
+    malformed: the MAC slot is a whole element (PROTOCOL.md §4)."""
+    import msgpack
+    from sevmigd.wire.messages import fields_of
+    share = _key_share_public()
+    fields = fields_of(sample_hello())
+    body = msgpack.packb([1, 0, *fields, share, 1 << 20, b"xx\xc0"], use_bin_type=True)
+    assert body[-1:] == b"\xc0"
+    dst = Connection(D, rng=fixed_rng(1))
+    dst.receive_data(PREFIX.pack(len(body)) + body)
+    e = expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    assert "last element" in e.message
+
+
+def _key_share_public():
+    from sevmigd.wire import channel
+    return channel.KeyShare(fixed_rng("k")).public
+
+
+@pytest.mark.parametrize("name", ["bitmap", "vcpu_state", "start", "go"])
+def test_flipped_byte_in_bitmap_vcpu_state_start_go_fails_the_channel_mac(name):
+    hello = sample_hello()
+    until = {"bitmap": State.PRECOPY, "vcpu_state": State.STOP_COPY, "start": State.ACCEPTED,
+             "go": State.READY}[name]
+    msg = {"bitmap": m.Bitmap(64, b"\xff" + bytes(7)), "vcpu_state": sample_vcpu_state(hello),
+           "start": sample_start(hello), "go": m.Go()}[name]
+    for where in range(6, 40, 3):  # bytes inside the body, after prefix/array header/type
+        src, dst = pair(hello=hello, until=until)
+        frame = bytearray(src.send(msg))
+        if where >= len(frame) - 34:
+            break
+        frame[where] ^= 0x10
+        dst.receive_data(bytes(frame))
+        with pytest.raises(RemoteProtocolError) as ei:
+            dst.next_event()
+        assert ei.value.code in (AbortCode.INTEGRITY_FAILURE, AbortCode.PROTOCOL_ERROR)
+        assert dst.handoff == "source"

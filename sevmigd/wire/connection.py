@@ -167,7 +167,6 @@ class Connection:
         self.limits = limits or Limits()
         self._rng = rng
         self._state = State.IDLE
-        self._last_good_state = State.IDLE
         self._error: ProtocolError | None = None
         self._buf = FrameBuffer()
         self._eof = False
@@ -245,8 +244,6 @@ class Connection:
     def _fail(self, e: ProtocolError):
         if self._error is None:
             self._error = e
-            if self._state is not State.ERROR:
-                self._last_good_state = self._state
             self._state = State.ERROR
         raise e
 
@@ -605,6 +602,10 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
     want = N_FIELDS[mtype] + 3
     if not isinstance(obj, list):
         raise R(AbortCode.PROTOCOL_ERROR, "frame body is not an array")
+    tail = obj[-1]
+    if not ((tail is None and not (key is not None and has_mac))
+            or (key is not None and has_mac and type(tail) is bytes and len(tail) == channel.MAC_SIZE)):
+        raise R(AbortCode.PROTOCOL_ERROR, "the last element of a frame must be its MAC (bin 8 of 32) or nil")
     if mtype == MsgType.HELLO and len(obj) > want and type(obj[2]) is int and obj[2] > PROTOCOL_VERSION:
         obj = obj[:want - 1] + obj[-1:]  # a later version may append Hello fields (PROTOCOL.md §6.2)
     if len(obj) != want:
