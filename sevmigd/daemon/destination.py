@@ -239,13 +239,14 @@ class IncomingMigration:
                     lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data))
             except SevError as exc:
                 idx = getattr(exc, "index", None)
-                where = f"round {msg.round}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
+                where = f"round {msg.round + 1}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
                 raise firmware_error("RECEIVE_UPDATE_DATA", exc, where) from None
             host.set_page_enc_status(enc.astype(np.int64), True)
         if len(shr):
             host.write_raw_pages(shr.astype(np.int64), msg.shr_data)
             host.set_page_enc_status(shr.astype(np.int64), False)
         self.pages_received += len(enc) + len(shr)
+        self.stats.round = msg.round + 1
         self.stats.private_pages += len(enc)
         self.stats.shared_pages += len(shr)
         await self._push_progress()
