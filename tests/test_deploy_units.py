@@ -368,3 +368,60 @@ def test_daemons_migrate_with_memory_deny_write_execute(tmp_path):
     finally:
         for d in started:
             d.close()
+
+
+# Runs inside `unshare --mount`: the unit's filesystem sandbox, approximated with mounts (systemd does
+# the same with its own mount namespace): ProtectSystem=strict (every mount read-only except the
+# state/runtime dirs, here the test's workdir), ProcSubset=pid + ProtectProc=invisible (a private
+# /proc with only processes), UMask=0077, and W^X via PR_SET_MDWE. Then exec the daemon.
+_SANDBOX_LAUNCHER = textwrap.dedent("""
+    import ctypes, os, subprocess, sys
+    writable = sys.argv[1]
+    def mount(*args):
+        subprocess.run(["mount", *args], check=True)
+    mount("--make-rprivate", "/")
+    mount("-t", "proc", "-o", "subset=pid,hidepid=invisible", "proc", "/proc")
+    mount("--bind", writable, writable)
+    for line in open("/proc/self/mounts").read().splitlines():
+        target = line.split()[1].encode().decode("unicode_escape")
+        if target != writable and not target.startswith(("/proc", "/sys", "/dev")):
+            subprocess.run(["mount", "-o", "remount,bind,ro", target], stderr=subprocess.DEVNULL)
+    os.umask(0o077)
+    if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+        sys.exit(97)
+    os.execv(sys.argv[2], sys.argv[2:])
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) to build the mount sandbox")
+def test_daemons_migrate_inside_an_approximated_unit_sandbox(tmp_path):
+    import test_security as ts
+    if not ts.migration_available():
+        pytest.skip("the migration engine is not in this tree yet")
+    probe = subprocess.run(["unshare", "--mount", "--", sys.executable, "-c", _SANDBOX_LAUNCHER, str(tmp_path),
+                            "/bin/sh", "-c", "touch /usr/.sevmigd-probe 2>/dev/null && exit 3; "
+                                             "test -e /proc/cpuinfo && exit 4; touch $0/ok", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode == 97:
+        pytest.skip("kernel lacks PR_SET_MDWE")
+    if probe.returncode != 0 and "mount" in probe.stderr:
+        pytest.skip(f"cannot build mount namespaces here: {probe.stderr.strip()[:200]}")
+    assert probe.returncode == 0 and (tmp_path / "ok").exists(), (probe.returncode, probe.stderr)
+    launcher = ["unshare", "--mount", "--", sys.executable, "-c", _SANDBOX_LAUNCHER, str(tmp_path)]
+    started = []
+    try:
+        for name in ("a", "b"):
+            state = ts.make_state(tmp_path / name / "state")
+            d = ts.RealDaemon(tmp_path / name, state_dir=state, launcher=launcher)
+            started.append(d)
+            d.wait_ready()
+        a, b = started
+        a.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+        assert a.ctl("migrate", name="g1", to=b.listen, timeout=120)["status"] == "completed"
+        assert b.ctl("verify", name="g1")["ok"] is True
+        for d in started:
+            assert d.stop() == 0
+    finally:
+        for d in started:
+            d.close()
