@@ -166,7 +166,7 @@ def test_a_to_b_to_a(daemon_factory):  # noqa: F811
     assert guest_names(b) == {"g": "migrated"}
 
 
-def test_nosend_and_no_migration_control_are_refused(daemon_factory):  # noqa: F811
+def test_nosend_no_migration_control_and_unreachable_are_refused(daemon_factory):  # noqa: F811
     a, b = daemon_factory(), daemon_factory()
     launch(a, "secret", "16M", "--policy", "0x8")
     launch(a, "oldkernel", "16M", "--no-migration-control")
@@ -175,6 +175,17 @@ def test_nosend_and_no_migration_control_are_refused(daemon_factory):  # noqa: F
         assert res.returncode == 1, res.stdout + res.stderr
         assert word in res.stderr
         assert_still_running_here(a, b, name)
+    # an unreachable destination: refused at once, guest untouched
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    res = a.ctl("migrate", "secret", "--to", f"127.0.0.1:{dead_port}", timeout=CTL_TIMEOUT)
+    assert res.returncode == 1
+    launch(a, "ok", "16M")
+    res = a.ctl("migrate", "ok", "--to", f"127.0.0.1:{dead_port}", timeout=CTL_TIMEOUT)
+    assert res.returncode == 1 and "unreachable" in res.stderr, res.stderr
+    assert_still_running_here(a, b, "ok")
     # refused before any connection: the destination never heard of them
     assert not [line for line in b.logs if str(line.get("event", "")).startswith("incoming")]
 

@@ -199,6 +199,11 @@ class Channel:
                     self.fail(MigrationError(
                         AbortCode.TIMEOUT, f"peer {self.peer} sent nothing for {self.peer_timeout_s:g} s"))
                     return
+                if not data:
+                    # EOF: whatever state we were in, the peer is gone (a clean EOF only happens after the
+                    # conversation ended, when nobody waits for this outcome any more).
+                    self.fail(_closed_error(self.peer, f"the peer closed the connection (in state {self.conn.state})"))
+                    return
                 self.bytes_received += len(data)
                 self.conn.receive_data(data)
                 while True:
@@ -218,9 +223,6 @@ class Channel:
                     await self._events_in.send(ev)
                     if isinstance(ev, m.Refuse):
                         return  # ends the connection; the driver reads the reason
-                if not data:
-                    self.fail(_closed_error(self.peer, "end of stream"))
-                    return
         except RemoteProtocolError as exc:
             self.fail(MigrationError(_abort_code(exc.code), f"{self.peer} broke the protocol: {exc}"))
         except _STREAM_ERRORS as exc:
