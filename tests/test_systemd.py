@@ -496,6 +496,9 @@ def test_sigterm_on_destination_mid_migration_keeps_the_guest_on_the_source(daem
     src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
     mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=4)  # ~8 s of pre-copy
     mig.wait_moving()
+    # `systemctl status` on both hosts shows the migration while it runs (STATUS= refreshes every second).
+    src.wait_notify(lambda m: "1 migrating; migrations: 1 out, 0 in" in m.get("STATUS", ""))
+    dst.wait_notify(lambda m: "1 incoming; migrations: 0 out, 1 in" in m.get("STATUS", ""))
     dst.signal(signal.SIGTERM)
     stopping = dst.wait_notify(lambda m: m.get("STOPPING") == "1")
     assert "1 migration(s)" in stopping["STATUS"]
