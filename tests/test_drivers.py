@@ -548,3 +548,27 @@ async def test_shutdown_mid_migration_keeps_guest_and_stops_cleanly(pair):
             assert_running_on_source(src, dst, "g1")
             assert src.guests["g1"].migration.status == "cancelled"
             n.cancel_scope.cancel()
+
+
+async def test_keepalives_carry_a_slow_destination_past_the_peer_timeout(tmp_path, fleet, mock_clock, monkeypatch):
+    """A destination whose PSP is slow (pacing) sends nothing for far longer than the peer timeout while
+    it works; its keepalives keep the source from declaring it dead."""
+    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    mock_clock.autojump_threshold = 0
+    src = make_daemon(tmp_path, "a", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
+    dst = make_daemon(tmp_path, "b", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
+    dst.fw = Firmware(dst.identity, min_command_time=0.008)  # ~2 s of PSP time per 256-page batch
+    dst.fw.init()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(mib=8, dirty_rate_mib_s=0.0, flip_rate=0.0))
+            dst.nursery = n
+            kinds = []
+            tap = Tap(lambda d, t, f: (kinds.append((d, t)), f)[1])
+            t0 = trio.current_time()
+            res = await run_migration(src, dst, "g1", tap=tap)
+            assert "error" not in res, res.get("error")
+            assert trio.current_time() - t0 > 3 * 3.0  # much longer than the peer timeout ...
+            assert ("d2s", MsgType.KEEPALIVE) in kinds  # ... carried by the destination's keepalives
+            assert dst.guests["g1"].vm.verify().ok
+            n.cancel_scope.cancel()
