@@ -530,3 +530,41 @@ def test_flipped_byte_in_bitmap_vcpu_state_start_go_fails_the_channel_mac(name):
             dst.next_event()
         assert ei.value.code in (AbortCode.INTEGRITY_FAILURE, AbortCode.PROTOCOL_ERROR)
         assert dst.handoff == "source"
+
+
+def _feed_in_chunks(dst, frame, size=4096):
+    ev = NEED_DATA
+    for off in range(0, len(frame), size):
+        dst.receive_data(frame[off:off + size])
+        ev = dst.next_event()
+    return ev
+
+
+def test_held_pages_events_are_never_overwritten_by_later_frames():
+    """Reassembly buffers are reused only when no event refers to them (PROTOCOL-independent safety of
+    the zero-copy decode): keep 10 events, decode 10 more, the first ones are intact and read-only."""
+    from sevmigd.wire import framing
+    src, dst = pair(until=State.PRECOPY)
+    held = []
+    for i in range(10):
+        p = m.Pages(0, np.array([i], dtype=np.uint64), bytes([i]) * SEV_HDR_SIZE, bytes([i]) * PAGE_SIZE,
+                    np.array([], dtype=np.uint64), b"")
+        ev = _feed_in_chunks(dst, src.send(p))
+        assert ev == p
+        held.append((p, ev))
+    for i in range(10):
+        ev = _feed_in_chunks(dst, src.send(sample_pages(0, [5], [6])))
+        del ev
+    for p, ev in held:
+        assert ev == p
+        with pytest.raises(TypeError):
+            ev.enc_data[0] = 1
+    assert len(dst._buf._pool) <= framing.POOL_BUFFERS
+
+
+def test_reassembly_buffers_are_reused_when_events_are_dropped():
+    src, dst = pair(until=State.PRECOPY)
+    for _ in range(20):
+        ev = _feed_in_chunks(dst, src.send(sample_pages(0, [1, 2, 3], [4])))
+        assert len(dst._buf._pool) == 1 and ev.enc_data.obj is dst._buf._pool[0]
+        del ev
