@@ -568,3 +568,14 @@ def test_reassembly_buffers_are_reused_when_events_are_dropped():
         ev = _feed_in_chunks(dst, src.send(sample_pages(0, [1, 2, 3], [4])))
         assert len(dst._buf._pool) == 1 and ev.enc_data.obj is dst._buf._pool[0]
         del ev
+
+
+def test_destination_abort_after_an_error_in_go_renounces_on_both_sides():
+    src, dst = pair(until=State.GO)
+    dst.receive_data(forge(src, m.Complete(0)))  # illegal in GO
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    assert dst.handoff == "uncertain"
+    frame = dst.send(m.Abort(AbortCode.PROTOCOL_ERROR, "bad frame after go"))
+    assert dst.handoff == "source"
+    src.receive_data(frame)
+    assert isinstance(src.next_event(), m.Abort) and src.handoff == "source"

@@ -12,11 +12,11 @@ This package never does I/O, never reads a clock, and never imports trio (tests/
 from . import errors, messages
 from .connection import (CLOSED, FIRST_ROUND, KEEPALIVE_INTERVAL_S, NEED_DATA, PEER_DEAD_TIMEOUT_S,
                          PROTOCOL_VERSION, SUPPORTED_FEATURES, TRANSITIONS, Connection, Role, State,
-                         negotiate_version)
+                         decode_frame, encode_frame, negotiate_version)
 from .errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .limits import Limits
 
 __all__ = ["Connection", "Role", "State", "Limits", "NEED_DATA", "CLOSED", "messages", "errors", "AbortCode",
            "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "PROTOCOL_VERSION",
            "SUPPORTED_FEATURES", "FIRST_ROUND", "KEEPALIVE_INTERVAL_S", "PEER_DEAD_TIMEOUT_S", "TRANSITIONS",
-           "negotiate_version"]
+           "negotiate_version", "encode_frame", "decode_frame"]

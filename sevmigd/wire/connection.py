@@ -449,10 +449,13 @@ class Connection:
                                    msg.shr_data)
         L = LocalProtocolError
         if self._error is not None:
-            if type(msg) is Abort and not self._abort_sent_after_error:
-                self._abort_sent_after_error = True
+            if type(msg) is Abort and not self._abort_sent_after_error and not self._discard:
                 msg = check(msg, L, self.limits)
-                return self._encode(MsgType.ABORT, fields_of(msg))
+                frame = self._encode(MsgType.ABORT, fields_of(msg))
+                self._abort_sent_after_error = True
+                if self.role is Role.DESTINATION and self._go and not self._started:
+                    self._renounced = True  # PROTOCOL.md §7.3 rule 6: we will not start the guest
+                return frame
             self._raise_sticky()
         try:
             mtype = TYPE_OF.get(type(msg))

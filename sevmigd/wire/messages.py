@@ -104,6 +104,9 @@ class Pages:
 
     enc_*: private pages as SEND_UPDATE_DATA produced them (52-byte header + 4096 bytes of ciphertext each);
     shr_*: shared (unencrypted) pages in the clear. pfns are numpy uint64 arrays.
+    On a *received* Pages, the bulk columns are zero-copy, read-only views into the frame (memoryview for
+    enc_headers/enc_data/shr_data, read-only numpy views for the pfns): bytes-like for every use (len,
+    slicing, bytes(), numpy.frombuffer, hashing, the firmware's batch commands) but not `bytes` instances.
     """
 
     round: int
