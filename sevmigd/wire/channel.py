@@ -5,7 +5,8 @@
   golden vectors are deterministic) and never leaves this object.
 * `derive_keys(share, peer_public, transcript)`: HKDF-SHA256 over the X25519 shared secret, salted with the
   transcript hash of Hello and Accept, giving one HMAC key per direction and a printable session id.
-* `new_mac(key)`: an HMAC-SHA256 object (stdlib hmac: faster than hazmat for many small frames).
+* `MacKey(key)`: HMAC-SHA256 with precomputed inner/outer states (`start()`, `finish(h)`): the per-frame
+  MAC on the page path costs two C-level hash copies.
 
 Must never: log or return private keys or shared secrets; accept an all-zero shared secret (a small-order
 peer point, which would make the MAC key public).
@@ -73,8 +74,44 @@ def derive_keys(share: KeyShare, peer_public: bytes, transcript: bytes) -> Chann
     return ChannelKeys(s2d=okm[:32], d2s=okm[32:64], session_id=okm[64:80].hex())
 
 
-def new_mac(key: bytes):
-    return hmac.new(key, digestmod=hashlib.sha256)
+class MacKey:
+    """An HMAC-SHA256 key with its inner and outer hash states precomputed (RFC 2104), so that a frame's
+    MAC costs two hash-object copies instead of a new HMAC object: this is per frame on the page path."""
+
+    __slots__ = ("raw", "_inner", "_outer")
+
+    def __init__(self, key: bytes):
+        key = bytes(key)
+        self.raw = key
+        k = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(x ^ 0x36 for x in k))
+        self._outer = hashlib.sha256(bytes(x ^ 0x5C for x in k))
+
+    def start(self):
+        """A hash object to `update()` with the authenticated view; pass it to `finish`."""
+        return self._inner.copy()
+
+    def finish(self, inner) -> bytes:
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def __eq__(self, other):
+        return isinstance(other, MacKey) and hmac.compare_digest(self.raw, other.raw)
+
+    __hash__ = None
+
+    def __repr__(self):  # never print keys
+        return "MacKey(...)"
+
+
+def mac_key(key) -> MacKey:
+    return key if isinstance(key, MacKey) else MacKey(key)
+
+
+def new_mac(key):
+    """A stdlib hmac object (for tools and tests; the connection uses MacKey.start/finish)."""
+    return hmac.new(key.raw if isinstance(key, MacKey) else key, digestmod=hashlib.sha256)
 
 
 def mac_equal(a: bytes, b: bytes) -> bool:

@@ -178,8 +178,8 @@ class Connection:
         self._peer_share: bytes | None = None
         self._hello_frame: bytes | None = None
         self._keys: channel.ChannelKeys | None = None
-        self._send_key: bytes | None = None
-        self._recv_key: bytes | None = None
+        self._send_key: channel.MacKey | None = None
+        self._recv_key: channel.MacKey | None = None
         self._peer_max_frame = MIN_MAX_FRAME
         self.hello: Hello | None = None      # the Hello of this conversation (sent or received)
         self.accept: Accept | None = None    # the Accept of this conversation (sent or received)
@@ -420,10 +420,8 @@ class Connection:
             except channel.KeyShareError as e:
                 cls = RemoteProtocolError if sender is not self.role else LocalProtocolError
                 raise cls(AbortCode.INTEGRITY_FAILURE, f"key exchange failed: {e}") from None
-            if self.role is Role.SOURCE:
-                self._send_key, self._recv_key = self._keys.s2d, self._keys.d2s
-            else:
-                self._send_key, self._recv_key = self._keys.d2s, self._keys.s2d
+            s2d, d2s = channel.MacKey(self._keys.s2d), channel.MacKey(self._keys.d2s)
+            self._send_key, self._recv_key = (s2d, d2s) if self.role is Role.SOURCE else (d2s, s2d)
         elif t is Pages:
             self._round_open = True
             self._round_pages += msg.npages
@@ -535,8 +533,13 @@ class Connection:
         return frame
 
 
+_U64LE = np.dtype("<u8")
+
+
 def _pfn_column(pfns, name: str) -> np.ndarray:
     """A contiguous little-endian u64 array of page frame numbers, from a numpy array or ints."""
+    if type(pfns) is np.ndarray and pfns.dtype == _U64LE and pfns.ndim == 1 and pfns.flags.c_contiguous:
+        return pfns  # the fast path: what the migration engine hands us
     try:
         a = np.asarray(pfns)
         if a.ndim != 1 or not (a.size == 0 or np.issubdtype(a.dtype, np.integer)):
@@ -581,9 +584,10 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
             covered = memoryview(body)[:pages_cols[-1]]
         else:
             covered = memoryview(body)[:-_MAC_TAIL]
-        mac = channel.new_mac(key)
-        mac.update(covered)
-        if not channel.mac_equal(mac.digest(), body[-channel.MAC_SIZE:]):
+        mk = channel.mac_key(key)
+        h = mk.start()
+        h.update(covered)
+        if not channel.mac_equal(mk.finish(h), body[-channel.MAC_SIZE:]):
             raise R(AbortCode.INTEGRITY_FAILURE, "channel MAC mismatch: frame altered or forged")
     elif not (has_nil and mtype == MsgType.ABORT and unauth_abort_ok):
         raise R(AbortCode.INTEGRITY_FAILURE, "frame without channel MAC after the handshake")
@@ -676,9 +680,10 @@ def encode_body(mtype: MsgType, fields: list, *, seq: int, key: bytes | None) ->
     body_wo_mac = array_header(n) + head[len(array_header(n - 1)):]  # same array, one element more
     if key is None:
         return body_wo_mac + NIL
-    mac = channel.new_mac(key)
-    mac.update(body_wo_mac)
-    return body_wo_mac + MAC_PREFIX + mac.digest()
+    mk = channel.mac_key(key)
+    h = mk.start()
+    h.update(body_wo_mac)
+    return body_wo_mac + MAC_PREFIX + mk.finish(h)
 
 
 def encode_pages_body_parts(round: int, ep: np.ndarray, enc_headers, enc_data, sp: np.ndarray, shr_data, *,
@@ -686,20 +691,28 @@ def encode_pages_body_parts(round: int, ep: np.ndarray, enc_headers, enc_data, s
     """Pieces of a Pages body ([5, seq, round, enc_pfns, enc_headers, shr_pfns, shr_data, enc_data, mac])
     and its total length. enc_data comes last so the MAC covers one contiguous prefix of the body: all of
     it up to the first byte of the ciphertext (enc_data's bin header, hence its length, included)."""
-    ep_b, sp_b = memoryview(ep).cast("B"), memoryview(sp).cast("B")
-    enc_n, shr_n = memoryview(enc_data).nbytes, memoryview(shr_data).nbytes
-    head = array_header(9) + uint(MsgType.PAGES) + uint(seq) + uint(round) + bin_header(ep_b.nbytes)
-    pieces = [head, ep_b, bin_header(memoryview(enc_headers).nbytes), enc_headers, bin_header(sp_b.nbytes),
-              sp_b, bin_header(shr_n), shr_data, bin_header(enc_n)]
+    ep_n, sp_n = ep.nbytes, sp.nbytes
+    eh_n, enc_n, shr_n = _nbytes(enc_headers), _nbytes(enc_data), _nbytes(shr_data)
+    # the small msgpack headers travel with the column before them, so the MAC takes few update() calls
+    head = array_header(9) + uint(MsgType.PAGES) + uint(seq) + uint(round) + bin_header(ep_n)
+    pieces = [head, ep.data, bin_header(eh_n), enc_headers, bin_header(sp_n), sp.data, bin_header(shr_n),
+              shr_data, bin_header(enc_n)]
     if key is None:  # only reachable through testing.forge (Pages is illegal before the keys exist)
         tail = NIL
     else:
-        mac = channel.new_mac(key)
+        mk = channel.mac_key(key)
+        h = mk.start()
         for p in pieces:
-            mac.update(p)
-        tail = MAC_PREFIX + mac.digest()
+            h.update(p)
+        tail = MAC_PREFIX + mk.finish(h)
+    size = (len(head) + ep_n + eh_n + sp_n + shr_n + enc_n + len(tail)
+            + len(pieces[2]) + len(pieces[4]) + len(pieces[6]) + len(pieces[8]))
     pieces += [enc_data, tail]
-    return pieces, sum(memoryview(p).nbytes for p in pieces)
+    return pieces, size
+
+
+def _nbytes(b) -> int:
+    return b.nbytes if type(b) is memoryview else len(b)
 
 
 def encode_frame(msg, *, seq: int = 0, key: bytes | None = None, extras=()) -> bytes:
