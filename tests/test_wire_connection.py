@@ -461,7 +461,7 @@ def test_later_hello_version_interoperates_at_version_1():
     fields = fields_of(hello)
     fields[0] = 2
     share = channel.KeyShare(fixed_rng("v2")).public
-    body = msgpack.packb([1, 0, *fields, share, 1 << 24, "future-field", None], use_bin_type=True)
+    body = msgpack.packb([1, 0, "sevmigd", *fields, share, 1 << 24, "future-field", None], use_bin_type=True)
     dst = Connection(D, rng=fixed_rng(3))
     dst.receive_data(PREFIX.pack(len(body)) + body)
     ev = dst.next_event()
@@ -499,7 +499,7 @@ def test_last_element_must_be_the_mac_or_nil():
     from sevmigd.wire.messages import fields_of
     share = _key_share_public()
     fields = fields_of(sample_hello())
-    body = msgpack.packb([1, 0, *fields, share, 1 << 20, b"xx\xc0"], use_bin_type=True)
+    body = msgpack.packb([1, 0, "sevmigd", *fields, share, 1 << 20, b"xx\xc0"], use_bin_type=True)
     assert body[-1:] == b"\xc0"
     dst = Connection(D, rng=fixed_rng(1))
     dst.receive_data(PREFIX.pack(len(body)) + body)
@@ -579,3 +579,16 @@ def test_destination_abort_after_an_error_in_go_renounces_on_both_sides():
     assert dst.handoff == "source"
     src.receive_data(frame)
     assert isinstance(src.next_event(), m.Abort) and src.handoff == "source"
+
+
+def test_a_peer_without_the_magic_is_refused():
+    import msgpack
+    from sevmigd.wire.messages import fields_of
+    body = msgpack.packb([1, 0, "http", *fields_of(sample_hello()), _key_share_public(), 1 << 20, None],
+                         use_bin_type=True)
+    dst = Connection(D, rng=fixed_rng(1))
+    dst.receive_data(PREFIX.pack(len(body)) + body)
+    e = expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+    assert "magic" in e.message
+    dst = Connection(D, rng=fixed_rng(1))
+    expect(RemoteProtocolError, AbortCode.FRAME_TOO_LARGE, dst.receive_data, b"GET / HTTP/1.1\r\n")

@@ -23,7 +23,7 @@ from sevmigd.wire import (CLOSED, NEED_DATA, AbortCode, Connection, Limits, Loca
 from sevmigd.wire.connection import decode_frame, encode_body, encode_frame
 from sevmigd.wire.framing import PREFIX, Reader
 from sevmigd.wire.limits import PAGE_SIZE, SEV_CERT_SIZE, SEV_HDR_SIZE, SESSION_SIZE
-from sevmigd.wire.messages import MsgType, fields_of
+from sevmigd.wire.messages import MsgType, fields_of, wire_fields
 from sevmigd.wire.testing import fixed_rng, pair, sample_accept, sample_hello, sample_platform, script
 
 NORMAL_EXAMPLES = 150
@@ -364,7 +364,7 @@ def _wrong_types(msg, data, key):
     """Replace one field by an arbitrary msgpack value, with a valid MAC: a typed error, or (when the value
     happens to be valid for that field) a message that re-encodes to the same frame."""
     extras = [bytes(31) + b"\x09", 1 << 20] if isinstance(msg, (m.Hello, m.Accept)) else []
-    fields = fields_of(msg) + extras
+    fields = wire_fields(msg, extras)
     i = data.draw(st.integers(0, len(fields) - 1))
     fields[i] = data.draw(msgpack_values)
     try:

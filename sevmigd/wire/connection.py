@@ -48,8 +48,9 @@ from .errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocol
 from .framing import (MAC_PREFIX, NIL, PREFIX, FrameBuffer, FramingError, Reader, array_header, bin_header,
                       pack, strict_unpack, uint)
 from .limits import MAX_MAX_FRAME, MIN_MAX_FRAME, PAGE_SIZE, SEV_HDR_SIZE, Limits
-from .messages import (IGNORABLE_TYPES, N_FIELDS, TYPE_OF, Abort, Accept, Bitmap, Complete, Go, Hello, MsgType,
-                       Pages, RoundEnd, Start, Started, VcpuState, check, fields_of, message_from_fields)
+from .messages import (IGNORABLE_TYPES, MAGIC, N_FIELDS, TYPE_OF, Abort, Accept, Bitmap, Complete, Go, Hello, MsgType,
+                       Pages, RoundEnd, Start, Started, VcpuState, check, fields_of, message_from_fields,
+                       wire_fields)
 
 # Protocol version this implementation speaks (PROTOCOL.md §6). It accepts a peer Hello of any higher
 # version (answering with this one) and refuses lower ones.
@@ -469,7 +470,7 @@ class Connection:
                 share = channel.KeyShare(self._rng)
                 extras = (share.public, self.limits.max_frame)
             self._guard(self.role, msg, L, extras)
-            frame = self._encode(mtype, fields_of(msg) + list(extras))
+            frame = self._encode(mtype, wire_fields(msg, extras))
             if extras:
                 self._share = share
             self._apply(self.role, msg, new_state, frame=frame if extras else None, extras=extras)
@@ -613,14 +614,17 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
     if not ((tail is None and not (key is not None and has_mac))
             or (key is not None and has_mac and type(tail) is bytes and len(tail) == channel.MAC_SIZE)):
         raise R(AbortCode.PROTOCOL_ERROR, "the last element of a frame must be its MAC (bin 8 of 32) or nil")
-    if mtype == MsgType.HELLO and len(obj) > want and type(obj[2]) is int and obj[2] > PROTOCOL_VERSION:
+    if (mtype == MsgType.HELLO and len(obj) > want and obj[2] == MAGIC and type(obj[3]) is int
+            and obj[3] > PROTOCOL_VERSION):
         obj = obj[:want - 1] + obj[-1:]  # a later version may append Hello fields (PROTOCOL.md §6.2)
     if len(obj) != want:
         raise R(AbortCode.PROTOCOL_ERROR, f"{CLASS_NAME[mtype]} has {len(obj) - 3} fields, expected {want - 3}")
     fields = obj[2:-1]
     if mtype in (MsgType.HELLO, MsgType.ACCEPT):
+        if type(fields[0]) is not str or fields[0] != MAGIC:
+            raise R(AbortCode.PROTOCOL_ERROR, f"bad magic {fields[0]!r}: the peer does not speak {MAGIC!r}")
         extras = tuple(fields[-2:])
-        fields = fields[:-2]
+        fields = fields[1:-2]
         _check_extras(extras[0], extras[1], R)
     return seq, message_from_fields(mtype, fields, R, limits), extras
 
@@ -724,7 +728,7 @@ def encode_frame(msg, *, seq: int = 0, key: bytes | None = None, extras=()) -> b
                                                _pfn_column(msg.shr_pfns, "shr_pfns"), msg.shr_data,
                                                seq=seq, key=key)
         return b"".join([PREFIX.pack(size), *pieces])
-    body = encode_body(TYPE_OF[type(msg)], fields_of(msg) + list(extras), seq=seq, key=key)
+    body = encode_body(TYPE_OF[type(msg)], wire_fields(msg, extras), seq=seq, key=key)
     return PREFIX.pack(len(body)) + body
 
 

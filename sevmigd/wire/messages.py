@@ -56,6 +56,10 @@ class MsgType(enum.IntEnum):
 
 IGNORABLE_TYPES = range(0x40, 0x80)
 
+# First field of Hello and Accept on the wire (PROTOCOL.md §5.1): says "this is sevmigd's migration
+# protocol" to a peer, a capture tool or a confused client, before any version-dependent field.
+MAGIC = "sevmigd"
+
 
 @dataclasses.dataclass(frozen=True)
 class Hello:
@@ -211,9 +215,10 @@ TYPE_OF: dict[type, MsgType] = {
 CLASS_OF: dict[MsgType, type] = {t: c for c, t in TYPE_OF.items()}
 
 # Number of positional fields after [type, seq] and before the mac, per type (v1). Hello and Accept carry
-# two more, connection-level fields (key_share, max_frame) that are not part of the dataclass.
+# three more, connection-level fields that are not part of the dataclass: MAGIC first, and
+# (key_share, max_frame) last.
 N_FIELDS = {
-    MsgType.HELLO: 9 + 2, MsgType.ACCEPT: 3 + 2, MsgType.REFUSE: 2, MsgType.START: 3, MsgType.PAGES: 6,
+    MsgType.HELLO: 9 + 3, MsgType.ACCEPT: 3 + 3, MsgType.REFUSE: 2, MsgType.START: 3, MsgType.PAGES: 6,
     MsgType.ROUND_END: 3, MsgType.BITMAP: 2, MsgType.VCPU_STATE: 3, MsgType.COMPLETE: 1,
     MsgType.READY: 0, MsgType.GO: 0, MsgType.STARTED: 0, MsgType.KEEPALIVE: 0, MsgType.ABORT: 2,
 }
@@ -406,6 +411,13 @@ def fields_of(msg) -> list:
     if t is Complete:
         return [msg.pages_total]
     return []
+
+
+def wire_fields(msg, extras=()) -> list:
+    """All positional wire fields of a non-Pages message: MAGIC + fields + extras for Hello/Accept."""
+    if type(msg) in (Hello, Accept):
+        return [MAGIC, *fields_of(msg), *extras]
+    return fields_of(msg)
 
 
 def message_from_fields(mtype: MsgType, f: list, err, limits: Limits):

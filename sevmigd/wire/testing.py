@@ -117,7 +117,7 @@ def forge(sender: Connection, msg) -> bytes:
     check, so tests can deliver messages that are illegal in the receiver's state. Advances sender's seq."""
     from . import channel
     from .connection import _pfn_column
-    from .messages import TYPE_OF, MsgType, fields_of
+    from .messages import TYPE_OF, MsgType, wire_fields
 
     if isinstance(msg, m.Pages):
         return sender._encode_pages(msg.round, _pfn_column(msg.enc_pfns, "enc_pfns"), msg.enc_headers,
@@ -126,4 +126,4 @@ def forge(sender: Connection, msg) -> bytes:
     extras = []
     if mtype in (MsgType.HELLO, MsgType.ACCEPT):
         extras = [channel.KeyShare(fixed_rng("forge")).public, sender.limits.max_frame]
-    return sender._encode(mtype, fields_of(msg) + extras)
+    return sender._encode(mtype, wire_fields(msg, extras))
