@@ -592,3 +592,29 @@ def test_a_peer_without_the_magic_is_refused():
     assert "magic" in e.message
     dst = Connection(D, rng=fixed_rng(1))
     expect(RemoteProtocolError, AbortCode.FRAME_TOO_LARGE, dst.receive_data, b"GET / HTTP/1.1\r\n")
+
+
+def _ended(end: str):
+    """A pair after the conversation ended: (the side that ended it, the side that was told)."""
+    if end == "refused":
+        src, dst = pair(until=State.HELLO_SENT)
+        transfer(dst, src, m.Refuse(AbortCode.POLICY_REFUSED, "no"))
+        return dst, src
+    src, dst = pair(until=State.PRECOPY)
+    ender, receiver = (src, dst) if end == "aborted-by-source" else (dst, src)
+    transfer(ender, receiver, m.Abort(AbortCode.CANCELLED, "x"))
+    return ender, receiver
+
+
+@pytest.mark.parametrize("mtype", list(MsgType), ids=lambda t: t.name)
+@pytest.mark.parametrize("end", ["refused", "aborted-by-source", "aborted-by-destination"])
+def test_every_message_after_the_end_is_illegal(end, mtype):
+    """In the terminal states nothing may be sent; a frame the ending side still forges is a
+    RemoteProtocolError for the side that received the Refuse/Abort."""
+    msg = _any_message(mtype, sample_hello())
+    ender, receiver = _ended(end)
+    assert receiver.state == ("REFUSED" if end == "refused" else "ABORTED")
+    expect(LocalProtocolError, AbortCode.PROTOCOL_ERROR, receiver.send, msg)
+    ender, receiver = _ended(end)
+    receiver.receive_data(forge(ender, msg))
+    expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, receiver.next_event)

@@ -2,9 +2,11 @@
 
 Owns: the one transition table of the protocol (both roles), sequence numbers, the handshake key exchange
 and channel MAC, every contextual check (pfn < npages, round bookkeeping, bitmap length, vCPU count), and
-the hand-off bookkeeping that says which side may run the guest. Must never: do I/O, read a clock, keep
-more than `max_frame + 4` bytes plus one read, or raise anything but LocalProtocolError /
-RemoteProtocolError from its public methods, whatever the peer sends.
+the hand-off bookkeeping that says which side may run the guest. Must never: do I/O, read a clock, buffer
+more than one incomplete frame (`max_frame + 4` bytes) plus one read (plus, transiently, the one copy that
+reassembles a frame spread over several reads, into a small pool of reusable buffers: framing.py), or
+raise anything but LocalProtocolError / RemoteProtocolError from its public methods, whatever the peer
+sends.
 
 Theory of operation
 -------------------
