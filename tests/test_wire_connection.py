@@ -618,3 +618,23 @@ def test_every_message_after_the_end_is_illegal(end, mtype):
     ender, receiver = _ended(end)
     receiver.receive_data(forge(ender, msg))
     expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, receiver.next_event)
+
+
+def test_non_minimal_integer_encodings_are_accepted_negative_ones_refused():
+    """PROTOCOL.md §4: receivers accept any valid encoding of a value of the right type (here type, seq and
+    round as int 8 / uint 64), and refuse a negative value where an unsigned one is required."""
+    from sevmigd.wire import channel
+    src, dst = pair(until=State.PRECOPY)
+    for seq_enc, ok in ((b"\xd0" + bytes([src._send_seq]), True),
+                        (b"\xcf" + (src._send_seq + 1).to_bytes(8, "big"), True),
+                        (b"\xd0\xff", False)):
+        body_wo = array_header(3) + b"\xd0\x0d" + seq_enc  # Keepalive with type as int 8
+        h = src._send_key.start()
+        h.update(body_wo)
+        body = body_wo + b"\xc4\x20" + src._send_key.finish(h)
+        src._send_seq += 1
+        dst.receive_data(PREFIX.pack(len(body)) + body)
+        if ok:
+            assert dst.next_event() == m.Keepalive()
+        else:
+            expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)

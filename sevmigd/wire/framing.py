@@ -40,6 +40,7 @@ class FramingError(Exception):
 # encoders (identical to msgpack-python's output for the same values)
 
 _U8, _U16, _U32, _U64 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+_SIGNED = (struct.Struct(">b"), struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q"))
 
 
 def uint(v: int) -> bytes:
@@ -118,6 +119,11 @@ class Reader:
             return _U32.unpack_from(self.mv, self._need(4))[0]
         if c == 0xCF:
             return _U64.unpack_from(self.mv, self._need(8))[0]
+        if 0xD0 <= c <= 0xD3:  # int 8/16/32/64: valid msgpack for a non-negative value too (PROTOCOL.md §4)
+            st = _SIGNED[c - 0xD0]
+            v = st.unpack_from(self.mv, self._need(st.size))[0]
+            if v >= 0:
+                return v
         raise FramingError(AbortCode.PROTOCOL_ERROR, f"{name}: expected an unsigned integer (0x{c:02x})")
 
     def bin(self, name: str) -> tuple[int, int]:
