@@ -282,10 +282,10 @@ class FrameBuffer:
     def _assemble(self, parts, n: int):
         if n < 4096:
             return b"".join(parts)
-        buf = self._pooled(n)
+        mv = memoryview(self._pooled(n))  # memoryview slice assignment: a plain memcpy
         pos = 0
         for p in parts:
             k = len(p)
-            buf[pos:pos + k] = p
+            mv[pos:pos + k] = p
             pos += k
-        return memoryview(buf)[:n].toreadonly()
+        return mv[:n].toreadonly()
