@@ -455,6 +455,11 @@ async def test_go_lost_destination_discards_and_source_resumes_on_resolve(pair):
             assert g.state == "running" and not g.vm.host.paused
             g.vm.run(0.1)
             assert g.vm.verify().ok
+            # SEND_CANCEL brought the PSP context back to RUNNING: it migrates again
+            assert g.vm.sev_state == "RUNNING"
+            res = await run_migration(src, dst, "g1")
+            assert "error" not in res, res.get("error")
+            assert dst.guests["g1"].vm.verify().ok
             n.cancel_scope.cancel()
 
 
@@ -571,4 +576,35 @@ async def test_keepalives_carry_a_slow_destination_past_the_peer_timeout(tmp_pat
             assert trio.current_time() - t0 > 3 * 3.0  # much longer than the peer timeout ...
             assert ("d2s", MsgType.KEEPALIVE) in kinds  # ... carried by the destination's keepalives
             assert dst.guests["g1"].vm.verify().ok
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("direction,mtype", [("s2d", MsgType.GO), ("d2s", MsgType.READY), ("d2s", MsgType.STARTED)])
+async def test_duplicated_handoff_frame_never_gives_two_copies(pair, direction, mtype):
+    """A replayed hand-off frame breaks the channel MAC/sequence; whatever the timing, the guest ends up
+    running in exactly one place (or paused and uncertain on the source only), and a source that kept it
+    can migrate it again (its PSP context went back to RUNNING through SEND_CANCEL)."""
+    src, dst = pair()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config())
+            dst.nursery = n
+            tap = Tap(lambda d, t, f: f + f if (d == direction and t == mtype) else f)
+            res = await run_migration(src, dst, "g1", tap=tap)
+            s, d = src.guests["g1"], dst.guests.get("g1")
+            src_runs = s.state == "running" and not s.vm.host.paused
+            dst_runs = d is not None and d.state == "running"
+            assert not (src_runs and dst_runs), (res, s.state, d and d.state)
+            if "g1" in src.migrations.uncertain:
+                assert s.vm.host.paused  # never resumed by itself
+                src.migrations.resolve("g1", run_here=not dst_runs)
+                src_runs = not dst_runs
+            assert src_runs != dst_runs
+            here, there = (src, dst) if src_runs else (dst, src)
+            assert here.guests["g1"].vm.verify().ok
+            if src_runs:  # the source kept it: it can still be migrated (SEND_START accepted again)
+                assert s.vm.sev_state == "RUNNING"
+                res = await run_migration(src, dst, "g1")
+                assert "error" not in res, res.get("error")
+                assert dst.guests["g1"].vm.verify().ok
             n.cancel_scope.cancel()

@@ -92,6 +92,7 @@ class Channel:
         self.log = log
         self.failure: MigrationError | None = None
         self.tell_peer = True
+        self.abort_forbidden = False  # set once an Abort would make a promise we can no longer keep
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
@@ -116,6 +117,11 @@ class Channel:
         if self._cancel is not None:
             self._cancel.cancel()
         return self.failure
+
+    def forbid_abort(self) -> None:
+        """From now on never send Abort (the destination started the guest: an Abort in state GO would
+        tell the source it may resume, PROTOCOL.md §7.3)."""
+        self.abort_forbidden = True
 
     def start_keepalives(self) -> None:
         """Called by the driver once the handshake is over (Keepalive is illegal before)."""
@@ -253,7 +259,7 @@ class Channel:
         """Shielded: send our Abort when the failure is ours, linger for the peer's close, close."""
         with trio.CancelScope(shield=True):
             err = self.failure
-            if err is not None and self.tell_peer and not self._broken:
+            if err is not None and self.tell_peer and not self._broken and not self.abort_forbidden:
                 with trio.move_on_after(ABORT_SEND_TIMEOUT_S):
                     try:
                         data = self.conn.send(m.Abort(err.code, err.message[:1000]))

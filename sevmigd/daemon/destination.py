@@ -275,29 +275,27 @@ class IncomingMigration:
     async def _start(self, ch: Channel) -> None:
         """Go arrived: the source has given up its copy. Start ours, then say so.
 
-        If the guest cannot start, we raise before Started: the Abort we send in state GO is our promise
-        that we did not start it, which hands the guest back to the source (PROTOCOL.md §7.3)."""
+        If the conversation already broke (e.g. a replayed frame right behind Go) or the guest cannot
+        start, we raise before starting: the Abort we then send in state GO is our promise that we did not
+        start it, which hands the guest back to the source (PROTOCOL.md §7.3). Once started, we never send
+        Abort again (it would break that promise): the worst case is an uncertain hand-off."""
+        if ch.failure is not None:
+            raise ch.failure
         try:
             self.vm.start_incoming()
         except Exception as exc:  # noqa: BLE001 - any start failure hands the guest back
             raise MigrationError(AbortCode.INTERNAL_ERROR,
                                  f"the guest did not start on the destination: {type(exc).__name__}: {exc}") from None
+        # no checkpoint between the check above and these two lines
         self.started = True
+        ch.forbid_abort()
+        self.stats.status = "uncertain"  # until "started" is on its way
         self.manager.start_guest(self.hosted)
         now = trio.current_time()
-        self.stats.status = "completed"
         self.stats.transferred = ch.bytes_received
         self.stats.tick(now)
-        try:
-            await ch.send(m.Started())
-        except MigrationError as err:
-            # The guest runs here (the source sent go and will not resume alone), but the source may not
-            # know: report it, and let an operator settle it with `resolve`.
-            self.stats.status = "uncertain"
-            self.stats.fail(err.code.name, f"could not confirm the start to the source: {err}")
-            self.manager.mark_uncertain(self.name, self)
-            self.log.error("incoming_uncertain", error=str(err))
-            return
+        await ch.send(m.Started())
+        self.stats.status = "completed"
         self.log.info("incoming_completed", total_time_ms=self.stats.total_time_ms,
                       rounds=self.stats.round, transferred=self.stats.transferred,
                       private_pages=self.stats.private_pages, shared_pages=self.stats.shared_pages)
@@ -311,8 +309,14 @@ class IncomingMigration:
                 err = self.pending_error
             self.stats.tick(trio.current_time())
             if self.started:
-                # Go arrived and the guest runs here; whatever failed afterwards (the close) does not undo it.
-                self.log.info("incoming_closed_after_start", detail=str(err))
+                # Go arrived and the guest runs here; whatever failed afterwards does not undo it. If
+                # "started" may not have reached the source, say so: the source is then uncertain too.
+                if self.stats.status == "uncertain":
+                    self.stats.fail(err.code.name, f"could not confirm the start to the source: {err}")
+                    self.manager.mark_uncertain(self.name, self)
+                    self.log.error("incoming_uncertain", error=str(err), code=err.code.name)
+                else:
+                    self.log.info("incoming_closed_after_start", detail=str(err))
                 return
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))

@@ -151,14 +151,7 @@ class MigrationManager:
         hosted = mig.hosted
         if isinstance(mig, OutgoingMigration):
             if run_here:
-                host = mig.vm.host
-                host.set_throttle(0)
-                try:
-                    host.disable_dirty_log()
-                except Exception:  # noqa: BLE001 - resuming matters more
-                    pass
-                host.resume()
-                hosted.state = "running"
+                mig._rollback(MigrationError(AbortCode.CANCELLED, "resolved: run on the source"))
                 mig.stats.status = "failed"
                 resolution = "resumed on the source"
             else:

@@ -5,7 +5,15 @@ against our trusted roots), SEND_START, pre-copy rounds with the guest running (
 rounds the pages the dirty log reports; private pages through SEND_UPDATE_DATA, shared pages as they are),
 convergence as the pure planner decides it (QEMU's rule, auto-converge, give-up), stop-and-copy (pause,
 last dirty pages, final page-encryption bitmap, vCPU state or the SEV-ES VMSA through SEND_UPDATE_VMSA),
-and the hand-off: Ready -> SEND_FINISH -> Go -> Started -> release.
+and the hand-off: Ready -> Go -> Started -> SEND_FINISH -> release.
+
+SEND_FINISH comes after "started", not before "go": the PSP context stays in SUPDATE until the hand-off
+is known, so every way it can go wrong (go lost, the destination renouncing in GO, an uncertain hand-off
+resolved in favour of the source) ends with SEND_CANCEL (SUPDATE -> RUNNING) and a guest that can be
+migrated again. Finishing first would leave it SENT, a state from which the firmware allows nothing but
+DECOMMISSION: the guest could still run here but never migrate again (found by the fault matrix).
+Both orders are legal for the firmware (SEND_FINISH is accepted in SUPDATE at any time); TEK/TIK simply
+live on the source PSP until the destination confirmed.
 
 The one rule it must never break (QEMU's too): the source never destroys or gives up its copy until the
 destination has taken over. Every failure before "go" leaves the guest running here (SEND_CANCEL, resume,
@@ -333,13 +341,7 @@ class OutgoingMigration:
         await self._push_progress(force=True)
 
     async def _handoff(self, ch: Channel) -> None:
-        fw = self.daemon.fw
         await ch.receive_expect(m.Ready)
-        try:
-            await self.manager.psp(lambda: fw.send_finish(self.vm.handle))
-        except SevError as exc:
-            raise firmware_error("SEND_FINISH", exc) from None
-        self.send_finished = True
         await ch.send(m.Go(), on_write=self._commit)
         await ch.receive_expect(m.Started)
         now = trio.current_time()
@@ -364,11 +366,18 @@ class OutgoingMigration:
         self.committed = True
 
     def _release(self) -> None:
-        """The destination runs the guest: drop ours (DECOMMISSION, RAM freed) and show it as migrated."""
+        """The destination runs the guest: SEND_FINISH (SUPDATE -> SENT), then drop ours (DECOMMISSION,
+        RAM freed) and show it as migrated."""
         try:
             self.hosted.stop_vcpus()
         except Exception:  # noqa: BLE001 - the release below matters more than a stop that failed
             self.log.exception("stop_vcpus_failed")
+        if self.send_started and not self.send_finished:
+            try:
+                self.daemon.fw.send_finish(self.vm.handle)
+                self.send_finished = True
+            except SevError as exc:  # DECOMMISSION below ends the context either way
+                self.log.error("send_finish_failed", error=str(exc))
         self.vm.release()
         self.hosted.state = "migrated"
 
@@ -417,10 +426,7 @@ class OutgoingMigration:
                 fw.send_cancel(self.vm.handle)
             except SevError as exc:
                 self.log.error("send_cancel_failed", error=str(exc))
-        elif self.send_finished:
-            # SEND_FINISH done but "go" never left: the PSP context is SENT (no SEND_CANCEL from there), but
-            # the guest's key is still installed in its ASID, so it can run; it cannot be sent again.
-            self.log.warning("resume_after_send_finish")
+            self.send_started = False
         for what, fn in (("throttle off", lambda: host.set_throttle(0)),
                          ("dirty log off", host.disable_dirty_log if self.dirty_log_on else None),
                          ("resume", host.resume if self.paused_by_us else None)):
