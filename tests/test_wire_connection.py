@@ -638,3 +638,13 @@ def test_non_minimal_integer_encodings_are_accepted_negative_ones_refused():
             assert dst.next_event() == m.Keepalive()
         else:
             expect(RemoteProtocolError, AbortCode.PROTOCOL_ERROR, dst.next_event)
+
+
+def test_unknown_abort_code_from_a_later_version_is_reported_as_protocol_error():
+    from sevmigd.wire.connection import encode_body
+    src, dst = pair(until=State.PRECOPY)
+    body = encode_body(MsgType.ABORT, [99, "new reason"], seq=src._send_seq, key=src._send_key)
+    dst.receive_data(PREFIX.pack(len(body)) + body)
+    ev = dst.next_event()
+    assert ev.code is AbortCode.PROTOCOL_ERROR and ev.reason == "[unknown abort code 99] new reason"
+    assert dst.state == "ABORTED"

@@ -404,3 +404,16 @@ def test_local_misuse_is_typed():
     src, _ = pair(until=State.PRECOPY)
     with pytest.raises(LocalProtocolError):
         src.send("not a message")
+
+
+@both(chunks=st.lists(st.integers(1, 20000), min_size=1, max_size=60))
+def _chunking(chunks):
+    """However the stream is cut into reads, the destination decodes the same conversation to DONE."""
+    dst, events = deliver(STREAM, chunks)
+    assert dst.state == "DONE"
+    assert [type(e) for e in events] == [type(e) for e in REFERENCE_EVENTS]
+    assert events == REFERENCE_EVENTS
+
+
+REFERENCE_EVENTS = deliver(STREAM)[1]
+test_any_chunking_gives_the_same_conversation, test_any_chunking_fuzz = _chunking
