@@ -648,3 +648,16 @@ def test_unknown_abort_code_from_a_later_version_is_reported_as_protocol_error()
     ev = dst.next_event()
     assert ev.code is AbortCode.PROTOCOL_ERROR and ev.reason == "[unknown abort code 99] new reason"
     assert dst.state == "ABORTED"
+
+
+def test_receive_data_misuse_is_a_local_error():
+    dst = Connection(D, rng=fixed_rng(1))
+    expect(LocalProtocolError, AbortCode.INTERNAL_ERROR, dst.receive_data, "text")
+    dst = Connection(D, rng=fixed_rng(1))
+    dst.receive_data(b"")
+    expect(LocalProtocolError, AbortCode.INTERNAL_ERROR, dst.receive_data, b"late")
+    dst = Connection(D, rng=fixed_rng(1))
+    buf = bytearray(Connection(S, rng=fixed_rng(2)).send(sample_hello()))
+    dst.receive_data(buf)
+    buf[:] = bytes(len(buf))  # the caller reuses its buffer: we copied it
+    assert isinstance(dst.next_event(), m.Hello)

@@ -255,6 +255,9 @@ class Connection:
         """Feed bytes read from the peer; b"" means EOF. Call next_event() until NEED_DATA in between."""
         if self._error is not None:
             self._raise_sticky()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            self._fail(LocalProtocolError(AbortCode.INTERNAL_ERROR,
+                                          f"receive_data() takes bytes, not {type(data).__name__}"))
         if self._eof:
             if data:
                 self._fail(LocalProtocolError(AbortCode.INTERNAL_ERROR, "receive_data() after EOF"))
