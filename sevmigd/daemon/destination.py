@@ -289,7 +289,7 @@ class IncomingMigration:
         # no checkpoint between the check above and these two lines
         self.started = True
         ch.forbid_abort()
-        self.stats.status = "uncertain"  # until "started" is on its way
+        self.stats.status = "device"  # running here; "completed" once "started" is on its way
         self.manager.start_guest(self.hosted)
         now = trio.current_time()
         self.stats.transferred = ch.bytes_received
@@ -309,12 +309,13 @@ class IncomingMigration:
                 err = self.pending_error
             self.stats.tick(trio.current_time())
             if self.started:
-                # Go arrived and the guest runs here; whatever failed afterwards does not undo it. If
-                # "started" may not have reached the source, say so: the source is then uncertain too.
-                if self.stats.status == "uncertain":
-                    self.stats.fail(err.code.name, f"could not confirm the start to the source: {err}")
-                    self.manager.mark_uncertain(self.name, self)
-                    self.log.error("incoming_uncertain", error=str(err), code=err.code.name)
+                # Go arrived and the guest runs here: that is certain from this side (the source gave up
+                # the right to resume on its own when it sent go). Only the source can be uncertain, if
+                # "started" did not reach it; its operator settles that there with one `resolve`.
+                if self.stats.status != "completed":
+                    self.stats.status = "completed"
+                    self.log.warning("incoming_start_unconfirmed", error=str(err), code=err.code.name,
+                                     hint="the source may report the hand-off as uncertain; the guest runs here")
                 else:
                     self.log.info("incoming_closed_after_start", detail=str(err))
                 return

@@ -8,13 +8,13 @@ state), `active`, `shutdown`, and the small services both drivers share: firmwar
 the one PSP of a host (and optionally run in a worker thread), PSP pacing, TLS wrapping, allowed OCAs.
 
 Uncertain hand-off, documented for operators: when the source has sent "go" but never hears "started",
-neither side can know alone whether the destination started the guest. The source then keeps the guest
-paused (HostedGuest.state `migrating`, stats status `uncertain`) and never resumes it on its own; a
-destination that started the guest but could not send "started" marks its stats `uncertain` too while the
-guest runs there. `resolve(name, run_here=True|False)` on either side settles that side: run_here=True on
-the source resumes its copy, False releases it; run_here=True on the destination keeps the guest, False
-stops and discards it. Look at the destination first: if the guest runs there, resolve the source with
-run_here=False.
+it cannot know alone whether the destination started the guest. It then keeps the guest paused
+(HostedGuest.state `migrating`, stats status `uncertain`) and never resumes it on its own. The
+destination is never uncertain: it starts the guest only on "go" (after which the source will not
+resume by itself) and discards its copy on any failure before "go". So one command on the source settles
+it: look at the destination; if the guest runs there, `resolve(name, run_here=False)` releases the
+source copy (SEND_FINISH, DECOMMISSION); if not, `resolve(name, run_here=True)` resumes it on the source
+(SEND_CANCEL: it can be migrated again).
 
 It must never: leave a guest running twice or nowhere by its own decision, or hold a page or key.
 """
@@ -62,7 +62,7 @@ class MigrationManager:
         self.daemon = daemon
         self.outgoing: dict[str, OutgoingMigration] = {}
         self.incoming: dict[str, IncomingMigration] = {}
-        self.uncertain: dict[str, OutgoingMigration | IncomingMigration] = {}
+        self.uncertain: dict[str, OutgoingMigration] = {}
         self.history: list[dict] = []
         self._psp_lock = trio.Lock()
         self._tasks_done = trio.Event()
@@ -144,32 +144,18 @@ class MigrationManager:
             raise ConfigError("name", f"too late to cancel guest {name!r}: the hand-off (go) is under way")
 
     def resolve(self, name: str, *, run_here: bool) -> dict:
-        """Settle an uncertain hand-off on this side (see the module docstring). Returns the stats."""
+        """Settle an uncertain hand-off (source side; see the module docstring). Returns the stats."""
         mig = self.uncertain.get(name)
         if mig is None:
             raise ConfigError("name", f"guest {name!r} has no uncertain migration to resolve")
-        hosted = mig.hosted
-        if isinstance(mig, OutgoingMigration):
-            if run_here:
-                mig._rollback(MigrationError(AbortCode.CANCELLED, "resolved: run on the source"))
-                mig.stats.status = "failed"
-                resolution = "resumed on the source"
-            else:
-                mig._release()
-                mig.stats.status = "completed"
-                resolution = "released on the source (runs on the destination)"
+        if run_here:
+            mig._rollback(MigrationError(AbortCode.CANCELLED, "resolved: run on the source"))
+            mig.stats.status = "failed"
+            resolution = "resumed on the source"
         else:
-            if run_here:
-                mig.stats.status = "completed"
-                resolution = "kept running on the destination"
-            else:
-                try:
-                    hosted.stop_vcpus()
-                finally:
-                    mig.vm.release()
-                    self.drop_guest(name, hosted)
-                mig.stats.status = "failed"
-                resolution = "discarded on the destination"
+            mig._release()
+            mig.stats.status = "completed"
+            resolution = "released on the source (runs on the destination)"
         del self.uncertain[name]
         self.daemon.log.warning("migration_resolved", guest=name, migration_id=mig.stats.migration_id,
                                 resolution=resolution)

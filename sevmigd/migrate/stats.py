@@ -5,9 +5,9 @@ final report read. Pure: it holds numbers and strings, never a key, never page c
 handed in by the caller (the daemon's clock), so it can be tested without one.
 
 Status values (QEMU MigrationStatus names): setup, active, device (stop-and-copy, guest paused),
-completed, failed, cancelled; plus **uncertain**: the source sent "go" and never heard "started"
-(or the destination could not confirm it), so neither side can know on its own where the guest runs;
-`resolve` settles it (see daemon/migration.py).
+completed, failed, cancelled; plus **uncertain** (source only): the source sent "go" and never heard
+"started", so it cannot know on its own whether the guest runs on the destination; `resolve` settles it
+(see daemon/migration.py).
 """
 
 from __future__ import annotations
