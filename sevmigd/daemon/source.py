@@ -153,10 +153,7 @@ class OutgoingMigration:
             except OSError as exc:
                 raise MigrationError(AbortCode.INTERNAL_ERROR,
                                      f"destination {host}:{port} unreachable: {exc.strerror or exc}") from None
-            try:
-                stream = await self.manager.wrap_client_tls(stream, host)
-            except MigrationError:
-                raise
+            stream = await self.manager.wrap_client_tls(stream, host)
         if cs.cancelled_caught:
             raise MigrationError(AbortCode.TIMEOUT,
                                  f"destination {host}:{port} did not answer within {cfg.handshake_timeout_s:g} s")
@@ -180,7 +177,8 @@ class OutgoingMigration:
             raise MigrationError(AbortCode.TIMEOUT, f"destination {self.stats.peer} did not accept within "
                                                     f"{cfg.handshake_timeout_s:g} s")
         if isinstance(reply, m.Refuse):
-            err = MigrationError(reply.code, f"destination refused ({AbortCode(reply.code).name}): {reply.reason}")
+            code = reply.code if isinstance(reply.code, AbortCode) else AbortCode.PROTOCOL_ERROR
+            err = MigrationError(code, f"destination refused ({code.name}): {reply.reason}")
             ch.fail(err, tell_peer=False)
             raise err
         ch.start_keepalives()
