@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -176,7 +177,8 @@ class Fault:
     bytes_per_s: float = 0.0            # for rate
     action: Callable[[], None] | None = None  # for call
     hold: bool = False                  # for call: drop the frame instead of forwarding it
-    fired_at: float | None = None
+    fired_at: float | None = None       # trio.current_time() when it fired
+    fired_mono: float | None = None     # time.monotonic() when it fired (to compare with daemon logs)
     fired_info: str = ""
     phase_count: int = 0
 
@@ -279,18 +281,21 @@ class FaultProxy:
     async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, d: _Dir, scope):
         # A delay line per direction: chunks are stamped on arrival and sent `delay` later by `_sender`.
         send_ch, recv_ch = trio.open_memory_channel(math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender, recv_ch, dst, d, scope)
+            await self._receiver(src, dst, d, scope, send_ch)
+
+    async def _receiver(self, src, dst, d: _Dir, scope, send_ch):
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender, recv_ch, dst, d, scope)
-                while True:
-                    data = await src.receive_some(1 << 16)
-                    if self._blackholed:
-                        await trio.sleep_forever()
-                    if not data:
-                        send_ch.send_nowait((None, trio.current_time()))
-                        return
-                    d.buf += data
-                    await self._drain(d, src, dst, scope, send_ch)
+            while True:
+                data = await src.receive_some(1 << 16)
+                if self._blackholed:
+                    await trio.sleep_forever()
+                if not data:
+                    send_ch.send_nowait((None, trio.current_time()))
+                    return
+                d.buf += data
+                await self._drain(d, src, dst, scope, send_ch)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             scope.cancel()
 
@@ -384,6 +389,7 @@ class FaultProxy:
                 self._forward(d, out, frame)
             else:
                 fault.fired_at = trio.current_time()
+                fault.fired_mono = time.monotonic()
                 fault.fired_info = f"{d.name} {mtype} #{d.counts.get(mtype, 0)} phase={self.phase}"
                 await self._apply(fault, d, src, dst, frame, scope, out)
             self._after(d, mtype, first)
