@@ -142,6 +142,7 @@ async def test_malformed_requests_get_typed_errors_and_the_connection_survives(s
     ("launch", {"name": "g", "memory": "4M", "dirty_rate": "fast"}, "dirty_rate"),
     ("launch", {"name": "g", "memory": "4M", "policy": "zz"}, "policy"),
     ("launch", {"name": "g", "memory": "4M", "migration_control": 1}, "migration_control"),
+    ("launch", {"name": "g", "memory": "4M", "prefill": "yes"}, "prefill"),
     ("launch", {"name": "g", "memory": 4097 * 1024}, "memory"),
     ("launch", {"name": "g", "memory": "4M", "image": "relative/path"}, "image"),
     ("launch", {"name": "g", "memory": "4M", "image": "/nonexistent/image"}, "image"),
@@ -230,6 +231,17 @@ async def test_guest_lifecycle_over_the_socket(served):
         assert (await c.call("stop", {"name": "g1"}))["return"]["state"] == "stopped"
         assert err_class(await c.call("status", {"name": "g1"})) == "GuestNotFound"
         assert served.guests == {}
+
+
+async def test_launch_prefill_writes_every_page(served):
+    """`prefill: true` reaches GuestConfig: every pool page is written and checked by verify."""
+    with trio.fail_after(TIMEOUT):
+        c = await connect(served)
+        await c.call("launch", {"name": "plain", "memory": "4M"})
+        await c.call("launch", {"name": "full", "memory": "4M", "prefill": True})
+        plain = (await c.call("verify", {"name": "plain"}))["return"]
+        full = (await c.call("verify", {"name": "full"}))["return"]
+        assert full["ok"] is True and full["pages_checked"] > plain["pages_checked"] + 900
 
 
 async def test_vcpu_task_runs_the_guest(served):

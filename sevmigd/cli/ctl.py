@@ -45,6 +45,8 @@ def register(sub) -> None:
     v.add_argument("--flip-rate", type=float, default=0.0, metavar="N", help="private<->shared flips per s")
     v.add_argument("--seed", type=int, default=0, metavar="N", help="workload seed")
     v.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    v.add_argument("--prefill", action="store_true",
+                   help="write every page at boot with seeded random content (no zero pages; benchmarks)")
     v.add_argument("--no-migration-control", action="store_true",
                    help="guest kernel does not set MSR_KVM_MIGRATION_CONTROL (migration will be refused)")
     v.add_argument("--json", action="store_true", help="print the new guest's status as JSON")
@@ -163,6 +165,8 @@ def _launch(client, args) -> int:
         "vcpus": args.vcpus,
         "migration_control": not args.no_migration_control,
     }
+    if args.prefill:
+        req["prefill"] = True
     if args.working_set is not None:
         req["working_set"] = args.working_set
     if args.image is not None:

@@ -458,6 +458,7 @@ async def _launch(daemon: Any, a: dict, emit: Callable) -> dict:
         name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
         dirty_rate_mib_s=a["dirty_rate"], working_set_mib=ws, shared_fraction=a["shared_fraction"],
         flip_rate=a["flip_rate"], seed=a["seed"], migration_control=a["migration_control"], vcpus=a["vcpus"],
+        prefill=a["prefill"],
     )
     hosted = await daemon.launch_guest(gcfg)
     return daemon.guest_status(hosted)
@@ -616,6 +617,7 @@ COMMANDS: dict[str, Command] = {
         "seed": Arg(lambda k, v: _int(k, v, 0, (1 << 64) - 1), default=0),
         "migration_control": Arg(_bool, default=True),
         "vcpus": Arg(lambda k, v: _int(k, v, 1, 64), default=1),
+        "prefill": Arg(_bool, default=False),
     }),
     "list": Command(_list, {}),
     "status": Command(_status, {"name": _NAME}),

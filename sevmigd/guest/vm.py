@@ -71,6 +71,9 @@ class GuestConfig:
     seed: int = 0
     migration_control: bool = True
     vcpus: int = 1
+    #: Write every workload page at boot with seeded random-looking content (ledger-checked), so that
+    #: no page is zero: what "a guest with random contents" means for the migration benchmark.
+    prefill: bool = False
 
     def validate(self) -> None:
         """ConfigError naming the first bad field."""
@@ -94,6 +97,8 @@ class GuestConfig:
             raise ConfigError("seed", "must be an integer")
         if not isinstance(self.migration_control, bool):
             raise ConfigError("migration_control", "must be true or false")
+        if not isinstance(self.prefill, bool):
+            raise ConfigError("prefill", "must be true or false")
         _check_vcpus(self.vcpus, self.policy)
         image_len = len(self.image) if self.image is not None else DEFAULT_IMAGE_BYTES
         try:
