@@ -157,8 +157,11 @@ def migrate_once(size: int = 1 << 30) -> dict:
                 p.wait()
 
 
-def run(size: int = 1 << 30, repeats: int = 3) -> dict:
-    """Median of `repeats` runs after one warm-up (figures as in migrate_once)."""
+def run(size: int = 1 << 30, repeats: int = 3, quick: bool = False) -> dict:
+    """Median of `repeats` runs after one warm-up (figures as in migrate_once). `quick`: one 128 MiB run
+    (the size of the --quick migration guests)."""
+    if quick:
+        size, repeats = 128 << 20, 1
     first = migrate_once(min(size, 256 << 20))  # warm-up: page cache, binary, loopback
     if "skipped" in first or "error" in first:
         return first
