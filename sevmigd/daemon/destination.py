@@ -60,7 +60,7 @@ class IncomingMigration:
         self.ready = False
         self.npages = 0
         self.pages_received = 0
-        self.round_pages = 0
+        self.refused = False
         self.pending_error: MigrationError | None = None
         self._last_progress = 0.0
 
@@ -149,6 +149,7 @@ class IncomingMigration:
         refusal = self._refusal(hello)
         if refusal is not None:
             self.log.warning("incoming_refused", code=refusal.code.name, reason=str(refusal))
+            self.refused = True
             await ch.send(m.Refuse(refusal.code, str(refusal)[:1000]))
             ch.fail(MigrationError(refusal.code, f"refused: {refusal}"), tell_peer=False)
             raise ch.failure
@@ -322,7 +323,9 @@ class IncomingMigration:
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
             self._discard()
-            if self.name is not None:
+            if self.refused:
+                pass  # logged as incoming_refused; nothing was reserved
+            elif self.name is not None:
                 self.log.warning("incoming_failed", error=str(err),
                                  code=err.code.name, rounds=self.stats.round)
             else:
