@@ -52,7 +52,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 def serve_main(args: argparse.Namespace) -> int:
     from sevmigd.daemon.config import load_config
     from sevmigd.daemon.logging import configure_logging
+    from sevmigd.daemon.malloc import tune_malloc
     from sevmigd.daemon.server import run
+
+    tune_malloc()  # MiB-sized per-batch buffers reused from the heap, not page-faulted in per batch
 
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
