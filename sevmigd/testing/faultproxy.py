@@ -312,14 +312,16 @@ class FaultProxy:
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
                     return
-                if self._rate:
-                    step = 16 << 10
-                    for i in range(0, len(data), step):
-                        chunk = data[i:i + step]
-                        await trio.sleep(len(chunk) / self._rate)
-                        await dst.send_all(chunk)
-                else:
-                    await dst.send_all(data)
+                i = 0
+                while i < len(data):
+                    rate = self._rate  # may change at any checkpoint (stop_faults)
+                    if rate:
+                        chunk = data[i:i + (16 << 10)]
+                        await trio.sleep(len(chunk) / rate)
+                    else:
+                        chunk = data[i:]
+                    await dst.send_all(chunk)
+                    i += len(chunk)
                 d.pending -= 1
                 if self.capture and len(d.capture) < self.max_capture:
                     d.capture += data
