@@ -45,9 +45,10 @@ CTX_MEASURE = 0x04
 
 FLAG_COMPRESSED = 0x1
 
-#: Batch AES-CTR works on 64 KiB at a time: measured, OpenSSL ECB + numpy XOR run at ~4 GB/s on a
-#: cache-resident buffer and below 1 GB/s on multi-MB buffers (allocation + cache misses).
-_BATCH_CHUNK = 64 * 1024
+#: Batch AES-CTR works on 256 KiB at a time: measured, OpenSSL ECB + numpy XOR run at ~4 GB/s on a
+#: cache-resident buffer and below 1 GB/s on multi-MB buffers (allocation + cache misses); 256 KiB (64
+#: pages) still fits L2 and does a quarter of the numpy calls of 64 KiB (2.2 vs 2.5 us per page).
+_BATCH_CHUNK = 256 * 1024
 _J = np.arange(_BATCH_CHUNK // 16, dtype=np.uint64)
 
 LABEL_MASTER = b"sev-master-secret"
@@ -348,73 +349,97 @@ class Channel:
         return _xor(ciphertext, self.keystream(iv, len(ciphertext))).tobytes()
 
     # batches of equal-length packets ------------------------------------------------------------------
-    def _ctr_batch(self, ivs: bytes, data, packet_len: int, n: int) -> bytes:
-        """AES-CTR over n packets (IV i for packet i), in cache-sized chunks, into one output buffer."""
+    def _ctr_batch(self, ivs: bytes, data, packet_len: int, n: int, out=None):
+        """AES-CTR over n packets (IV i for packet i), in cache-sized chunks, into `out` (a writable
+        buffer of n * packet_len bytes; may be `data` itself: in place) or a new bytearray, returned."""
         per = max(1, _BATCH_CHUNK // packet_len)
         blocks = packet_len // 16
         words = packet_len // 8
-        dv = np.frombuffer(data, dtype=np.uint64, count=n * words)
-        out = np.empty(n * words, dtype=np.uint64)
+        if out is None:
+            out = bytearray(n * packet_len)
+        ov = np.frombuffer(out, dtype=np.uint64, count=n * words)
+        dv = ov if data is out else np.frombuffer(data, dtype=np.uint64, count=n * words)
         scratch = bytearray(min(n, per) * packet_len + 16)
         sv = np.frombuffer(scratch, dtype=np.uint64)
+        sm = memoryview(scratch)
+        ecb = self._ecb.ctx
         for s in range(0, n, per):
             e = min(n, s + per)
             ctr = _counter_array(ivs[s * 16:e * 16], blocks)
-            got = self._ecb.ctx.update_into(memoryview(ctr).cast("B"), scratch)
-            np.bitwise_xor(dv[s * words:e * words], sv[:got // 8], out=out[s * words:e * words])
-        return out.tobytes()
+            got = ecb.update_into(memoryview(ctr).cast("B"), sm)
+            np.bitwise_xor(dv[s * words:e * words], sv[:got // 8], out=ov[s * words:e * words])
+        return out
 
-    def seal_batch(self, ivs: bytes, plaintext, packet_len: int, *, ctx: int = CTX_UPDATE) -> tuple[bytes, bytes]:
+    def _macs(self, ctx: int, flags, ivs: bytes, data, packet_len: int, n: int) -> list[bytes]:
+        """HMAC-SHA256 of n packets: AAD(ctx, flags_i, iv_i, len, len) ‖ data_i (`flags` a (n,) u32
+        array, or None for all zero), from the precomputed inner/outer states. HMAC inlined and the AADs
+        built column-wise: this loop is per page, so it makes as few Python calls as it can."""
+        aads = np.zeros((n, AAD_SIZE), dtype=np.uint8)
+        aads[:, 0] = ctx
+        if flags is not None:
+            aads[:, 1:5] = np.asarray(flags, dtype="<u4").reshape(n, 1).view(np.uint8)
+        aads[:, 5:21] = np.frombuffer(ivs, dtype=np.uint8, count=16 * n).reshape(n, 16)
+        aads[:, 21:29] = np.frombuffer(struct.pack("<II", packet_len, packet_len), dtype=np.uint8)
+        av = memoryview(aads.tobytes())
+        dv = memoryview(data)
+        icopy, ocopy = self._mac._inner.copy, self._mac._outer.copy
+        out = []
+        append = out.append
+        for i in range(n):
+            inner = icopy()
+            inner.update(av[i * AAD_SIZE:(i + 1) * AAD_SIZE])
+            inner.update(dv[i * packet_len:(i + 1) * packet_len])
+            outer = ocopy()
+            outer.update(inner.digest())
+            append(outer.digest())
+        return out
+
+    @staticmethod
+    def _headers(ivs: bytes, macs: list[bytes], n: int) -> bytes:
+        """n packet headers (FLAGS 0 ‖ IV ‖ MAC), assembled column-wise."""
+        h = np.zeros((n, HEADER_SIZE), dtype=np.uint8)
+        h[:, 4:20] = np.frombuffer(ivs, dtype=np.uint8, count=16 * n).reshape(n, 16)
+        h[:, 20:52] = np.frombuffer(b"".join(macs), dtype=np.uint8).reshape(n, 32)
+        return h.tobytes()
+
+    def seal_batch(self, ivs: bytes, plaintext, packet_len: int, *, ctx: int = CTX_UPDATE,
+                   in_place: bool = False) -> tuple[bytes, bytes | bytearray]:
         """Seal len(ivs)/16 packets of `packet_len` bytes each (packet_len multiple of 16):
-        (headers concatenated, ciphertext concatenated) identical to that many `seal` calls."""
+        (headers concatenated, ciphertext concatenated) identical to that many `seal` calls.
+        `in_place`: `plaintext` is a writable buffer the ciphertext replaces (returned as it is)."""
         n = len(ivs) // IV_SIZE
         if packet_len % 16 or len(plaintext) != n * packet_len or len(ivs) != n * IV_SIZE:
             raise SevError(SevStatus.INVALID_LENGTH, "batch sizes do not match")
         if n == 0:
             return b"", b""
-        ct = self._ctr_batch(ivs, plaintext, packet_len, n)
-        ctv = memoryview(ct)
-        inner0, outer0 = self._mac._inner, self._mac._outer   # HMAC inlined: this loop is per page
-        aad = _AAD.pack
-        hdr = _HDR.pack
-        headers = []
-        for i in range(n):
-            iv = ivs[i * 16:(i + 1) * 16]
-            inner = inner0.copy()
-            inner.update(aad(ctx, 0, iv, packet_len, packet_len))
-            inner.update(ctv[i * packet_len:(i + 1) * packet_len])
-            outer = outer0.copy()
-            outer.update(inner.digest())
-            headers.append(hdr(0, iv, outer.digest()))
-        return b"".join(headers), ct
+        ct = self._ctr_batch(ivs, plaintext, packet_len, n, out=plaintext if in_place else None)
+        macs = self._macs(ctx, None, ivs, ct, packet_len, n)
+        return self._headers(ivs, macs, n), ct
 
     def verify_batch(self, headers, ciphertext, packet_len: int, *, ctx: int = CTX_UPDATE,
                      stop_at: int | None = None) -> int:
-        """Number of leading packets whose MAC verifies (== N when all do)."""
+        """Number of leading packets whose MAC verifies (== N when all do). All N MACs are computed and
+        compared in full (no early exit inside a MAC, so no timing hint about where a forgery differs)."""
         n = len(headers) // HEADER_SIZE if stop_at is None else stop_at
-        hv = memoryview(headers)
-        cv = memoryview(ciphertext)
-        inner0, outer0 = self._mac._inner, self._mac._outer   # HMAC inlined: this loop is per page
-        aad = _AAD.pack
-        unpack = _HDR.unpack_from
-        cmp = _hmac.compare_digest
-        for i in range(n):
-            flags, iv, mac = unpack(hv, i * HEADER_SIZE)
-            inner = inner0.copy()
-            inner.update(aad(ctx, flags, iv, packet_len, packet_len))
-            inner.update(cv[i * packet_len:(i + 1) * packet_len])
-            outer = outer0.copy()
-            outer.update(inner.digest())
-            if not cmp(outer.digest(), mac):
-                return i
-        return n
+        if n <= 0:
+            return 0
+        if len(headers) < n * HEADER_SIZE or len(ciphertext) < n * packet_len:
+            raise SevError(SevStatus.INVALID_LENGTH, "batch shorter than its packet count")
+        hv = np.frombuffer(headers, dtype=np.uint8, count=n * HEADER_SIZE).reshape(n, HEADER_SIZE)
+        flags = hv[:, 0:4].copy().view("<u4").ravel()
+        macs = self._macs(ctx, flags, hv[:, 4:20].tobytes(), ciphertext, packet_len, n)
+        got = np.frombuffer(b"".join(macs), dtype=np.uint8).reshape(n, MAC_SIZE)
+        bad = np.flatnonzero((got != hv[:, 20:52]).any(axis=1))
+        return int(bad[0]) if bad.size else n
 
-    def decrypt_batch(self, headers, ciphertext, packet_len: int, count: int) -> bytes:
+    def decrypt_batch(self, headers, ciphertext, packet_len: int, count: int) -> bytes | bytearray:
         """Decrypt the first `count` packets (no MAC check: call verify_batch first)."""
         if count == 0:
             return b""
-        hv = memoryview(headers)
-        ivs = b"".join(bytes(hv[i * HEADER_SIZE + 4:i * HEADER_SIZE + 20]) for i in range(count))
+        if len(headers) < count * HEADER_SIZE or len(ciphertext) < count * packet_len:
+            raise SevError(SevStatus.INVALID_LENGTH, "batch shorter than its packet count")
+        hv = np.frombuffer(headers, dtype=np.uint8, count=count * HEADER_SIZE).reshape(count, HEADER_SIZE)
+        ivs = hv[:, 4:20].tobytes()
         return self._ctr_batch(ivs, memoryview(ciphertext)[:count * packet_len], packet_len, count)
 
 
