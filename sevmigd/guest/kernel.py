@@ -373,7 +373,11 @@ class GuestKernel:
             return np.zeros(0, np.int64)
         p = np.arange(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1, dtype=np.int64)
         if self.layout.is_metadata(p).any():
-            raise ValueError("range overlaps the guest kernel's own metadata pages")
+            lay = self.layout
+            raise ValueError(
+                f"range overlaps the guest kernel's own metadata pages "
+                f"({lay.kstate_pfn * PAGE_SIZE:#x}..{lay.pool_start * PAGE_SIZE:#x}); "
+                f"the agent may use {lay.pool_start * PAGE_SIZE:#x} and above")
         return p
 
     def agent_write(self, gpa: int, data: bytes, shared: bool) -> None:
