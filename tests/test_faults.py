@@ -137,3 +137,16 @@ async def test_default_peer_timeout_applies(tmp_path):
     finally:
         await trio.to_thread.run_sync(a.cleanup)
         await trio.to_thread.run_sync(b.cleanup)
+
+
+async def test_server_info_reports_leak_counters(harness):
+    """server-info carries the counts invariant 5 compares (fds, trio tasks, PSP handles, guest RAM),
+    and they describe the daemon: one guest running here -> its RAM and one PSP handle."""
+    d = harness.daemons[harness.loc]
+    info = await d.call("server-info")
+    for key in ("open_fds", "tasks", "psp_guests", "guest_ram_bytes"):
+        assert isinstance(info.get(key), int), (key, info)
+    assert info["guest_ram_bytes"] >= GUEST_BYTES
+    assert info["psp_guests"] >= 1
+    assert info["tasks"] > 1
+    assert abs(info["open_fds"] - d.open_fds()) <= 2  # its own control connection comes and goes

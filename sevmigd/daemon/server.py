@@ -451,7 +451,34 @@ class Daemon:
             "uptime_s": None if self.started_at is None else round(time.monotonic() - self.started_at, 3),
             "tls": bool(self.config.tls.enabled),
             "log_level": self.config.log_level,
+            **self.resource_counts(),
         }
+
+    def resource_counts(self) -> dict[str, int | None]:
+        """What a failed migration must not leave behind (issue 6, invariant 5): open file descriptors,
+        live trio tasks, live PSP guest handles, bytes of guest RAM still mapped by registered guests."""
+        try:
+            fds: int | None = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            fds = None
+        tasks = None
+        try:
+            todo = [trio.lowlevel.current_root_task()]
+            tasks = 0
+            while todo:
+                t = todo.pop()
+                tasks += 1
+                for n in t.child_nurseries:
+                    todo.extend(n.child_tasks)
+        except RuntimeError:  # not inside trio
+            pass
+        count = getattr(self.fw, "guest_count", None)  # a property of the emulated Firmware
+        ram = 0
+        for g in self.guests.values():
+            if not getattr(g.vm, "_released", True):
+                ram += int(getattr(g.vm, "memory_bytes", 0))
+        return {"open_fds": fds, "tasks": tasks, "psp_guests": count if isinstance(count, int) else None,
+                "guest_ram_bytes": ram}
 
     # ------------------------------------------------------------------ serving
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

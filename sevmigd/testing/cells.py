@@ -370,9 +370,10 @@ class Harness:
                 res.failures.append(f"I3 guest does not verify after the fresh migration: {err or v}")
 
         # ---- I5 leaks
-        res.failures += await inv.check_leaks(src, base_src, restarted=killed_src,
-                                              guest=name)
-        res.failures += await inv.check_leaks(dst, base_dst, restarted=killed_dst, guest=name)
+        res.failures += await inv.check_leaks(src, base_src, restarted=killed_src, guest=name,
+                                              guest_bytes=GUEST_BYTES)
+        res.failures += await inv.check_leaks(dst, base_dst, restarted=killed_dst, guest=name,
+                                              guest_bytes=GUEST_BYTES)
 
     async def _wait_dst_settled(self, dst: DaemonProc, start: int) -> None:
         """Until the destination logged the end of its side of the migration (deadline)."""

@@ -244,16 +244,22 @@ def check_status_error(mig: dict | None, who: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- I5
 
 
-async def check_leaks(d: DaemonProc, base: Baseline, *, restarted: bool = False, guest: str | None = None) -> list[str]:
+async def check_leaks(d: DaemonProc, base: Baseline, *, restarted: bool = False, guest: str | None = None,
+                      guest_bytes: int | None = None) -> list[str]:
     """I5 against `base` (skipped for counters when the daemon was restarted: a new process). `guest`:
     the cell's guest, which may have arrived here; any other new guest entry is a leak."""
     out = []
     if not d.alive:
         return [f"I5 {d.name} not running"]
     lst, _ = await d.try_call("list", timeout=30)
-    extra = sorted({g["name"] for g in (lst or {}).get("guests", [])} - set(base.guests) - {guest})
+    now = {g["name"]: g["state"] for g in (lst or {}).get("guests", [])}
+    extra = sorted(set(now) - set(base.guests) - {guest})
     if extra:
         out.append(f"I5 {d.name} holds guests that appeared during the cell: {extra}")
+    # The cell's guest may have left or arrived: one live guest = one PSP handle, its RAM, one vCPU task.
+    live = ("running", "paused", "migrating", "incoming")
+    delta = int(now.get(guest) in live) - int(base.guests.get(guest) in live)
+    ram = guest_bytes if guest_bytes is not None else 0
     deadline = time.monotonic() + SETTLE_DEADLINE_S
     while True:
         problems = []
@@ -271,9 +277,12 @@ async def check_leaks(d: DaemonProc, base: Baseline, *, restarted: bool = False,
             if fds is not None and base_fds is not None and fds > base_fds:
                 problems.append(f"I5 {d.name} has {fds - base_fds} more open fds than before the cell "
                                 f"({base_fds} -> {fds})")
+            allowed = {"tasks": delta, "psp_guests": delta, "guest_ram_bytes": delta * ram}
             for key in LEAK_KEYS[1:]:
-                if key in info and key in base.info and info[key] > base.info[key]:
-                    problems.append(f"I5 {d.name} {key} grew {base.info[key]} -> {info[key]}")
+                if info.get(key) is not None and base.info.get(key) is not None \
+                        and info[key] > base.info[key] + allowed[key]:
+                    problems.append(f"I5 {d.name} {key}: {base.info[key]} before the cell, {info[key]} after "
+                                    f"(guest {guest} {base.guests.get(guest)} -> {now.get(guest)})")
         if not problems or time.monotonic() >= deadline:
             return out + problems
         await trio.sleep(0.1)  # closing is asynchronous in the daemon: look again until the deadline
