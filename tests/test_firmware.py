@@ -741,3 +741,19 @@ def test_fuzz_send_start_and_launch_inputs(ident_a, migration_world, data):
     trans = data.draw(st.binary(max_size=80))
     _only_sev_errors(fw.launch_secret, h2, hdr, 0, trans)
     _only_sev_errors(fw.dbg_encrypt, h, 0, data.draw(st.binary(max_size=48)))
+
+
+def test_batch_with_the_os_rng_moves_pages_exactly_with_fresh_ivs(ident_a, ident_b):
+    """The os.urandom fast path (all IVs in one read): every packet has its own IV and decrypts."""
+    import os as _os
+    src = Firmware(ident_a, rng=_os.urandom)
+    src.init()
+    dst = make_fw(ident_b, seed=31)
+    h, _ram, plain, _ = launch(src)
+    dh, dram, _ = start_migration(src, h, dst, ident_b)
+    pfns = list(range(PAGES))
+    headers, ct = src.send_update_data_batch(h, pfns)
+    ivs = {bytes(headers[i * 0x34 + 4:i * 0x34 + 20]) for i in range(PAGES)}
+    assert len(ivs) == PAGES
+    dst.receive_update_data_batch(dh, pfns, headers, ct)
+    assert dst.memory_engine(dh).read(dram, 0, len(dram)) == plain

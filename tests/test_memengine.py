@@ -157,3 +157,20 @@ def test_one_engine_used_from_several_threads():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_read_pages_into_equals_single_reads_across_gather_chunks():
+    """Scattered batches are gathered a chunk at a time: many chunks, repeats, one run, into a buffer."""
+    rnd = random.Random(5)
+    e = MemoryEngine(VEK)
+    ram = bytearray(rnd.randbytes(600 * PAGE_SIZE))
+    scattered = rnd.sample(range(600), 300) + [7, 7]
+    for pfns in (scattered, list(range(100, 400))):
+        want = b"".join(e.read(ram, p * PAGE_SIZE, PAGE_SIZE) for p in pfns)
+        assert e.read_pages(ram, pfns) == want
+        out = bytearray(len(pfns) * PAGE_SIZE)
+        e.read_pages_into(ram, np.array(pfns), out)
+        assert out == want
+    with pytest.raises(SevError) as ei:
+        e.read_pages_into(ram, [1, 2], bytearray(PAGE_SIZE))
+    assert ei.value.status == SevStatus.INVALID_LENGTH

@@ -569,11 +569,20 @@ class Firmware:
             err.index = int(bad[0])
             raise err
         rng = self._rng
-        ivs = b"".join([rng(16) for _ in range(p.size)])     # one fresh IV per packet, as N commands would
+        if rng is os.urandom:
+            # One read of the OS RNG for all IVs: the same stream N commands would draw (urandom has no
+            # per-call state), 16 calls' worth of syscalls fewer per 16 pages.
+            ivs = rng(16 * p.size)
+        else:
+            # One fresh IV per packet, exactly as N commands would draw them (seeded RNGs in tests
+            # give the same bytes batch or single).
+            ivs = b"".join([rng(16) for _ in range(p.size)])
         if len(ivs) != 16 * p.size:
             raise SevError(SevStatus.HWERROR_PLATFORM, "RNG returned the wrong number of bytes")
-        plain = g.engine.read_pages(g.ram, p)
-        return g.channel.seal_batch(ivs, plain, PAGE_SIZE, ctx=crypto.CTX_UPDATE)
+        # Decrypt under the VEK straight into the output buffer, then AES-CTR it there in place.
+        out = bytearray(p.size * PAGE_SIZE)
+        g.engine.read_pages_into(g.ram, p, out)
+        return g.channel.seal_batch(ivs, out, PAGE_SIZE, ctx=crypto.CTX_UPDATE, in_place=True)
 
     @_command()
     def send_update_vmsa(self, handle: int, *, guest_len: int = VMSA_SIZE, hdr_len: int = HDR_LEN,

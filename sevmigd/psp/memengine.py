@@ -50,9 +50,10 @@ VEK_SIZE = 32
 _BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK
 #: Byte offsets of the blocks of one page (int64 to build addresses without overflow tricks).
 _PAGE_OFFSETS = np.arange(0, PAGE_SIZE, BLOCK, dtype=np.uint64)
-#: Batches are transformed 64 KiB at a time: measured on the dev machine, ECB and XOR over one big
-#: buffer fall from ~4 GB/s to <1 GB/s past the L2 cache, while 16-page chunks keep the fast rate.
-_CHUNK_PAGES = 16
+#: Batches are transformed 128 KiB at a time: measured on the dev machine, ECB and XOR over one big
+#: buffer fall from ~4 GB/s to <1 GB/s past the L2 cache; 16-64 page chunks keep the fast rate, and 32
+#: pages halve the numpy calls of 16 (read 2.46 vs 2.57, write 2.24 vs 2.45 us per page).
+_CHUNK_PAGES = 32
 _CHUNK = _CHUNK_PAGES * PAGE_SIZE
 #: LE128 address blocks for offsets 0..(one page), copied and shifted per call (saves an arange).
 _TEMPLATE_BLOCKS = _BLOCKS_PER_PAGE
@@ -206,10 +207,31 @@ class MemoryEngine:
         view, p = self._pages_view(ram, pfns)
         if not p.size:
             return b""
-        src = view[p[0]:p[0] + p.size] if self._run(p) else view[p]
-        out = np.empty(p.size * (PAGE_SIZE // 8), dtype=np.uint64)
-        self._xform_pages_into(src.reshape(-1).view(np.uint64), p, out, False)
-        return out.tobytes()
+        out = bytearray(p.size * PAGE_SIZE)
+        self._read_pages_into(view, p, np.frombuffer(out, dtype=np.uint64))
+        return out  # a bytearray: bytes-like, no extra copy
+
+    def read_pages_into(self, ram, pfns: Sequence[int], out) -> None:
+        """Like read_pages, into `out` (a writable buffer of len(pfns) * 4096 bytes): the firmware's SEND
+        batch decrypts straight into its output buffer and encrypts it there in place (no copies)."""
+        view, p = self._pages_view(ram, pfns)
+        ov = np.frombuffer(out, dtype=np.uint64)
+        if ov.size != p.size * (PAGE_SIZE // 8):
+            raise SevError(SevStatus.INVALID_LENGTH, "output must be len(pfns) * 4096 bytes")
+        if p.size:
+            self._read_pages_into(view, p, ov)
+
+    def _read_pages_into(self, view: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
+        if self._run(p):     # one contiguous run: sliced, not gathered
+            self._xform_pages_into(view[p[0]:p[0] + p.size].reshape(-1).view(np.uint64), p, out, False)
+            return
+        # scattered pages: gather and decrypt a cache-sized chunk at a time (no full-size gathered copy)
+        step = _CHUNK_PAGES * 4
+        words = PAGE_SIZE // 8
+        for s in range(0, p.size, step):
+            q = p[s:s + step]
+            self._xform_pages_into(view[q].reshape(-1).view(np.uint64), q, out[s * words:(s + q.size) * words],
+                                   False)
 
     def write_pages(self, ram, pfns: Sequence[int], data) -> None:
         """Encrypt len(pfns) pages of `data` into RAM at pfn*4096 each (later pfns win on repeats)."""
