@@ -157,8 +157,11 @@ class Harness:
 
     def __init__(self, root: pathlib.Path, *, guest: str = "g", peer_timeout_s: float = PEER_TIMEOUT_S,
                  keepalive_s: float = KEEPALIVE_S, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 log=None):
+                 log=None, hosts: tuple[str, str] = ("127.0.0.1", "127.0.0.1"),
+                 netns: tuple[list[str] | None, list[str] | None] = (None, None)):
         self.root = pathlib.Path(root)
+        self.hosts = hosts
+        self.netns = netns
         self.guest = guest
         self.config = {"peer_timeout_s": peer_timeout_s, "keepalive_interval_s": keepalive_s,
                        "handshake_timeout_s": handshake_timeout_s}
@@ -176,8 +179,9 @@ class Harness:
         h = cls(root, **kw)
         fleet = Fleet()
         try:
-            for name in ("a", "b"):
-                h.daemons.append(DaemonProc.start(fleet, h.root, name, config=h.config))
+            for i, name in enumerate(("a", "b")):
+                h.daemons.append(DaemonProc.start(fleet, h.root, name, config=h.config, host=h.hosts[i],
+                                                  netns=h.netns[i]))
             trio.run(h.launch, h.daemons[0])
         except BaseException:
             h.close()
@@ -190,8 +194,9 @@ class Harness:
 
     async def __aenter__(self) -> "Harness":
         fleet = await trio.to_thread.run_sync(Fleet)
-        for name in ("a", "b"):
-            d = await DaemonProc.astart(fleet, self.root, name, config=self.config)
+        for i, name in enumerate(("a", "b")):
+            d = await DaemonProc.astart(fleet, self.root, name, config=self.config, host=self.hosts[i],
+                                        netns=self.netns[i])
             self.daemons.append(d)
         await self.launch(self.daemons[0])
         return self
@@ -292,9 +297,20 @@ class Harness:
             res.outcome = "completed"
         elif isinstance(outcome.get("error"), ControlFailed):
             desc = outcome["error"].desc
-            res.outcome = "uncertain" if "uncertain" in desc else ("lost" if killed_src else "failed")
+            res.outcome = "uncertain" if "uncertain" in desc else ("src_killed" if killed_src else "failed")
         else:
-            res.outcome = "lost" if killed_src else "failed"
+            res.outcome = "src_killed" if killed_src else "failed"
+
+        await self._judge(res, src, dst, base_src, base_dst, ls, ld, killed_src=killed_src, killed_dst=killed_dst,
+                          go_crossed=go_crossed, go_sent=proxy.dirs["c2s"].counts.get("go", 0) > 0,
+                          hello_seen=proxy.dirs["c2s"].counts.get("hello", 0) > 0, fired_mono=fault.fired_mono,
+                          cls=KINDS[kind], dst_frozen=kind == "stop_dst")
+
+    async def _judge(self, res: CellResult, src: DaemonProc, dst: DaemonProc, base_src, base_dst, ls: int, ld: int,
+                     *, killed_src: bool, killed_dst: bool, go_crossed: bool, go_sent: bool, hello_seen: bool,
+                     fired_mono: float | None, cls: str, dst_frozen: bool = False) -> None:
+        """Invariants I1-I5 after a fault (see the module docstring); appends to res.failures."""
+        phase, name = res.phase, self.guest
 
         # ---- I1 before resolution
         c = await inv.copies(self.daemons, name)
@@ -302,7 +318,7 @@ class Harness:
         res.error_code = mig_src.get("error_code")
         if killed_src:
             # The guest lived in the killed source; the destination may only run it if "go" reached it.
-            if c.states.get(dst.name) == "running" and not proxy.dirs["c2s"].counts.get("go"):
+            if c.states.get(dst.name) == "running" and not go_sent:
                 res.failures.append(f"I1 destination started the guest without go (source killed at {phase})")
             res.failures += inv.check_copies(c, allow_uncertain=True, allow_none=True)
         elif killed_dst:
@@ -329,20 +345,21 @@ class Harness:
             res.failures += await inv.check_guest(survivor, name, GUEST_BYTES)
 
         # ---- I4 detection
-        if not res.outcome.startswith("completed") and fault.fired_mono is not None:
-            cls = KINDS[kind]
+        if not res.outcome.startswith("completed") and fired_mono is not None:
             bound = (self.keepalive_s if cls == "immediate" else self.peer_timeout_s + self.keepalive_s) + DETECT_SLACK_S
             if phase == "handshake" and cls != "immediate":
                 bound = max(bound, float(self.config["handshake_timeout_s"]) + DETECT_SLACK_S)
+            if cls == "benign":
+                bound = None  # a slow network is no fault to detect: the planner's limits bound a give-up
             if not killed_src:
                 rec = inv.failure_log(src, ls)
-                f, res.detect_src_s = inv.check_detection(rec, fault.fired_mono, bound, f"source {src.name}")
+                f, res.detect_src_s = inv.check_detection(rec, fired_mono, bound, f"source {src.name}")
                 res.failures += f
-            if not killed_dst and kind != "stop_dst":
+            if not killed_dst and not dst_frozen:
                 rec = inv.failure_log(dst, ld)
-                if rec is not None or proxy.dirs["c2s"].counts.get("hello"):
-                    f, res.detect_dst_s = inv.check_detection(rec, fault.fired_mono, bound + self.peer_timeout_s
-                                                              if cls == "immediate" else bound,
+                if rec is not None or hello_seen:
+                    f, res.detect_dst_s = inv.check_detection(rec, fired_mono, bound + self.peer_timeout_s
+                                                              if cls == "immediate" and bound else bound,
                                                               f"destination {dst.name}")
                     res.failures += f
 
@@ -374,6 +391,80 @@ class Harness:
                                               guest_bytes=GUEST_BYTES)
         res.failures += await inv.check_leaks(dst, base_dst, restarted=killed_dst, guest=name,
                                               guest_bytes=GUEST_BYTES)
+
+    # -- a kernel fault (network namespaces, no proxy) ------------------------------------------------
+    async def run_kernel_cell(self, label: str, apply, clear, *, when: str = "first_round",
+                              cls: str = "immediate") -> CellResult:
+        """Migrate directly (no proxy) and call `apply(src_index, dst_index, dst_port)` at `when`
+        ("first_round": the source's first progress event after the handshake; "readiness": the
+        destination logged incoming_ready, so Go may or may not be on the wire), `clear()` once the
+        migration ended (the network is back); then the same invariants as a proxy cell."""
+        t0 = time.monotonic()
+        res = CellResult(label, when, 0)
+        try:
+            await self._kernel_cell(res, apply, clear, when, cls)
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+            res.failures.append(f"ERR harness: {type(exc).__name__}: {exc}")
+            self.log("".join(traceback.format_exception(exc)))
+            res.outcome = "error"
+            try:
+                clear()
+            finally:
+                await self._recover()
+        res.seconds = round(time.monotonic() - t0, 2)
+        return res
+
+    async def _kernel_cell(self, res: CellResult, apply, clear, when: str, cls: str) -> None:
+        src, dst = self.daemons[self.loc], self.daemons[1 - self.loc]
+        si, di = self.loc, 1 - self.loc
+        name = self.guest
+        base_src, base_dst = await inv.baseline(src), await inv.baseline(dst)
+        ls, ld = len(src.logs), len(dst.logs)
+        fired: dict = {}
+
+        def fire() -> None:
+            if "t" not in fired:
+                fired["t"] = time.monotonic()
+                apply(si, di, dst.port)
+                res.fired = f"{res.kind} at {when}"
+
+        def on_event(event, data) -> None:
+            if when == "first_round" and data.get("status") == "active":
+                fire()
+
+        outcome: dict = {}
+        async with trio.open_nursery() as nursery:
+            if when == "readiness":
+                async def watch():
+                    await trio.to_thread.run_sync(
+                        lambda: dst.wait_log(lambda r: r.get("event") == "incoming_ready", start=ld,
+                                             timeout=CELL_MIGRATE_TIMEOUT_S), abandon_on_cancel=True)
+                    fire()
+                nursery.start_soon(watch)
+            try:
+                outcome["result"] = await src.call(
+                    "migrate", {"name": name, "to": dst.address, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                                "max_bandwidth_mib_s": BANDWIDTH_MIB_S},
+                    on_event=on_event, timeout=CELL_MIGRATE_TIMEOUT_S)
+            except ControlFailed as exc:
+                outcome["error"] = exc
+            except trio.TooSlowError:
+                res.failures.append(f"I4 migration did not end within {CELL_MIGRATE_TIMEOUT_S} s")
+            nursery.cancel_scope.cancel()
+        if dst.alive:
+            await self._wait_dst_settled(dst, ld)
+        clear()
+        if "t" not in fired:
+            res.failures.append(f"ERR fault {res.kind} at {when} never fired")
+        if "result" in outcome:
+            res.outcome = "completed"
+        else:
+            err = outcome.get("error")
+            res.outcome = "uncertain" if err is not None and "uncertain" in err.desc else "failed"
+        await self._judge(res, src, dst, base_src, base_dst, ls, ld, killed_src=False, killed_dst=False,
+                          go_crossed=when != "first_round", go_sent=when != "first_round", hello_seen=True,
+                          fired_mono=fired.get("t"), cls=cls)
 
     async def _wait_dst_settled(self, dst: DaemonProc, start: int) -> None:
         """Until the destination logged the end of its side of the migration (deadline)."""

@@ -214,15 +214,17 @@ def failure_log(d: DaemonProc, start: int, migration_id: str | None = None) -> d
     return None
 
 
-def check_detection(rec: dict | None, fired_mono: float | None, bound_s: float, who: str) -> tuple[list[str], float | None]:
-    """I4 for one daemon: its failure line came within `bound_s` of the fault, with a clear error."""
+def check_detection(rec: dict | None, fired_mono: float | None, bound_s: float | None,
+                    who: str) -> tuple[list[str], float | None]:
+    """I4 for one daemon: its failure line came within `bound_s` of the fault (None: no time bound, e.g.
+    pre-copy giving up on a collapsed bandwidth, which its own limits bound), with a clear error."""
     if fired_mono is None:
         return [], None
     if rec is None:
         return [f"I4 {who} logged no failure of the migration"], None
     dt = rec["_t"] - fired_mono
     out = []
-    if dt > bound_s:
+    if bound_s is not None and dt > bound_s:
         out.append(f"I4 {who} detected the fault after {dt:.2f} s (bound {bound_s:.1f} s): {rec.get('event')}")
     if rec.get("event") in ("migration_failed", "migration_uncertain", "incoming_failed", "incoming_uncertain"):
         code = rec.get("code")
