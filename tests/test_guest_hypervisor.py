@@ -216,3 +216,30 @@ def test_unknown_msr_is_refused():
     h = host_only()
     with pytest.raises(UnknownMsr):
         h.wrmsr(0x10, 1)
+
+
+def test_raw_pages_runs_and_gathers_agree_and_page_enc_status_reads_a_subset():
+    """Raw page I/O has a memcpy path for contiguous runs and a gather path otherwise: same bytes;
+    page_enc_status(pfns) equals the full bitmap indexed by pfns and is a copy."""
+    from sevmigd.guest.memory import GuestRam
+
+    for populate in (False, True):
+        ram = GuestRam(64 * 4096, populate=populate)
+        data = bytes(range(256)) * 16 * 64
+        ram.write_raw(np.arange(64), data)
+        assert ram.read_raw(np.arange(10, 20)) == data[10 * 4096:20 * 4096]
+        scattered = np.array([5, 3, 60, 3])
+        assert ram.read_raw(scattered) == b"".join(data[p * 4096:(p + 1) * 4096] for p in scattered)
+        ram.write_raw(np.array([7]), b"\x01" * 4096)
+        ram.write_raw(np.array([9, 8]), b"\x02" * 4096 + b"\x03" * 4096)
+        assert ram.read_raw(np.arange(7, 10)) == b"\x01" * 4096 + b"\x03" * 4096 + b"\x02" * 4096
+        ram.release()
+    host = host_only(64)
+    host.set_page_enc_status([3, 4, 40], False)
+    pf = np.array([40, 1, 3, 63])
+    got = host.page_enc_status(pf)
+    assert got.tolist() == host.page_enc_bitmap()[pf].tolist() == [False, True, False, True]
+    got[:] = True                                   # a copy: the host's bitmap is untouched
+    assert not host.page_enc_bitmap()[40]
+    with pytest.raises(ValueError):
+        host.page_enc_status([64])

@@ -32,6 +32,20 @@ def as_pfns(pfns, npages: int) -> np.ndarray:
     return p
 
 
+def _run(pfns: np.ndarray) -> tuple[int, int] | None:
+    """(first, last + 1) when `pfns` is one ascending contiguous run (the common case of a migration
+    batch), else None."""
+    n = len(pfns)
+    if not n:
+        return None
+    a = int(pfns[0])
+    if n == 1:
+        return a, a + 1
+    if int(pfns[-1]) - a != n - 1 or not bool((np.diff(pfns) == 1).all()):
+        return None
+    return a, a + n
+
+
 class DirtyLog:
     """Pages written by the guest since the last get_and_clear (only while enabled)."""
 
@@ -62,20 +76,28 @@ class DirtyLog:
 class GuestRam:
     """The guest's physical memory: `memory_bytes` of raw DRAM, guest-physical address = offset."""
 
-    def __init__(self, memory_bytes: int):
+    def __init__(self, memory_bytes: int, *, populate: bool = False):
         if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
             raise ValueError("memory size must be a positive multiple of 4096")
         self.memory_bytes = memory_bytes
         self.npages = memory_bytes // PAGE_SIZE
         # Anonymous mapping: zero-filled and backed lazily, so creating a big guest is O(1).
-        self.buf = mmap.mmap(-1, memory_bytes)
+        # `populate` (a migration destination, which is about to write every page): MAP_POPULATE faults
+        # the whole mapping in at once, in the kernel, during mmap(): measured on the dev VM 1.2 us per
+        # page there against 2.5-3 us per page for first-touch faults while pages are applied. CPython
+        # releases the GIL around mmap(), so a caller may do this in a worker thread.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        self.buf = mmap.mmap(-1, memory_bytes, flags=flags)
         self.pages = np.frombuffer(self.buf, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
         self.dirty = DirtyLog()
 
     # raw access (no dirty marking: callers decide whether a write is the guest's)
     def read_raw(self, pfns: np.ndarray) -> bytes:
-        if len(pfns) == 1:
-            return self.pages[int(pfns[0])].tobytes()
+        run = _run(pfns)
+        if run is not None:   # one memcpy (a gather would copy twice: fancy index, then tobytes)
+            return self.buf[run[0] * PAGE_SIZE:run[1] * PAGE_SIZE]
         return self.pages[pfns].tobytes()
 
     def write_raw(self, pfns: np.ndarray, data) -> None:
@@ -83,11 +105,11 @@ class GuestRam:
             raise ValueError("data must be len(pfns) * 4096 bytes")
         if not len(pfns):
             return
-        arr = np.frombuffer(data, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
-        if len(pfns) == 1:
-            self.pages[int(pfns[0])] = arr[0]
-        else:
-            self.pages[pfns] = arr
+        run = _run(pfns)
+        if run is not None:   # one memcpy into the mapping
+            self.buf[run[0] * PAGE_SIZE:run[1] * PAGE_SIZE] = data
+            return
+        self.pages[pfns] = np.frombuffer(data, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
 
     def release(self) -> None:
         """Drop the mapping (best effort: outstanding buffer exports keep it alive until collected)."""
