@@ -134,6 +134,11 @@ def _bench(args) -> int:
     if unknown:
         print(f"sevmigd bench: unknown section(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
+    # The daemons tune their allocator at start (sevmigd.daemon.malloc); the in-process sections (psp,
+    # guest, wire) run with the same tuning so their figures describe the daemon's code path.
+    from sevmigd.daemon.malloc import tune_malloc
+
+    tune_malloc()
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": bool(args.quick)}
     for name in wanted:
         print(f"== {name} ...", file=sys.stderr, flush=True)
