@@ -54,9 +54,10 @@ KVM_EINVAL = 22
 #: Pages (or flip events) handled per batch in one run step: a long run(dt) (a daemon that was not
 #: scheduled for a while) is processed in batches of 16 MiB so memory stays flat.
 MAX_BATCH = 4096
-#: Pages per write batch of the boot-time prefill: 16 MiB of content at a time keeps the launching
-#: daemon's memory flat (the content buffers) while amortising the per-batch numpy and ledger cost.
-PREFILL_BATCH = 4096
+#: Pages per write batch of the boot-time prefill: 4 MiB of content at a time keeps the launching
+#: daemon's transient memory small (measured: peak RSS guest + 42 MiB with 4096-page batches, + 22 MiB
+#: with 1024) while still amortising the per-batch numpy and ledger cost.
+PREFILL_BATCH = 1024
 
 _KSTATE_MAGIC = b"SEVMIGDK"
 _KSTATE_FMT = "<8sIIQQQQQQ32sdQQdQB"   # see _encode_kstate
