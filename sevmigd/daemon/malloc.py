@@ -7,7 +7,8 @@ page-faults its buffers in again: measured on the 2-core dev VM, ~480 minor faul
 ~2 us per fault, i.e. the memory engine's batch read went from 2.7 to 6.8 us per page and the source's
 SEND_UPDATE_DATA batch from ~9 to ~13 us per page. With a fixed 32 MiB mmap threshold (glibc's maximum on
 64-bit) the freed buffers are reused from the heap and never fault again; the trim threshold bounds how
-much free heap is kept (the working set of one batch pipeline is a few MiB, below it). Guest RAM is an explicit mmap (sevmigd.guest.memory) and is not affected.
+much free heap is kept (the working set of one batch pipeline is a few MiB, below it). Guest RAM is
+an explicit mmap (sevmigd.guest.memory) and is not affected.
 
 Best effort: on a libc without mallopt (musl, macOS) nothing happens. Must never raise.
 """
