@@ -13,7 +13,6 @@ with a daemon pair of default configuration.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import trio
@@ -150,3 +149,32 @@ async def test_server_info_reports_leak_counters(harness):
     assert info["psp_guests"] >= 1
     assert info["tasks"] > 1
     assert abs(info["open_fds"] - d.open_fds()) <= 2  # its own control connection comes and goes
+
+
+def test_checker_flags_each_copy_violation():
+    """The I1 checker is not vacuous: two copies, no copy, the wrong daemon, an unreported uncertain
+    hand-off are each flagged; the legal states pass."""
+    C = inv.Copies
+    running_a = C({"a": "running", "b": "migrated"}, {"a": None, "b": None}, {})
+    assert inv.check_copies(running_a, expect_on="a") == []
+    assert inv.check_copies(running_a, expect_on="b")[0].startswith("I1 guest runs on a")
+    two = C({"a": "running", "b": "running"}, {"a": None, "b": None}, {})
+    assert inv.check_copies(two)[0].startswith("I1 two running copies")
+    none = C({"a": "migrating", "b": None}, {"a": {"status": "failed"}, "b": None}, {})
+    assert inv.check_copies(none)[0].startswith("I1 no running copy")
+    unc = C({"a": "migrating", "b": None}, {"a": {"status": "uncertain"}, "b": None}, {})
+    assert inv.check_copies(unc, allow_uncertain=True) == []
+    assert inv.check_copies(unc)[0].startswith("I1 no running copy")
+    held = C({"a": "migrating", "b": "incoming"}, {"a": {"status": "uncertain"}, "b": {"status": "failed"}}, {})
+    assert "not reported by ['b']" in inv.check_copies(held, allow_uncertain=True)[0]
+    gone = C({"a": None, "b": None}, {"a": None, "b": None}, {})
+    assert inv.check_copies(gone, allow_none=True) == []
+
+
+def test_detection_check_bounds_and_clarity():
+    rec = {"_t": 12.0, "event": "migration_failed", "code": "TIMEOUT", "error": "peer sent nothing for 2 s"}
+    assert inv.check_detection(rec, 10.0, 2.5, "src") == ([], 2.0)
+    assert inv.check_detection(rec, 10.0, 1.5, "src")[0][0].startswith("I4 src detected the fault after 2.00 s")
+    unclear = dict(rec, code="INTERNAL_ERROR")
+    assert "unclear" in inv.check_detection(unclear, 10.0, 2.5, "src")[0][0]
+    assert inv.check_detection(None, 10.0, 2.5, "src")[0] == ["I4 src logged no failure of the migration"]

@@ -48,12 +48,19 @@ CASES = {
     "nft_reset": (lambda net, s, d, p: net.reset_rule(s, p), "first_round", "immediate"),
     "nft_loss": (lambda net, s, d, p: net.loss(s, 10), "first_round", "benign"),
     "tbf_collapse": (lambda net, s, d, p: net.rate_limit(s, 24000), "first_round", "benign"),
+    "tbf_severe": (lambda net, s, d, p: net.rate_limit(s, 512), "first_round", "benign"),
     "link_down_at_ready": (lambda net, s, d, p: net.link_down(s), "readiness", "stall"),
     "ss_kill_at_ready": (lambda net, s, d, p: net.kill_sockets(s, net.ip[d], p), "readiness", "immediate"),
 }
 
 
-@pytest.mark.parametrize("label", list(CASES))
+# Known open bug, kept visible (strict: the day it is fixed this xfail fails and must be removed).
+KNOWN_BUGS = {"tbf_severe": "bug B3 (migration engine): max_total_s is not enforced inside a pre-copy round, "
+                            "so a collapsed link (64 KB/s) keeps the migration running for minutes"}
+
+
+@pytest.mark.parametrize("label", [pytest.param(k, marks=pytest.mark.xfail(reason=KNOWN_BUGS[k], strict=True))
+                                   if k in KNOWN_BUGS else k for k in CASES])
 async def test_kernel_fault_holds_every_invariant(net, harness, label):
     fault, when, cls = CASES[label]
     with trio.fail_after(180):

@@ -35,6 +35,9 @@ from sevmigd.testing.faultproxy import PHASES, Fault, FaultProxy
 PEER_TIMEOUT_S = 2.0
 KEEPALIVE_S = 0.5
 HANDSHAKE_TIMEOUT_S = 2.0
+# Pre-copy gives up (CONVERGENCE_FAILED) after this long: a collapsed network must end in a clean give-up
+# within it, not in a migration that runs for hours (normal cells take ~1 s).
+MAX_TOTAL_S = 6.0
 # Guest and migration shape: 16 MiB, a 0.5 MiB working set dirtied at 4 MiB/s, migrated at 32 MiB/s with
 # an 8 ms downtime limit, so that every migration has a first round (~0.5 s), at least one later round and
 # a stop-and-copy (measured: 3 rounds, ~0.5 s total on an idle box).
@@ -43,13 +46,13 @@ GUEST_BYTES = 16 << 20
 GUEST_ARGS = {"dirty_rate": 4.0, "working_set": 0.5, "shared_fraction": 0.1}
 DOWNTIME_LIMIT_MS = 8
 BANDWIDTH_MIB_S = 32.0
-# Bandwidth collapse and latency cells.
-COLLAPSE_BYTES_S = 2 << 20
+# Bandwidth collapse (to 256 KiB/s: a 16 MiB first round would take a minute) and latency cells.
+COLLAPSE_BYTES_S = 256 << 10
 LATENCY_S = 0.05
 # Slack over a detection bound for scheduling on a loaded 2-core box.
 DETECT_SLACK_S = 1.0
 # A cell's migration never takes longer than this (deadline; a hang is reported, not waited out).
-CELL_MIGRATE_TIMEOUT_S = 90.0
+CELL_MIGRATE_TIMEOUT_S = 45.0
 # How long the harness waits for an uncertain hand-off to resolve itself before it issues `resolve`.
 AUTO_RESOLVE_WAIT_S = PEER_TIMEOUT_S * 3
 
@@ -164,7 +167,7 @@ class Harness:
         self.netns = netns
         self.guest = guest
         self.config = {"peer_timeout_s": peer_timeout_s, "keepalive_interval_s": keepalive_s,
-                       "handshake_timeout_s": handshake_timeout_s}
+                       "handshake_timeout_s": handshake_timeout_s, "max_total_s": MAX_TOTAL_S}
         self.peer_timeout_s = peer_timeout_s
         self.keepalive_s = keepalive_s
         self.daemons: list[DaemonProc] = []
@@ -273,7 +276,7 @@ class Harness:
             except trio.TooSlowError:
                 res.failures.append(f"I4 migration did not end within {CELL_MIGRATE_TIMEOUT_S} s")
                 outcome["error"] = None
-            t_end = time.monotonic()
+                await self._cancel_hung(src, ls)
             # Let the destination finish its side (deadline), then: the network is back.
             if dst.alive and kind != "stop_dst":
                 await self._wait_dst_settled(dst, ld)
@@ -350,7 +353,8 @@ class Harness:
             if phase == "handshake" and cls != "immediate":
                 bound = max(bound, float(self.config["handshake_timeout_s"]) + DETECT_SLACK_S)
             if cls == "benign":
-                bound = None  # a slow network is no fault to detect: the planner's limits bound a give-up
+                # a slow network is no fault to detect at once, but pre-copy must give up within max_total_s
+                bound = float(self.config["max_total_s"]) + self.peer_timeout_s + DETECT_SLACK_S
             if not killed_src:
                 rec = inv.failure_log(src, ls)
                 f, res.detect_src_s = inv.check_detection(rec, fired_mono, bound, f"source {src.name}")
@@ -451,6 +455,7 @@ class Harness:
                 outcome["error"] = exc
             except trio.TooSlowError:
                 res.failures.append(f"I4 migration did not end within {CELL_MIGRATE_TIMEOUT_S} s")
+                await self._cancel_hung(src, ls)
             nursery.cancel_scope.cancel()
         if dst.alive:
             await self._wait_dst_settled(dst, ld)
@@ -465,6 +470,18 @@ class Harness:
         await self._judge(res, src, dst, base_src, base_dst, ls, ld, killed_src=False, killed_dst=False,
                           go_crossed=when != "first_round", go_sent=when != "first_round", hello_seen=True,
                           fired_mono=fired.get("t"), cls=cls)
+
+    async def _cancel_hung(self, src: DaemonProc, start: int) -> None:
+        """A migration that outlived the cell's deadline: cancel it (as an operator would) and wait for the
+        source to log its end, so the next checks see a settled daemon."""
+        await src.try_call("cancel", {"name": self.guest})
+        try:
+            await trio.to_thread.run_sync(
+                lambda: src.wait_log(lambda r: r.get("event") in ("migration_failed", "migration_uncertain",
+                                                                  "migration_completed"),
+                                     start=start, timeout=30), abandon_on_cancel=True)
+        except (TimeoutError, RuntimeError):
+            pass
 
     async def _wait_dst_settled(self, dst: DaemonProc, start: int) -> None:
         """Until the destination logged the end of its side of the migration (deadline)."""

@@ -48,6 +48,10 @@ import msgpack
 import trio
 
 LEN = struct.Struct(">I")
+# Bytes the proxy holds per direction before it stops reading (TCP flow control then slows the sender, as
+# a slow or long link would): room for the bandwidth-delay product of the `delay` fault (50 ms at
+# ~60 MiB/s) without letting a `rate` collapse hide behind an unbounded buffer.
+QUEUE_LIMIT = 4 << 20
 C2S = "c2s"  # source -> destination (the source connects to us)
 S2C = "s2c"
 
@@ -193,6 +197,8 @@ class _Dir:
     held: bytes | None = None                     # reorder
     capture: bytearray = field(default_factory=bytearray)
     pending: int = 0                              # chunks queued in the delay line, not yet sent
+    queued: int = 0                               # bytes queued in the delay line, not yet sent
+    drained: trio.Event = field(default_factory=trio.Event)  # set whenever the sender sent a chunk
     round: int = 0                                # current pre-copy round (from Pages / RoundEnd)
     stop_copy: bool = False                       # Bitmap seen
 
@@ -204,6 +210,8 @@ class _Dir:
         self.history.clear()
         self.round = 0
         self.stop_copy = False
+        self.pending = 0
+        self.queued = 0
 
 
 class FaultProxy:
@@ -288,6 +296,9 @@ class FaultProxy:
     async def _receiver(self, src, dst, d: _Dir, scope, send_ch):
         try:
             while True:
+                while d.queued > QUEUE_LIMIT:
+                    d.drained = trio.Event()
+                    await d.drained.wait()
                 data = await src.receive_some(1 << 16)
                 if self._blackholed:
                     await trio.sleep_forever()
@@ -323,6 +334,8 @@ class FaultProxy:
                     await dst.send_all(chunk)
                     i += len(chunk)
                 d.pending -= 1
+                d.queued -= len(data)
+                d.drained.set()
                 if self.capture and len(d.capture) < self.max_capture:
                     d.capture += data
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -406,6 +419,7 @@ class FaultProxy:
 
     def _send(self, d: _Dir, out, data: bytes):
         d.pending += 1
+        d.queued += len(data)
         out.send_nowait((data, trio.current_time()))
         d.history.append(data)
         if len(d.history) > 64:
