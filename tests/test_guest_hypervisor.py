@@ -243,3 +243,23 @@ def test_raw_pages_runs_and_gathers_agree_and_page_enc_status_reads_a_subset():
     assert not host.page_enc_bitmap()[40]
     with pytest.raises(ValueError):
         host.page_enc_status([64])
+
+
+def test_incoming_guest_on_caller_made_populated_ram(fw):
+    """SevVm.incoming(ram=GuestRam(size, populate=True)): the destination may build (and fault in) the
+    RAM elsewhere, e.g. in a worker thread; a RAM of the wrong size is a ConfigError."""
+    import trio
+
+    from sevmigd.errors import ConfigError
+
+    async def make():
+        return await trio.to_thread.run_sync(lambda: GuestRam(2 << 20, populate=True))
+
+    ram = trio.run(make)
+    h = fw.launch_start(policy=0)        # any fresh handle works for ACTIVATE + map
+    vm = SevVm.incoming(fw, name="in", memory_bytes=2 << 20, policy=0, handle=h, asid=77, ram=ram)
+    assert vm.host.read_raw_pages([0]) == bytes(4096) and vm.host.paused
+    vm.release()
+    with pytest.raises(ConfigError):
+        SevVm.incoming(fw, name="in2", memory_bytes=4 << 20, policy=0, handle=fw.launch_start(policy=0),
+                       asid=78, ram=GuestRam(2 << 20))

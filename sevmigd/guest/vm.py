@@ -201,14 +201,19 @@ class SevVm:
 
     @classmethod
     def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
-                 vcpus: int = 1, populate: bool = False) -> "SevVm":
+                 vcpus: int = 1, populate: bool = False, ram: GuestRam | None = None) -> "SevVm":
         """Destination side after RECEIVE_START: zero RAM, ACTIVATE, map memory, vCPUs paused.
         `populate`: fault the whole RAM in now (GuestRam(populate=True)), cheaper than page by page while
-        the migration writes it, but O(memory) here (~0.3 s per GiB on the dev VM)."""
+        the migration writes it, but O(memory) here (~0.3 s per GiB on the dev VM). `ram`: a fresh
+        GuestRam of `memory_bytes` made by the caller, e.g. `GuestRam(size, populate=True)` in a worker
+        thread (CPython releases the GIL around mmap()) so the event loop is not blocked meanwhile."""
         _check_memory(memory_bytes)
         _check_policy(policy)
         _check_vcpus(vcpus, policy)
-        ram = GuestRam(memory_bytes, populate=populate)
+        if ram is None:
+            ram = GuestRam(memory_bytes, populate=populate)
+        elif ram.memory_bytes != memory_bytes:
+            raise ConfigError("memory_bytes", f"the RAM given is {ram.memory_bytes} bytes, not {memory_bytes}")
         vmsa = bytearray(vc.VMSA_SIZE) if policy & Policy.ES else None
         fw.activate(handle, asid)
         try:
