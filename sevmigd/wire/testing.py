@@ -77,11 +77,11 @@ def transfer(sender: Connection, receiver: Connection, msg):
 
 
 # The happy path of a conversation as (sender role, message factory) up to DONE.
-def script(hello: m.Hello):
+def script(hello: m.Hello, accept_features=()):
     S, D = Role.SOURCE, Role.DESTINATION
     return [
         (S, lambda: hello),
-        (D, lambda: sample_accept()),
+        (D, lambda: sample_accept(features=accept_features)),
         (S, lambda: sample_start(hello)),
         (S, lambda: sample_pages(0, [0, 1], [2])),
         (S, lambda: m.RoundEnd(round=0, pages=3, remaining=1)),
@@ -98,12 +98,13 @@ def script(hello: m.Hello):
 
 
 def pair(*, hello: m.Hello | None = None, until: State = State.IDLE, limits: Limits | None = None,
-         seed: int = 0):
-    """A (source, destination) pair driven along the happy path until both are in state `until`."""
-    hello = hello or sample_hello()
+         seed: int = 0, features=()):
+    """A (source, destination) pair driven along the happy path until both are in state `until`.
+    `features`: listed by the Accept (and by the Hello when `hello` is not given)."""
+    hello = hello or sample_hello(features=features)
     src = Connection(Role.SOURCE, rng=fixed_rng(f"src{seed}"), limits=limits)
     dst = Connection(Role.DESTINATION, rng=fixed_rng(f"dst{seed}"), limits=limits)
-    steps = iter(script(hello))
+    steps = iter(script(hello, features))
     while src._state is not until:
         role, make = next(steps)
         a, b = (src, dst) if role is Role.SOURCE else (dst, src)
