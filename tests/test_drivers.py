@@ -608,3 +608,23 @@ async def test_duplicated_handoff_frame_never_gives_two_copies(pair, direction, 
                 assert "error" not in res, res.get("error")
                 assert dst.guests["g1"].vm.verify().ok
             n.cancel_scope.cancel()
+
+
+async def test_max_total_s_bounds_a_round_on_a_collapsed_link(pair, mock_clock, monkeypatch):
+    """The planner decides at round ends; max_total_s must also stop a round that would last for ages
+    (here: a 16 MiB first round at 256 KiB/s = 64 s against max_total_s = 5 s)."""
+    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    mock_clock.autojump_threshold = 0
+    src, dst = pair(max_total_s=5.0, peer_timeout_s=30.0)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as n:
+            await launch(src, n, guest_config(dirty_rate_mib_s=0.0, flip_rate=0.0))
+            dst.nursery = n
+            t0 = trio.current_time()
+            res = await run_migration(src, dst, "g1", max_bandwidth_mib_s=0.25)
+            err = res["error"]
+            assert err.code is AbortCode.CONVERGENCE_FAILED
+            assert "max_total_s = 5 s" in str(err)
+            assert 5.0 <= trio.current_time() - t0 < 5.0 + 3.0
+            assert_running_on_source(src, dst, "g1")
+            n.cancel_scope.cancel()

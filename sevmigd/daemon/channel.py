@@ -132,6 +132,10 @@ class Channel:
     async def _write(self, data: bytes) -> int:
         try:
             await self.stream.send_all(data)
+        except trio.Cancelled:
+            # A frame may be half on the wire: nothing more can follow it on this stream (no Abort).
+            self._broken = True
+            raise
         except _STREAM_ERRORS as exc:
             self._broken = True
             # The peer may have closed after an Abort that the read loop has not yet decoded: give it a

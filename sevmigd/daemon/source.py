@@ -213,7 +213,17 @@ class OutgoingMigration:
 
         planner = PrecopyPlanner(PAGE_SIZE, self.downtime_limit_s, self.max_bandwidth,
                                  cfg.max_rounds, cfg.max_total_s)
-        await self._precopy(ch, planner)
+        # max_total_s bounds the pre-copy as a whole, inside a round too (the planner only sees round
+        # ends): on a collapsed link one round could otherwise last for hours with the guest dirtying on.
+        limit = cfg.max_total_s
+        with trio.CancelScope(deadline=trio.current_time() + limit if limit else float("inf")) as cs:
+            await self._precopy(ch, planner)
+        if cs.cancelled_caught:
+            raise MigrationError(
+                AbortCode.CONVERGENCE_FAILED,
+                f"gave up after max_total_s = {limit:g} s of pre-copy: round {self.stats.round} still had "
+                f"{self.stats.remaining} bytes to send (measured bandwidth "
+                f"{planner.bandwidth / (1 << 20):.1f} MiB/s, {ch.bytes_sent} bytes sent so far)")
         await self._stop_and_copy(ch, planner)
         await self._handoff(ch)
 
