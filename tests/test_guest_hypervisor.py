@@ -263,3 +263,29 @@ def test_incoming_guest_on_caller_made_populated_ram(fw):
     with pytest.raises(ConfigError):
         SevVm.incoming(fw, name="in2", memory_bytes=4 << 20, policy=0, handle=fw.launch_start(policy=0),
                        asid=78, ram=GuestRam(2 << 20))
+
+
+def test_populate_ram_in_a_thread_keeps_contents_and_stops_on_request():
+    """populate() makes pages resident without changing any (it may race with writers), stops when asked
+    or released, and a released RAM is never touched."""
+    import resource
+    import threading
+
+    ram = GuestRam(256 * 4096)
+    host = HostView(ram, policy=0, handle=1, vcpu_regs=[reset_state(0)], es=False)
+    host.write_raw_pages(np.arange(10, 20), b"\x07" * 10 * 4096)
+    done = []
+    t = threading.Thread(target=lambda: done.append(host.populate_ram()))
+    t.start()
+    t.join()
+    assert host.read_raw_pages(np.arange(10, 20)) == b"\x07" * 10 * 4096
+    assert host.read_raw_pages([0]) == bytes(4096)
+    data = b"\x01" * 256 * 4096
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    host.write_raw_pages(np.arange(0, 256), data)
+    if done == [True]:                                # Linux >= 5.14: everything was resident already
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - after < 64
+    assert GuestRam(64 * 4096).populate(stop=lambda: True) is True      # stopped before the first chunk
+    gone = GuestRam(64 * 4096)
+    gone.release()
+    assert gone.populate() is True                                      # released: nothing to do

@@ -170,6 +170,11 @@ class HostView:
         return 0
 
     # ---------------------------------------------------------------- raw DRAM
+    def populate_ram(self, stop=None) -> bool:
+        """Prefault the guest's RAM (GuestRam.populate): a migration destination runs this in a worker
+        thread while it applies pages. Host-side and content-free: it only makes pages resident."""
+        return self._ram.populate(stop)
+
     def read_raw_pages(self, pfns) -> bytes:
         """DRAM contents: ciphertext for private pages, plaintext for shared ones."""
         return self._ram.read_raw(as_pfns(pfns, self.npages))
