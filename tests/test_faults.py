@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from sevmigd.testing import invariants as inv
-from sevmigd.testing.cells import (BANDWIDTH_MIB_S, DETECT_SLACK_S, DOWNTIME_LIMIT_MS, GUEST_ARGS, GUEST_BYTES,
+from sevmigd.testing.cells import (BANDWIDTH_MIB_S, DOWNTIME_LIMIT_MS, STALL_SLACK_S, GUEST_ARGS, GUEST_BYTES,
                                    GUEST_MEMORY, Harness)
 from sevmigd.testing.daemons import ControlFailed, DaemonProc, Fleet
 from sevmigd.testing.faultproxy import Fault, FaultProxy
@@ -40,6 +40,18 @@ CELLS = [
 ]
 
 
+# Open bugs the cells expose, kept visible rather than skipped (strict: once fixed, the xfail fails and
+# the entry must go). Keyed by fault kind.
+B5 = ("bug B5 (channel): a stalled peer is reported peer_timeout_s + 1 s after the fault, because the "
+      "failure is logged only after the 1 s Abort linger towards the dead peer")
+KNOWN_BUGS = {"blackhole": B5, "stop_dst": B5}
+
+
+def _cell_param(k, p, s):
+    marks = [pytest.mark.xfail(reason=KNOWN_BUGS[k], strict=True)] if k in KNOWN_BUGS else []
+    return pytest.param(k, p, s, marks=marks, id=f"{k}@{p}-{s}")
+
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     h = Harness.create(tmp_path_factory.mktemp("faults"))
@@ -52,7 +64,7 @@ def _explain(r) -> str:
             + "\n  ".join(r.failures))
 
 
-@pytest.mark.parametrize("kind,phase,seed", CELLS, ids=[f"{k}@{p}-{s}" for k, p, s in CELLS])
+@pytest.mark.parametrize("kind,phase,seed", [_cell_param(*c) for c in CELLS])
 async def test_fault_cell_holds_every_invariant(harness, kind, phase, seed):
     with trio.fail_after(180):
         r = await harness.run_cell(kind, phase, seed)
@@ -106,6 +118,8 @@ async def test_second_migration_of_the_same_guest_is_refused(harness):
     assert await inv.check_guest(dst, name, GUEST_BYTES) == []
 
 
+@pytest.mark.xfail(reason=B5 + " (not strict: when the kernel's TCP_USER_TIMEOUT fires first the report is "
+                          "on time)", strict=False)
 async def test_default_peer_timeout_applies(tmp_path):
     """With the default configuration a black-holed peer is declared dead after peer_timeout_s = 10 s:
     not before, and within the bound; the guest keeps running on the source."""
@@ -128,7 +142,7 @@ async def test_default_peer_timeout_applies(tmp_path):
             rec = inv.failure_log(a, mark)
             assert rec is not None and rec.get("code") == "TIMEOUT", rec
             dt = rec["_t"] - fault.fired_mono
-            assert 10.0 - 0.5 <= dt <= 10.0 + 1.0 + DETECT_SLACK_S, dt
+            assert 10.0 - 0.5 <= dt <= 10.0 + STALL_SLACK_S, dt
             assert "10 s" in ei.value.desc, ei.value.desc
             c = await inv.copies([a, b], "g")
             assert inv.check_copies(c, expect_on="a") == []

@@ -49,8 +49,10 @@ BANDWIDTH_MIB_S = 32.0
 # Bandwidth collapse (to 256 KiB/s: a 16 MiB first round would take a minute) and latency cells.
 COLLAPSE_BYTES_S = 256 << 10
 LATENCY_S = 0.05
-# Slack over a detection bound for scheduling on a loaded 2-core box.
+# Slack over a detection bound for scheduling on a loaded 2-core box. An "immediate" fault may need the
+# next frame, a keepalive interval away; a stalled peer must be reported within peer_timeout_s itself.
 DETECT_SLACK_S = 1.0
+STALL_SLACK_S = 0.5
 # A cell's migration never takes longer than this (deadline; a hang is reported, not waited out).
 CELL_MIGRATE_TIMEOUT_S = 45.0
 # How long the harness waits for an uncertain hand-off to resolve itself before it issues `resolve`.
@@ -349,9 +351,12 @@ class Harness:
 
         # ---- I4 detection
         if not res.outcome.startswith("completed") and fired_mono is not None:
-            bound = (self.keepalive_s if cls == "immediate" else self.peer_timeout_s + self.keepalive_s) + DETECT_SLACK_S
-            if phase == "handshake" and cls != "immediate":
-                bound = max(bound, float(self.config["handshake_timeout_s"]) + DETECT_SLACK_S)
+            if cls == "immediate":
+                bound = self.keepalive_s + DETECT_SLACK_S
+            else:  # stall, next_frame: the peer timeout (measured from the last frame, so <= from the fault)
+                bound = self.peer_timeout_s + STALL_SLACK_S
+                if phase == "handshake":
+                    bound = max(bound, float(self.config["handshake_timeout_s"]) + STALL_SLACK_S)
             if cls == "benign":
                 # a slow network is no fault to detect at once, but pre-copy must give up within max_total_s
                 bound = float(self.config["max_total_s"]) + self.peer_timeout_s + DETECT_SLACK_S
