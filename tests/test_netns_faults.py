@@ -54,12 +54,14 @@ CASES = {
 }
 
 
-# Known open bug, kept visible (strict: the day it is fixed this xfail fails and must be removed).
-KNOWN_BUGS = {"tbf_severe": "bug B3 (migration engine): max_total_s is not enforced inside a pre-copy round, "
-                            "so a collapsed link (64 KB/s) keeps the migration running for minutes"}
+# Open bugs, kept visible rather than skipped. Not strict: whether the report is late depends on which
+# of the application's peer timeout and the kernel's TCP_USER_TIMEOUT fires first.
+B5 = ("bug B5 (channel): a stalled peer is reported up to 1 s after peer_timeout_s, because the failure is "
+      "logged only after the Abort linger towards the dead peer")
+KNOWN_BUGS = {"link_down": B5, "link_down_at_ready": B5}
 
 
-@pytest.mark.parametrize("label", [pytest.param(k, marks=pytest.mark.xfail(reason=KNOWN_BUGS[k], strict=True))
+@pytest.mark.parametrize("label", [pytest.param(k, marks=pytest.mark.xfail(reason=KNOWN_BUGS[k], strict=False))
                                    if k in KNOWN_BUGS else k for k in CASES])
 async def test_kernel_fault_holds_every_invariant(net, harness, label):
     fault, when, cls = CASES[label]
