@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from sevmigd.daemon.config import Config
+from sevmigd.daemon import destination as destination_mod
 from sevmigd.daemon import migration as migration_mod
 from sevmigd.daemon.migration import MigrationError, MigrationManager
 from sevmigd.daemon.server import Daemon
@@ -369,8 +370,9 @@ async def test_corrupt_ciphertext_byte_is_bad_measurement(pair):
 
 
 async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock, monkeypatch):
-    # Under the autojump clock a worker thread looks like an idle run loop: keep the PSP inline.
+    # Under the autojump clock a worker thread looks like an idle run loop: no worker threads.
     monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src, dst = pair(peer_timeout_s=5.0, keepalive_interval_s=1.0)
     with trio.fail_after(60):
@@ -559,6 +561,7 @@ async def test_keepalives_carry_a_slow_destination_past_the_peer_timeout(tmp_pat
     """A destination whose PSP is slow (pacing) sends nothing for far longer than the peer timeout while
     it works; its keepalives keep the source from declaring it dead."""
     monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src = make_daemon(tmp_path, "a", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
     dst = make_daemon(tmp_path, "b", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
@@ -614,6 +617,7 @@ async def test_max_total_s_bounds_a_round_on_a_collapsed_link(pair, mock_clock, 
     """The planner decides at round ends; max_total_s must also stop a round that would last for ages
     (here: a 16 MiB first round at 256 KiB/s = 64 s against max_total_s = 5 s)."""
     monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src, dst = pair(max_total_s=5.0, peer_timeout_s=30.0)
     with trio.fail_after(600):

@@ -31,11 +31,15 @@ from sevmigd.migrate.trust import check_peer_platform, platform_files
 from sevmigd.psp.status import SevError
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
-from sevmigd.wire.errors import AbortCode
+from sevmigd.wire.errors import AbortCode, ProtocolError
 
 from sevmigd.daemon.source import PROGRESS_INTERVAL_S
 
 SEV_HDR_SIZE = 0x34
+# Prefault the incoming guest's RAM from a worker thread while its pages arrive (see _populate). Measured
+# here (512 MiB private guest, 6 runs each, shared 2-core box): median 5.04 s with, 5.12 s without; the
+# guest layer measured 3.1-3.7 -> 2.0-2.7 us per page applied on a quieter machine.
+POPULATE_INCOMING = True
 
 
 class IncomingMigration:
@@ -61,6 +65,7 @@ class IncomingMigration:
         self.npages = 0
         self.pages_received = 0
         self.refused = False
+        self._populate_stop = False
         self.pending_error: MigrationError | None = None
         self._last_progress = 0.0
 
@@ -183,7 +188,26 @@ class IncomingMigration:
         self.hosted.migration = self.stats
         self.stats.status = "active"
         self.stats.setup_time_ms = round((trio.current_time() - self.stats.started_at) * 1000, 3)
-        await self._receive_loop(ch)
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            if POPULATE_INCOMING and hasattr(self.vm.host, "populate_ram"):
+                nursery.start_soon(self._populate)
+            try:
+                await self._receive_loop(ch)
+            except (MigrationError, ProtocolError) as exc:
+                failure = exc  # raised below, unwrapped (a nursery would wrap it in an ExceptionGroup)
+            finally:
+                self._populate_stop = True  # the thread stops within one chunk; the nursery waits for it
+        if failure is not None:
+            raise failure
+
+    async def _populate(self) -> None:
+        """Prefault the incoming guest's RAM in a worker thread while pages arrive, so first-touch page
+        faults are not taken by the loop that applies them (HostView.populate_ram, content-free)."""
+        try:
+            await trio.to_thread.run_sync(self.vm.host.populate_ram, lambda: self._populate_stop)
+        except Exception:  # noqa: BLE001 - an optimisation: its failure changes nothing else
+            self.log.debug("populate_failed", exc_info=True)
 
     # -- pages ------------------------------------------------------------------------------------------------
 
