@@ -206,8 +206,10 @@ class Channel:
                 with trio.move_on_after(self.peer_timeout_s) as cs:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 if cs.cancelled_caught:
+                    # A peer silent this long will not read an Abort either: no Abort, no linger.
                     self.fail(MigrationError(
-                        AbortCode.TIMEOUT, f"peer {self.peer} sent nothing for {self.peer_timeout_s:g} s"))
+                        AbortCode.TIMEOUT, f"peer {self.peer} sent nothing for {self.peer_timeout_s:g} s"),
+                        tell_peer=False)
                     return
                 if not data:
                     # EOF: whatever state we were in, the peer is gone (a clean EOF only happens after the
@@ -289,12 +291,16 @@ def _abort_code(code) -> AbortCode:
 
 async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[[Channel], Awaitable[T]], *,
                       peer: str, keepalive_interval_s: float, peer_timeout_s: float, log=None,
-                      on_open: Callable[[Channel], None] | None = None) -> T:
+                      on_open: Callable[[Channel], None] | None = None,
+                      on_failure: Callable[[MigrationError], Awaitable[None]] | None = None) -> T:
     """Run `body(channel)` over `stream` with the read loop and keepalives; return its result.
 
     Every failure (the body's MigrationError, a protocol error, the peer's Abort, EOF, a timeout, a
     `channel.fail(...)` from outside such as an operator cancel) ends in one MigrationError raised from
-    here, the first one recorded. The stream is always closed on return.
+    here, the first one recorded. `on_failure(err)` runs (shielded) as soon as the tasks are stopped and
+    *before* the Abort is sent and the close lingers, so the driver's clean-up (guest resumed, partial
+    copy dropped) and its failure log do not wait on a slow or dead peer. The stream is always closed on
+    return.
     """
     tune_tcp(stream, peer_timeout_s=peer_timeout_s, keepalive_interval_s=keepalive_interval_s)
     ch = Channel(stream, conn, peer=peer, keepalive_interval_s=keepalive_interval_s,
@@ -324,6 +330,13 @@ async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[
             if ch.failure is None:
                 # Cancelled from outside (daemon shutdown) or a bug: the peer still deserves a reason.
                 ch.failure = MigrationError(AbortCode.INTERNAL_ERROR, "migration interrupted")
+            if on_failure is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await on_failure(ch.failure)
+                    except Exception:  # noqa: BLE001 - the close below must still happen
+                        if log is not None:
+                            log.exception("failure_handler_crashed")
             await ch._tell_peer_and_close()
     if not ok:
         raise ch.failure

@@ -66,6 +66,7 @@ class IncomingMigration:
         self.pages_received = 0
         self.refused = False
         self._populate_stop = False
+        self._failure_handled = False
         self.pending_error: MigrationError | None = None
         self._last_progress = 0.0
 
@@ -84,7 +85,7 @@ class IncomingMigration:
         try:
             await run_channel(self.stream, conn, self._protocol, peer=self.peer,
                               keepalive_interval_s=cfg.keepalive_interval_s, peer_timeout_s=cfg.peer_timeout_s,
-                              log=self.log, on_open=self._opened)
+                              log=self.log, on_open=self._opened, on_failure=self._failed)
         except MigrationError as err:
             await self._failed(err)
         except BaseException:
@@ -329,6 +330,10 @@ class IncomingMigration:
     # -- failure -------------------------------------------------------------------------------------------------
 
     async def _failed(self, err: MigrationError) -> None:
+        """Once per migration (the channel calls it before lingering on the close; run() again after)."""
+        if self._failure_handled:
+            return
+        self._failure_handled = True
         with trio.CancelScope(shield=True):
             if self.pending_error is not None and not self.started:
                 err = self.pending_error

@@ -99,6 +99,7 @@ class OutgoingMigration:
         self.sent_private = np.zeros(self.vm.npages, dtype=bool)  # how each page was last sent
         self.pages_total = 0
         self.pending = np.zeros(0, dtype=np.int64)
+        self._final_error: MigrationError | None = None
         self._bitmap_s = 0.0  # time spent reading the page-encryption bitmap in the current round
         self._last_progress = 0.0
 
@@ -134,15 +135,23 @@ class OutgoingMigration:
                 await run_channel(stream, conn, self._protocol, peer=self.stats.peer,
                                   keepalive_interval_s=self.daemon.config.keepalive_interval_s,
                                   peer_timeout_s=self.daemon.config.peer_timeout_s, log=self.log,
-                                  on_open=self._opened)
+                                  on_open=self._opened, on_failure=self._handle_failure)
             except MigrationError as err:
-                err = self.pending_error if (self.pending_error and not self.committed) else err
-                raise await self._failed(err) from None
+                await self._handle_failure(err)
+                raise self._final_error from None
             except BaseException:
                 # Cancelled from outside (daemon shutdown without cancel()) or a bug: still never lose it.
-                await self._failed(MigrationError(AbortCode.INTERNAL_ERROR, "migration interrupted"))
+                await self._handle_failure(MigrationError(AbortCode.INTERNAL_ERROR, "migration interrupted"))
                 raise
             return self.stats.to_dict()
+
+    async def _handle_failure(self, err: MigrationError) -> None:
+        """Once per migration: clean up after the first failure (called by the channel before it lingers
+        on the close, or after run_channel when the failure came before the channel existed)."""
+        if self._final_error is not None:
+            return
+        err = self.pending_error if (self.pending_error and not self.committed) else err
+        self._final_error = await self._failed(err)
 
     def _opened(self, ch: Channel) -> None:
         self.channel = ch
