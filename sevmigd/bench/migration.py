@@ -247,11 +247,17 @@ def _scale(root, tag, base, *, memory: int, warm_memory: int, runs: int) -> dict
         out["rounds_detail"] = [{k: r.get(k) for k in ("round", "pages", "dirty_pages", "seconds", "sync_ms",
                                                         "bitmap_ms", "decision") if k in r} for r in rounds]
         syncs = [r["sync_ms"] for r in rounds if isinstance(r.get("sync_ms"), (int, float))]
-        out["dirty_sync_ms_per_round"] = round(statistics.median(syncs), 3) if syncs else None
+        bitmaps = [r["bitmap_ms"] for r in rounds if isinstance(r.get("bitmap_ms"), (int, float))]
+        # per pre-copy round, as the source measured them (round 1 syncs a whole round's worth of writes)
+        out["dirty_sync_ms_per_round"] = syncs or None
+        out["bitmap_ms_per_round"] = bitmaps or None
+        out["dirty_sync_plus_bitmap_share_of_precopy"] = (
+            round(sum(syncs + bitmaps) / 1000 / sum(r.get("seconds") or 0 for r in rounds[:len(syncs)]), 5)
+            if syncs and rounds[:len(syncs)] else None)
     finally:
         a.stop()
         b.stop()
-    if out["dirty_sync_ms_per_round"] is None:
+    if not out.get("dirty_sync_ms_per_round"):
         # The source does not (yet) time its dirty-log syncs: replay each round's dirty-page count on a
         # guest of the same size in this process, with the very HostView calls the source makes.
         out["replay"] = _replay_round_costs(memory, [int(r.get("dirty_pages") or 0) for r in rounds])
