@@ -279,6 +279,13 @@ def ctr_counter_blocks(ivs: bytes, blocks_per_iv: int) -> bytes:
     return _counter_array(ivs, blocks_per_iv).tobytes()
 
 
+def _uninit(n: int) -> memoryview:
+    """A writable bytes-like buffer of n bytes that the caller overwrites entirely: numpy's uninitialised
+    memory as a flat unsigned-byte memoryview (compares equal to bytes of the same content, slices like
+    bytes). bytearray(n) would zero-fill it first: measured ~2 % of each daemon's CPU on the page path."""
+    return memoryview(np.empty(n, dtype=np.uint8))
+
+
 def _xor(a, b) -> np.ndarray:
     """XOR two equal-length buffers (uint64 lanes when possible)."""
     if len(a) % 8 == 0:
@@ -351,12 +358,12 @@ class Channel:
     # batches of equal-length packets ------------------------------------------------------------------
     def _ctr_batch(self, ivs: bytes, data, packet_len: int, n: int, out=None):
         """AES-CTR over n packets (IV i for packet i), in cache-sized chunks, into `out` (a writable
-        buffer of n * packet_len bytes; may be `data` itself: in place) or a new bytearray, returned."""
+        buffer of n * packet_len bytes; may be `data` itself: in place) or a new one, returned."""
         per = max(1, _BATCH_CHUNK // packet_len)
         blocks = packet_len // 16
         words = packet_len // 8
         if out is None:
-            out = bytearray(n * packet_len)
+            out = _uninit(n * packet_len)
         ov = np.frombuffer(out, dtype=np.uint64, count=n * words)
         dv = ov if data is out else np.frombuffer(data, dtype=np.uint64, count=n * words)
         scratch = bytearray(min(n, per) * packet_len + 16)

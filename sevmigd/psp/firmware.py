@@ -580,7 +580,7 @@ class Firmware:
         if len(ivs) != 16 * p.size:
             raise SevError(SevStatus.HWERROR_PLATFORM, "RNG returned the wrong number of bytes")
         # Decrypt under the VEK straight into the output buffer, then AES-CTR it there in place.
-        out = bytearray(p.size * PAGE_SIZE)
+        out = crypto._uninit(p.size * PAGE_SIZE)
         g.engine.read_pages_into(g.ram, p, out)
         return g.channel.seal_batch(ivs, out, PAGE_SIZE, ctx=crypto.CTX_UPDATE, in_place=True)
 
