@@ -27,6 +27,7 @@ daemons, launch time, and whether every destination verify passed. `python -m se
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -56,7 +57,8 @@ SCENARIOS = ("dirty_32", "mixed_idle", "private_idle", "shared_idle", "concurren
 # Numeric figures of one migration that are reported as medians over the runs.
 _MEDIAN_KEYS = ("total_time_ms", "setup_time_ms", "throughput_mb_s", "wire_mbps", "downtime_ms",
                 "expected_downtime_ms", "downtime_error_pct", "rounds", "throttle_pct",
-                "wire_bytes_per_guest_byte", "private_pages", "shared_pages", "launch_ms", "verify_ms")
+                "wire_bytes_per_guest_byte", "private_pages", "shared_pages", "launch_ms", "verify_ms",
+                "cpu_source_us_per_page", "cpu_destination_us_per_page", "cpu_cores_used")
 
 
 def _pair(root: pathlib.Path, tag: str, dirs) -> tuple[LocalDaemon, LocalDaemon]:
@@ -91,12 +93,26 @@ def _mem_available() -> int:
     return 0
 
 
+def _cpu_s(pid: int) -> float | None:
+    """utime + stime of a process so far (seconds), from /proc/PID/stat; None if unreadable."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _one_run(a: LocalDaemon, b: LocalDaemon, name: str, launch: dict, *, verify: bool = True) -> dict:
     """Launch `name` on a, migrate it to b, verify it there, stop it; figures of this one migration."""
     t0 = time.monotonic()
     a.execute("launch", {"name": name, **launch}, timeout=CONTROL_TIMEOUT_S)
     launch_ms = (time.monotonic() - t0) * 1000
+    cpu0 = (_cpu_s(a.pid), _cpu_s(b.pid))
+    t0 = time.monotonic()
     stats = a.execute("migrate", {"name": name, "to": b.listen}, timeout=None)
+    wall = time.monotonic() - t0
+    cpu1 = (_cpu_s(a.pid), _cpu_s(b.pid))
+    cpu = [c1 - c0 if c0 is not None and c1 is not None else None for c0, c1 in zip(cpu0, cpu1)]
     t0 = time.monotonic()
     ver = b.execute("verify", {"name": name}, timeout=CONTROL_TIMEOUT_S) if verify else {}
     verify_ms = (time.monotonic() - t0) * 1000
@@ -124,6 +140,12 @@ def _one_run(a: LocalDaemon, b: LocalDaemon, name: str, launch: dict, *, verify:
         "private_pages": stats.get("private_pages"),
         "shared_pages": stats.get("shared_pages"),
         "launch_ms": round(launch_ms, 1),
+        # CPU each daemon spent on this migration (whole process, from /proc), per guest page, and the
+        # share of the machine's wall time the two daemons together got: on a shared machine this shows
+        # whether a migration was bound by its own work or by waiting for a core.
+        "cpu_source_us_per_page": round(cpu[0] / (memory // 4096) * 1e6, 2) if cpu[0] is not None else None,
+        "cpu_destination_us_per_page": round(cpu[1] / (memory // 4096) * 1e6, 2) if cpu[1] is not None else None,
+        "cpu_cores_used": round((cpu[0] + cpu[1]) / wall, 2) if None not in cpu and wall > 0 else None,
         "verify_ms": round(verify_ms, 1) if verify else None,
         "verify_ok": bool(ver.get("ok")) if verify else None,
         "round_summaries": stats.get("rounds") or [],
