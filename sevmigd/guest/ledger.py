@@ -240,8 +240,7 @@ class Ledger:
 
     def __init__(self, layout: Layout, mem, regs: dict, k1: int, k2: int):
         self.layout, self.mem, self.regs, self.k1, self.k2 = layout, mem, regs, k1, k2
-        # np.zeros is calloc-backed: an 8 GiB guest's 32 MiB mirror costs nothing until touched
-        self.mirror = np.zeros((layout.n_ledger * ENTRIES_PER_PAGE, 2), dtype=np.uint64)
+        self.mirror = self._new_mirror()
         self.valid = np.zeros(layout.n_ledger, dtype=bool)
         self._jrec: np.ndarray | None = None     # journal records found in RAM at resume
         self._journal_damaged = False            # compaction refused once: do not retry every step
@@ -255,9 +254,21 @@ class Ledger:
         for i in range(LEDGER_ROOTS):
             self.regs[f"lg{i}"] = 0
         self.regs["jlen"] = 0
-        self.mirror[:] = 0
+        self.mirror = self._new_mirror()   # fresh calloc'd zeros: writing zeros would make all of it resident
         self.valid[:] = True
         self._jrec = np.zeros((0, RECORD_WORDS), dtype=np.uint64)
+
+    def _new_mirror(self) -> np.ndarray:
+        # np.zeros is calloc-backed: an 8 GiB guest's 32 MiB mirror costs nothing until touched
+        return np.zeros((self.layout.n_ledger * ENTRIES_PER_PAGE, 2), dtype=np.uint64)
+
+    def drop_mirror(self) -> None:
+        """Forget the mirror; it is rebuilt lazily from RAM (table page + journal) exactly as after a
+        migration. After writing every page (GuestKernel.prefill) this returns its memory, 16 bytes per
+        guest page, so what stays resident is what the running workload touches."""
+        self.mirror = self._new_mirror()
+        self.valid[:] = False
+        self._jrec = None
 
     def begin(self, pfns) -> LedgerTx:
         p = np.unique(np.asarray(pfns, dtype=np.int64))
