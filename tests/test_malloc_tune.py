@@ -45,3 +45,24 @@ def test_tuned_process_reuses_big_buffers_instead_of_faulting_them_in():
     # tuned, the heap chunks are reused and no new page is touched.
     assert faults_per_alloc("plain") > 500
     assert faults_per_alloc("tuned") < 50
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_heap_returns_freed_buffers_to_the_kernel():
+    probe = r"""
+import sys
+from sevmigd.daemon.malloc import tune_malloc, release_free_heap
+tune_malloc()
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+bufs = [bytearray(1 << 20) for _ in range(12)]   # touched heap memory (below the mmap threshold)
+del bufs
+kept = rss()
+release_free_heap()
+print(kept - rss())
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 6        # most of the 12 MiB kept by the trim threshold went back

@@ -28,6 +28,29 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 16 << 20
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None)
+    except OSError:
+        return None
+
+
+def release_free_heap() -> bool:
+    """Give free heap memory back to the kernel now (glibc malloc_trim(0)): after a one-off burst such
+    as launching a guest with every page written, so the transient buffers do not stay in the daemon's
+    RSS (up to TRIM_THRESHOLD of them would). True when glibc released something."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    try:
+        return bool(trim(0))
+    except Exception:  # noqa: BLE001 - best effort
+        return False
+
+
 def tune_malloc() -> bool:
     """Set the thresholds above; True when glibc accepted both."""
     try:

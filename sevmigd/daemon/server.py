@@ -361,6 +361,8 @@ class Daemon:
             self.remove_guest(gcfg.name)
             vm.release()
             raise
+        from sevmigd.daemon.malloc import release_free_heap
+        release_free_heap()  # a launch (prefill) frees MiBs of transient buffers: out of the RSS now
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
         return hosted
