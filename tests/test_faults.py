@@ -41,10 +41,8 @@ CELLS = [
 
 
 # Open bugs the cells expose, kept visible rather than skipped (strict: once fixed, the xfail fails and
-# the entry must go). Keyed by fault kind.
-B5 = ("bug B5 (channel): a stalled peer is reported peer_timeout_s + 1 s after the fault, because the "
-      "failure is logged only after the 1 s Abort linger towards the dead peer")
-KNOWN_BUGS = {"blackhole": B5, "stop_dst": B5}
+# the entry must go). Keyed by fault kind. None open now (B1, B3, B5 were fixed in the engine).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _cell_param(k, p, s):
@@ -118,8 +116,6 @@ async def test_second_migration_of_the_same_guest_is_refused(harness):
     assert await inv.check_guest(dst, name, GUEST_BYTES) == []
 
 
-@pytest.mark.xfail(reason=B5 + " (not strict: when the kernel's TCP_USER_TIMEOUT fires first the report is "
-                          "on time)", strict=False)
 async def test_default_peer_timeout_applies(tmp_path):
     """With the default configuration a black-holed peer is declared dead after peer_timeout_s = 10 s:
     not before, and within the bound; the guest keeps running on the source."""

@@ -54,11 +54,8 @@ CASES = {
 }
 
 
-# Open bugs, kept visible rather than skipped. Not strict: whether the report is late depends on which
-# of the application's peer timeout and the kernel's TCP_USER_TIMEOUT fires first.
-B5 = ("bug B5 (channel): a stalled peer is reported up to 1 s after peer_timeout_s, because the failure is "
-      "logged only after the Abort linger towards the dead peer")
-KNOWN_BUGS = {"link_down": B5, "link_down_at_ready": B5}
+# Open bugs, kept visible rather than skipped (xfail with the reason). None open now (B3, B5 were fixed).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("label", [pytest.param(k, marks=pytest.mark.xfail(reason=KNOWN_BUGS[k], strict=False))
