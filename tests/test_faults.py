@@ -188,3 +188,30 @@ def test_detection_check_bounds_and_clarity():
     unclear = dict(rec, code="INTERNAL_ERROR")
     assert "unclear" in inv.check_detection(unclear, 10.0, 2.5, "src")[0][0]
     assert inv.check_detection(None, 10.0, 2.5, "src")[0] == ["I4 src logged no failure of the migration"]
+
+
+def test_kernel_user_timeout_is_reported_as_timeout():
+    """ETIMEDOUT on the migration socket is the kernel's TCP_USER_TIMEOUT (= peer_timeout_s): the peer
+    acknowledged nothing that long. It must read as TIMEOUT, like the application's own peer timeout;
+    any other broken stream stays 'connection closed' (PROTOCOL_ERROR)."""
+    import errno
+
+    from sevmigd.daemon.channel import _stream_error
+    from sevmigd.wire.errors import AbortCode
+
+    try:
+        try:
+            raise OSError(errno.ETIMEDOUT, "Connection timed out")
+        except OSError as exc:
+            raise trio.BrokenResourceError("socket connection broken") from exc
+    except trio.BrokenResourceError as exc:
+        err = _stream_error("10.0.0.2:4446", exc, 10.0)
+    assert err.code == AbortCode.TIMEOUT and "10 s" in str(err) and "TCP_USER_TIMEOUT" in str(err)
+    try:
+        try:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        except OSError as exc:
+            raise trio.BrokenResourceError("socket connection broken") from exc
+    except trio.BrokenResourceError as exc:
+        err = _stream_error("10.0.0.2:4446", exc, 10.0)
+    assert err.code == AbortCode.PROTOCOL_ERROR and "closed" in str(err)

@@ -18,6 +18,7 @@ This module must never look inside pages or keys: it moves frames.
 
 from __future__ import annotations
 
+import errno
 import math
 import socket
 from typing import Awaitable, Callable, TypeVar
@@ -55,6 +56,17 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 def _closed_error(peer: str, detail: str = "") -> MigrationError:
     text = f"connection to {peer} closed" + (f": {detail}" if detail else "")
     return MigrationError(AbortCode.PROTOCOL_ERROR, text)
+
+
+def _stream_error(peer: str, exc: BaseException, peer_timeout_s: float) -> MigrationError:
+    """The error for a broken stream. ETIMEDOUT is the kernel's TCP_USER_TIMEOUT (set by `tune_tcp` to the
+    peer timeout): nothing was acknowledged, or the peer's window stayed shut, that long -> TIMEOUT, the
+    same code as the application's own peer timeout, not a protocol error."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT:
+        return MigrationError(AbortCode.TIMEOUT, f"peer {peer} acknowledged nothing for {peer_timeout_s:g} s "
+                                                 f"(TCP_USER_TIMEOUT: {cause.strerror})")
+    return _closed_error(peer, str(exc) or type(exc).__name__)
 
 
 def tune_tcp(stream: trio.abc.Stream, *, peer_timeout_s: float, keepalive_interval_s: float) -> None:
@@ -142,7 +154,7 @@ class Channel:
             # moment so the peer's reason, not "connection closed", is the error we keep.
             with trio.move_on_after(ABORT_LINGER_S):
                 await self._reader_done.wait()
-            raise self.fail(_closed_error(self.peer, str(exc) or type(exc).__name__)) from None
+            raise self.fail(_stream_error(self.peer, exc, self.peer_timeout_s)) from None
         self._last_send = trio.current_time()
         self.bytes_sent += len(data)
         self.frames_sent += 1
@@ -238,7 +250,7 @@ class Channel:
         except RemoteProtocolError as exc:
             self.fail(MigrationError(_abort_code(exc.code), f"{self.peer} broke the protocol: {exc}"))
         except _STREAM_ERRORS as exc:
-            self.fail(_closed_error(self.peer, str(exc) or type(exc).__name__))
+            self.fail(_stream_error(self.peer, exc, self.peer_timeout_s))
         finally:
             self._events_in.close()
             self._reader_done.set()
