@@ -215,3 +215,35 @@ def test_kernel_user_timeout_is_reported_as_timeout():
     except trio.BrokenResourceError as exc:
         err = _stream_error("10.0.0.2:4446", exc, 10.0)
     assert err.code == AbortCode.PROTOCOL_ERROR and "closed" in str(err)
+
+
+@pytest.mark.parametrize("field,trigger", [("vmsa", {"msg_type": "vcpu_state"}),
+                                           ("vmsa_header", {"msg_type": "vcpu_state"}),
+                                           ("enc_data", {"phase": "first_round", "nth": 2})])
+async def test_sev_es_guest_survives_corrupt_vcpu_state(harness, field, trigger):
+    """An SEV-ES guest (vCPU state travels as encrypted VMSAs through SEND/RECEIVE_UPDATE_VMSA): a flipped
+    byte of the VMSA, of its packet header or of a page's ciphertext is refused (the channel MAC or the PSP),
+    the guest stays on the source intact and running, nothing is left on the destination."""
+    src, dst = harness.daemons[harness.loc], harness.daemons[1 - harness.loc]
+    base_dst = await inv.baseline(dst)
+    with trio.fail_after(120):
+        await src.call("launch", {"name": "es", "memory": "8M", "policy": "0x5", "seed": 7, **GUEST_ARGS})
+        fault = Fault("corrupt", field=field, **trigger)
+        proxy = FaultProxy("127.0.0.1", dst.port, [fault])
+        try:
+            async with trio.open_nursery() as n:
+                port = await n.start(proxy.serve)
+                with pytest.raises(ControlFailed) as ei:
+                    await src.call("migrate", {"name": "es", "to": f"127.0.0.1:{port}",
+                                               "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                                               "max_bandwidth_mib_s": BANDWIDTH_MIB_S})
+                n.cancel_scope.cancel()
+            assert fault.fired_at is not None and f"corrupt {field} at body offset" in fault.fired_info, fault.fired_info
+            assert "INTEGRITY_FAILURE" in ei.value.desc or "FIRMWARE_ERROR" in ei.value.desc \
+                or "integrity" in ei.value.desc.lower() or "BAD_MEASUREMENT" in ei.value.desc, ei.value.desc
+            c = await inv.copies(harness.daemons, "es")
+            assert inv.check_copies(c, expect_on=src.name) == []
+            assert await inv.check_guest(src, "es", 8 << 20) == []
+            assert await inv.check_leaks(dst, base_dst, guest="es", guest_bytes=8 << 20) == []
+        finally:
+            await src.try_call("stop", {"name": "es"})
