@@ -366,9 +366,8 @@ class Channel:
             out = _uninit(n * packet_len)
         ov = np.frombuffer(out, dtype=np.uint64, count=n * words)
         dv = ov if data is out else np.frombuffer(data, dtype=np.uint64, count=n * words)
-        scratch = bytearray(min(n, per) * packet_len + 16)
-        sv = np.frombuffer(scratch, dtype=np.uint64)
-        sm = memoryview(scratch)
+        sm = _uninit(min(n, per) * packet_len + 16)     # keystream scratch, written before it is read
+        sv = np.frombuffer(sm, dtype=np.uint64)
         ecb = self._ecb.ctx
         for s in range(0, n, per):
             e = min(n, s + per)
@@ -410,7 +409,7 @@ class Channel:
         return h.tobytes()
 
     def seal_batch(self, ivs: bytes, plaintext, packet_len: int, *, ctx: int = CTX_UPDATE,
-                   in_place: bool = False) -> tuple[bytes, bytes | bytearray]:
+                   in_place: bool = False) -> tuple[bytes, bytes | memoryview]:
         """Seal len(ivs)/16 packets of `packet_len` bytes each (packet_len multiple of 16):
         (headers concatenated, ciphertext concatenated) identical to that many `seal` calls.
         `in_place`: `plaintext` is a writable buffer the ciphertext replaces (returned as it is)."""
@@ -439,7 +438,7 @@ class Channel:
         bad = np.flatnonzero((got != hv[:, 20:52]).any(axis=1))
         return int(bad[0]) if bad.size else n
 
-    def decrypt_batch(self, headers, ciphertext, packet_len: int, count: int) -> bytes | bytearray:
+    def decrypt_batch(self, headers, ciphertext, packet_len: int, count: int) -> bytes | memoryview:
         """Decrypt the first `count` packets (no MAC check: call verify_batch first)."""
         if count == 0:
             return b""

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .crypto import ThreadLocalEcb
+from .crypto import ThreadLocalEcb, _uninit
 from .status import SevError, SevStatus
 
 #: Guest page size (x86 4 KiB); the unit of page-batch operations and of migration.
@@ -126,8 +126,8 @@ class MemoryEngine:
         n = pfns.size
         per = min(n, _CHUNK_PAGES)
         blk = np.zeros((per, _BLOCKS_PER_PAGE, 2), dtype="<u8")         # LE128; high halves stay zero
-        mbuf = bytearray(per * PAGE_SIZE + BLOCK)
-        xbuf = bytearray(per * PAGE_SIZE + BLOCK)
+        mbuf = _uninit(per * PAGE_SIZE + BLOCK)    # scratch fully written by update_into before use
+        xbuf = _uninit(per * PAGE_SIZE + BLOCK)
         mv = np.frombuffer(mbuf, dtype=np.uint64)
         xv = np.frombuffer(xbuf, dtype=np.uint64)
         base = pfns.astype(np.uint64) * np.uint64(PAGE_SIZE)
@@ -207,9 +207,9 @@ class MemoryEngine:
         view, p = self._pages_view(ram, pfns)
         if not p.size:
             return b""
-        out = bytearray(p.size * PAGE_SIZE)
+        out = _uninit(p.size * PAGE_SIZE)
         self._read_pages_into(view, p, np.frombuffer(out, dtype=np.uint64))
-        return out  # a bytearray: bytes-like, no extra copy
+        return out  # bytes-like (a memoryview of uninitialised memory it overwrote): no copy, no memset
 
     def read_pages_into(self, ram, pfns: Sequence[int], out) -> None:
         """Like read_pages, into `out` (a writable buffer of len(pfns) * 4096 bytes): the firmware's SEND
