@@ -208,3 +208,17 @@ def test_token_bucket_refills_while_idle_up_to_the_burst():
     # after a long idle time only one burst is available, not the whole idle time's worth
     assert tb.reserve(int(tb.capacity), 1000.0) == 0.0
     assert tb.reserve(PAGE, 1000.0) == pytest.approx(PAGE / MiB, rel=1e-3)
+
+
+def test_switchover_cost_adds_to_expected_downtime_but_not_to_the_decision():
+    a = PrecopyPlanner(PAGE, downtime_limit_s=0.3)
+    b = PrecopyPlanner(PAGE, downtime_limit_s=0.3, switchover_s=0.012)
+    for p in (a, b):
+        p.round_done(100 * MiB, 1.0, dirty_pages=(25 * MiB) // PAGE)
+    assert b.expected_downtime == pytest.approx(a.expected_downtime + 0.012)
+    assert a.decision() is b.decision() is Decision.STOP_AND_COPY
+    c = PrecopyPlanner(PAGE, switchover_s=0.01)
+    c.round_done(10 * MiB, 0.5, dirty_pages=0)
+    assert c.expected_downtime == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        PrecopyPlanner(PAGE, switchover_s=-1)
