@@ -51,13 +51,6 @@ from sevmigd.wire.errors import AbortCode
 # How often the live statistics are pushed to a `progress` callback between round ends (the control
 # socket's "progress" events): often enough to look live, rarely enough to cost nothing.
 PROGRESS_INTERVAL_S = 0.5
-# The guest is paused from stop-and-copy until "go". If the destination's Ready has not come back within
-# max(peer_timeout_s, STOP_COPY_LIMIT_FACTOR x downtime limit) of the pause, we give up before "go" and
-# resume the guest here (PROTOCOL.md §7.3 rule 1): a link that collapses after the pause (or a planner that
-# counted bytes still queued in socket buffers as sent) must not keep the guest stopped for minutes while
-# the last pages trickle through. QEMU has no such bound; a daemon that promises a downtime limit caps the
-# outage instead. 10x leaves room for RECEIVE_FINISH and scheduling on a loaded host.
-STOP_COPY_LIMIT_FACTOR = 10
 
 
 # How stale the page-encryption bitmap may be while pages are sent with the guest running. The copy is
@@ -244,16 +237,7 @@ class OutgoingMigration:
                 f"gave up after max_total_s = {limit:g} s of pre-copy: round {self.stats.round} still had "
                 f"{self.stats.remaining} bytes to send (measured bandwidth "
                 f"{planner.bandwidth / (1 << 20):.1f} MiB/s, {ch.bytes_sent} bytes sent so far)")
-        pause_limit = max(cfg.peer_timeout_s, STOP_COPY_LIMIT_FACTOR * self.downtime_limit_s)
-        with trio.CancelScope(deadline=trio.current_time() + pause_limit) as cs:
-            await self._stop_and_copy(ch, planner)
-            await ch.receive_expect(m.Ready)
-        if cs.cancelled_caught:
-            raise MigrationError(
-                AbortCode.CONVERGENCE_FAILED,
-                f"gave up before 'go': the guest was paused for {pause_limit:g} s without the destination "
-                f"being ready (stop-and-copy sent {ch.bytes_sent} bytes in all; the link is slower than "
-                f"measured); the guest resumes here")
+        await self._stop_and_copy(ch, planner)
         await self._handoff(ch)
 
     def _vcpus(self) -> int:
@@ -399,7 +383,7 @@ class OutgoingMigration:
         await self._push_progress(force=True)
 
     async def _handoff(self, ch: Channel) -> None:
-        """Ready has arrived (see _protocol): Go, then wait for Started."""
+        await ch.receive_expect(m.Ready)
         await ch.send(m.Go(), on_write=self._commit)
         await ch.receive_expect(m.Started)
         now = trio.current_time()
