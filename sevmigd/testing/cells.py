@@ -96,6 +96,7 @@ class CellResult:
     fired: str = ""
     resolve_commands: int = 0
     seconds: float = 0.0
+    logs: list = field(default_factory=list)  # failing cells: both daemons' log lines of the cell (diagnosis)
 
     @property
     def ok(self) -> bool:
@@ -219,6 +220,7 @@ class Harness:
     async def run_cell(self, kind: str, phase: str, seed: int) -> CellResult:
         t0 = time.monotonic()
         res = CellResult(kind, phase, seed)
+        marks = [len(d.logs) for d in self.daemons]
         try:
             await self._cell(res)
         except Exception as exc:  # noqa: BLE001 - a harness-level surprise is a failed cell, with its reason
@@ -228,6 +230,11 @@ class Harness:
             res.outcome = "error"
             await self._recover()
         res.seconds = round(time.monotonic() - t0, 2)
+        if not res.ok:
+            res.logs = [dict(daemon=d.name, t=round(r["_t"] - t0, 3),
+                             **{k: v for k, v in r.items() if k in LOG_KEYS})
+                        for d, m in zip(self.daemons, marks) for r in d.logs[m:]]
+            res.logs.sort(key=lambda r: r["t"])
         return res
 
     async def _recover(self) -> None:
@@ -527,6 +534,11 @@ class Harness:
                     await d.try_call("resolve", {"name": self.guest, "run_here": not runs_elsewhere})
                     c = await inv.copies(self.daemons, self.guest)
         return c
+
+
+# Log fields kept with a failing cell's result (the --json output of the matrix), enough to follow it.
+LOG_KEYS = ("event", "level", "error", "code", "round", "decision", "pages", "bytes", "seconds", "status",
+            "migration_id", "role", "detail", "resolution")
 
 
 def fault_after_go(phase: str) -> bool:

@@ -49,9 +49,12 @@ import trio
 
 LEN = struct.Struct(">I")
 # Bytes the proxy holds per direction before it stops reading (TCP flow control then slows the sender, as
-# a slow or long link would): room for the bandwidth-delay product of the `delay` fault (50 ms at
-# ~60 MiB/s) without letting a `rate` collapse hide behind an unbounded buffer.
-QUEUE_LIMIT = 4 << 20
+# a slow or long link would), and its socket buffers: together about what one more TCP hop holds, so a
+# `rate` collapse is felt by the sender within a few MiB instead of hiding behind the proxy (with
+# autotuned buffers and a deep queue the source could "send" a whole 16 MiB round into buffers, measure a
+# bandwidth the link does not have, and pause the guest for a minute while it trickles through).
+QUEUE_LIMIT = 256 << 10
+SOCKET_BUFFER = 256 << 10
 C2S = "c2s"  # source -> destination (the source connects to us)
 S2C = "s2c"
 
@@ -258,6 +261,9 @@ class FaultProxy:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED):
         listeners = await trio.open_tcp_listeners(0, host=self.host)
+        for lst in listeners:  # inherited by the accepted sockets (the receive window they announce)
+            lst.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            lst.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started(self.port)
@@ -270,6 +276,8 @@ class FaultProxy:
             d.reset()
         try:
             server = await trio.open_tcp_stream(*self.target)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         except OSError:
             await _abort(client)
             return
