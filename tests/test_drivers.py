@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 
-import msgpack
 import pytest
 import trio
 import trio.testing
 
+from sevmigd.testing.frames import pop_frames
 from sevmigd.daemon.config import Config
 from sevmigd.daemon import destination as destination_mod
 from sevmigd.daemon import migration as migration_mod
@@ -34,7 +33,6 @@ from sevmigd.wire.errors import AbortCode
 from sevmigd.wire.messages import MsgType
 
 MiB = 1 << 20
-LEN = struct.Struct(">I")
 MAC_TAIL = 34  # c4 20 + HMAC-SHA256 at the end of every authenticated frame
 
 
@@ -99,19 +97,7 @@ class Tap:
                     await tx.aclose()
                     return
                 buf += data
-                while len(buf) >= 4:
-                    (size,) = LEN.unpack_from(buf)
-                    if len(buf) < 4 + size:
-                        break
-                    frame = bytes(buf[:4 + size])
-                    del buf[:4 + size]
-                    mtype = msgpack.Unpacker(raw=False)
-                    mtype.feed(frame[4:4 + min(size, 64)])
-                    try:
-                        mtype.read_array_header()
-                        t = mtype.unpack()
-                    except Exception:  # noqa: BLE001 - not a frame we can classify
-                        t = -1
+                for frame, t in pop_frames(buf):
                     self.seen.append((direction, t))
                     if self.stalled.is_set():
                         await trio.sleep_forever()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 
@@ -21,11 +20,11 @@ import pytest
 import trio
 
 from daemon_helpers import daemon_factory  # noqa: F401  (pytest fixture)
+from sevmigd.testing.frames import pop_frames
 from sevmigd.wire.messages import MsgType
 
 pytestmark = pytest.mark.slow
 
-LEN = struct.Struct(">I")
 MAC_TAIL = 34  # c4 20 + HMAC-SHA256: every authenticated frame ends with it
 CTL_TIMEOUT = 120
 
@@ -105,19 +104,7 @@ class FrameProxy:
                 if not data:
                     break
                 buf += data
-                while len(buf) >= 4:
-                    (size,) = LEN.unpack_from(buf)
-                    if len(buf) < 4 + size:
-                        break
-                    frame = bytes(buf[:4 + size])
-                    del buf[:4 + size]
-                    u = msgpack.Unpacker(raw=False)
-                    u.feed(frame[4:4 + min(size, 32)])
-                    try:
-                        u.read_array_header()
-                        mtype = u.unpack()
-                    except Exception:  # noqa: BLE001
-                        mtype = -1
+                for frame, mtype in pop_frames(buf):
                     self.seen.append((direction, mtype))
                     out = self.hook(direction, mtype, frame)
                     if out is None:  # cut: drop this frame and close both connections
