@@ -483,11 +483,7 @@ class Firmware:
     @_command()
     def launch_finish(self, handle: int) -> None:
         """LAUNCH_FINISH: erase TEK/TIK; LSECRET → RUNNING."""
-        self._need_platform(PlatformState.WORKING)
-        g = self._guest(handle)
-        self._need_state(g, GuestState.LSECRET)
-        g.channel = None
-        g.state = GuestState.RUNNING
+        self._close_channel(handle, GuestState.LSECRET, GuestState.RUNNING)
 
     # ------------------------------------------------------------------------------------------------
     # send
@@ -602,20 +598,12 @@ class Firmware:
     @_command()
     def send_finish(self, handle: int) -> None:
         """SEND_FINISH: erase the channel; SUPDATE → SENT."""
-        self._need_platform(PlatformState.WORKING)
-        g = self._guest(handle)
-        self._need_state(g, GuestState.SUPDATE)
-        g.channel = None
-        g.state = GuestState.SENT
+        self._close_channel(handle, GuestState.SUPDATE, GuestState.SENT)
 
     @_command()
     def send_cancel(self, handle: int) -> None:
         """SEND_CANCEL: erase the channel; SUPDATE → RUNNING (the guest may run on here)."""
-        self._need_platform(PlatformState.WORKING)
-        g = self._guest(handle)
-        self._need_state(g, GuestState.SUPDATE)
-        g.channel = None
-        g.state = GuestState.RUNNING
+        self._close_channel(handle, GuestState.SUPDATE, GuestState.RUNNING)
 
     # ------------------------------------------------------------------------------------------------
     # receive
@@ -723,15 +711,20 @@ class Firmware:
     @_command()
     def receive_finish(self, handle: int) -> None:
         """RECEIVE_FINISH: erase the channel; RUPDATE → RUNNING (no final MAC: none exists)."""
-        self._need_platform(PlatformState.WORKING)
-        g = self._guest(handle)
-        self._need_state(g, GuestState.RUPDATE)
-        g.channel = None
-        g.state = GuestState.RUNNING
+        self._close_channel(handle, GuestState.RUPDATE, GuestState.RUNNING)
 
     # ------------------------------------------------------------------------------------------------
     # debug
     # ------------------------------------------------------------------------------------------------
+    def _close_channel(self, handle: int, need: GuestState, new_state: GuestState) -> None:
+        """The common tail of LAUNCH_FINISH, SEND_FINISH, SEND_CANCEL and RECEIVE_FINISH: platform
+        WORKING, the guest in `need`, then TEK/TIK erased and the guest moved to `new_state`."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_state(g, need)
+        g.channel = None
+        g.state = new_state
+
     def _dbg_checks(self, handle: int, paddr: int, length: int) -> _Guest:
         self._need_platform(PlatformState.WORKING)
         g = self._guest(handle)
