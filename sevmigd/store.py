@@ -13,7 +13,9 @@ Layout::
     CA_DIR/                 ark.cert ask.cert ark.key ask.key             (FleetCA.to_files)
     STATE_DIR/platform  ->  platform-<id>-<rand>/   (symlink, swapped atomically on every save)
     STATE_DIR/platform-<id>-<rand>/  ark.cert ask.cert cek.cert oca.cert pek.cert pdh.cert
-                                     cek.key oca.key pek.key pdh.key      (PlatformIdentity.to_files)
+                                     cek.key oca.key pek.key pdh.key      (PlatformIdentity.to_files;
+                                     no oca.key once owned externally: PEK_CERT_IMPORT)
+    OCA_DIR/                oca.cert oca.key                              (FleetOwner.to_files)
     STATE_DIR/trusted/<ark key id hex>.cert                               (trusted ARKs)
     STATE_DIR/ca/           a self-contained fleet CA (init_self_contained only)
 
@@ -37,8 +39,11 @@ from sevmigd.errors import SevmigdError
 from sevmigd.psp.certs import AmdCert, Usage
 from sevmigd.psp.identity import (
     CA_FILES,
+    OWNED_PLATFORM_FILES,
+    OWNER_FILES,
     PLATFORM_FILES,
     FleetCA,
+    FleetOwner,
     IdentityError,
     PlatformIdentity,
 )
@@ -215,6 +220,32 @@ def load_ca(directory: os.PathLike | str) -> FleetCA:
 
 
 # ---------------------------------------------------------------------------------------------
+# fleet owner (OCA)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_owner(directory: os.PathLike | str, owner: FleetOwner) -> None:
+    """Write a fleet owner's OCA (cert + private key, 0600) into `directory`; never overwrites one:
+    losing an OCA key means re-owning every platform of the fleet."""
+    d = Path(directory)
+    if any((d / name).exists() for name in OWNER_FILES):
+        raise StoreError(d, "already holds an OCA; refusing to overwrite it")
+    _ensure_dir(d)
+    for name, data in owner.to_files().items():
+        write_atomic(d / name, data)
+
+
+def load_owner(directory: os.PathLike | str) -> FleetOwner:
+    d = Path(directory)
+    _check_dir(d)
+    files = _read_set(d, OWNER_FILES)
+    try:
+        return FleetOwner.from_files(files)
+    except IdentityError as exc:
+        raise StoreError(d / exc.name if exc.name in OWNER_FILES else d, exc.message) from None
+
+
+# ---------------------------------------------------------------------------------------------
 # platform identity
 # ---------------------------------------------------------------------------------------------
 
@@ -276,7 +307,9 @@ def load_platform(state_dir: os.PathLike | str) -> PlatformIdentity:
     _check_dir(state)
     gdir = _platform_dir(state)
     _check_dir(gdir, private=True)
-    files = _read_set(gdir, PLATFORM_FILES)
+    # An externally owned platform (PEK_CERT_IMPORT) has no oca.key: the fleet owner keeps it.
+    names = PLATFORM_FILES if os.path.lexists(gdir / "oca.key") else OWNED_PLATFORM_FILES
+    files = _read_set(gdir, names)
     try:
         return PlatformIdentity.from_files(files)
     except IdentityError as exc:

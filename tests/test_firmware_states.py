@@ -11,7 +11,7 @@ import pytest
 
 from sevmigd.psp import crypto
 from sevmigd.psp.firmware import Firmware, GuestState, PlatformState
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from sevmigd.psp.identity import FleetCA, FleetOwner, PlatformIdentity
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError, SevStatus
@@ -112,7 +112,8 @@ def test_command_in_every_guest_state(idents, command, state):
 def test_every_command_is_covered():
     names = {n for n in dir(Firmware) if not n.startswith("_")}
     state_independent = {"activate", "deactivate", "decommission", "guest_status", "dbg_decrypt", "dbg_encrypt"}
-    platform = {"init", "shutdown", "pdh_cert_export", "pek_gen", "pdh_gen", "launch_start", "receive_start"}
+    platform = {"init", "shutdown", "pdh_cert_export", "pek_gen", "pdh_gen", "launch_start", "receive_start",
+                "platform_reset", "platform_status", "pek_csr", "pek_cert_import", "get_id"}
     extras = {"map_guest_memory", "memory_engine", "launch_digest", "take_pacing_debt", "platform_state",
               "guest_count"}
     assert names == set(COMMANDS) | state_independent | platform | extras
@@ -152,8 +153,17 @@ def _platform_cmds(idents):
         "pdh_cert_export": lambda fw: fw.pdh_cert_export(),
         "pdh_gen": lambda fw: fw.pdh_gen(),
         "pek_gen": lambda fw: fw.pek_gen(),
+        "pek_csr": lambda fw: fw.pek_csr(),
+        "pek_cert_import": lambda fw: fw.pek_cert_import(_OWNER.sign_pek(fw.identity.pek_csr()).encode(),
+                                                         _OWNER.oca.encode()),
+        "platform_reset": lambda fw: fw.platform_reset(),
+        "platform_status": lambda fw: fw.platform_status(),
+        "get_id": lambda fw: fw.get_id(),
     })
     return cmds
+
+
+_OWNER = FleetOwner.create(seeded(104))
 
 
 ALLOWED = {   # platform states each command accepts (reference §2.4, §2.5)
@@ -162,10 +172,16 @@ ALLOWED = {   # platform states each command accepts (reference §2.4, §2.5)
     "pdh_cert_export": {PlatformState.INIT, PlatformState.WORKING},
     "pdh_gen": {PlatformState.INIT, PlatformState.WORKING},
     "pek_gen": {PlatformState.INIT},
+    "pek_csr": {PlatformState.INIT, PlatformState.WORKING},
+    "pek_cert_import": {PlatformState.INIT},
+    "platform_reset": {PlatformState.UNINIT},
+    "platform_status": {PlatformState.UNINIT, PlatformState.INIT, PlatformState.WORKING},
+    "get_id": {PlatformState.UNINIT, PlatformState.INIT, PlatformState.WORKING},
 }
+OWNERSHIP_CMDS = ["pek_csr", "pek_cert_import", "platform_reset", "platform_status", "get_id"]
 ALL_PLATFORM_CMDS = COMMANDS + ["activate", "deactivate", "decommission", "guest_status", "dbg_decrypt",
                                 "dbg_encrypt", "launch_start", "receive_start", "pdh_cert_export", "pdh_gen",
-                                "pek_gen"]
+                                "pek_gen"] + OWNERSHIP_CMDS
 
 
 @pytest.mark.parametrize("pstate", [PlatformState.UNINIT, PlatformState.INIT], ids=lambda s: s.name)
@@ -190,6 +206,21 @@ def test_pek_gen_refused_while_working(idents):
     with pytest.raises(SevError) as ei:
         fw.pek_gen()
     assert ei.value.status == SevStatus.INVALID_PLATFORM_STATE
+
+
+@pytest.mark.parametrize("command", OWNERSHIP_CMDS)
+def test_ownership_command_in_working_platform(idents, command):
+    """WORKING (a guest exists): PEK_CSR, PLATFORM_STATUS, GET_ID work; PEK_CERT_IMPORT and
+    PLATFORM_RESET are refused with INVALID_PLATFORM_STATE and change nothing."""
+    fw, h = guest_in(GuestState.RUNNING, idents)
+    before = fw.identity
+    call = _platform_cmds(idents)[command]
+    if PlatformState.WORKING in ALLOWED[command]:
+        call(fw)
+    else:
+        _expect(SevStatus.INVALID_PLATFORM_STATE, lambda: call(fw))
+    assert fw.identity is before and fw.platform_state == PlatformState.WORKING
+    assert fw.guest_status(h).state == GuestState.RUNNING
 
 
 def test_platform_transitions(idents):
@@ -289,3 +320,38 @@ def test_launch_start_check_order(idents):
                                                                 session=session))
     h = fw.launch_start(policy=Policy.NOKS)
     _expect(SevStatus.POLICY_FAILURE, lambda: fw.launch_start(policy=Policy.NOKS, handle=h))
+
+
+def test_pek_cert_import_check_order(idents):
+    """FW `sev_mcmd_pek_cert_import`: state, ALREADY_OWNED, lengths, OCA self-signature, PEK's OCA
+    signature, PEK body; a refused import leaves the identity as it was."""
+    me = idents[1]
+    owner, other = FleetOwner.create(seeded(105)), FleetOwner.create(seeded(106))
+    signed = owner.sign_pek(me.pek_csr()).encode()
+    oca = owner.oca.encode()
+    fw = Firmware(me, rng=seeded(10))
+    _expect(SevStatus.INVALID_PLATFORM_STATE, lambda: fw.pek_cert_import(signed, oca))          # 1 state
+    fw.init()
+    _expect(SevStatus.INVALID_LENGTH, lambda: fw.pek_cert_import(signed[:-1], oca))              # 3 lengths
+    _expect(SevStatus.INVALID_LENGTH, lambda: fw.pek_cert_import(signed, oca + b"\0"))
+    tampered_oca = bytearray(oca)
+    tampered_oca[0x420] ^= 1                                                                     # OCA's own sig
+    _expect(SevStatus.BAD_SIGNATURE, lambda: fw.pek_cert_import(signed, bytes(tampered_oca)))   # 4 OCA
+    _expect(SevStatus.BAD_SIGNATURE, lambda: fw.pek_cert_import(signed, other.oca.encode()))    # 5 PEK by OCA
+    not_ours = owner.sign_pek(idents[0].pek_csr()).encode()
+    _expect(SevStatus.INVALID_CERTIFICATE, lambda: fw.pek_cert_import(not_ours, oca))           # 6 PEK body
+    assert fw.identity is me and not fw.platform_status().externally_owned
+    fw.pek_cert_import(signed, oca)
+    assert fw.platform_status().externally_owned
+    _expect(SevStatus.ALREADY_OWNED, lambda: fw.pek_cert_import(signed[:-1], oca))               # 2 before lengths
+    fw.shutdown()
+    _expect(SevStatus.INVALID_PLATFORM_STATE, lambda: fw.pek_cert_import(signed, oca))          # state first
+
+
+def test_length_queries_of_ownership_commands(idents):
+    fw = Firmware(idents[1], rng=seeded(11))
+    err = pytest.raises(SevError, fw.get_id, id_len=63).value
+    assert err.status == SevStatus.INVALID_LENGTH and err.written_back == {"id_len": 64}
+    fw.init()
+    err = pytest.raises(SevError, fw.pek_csr, csr_len=0).value
+    assert err.status == SevStatus.INVALID_LENGTH and err.written_back == {"csr_len": 0x824}

@@ -71,6 +71,8 @@ def register(sub) -> None:
     p.add_argument("--state-dir", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_platform_show)
+    from sevmigd.cli import ownership
+    ownership.register_platform(plat_sub)   # pek-csr, pek-import, own, reset, status
 
     # -- certs --------------------------------------------------------------------------------
     certs = sub.add_parser("certs", help="export, verify and decode SEV/AMD certificates")
@@ -173,6 +175,7 @@ def platform_summary(identity: PlatformIdentity, roots: list[AmdCert]) -> dict:
         "ask_key_id": identity.ask.key_id.hex(),
         "ark_bits": identity.ark.modulus_bits,
         "root": _root_name(identity.ark),
+        "owner": "external" if identity.externally_owned else "self",
         "cek_sha256": _fingerprint(identity.cek),
         "oca_sha256": _fingerprint(identity.oca),
         "pek_sha256": _fingerprint(identity.pek),
@@ -189,6 +192,7 @@ def cmd_platform_show(args) -> int:
         return 0
     print(f"platform     {summary['platform_id']}")
     print(f"API version  {summary['api_version']}")
+    print(f"owner        {summary['owner']}")
     print(f"ARK key id   {summary['ark_key_id']}  ({summary['ark_bits']}-bit, {summary['root']})")
     print(f"ASK key id   {summary['ask_key_id']}")
     for name in ("cek", "oca", "pek", "pdh"):

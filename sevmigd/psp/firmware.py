@@ -42,6 +42,7 @@ import enum
 import functools
 import hashlib
 import os
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -49,7 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import chain, crypto
-from .certs import SEV_CERT_SIZE, SevCert
+from .certs import SEV_CERT_SIZE, SevCert, Usage, sev_signer, verify_sev_cert
 from .memengine import PAGE_SIZE, VEK_SIZE, MemoryEngine
 from .policy import RESERVED_MASK, Policy, policy_api
 from .status import SevError, SevStatus
@@ -91,6 +92,41 @@ class GuestState(enum.IntEnum):
     SUPDATE = 4
     RUPDATE = 5
     SENT = 6
+
+
+#: GET_ID output per socket: x ‖ y of the chip-unique secp256k1 public key (FW `get_id_t`).
+GET_ID_LEN = 64
+#: PLATFORM_STATUS `platform_flags` bit 0: the platform is owned externally (PEK_CERT_IMPORT).
+PLATFORM_FLAG_OWNER = 0x01
+#: PLATFORM_STATUS `config_flags` bit 0: SEV-ES initialised (the kernel's `flags` u32 sees it as 0x100).
+CONFIG_FLAG_ES = 0x01
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    """PLATFORM_STATUS output (FW `sev_mcmd_platform_status_t`, 12 bytes)."""
+
+    api_major: int
+    api_minor: int
+    state: PlatformState
+    owner: int         # platform_flags: PLATFORM_FLAG_OWNER when externally owned
+    config: int        # config_flags: CONFIG_FLAG_ES when SEV-ES is initialised
+    build: int
+    guest_count: int
+
+    @property
+    def externally_owned(self) -> bool:
+        return bool(self.owner & PLATFORM_FLAG_OWNER)
+
+    @property
+    def es(self) -> bool:
+        return bool(self.config & CONFIG_FLAG_ES)
+
+    def encode(self) -> bytes:
+        """The command buffer as the firmware writes it: api_major u8, api_minor u8, state u8,
+        platform_flags u8, config_flags u16, reserved u8, build_id u8, guest_count u32 (LE)."""
+        return struct.pack("<BBBBHBBI", self.api_major, self.api_minor, int(self.state), self.owner,
+                           self.config, 0, self.build, self.guest_count)
 
 
 @dataclass(frozen=True)
@@ -322,6 +358,68 @@ class Firmware:
         """PDH_GEN (INIT or WORKING): new PDH signed by the PEK."""
         self._need_platform(PlatformState.INIT, PlatformState.WORKING)
         self.identity = self.identity.pdh_gen(self._rng)
+
+    @_command()
+    def platform_reset(self) -> None:
+        """PLATFORM_RESET (UNINIT only): the persistent OCA, PEK and PDH are deleted; the platform is
+        self-owned again. The CEK (chip-derived) and GET_ID do not change.
+
+        Hardware deletes the store and regenerates OCA/PEK/PDH at the next INIT; we regenerate at once,
+        which no command can tell apart (every command that reads them needs INIT or WORKING)."""
+        self._need_platform(PlatformState.UNINIT)
+        self.identity = self.identity.reset(self._rng)
+
+    @_command()
+    def platform_status(self) -> PlatformStatus:
+        """PLATFORM_STATUS (any state). In UNINIT the owner and ES flags and the guest count read 0
+        ("invalid if we aren't initialized", FW `sev_mcmd_platform_status`)."""
+        up = self._state != PlatformState.UNINIT
+        return PlatformStatus(
+            api_major=self.api_major, api_minor=self.api_minor, state=self._state,
+            owner=PLATFORM_FLAG_OWNER if up and self.identity.externally_owned else 0,
+            config=CONFIG_FLAG_ES if up and self.es_initialized else 0,
+            build=self.build, guest_count=len(self._guests) if up else 0)
+
+    @_command()
+    def pek_csr(self, csr_len: int = PDH_CERT_LEN) -> bytes:
+        """PEK_CSR (INIT or WORKING) → the PEK certificate with both signature slots empty."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        if csr_len < PDH_CERT_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "CSR buffer too small", csr_len=PDH_CERT_LEN)
+        return self.identity.pek_csr().encode()
+
+    @_command()
+    def pek_cert_import(self, pek_cert: bytes, oca_cert: bytes) -> None:
+        """PEK_CERT_IMPORT (INIT only): take ownership by the OCA that signed our PEK CSR.
+
+        FW `sev_mcmd_pek_cert_import` order: platform INIT (INVALID_PLATFORM_STATE); not already
+        externally owned (ALREADY_OWNED); both lengths exactly 0x824 (INVALID_LENGTH); OCA valid and
+        self-signed; PEK signed by that OCA (INVALID_CERTIFICATE / BAD_SIGNATURE); PEK body equal to
+        ours byte for byte (INVALID_CERTIFICATE); then the CEK signature moves into the free slot,
+        PEK + OCA are stored, the platform is externally owned and the PDH is regenerated."""
+        self._need_platform(PlatformState.INIT)
+        if self.identity.externally_owned:
+            raise SevError(SevStatus.ALREADY_OWNED, "the platform is already externally owned (PLATFORM_RESET first)")
+        if len(pek_cert) != PDH_CERT_LEN or len(oca_cert) != PDH_CERT_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "PEK and OCA certificates must be 0x824 bytes each")
+        oca = SevCert.decode(bytes(oca_cert))
+        pek = SevCert.decode(bytes(pek_cert))
+        if oca.pubkey_usage != Usage.OCA:
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "the OCA certificate's usage is not OCA")
+        oca_signer = sev_signer(oca)
+        verify_sev_cert(oca, oca_signer, "OCA")
+        verify_sev_cert(pek, oca_signer, "PEK")
+        if pek.body() != self.identity.pek.body():
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "the PEK is not this platform's PEK (body differs)")
+        self.identity = self.identity.pek_cert_import(pek, oca, self._rng)
+
+    @_command()
+    def get_id(self, id_len: int = GET_ID_LEN) -> bytes:
+        """GET_ID (any platform state) → 64 bytes for this one-socket platform (see
+        `PlatformIdentity.get_id`); a short buffer gets INVALID_LENGTH with id_len = 64 written back."""
+        if id_len < GET_ID_LEN:
+            raise SevError(SevStatus.INVALID_LENGTH, "ID buffer too small", id_len=GET_ID_LEN)
+        return self.identity.get_id()
 
     # ------------------------------------------------------------------------------------------------
     # guest management

@@ -29,11 +29,13 @@ from sevmigd.psp.certs import (
     Usage,
     new_sev_cert,
     sign_amd_cert,
+    sev_signer,
     sign_sev_cert,
     verify_amd_cert,
+    verify_sev_cert,
 )
 from sevmigd.psp.chain import ChainError, verify_platform_chain
-from sevmigd.psp.status import SevError
+from sevmigd.psp.status import SevError, SevStatus
 
 Rng = Callable[[int], bytes]
 
@@ -52,10 +54,15 @@ _P384_N = int(
     16,
 )
 
+# Order of secp256k1, the curve of the chip-unique key behind GET_ID (FW `sev_get_id`).
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
 CA_FILES = ("ark.cert", "ask.cert", "ark.key", "ask.key")
 CHAIN_FILES = ("ark.cert", "ask.cert", "cek.cert", "oca.cert", "pek.cert", "pdh.cert")
 PLATFORM_KEY_FILES = ("cek.key", "oca.key", "pek.key", "pdh.key")
 PLATFORM_FILES = CHAIN_FILES + PLATFORM_KEY_FILES
+#: An externally owned platform (after PEK_CERT_IMPORT) holds no OCA private key.
+OWNED_PLATFORM_FILES = tuple(n for n in PLATFORM_FILES if n != "oca.key")
 
 
 class IdentityError(SevmigdError):
@@ -189,6 +196,54 @@ class FleetCA:
 # ---------------------------------------------------------------------------------------------
 
 
+OWNER_FILES = ("oca.cert", "oca.key")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetOwner:
+    """A platform owner's certificate authority (OCA): one self-signed P-384 key that signs the PEK
+    of every platform of its fleet (PEK_CSR → `sign_pek` → PEK_CERT_IMPORT). Platforms whose PEKs
+    one OCA signed form one DOMAIN: SEND_START with the DOMAIN policy bit accepts exactly them."""
+
+    oca: SevCert
+    oca_private: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
+
+    @classmethod
+    def create(cls, rng: Rng, *, api_major: int = DEFAULT_API_MAJOR, api_minor: int = DEFAULT_API_MINOR) -> FleetOwner:
+        key = derive_p384_key(rng)
+        oca = new_sev_cert(key.public_key(), usage=Usage.OCA, algo=SIGN_ALGO, api_major=api_major, api_minor=api_minor)
+        return cls(sign_sev_cert(oca, 1, key, Usage.OCA, SIGN_ALGO), key)
+
+    def sign_pek(self, csr: SevCert) -> SevCert:
+        """The platform's PEK_CSR output signed in slot 1 by this OCA (slot 2 stays free for the CEK
+        signature the firmware adds on import). Refuses anything that is not an unsigned PEK CSR."""
+        if csr.version != 1 or csr.pubkey_usage != Usage.PEK:
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "not a PEK signing request (usage must be PEK 0x1002)")
+        if any(u != Usage.INVALID or a != Algo.INVALID for u, a, _s in csr.slots()):
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "a PEK CSR has both signature slots empty")
+        csr.ec_public_key()  # a P-384 point on the curve, or INVALID_CERTIFICATE
+        return sign_sev_cert(csr, 1, self.oca_private, Usage.OCA, SIGN_ALGO)
+
+    def to_files(self) -> dict[str, bytes]:
+        return {"oca.cert": self.oca.encode(), "oca.key": _key_pem(self.oca_private)}
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> FleetOwner:
+        oca = _load_sev(files, "oca.cert")
+        key = _load_key(files, "oca.key", ec.EllipticCurvePrivateKey)
+        _check_ec_pair("oca.key", oca, key)
+        if oca.pubkey_usage != Usage.OCA:
+            raise IdentityError("oca.cert", "not an OCA certificate (usage must be 0x1001)")
+        try:
+            verify_sev_cert(oca, sev_signer(oca), "OCA")
+        except SevError as exc:
+            raise IdentityError("oca.cert", str(exc)) from exc
+        return cls(oca, key)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class PlatformIdentity:
     """One emulated platform: fleet ARK/ASK, CEK, OCA, PEK, PDH certificates and private keys."""
@@ -200,13 +255,20 @@ class PlatformIdentity:
     pek: SevCert
     pdh: SevCert
     cek_private: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
-    oca_private: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
+    #: None when the platform is externally owned (PEK_CERT_IMPORT): the owner's OCA key never
+    #: reaches the platform, only its certificate does.
+    oca_private: ec.EllipticCurvePrivateKey | None = dataclasses.field(repr=False)
     pek_private: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
     pdh_private: ec.EllipticCurvePrivateKey = dataclasses.field(repr=False)
 
     @property
     def api_major(self) -> int:
         return self.pek.api_major
+
+    @property
+    def externally_owned(self) -> bool:
+        """The firmware's ``is_ext_owned`` bit: the OCA came from PEK_CERT_IMPORT, not from PEK_GEN."""
+        return self.oca_private is None
 
     @property
     def api_minor(self) -> int:
@@ -248,6 +310,49 @@ class PlatformIdentity:
         if ca is not None and (ca.ark.key_id != self.ark.key_id or ca.ask.key_id != self.ask.key_id):
             raise IdentityError("ca", "the CA is not this platform's fleet CA (ARK/ASK key ids differ)")
         return self._new_pek(rng)
+
+    def reset(self, rng: Rng) -> PlatformIdentity:
+        """PLATFORM_RESET: OCA, PEK and PDH deleted and regenerated self-owned; the CEK stays.
+
+        The CEK is derived from the chip-unique secret (FW `sev_cek_derive`), which no command
+        changes, so the platform keeps its CEK, its GET_ID and every name derived from the CEK.
+        """
+        return self._new_pek(rng)
+
+    def pek_csr(self) -> SevCert:
+        """PEK_CSR: the PEK body with both signature slots empty (FW `sev_mcmd_pek_csr`)."""
+        return self.pek.without_signatures()
+
+    def pek_cert_import(self, pek: SevCert, oca: SevCert, rng: Rng) -> PlatformIdentity:
+        """The state change of PEK_CERT_IMPORT once the firmware's checks passed (see
+        `Firmware.pek_cert_import`): this platform's CEK signature is copied into the imported PEK's
+        free slot, the owner's OCA certificate replaces ours (we never see its private key), the
+        platform becomes externally owned and a new PDH is signed by the PEK."""
+        cek_slot = next(((u, a, sig) for u, a, sig in self.pek.slots() if u == Usage.CEK), None)
+        if cek_slot is None:
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "this platform's PEK carries no CEK signature")
+        free = next((i for i, (u, a, _s) in enumerate(pek.slots(), 1) if u == Usage.INVALID and a == Algo.INVALID),
+                    None)
+        if free is None:
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "the signed PEK has no free slot for the CEK signature")
+        new_pek = pek.with_slot(free, *cek_slot)
+        ident = dataclasses.replace(self, pek=new_pek, oca=oca, oca_private=None)
+        return ident.pdh_gen(rng)
+
+    def get_id(self) -> bytes:
+        """GET_ID: 64 bytes, the x ‖ y (32 bytes each, big-endian) of a secp256k1 public key.
+
+        Hardware: Q = CUK·G with CUK the chip-unique key (FW `sev_get_id`), the same fused secret the
+        CEK is derived from. Here the CEK private key stands in for that secret: CUK = KDF(CEK scalar,
+        "sevmigd-chip-unique-key") mod n, so GET_ID is stable for as long as the CEK is (every
+        PEK_GEN, PEK_CERT_IMPORT and PLATFORM_RESET) and names the same chip as the CEK.
+        """
+        scalar = self.cek_private.private_numbers().private_value.to_bytes(48, "big")
+        seed = hashes.Hash(hashes.SHA512())
+        seed.update(b"sevmigd-chip-unique-key\x00" + scalar)
+        cuk = int.from_bytes(seed.finalize(), "big") % (_SECP256K1_N - 1) + 1
+        pub = ec.derive_private_key(cuk, ec.SECP256K1()).public_key().public_numbers()
+        return pub.x.to_bytes(32, "big") + pub.y.to_bytes(32, "big")
 
     def pdh_gen(self, rng: Rng) -> PlatformIdentity:
         """PDH_GEN: new PDH key (algo ECDH_SHA256, P-384), certificate signed by the PEK (slot 1)."""
@@ -291,7 +396,8 @@ class PlatformIdentity:
     def to_files(self) -> dict[str, bytes]:
         files = self.chain_files()
         files["cek.key"] = _key_pem(self.cek_private)
-        files["oca.key"] = _key_pem(self.oca_private)
+        if self.oca_private is not None:
+            files["oca.key"] = _key_pem(self.oca_private)
         files["pek.key"] = _key_pem(self.pek_private)
         files["pdh.key"] = _key_pem(self.pdh_private)
         return files
@@ -301,8 +407,11 @@ class PlatformIdentity:
         """Rebuild from `to_files()` output, checking every key against its certificate and the chain."""
         ark, ask = _load_amd(files, "ark.cert"), _load_amd(files, "ask.cert")
         certs = {n: _load_sev(files, f"{n}.cert") for n in ("cek", "oca", "pek", "pdh")}
-        keys = {n: _load_key(files, f"{n}.key", ec.EllipticCurvePrivateKey) for n in ("cek", "oca", "pek", "pdh")}
-        for n in certs:
+        # No oca.key = externally owned (PEK_CERT_IMPORT): the OCA certificate is the fleet owner's.
+        names = ("cek", "oca", "pek", "pdh") if "oca.key" in files else ("cek", "pek", "pdh")
+        keys = {n: _load_key(files, f"{n}.key", ec.EllipticCurvePrivateKey) for n in names}
+        keys.setdefault("oca", None)
+        for n in names:
             _check_ec_pair(f"{n}.key", certs[n], keys[n])
         ident = cls(
             ark, ask, certs["cek"], certs["oca"], certs["pek"], certs["pdh"],
