@@ -1,7 +1,7 @@
 """`sevmigd serve` as a real subprocess, driven by `sevmigd ctl` as a user runs it.
 
 Rules: loopback and port 0 only; readiness from the daemon's own `ready` log line (no sleeps); every
-wait has a deadline (see tests/daemon_helpers.py); every daemon is killed and removed afterwards.
+wait has a deadline (see sevmigd/testing/daemons.py); every daemon is killed and removed afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from daemon_helpers import daemon, daemon_factory, write_toml  # noqa: F401 (fixtures)
+from sevmigd.testing.daemons import write_config
 
 
 def _ok(res):
@@ -78,7 +78,7 @@ def test_no_daemon_is_a_clear_message(tmp_path):
 def test_server_info_shows_the_bound_port(daemon):
     info = daemon.ctl_json("server-info")
     assert info["listen"] == daemon.address
-    assert daemon.listen_port > 0 and info["listen"].endswith(f":{daemon.listen_port}")
+    assert daemon.port > 0 and info["listen"].endswith(f":{daemon.port}")
     assert info["control"] == daemon.control
     assert len(info["platform_id"]) == 64
     assert info["pid"] == daemon.pid
@@ -110,22 +110,21 @@ def test_second_daemon_on_the_same_control_socket_is_refused(daemon, tmp_path):
     assert daemon.execute("list") == {"guests": []}  # the first one is unharmed
 
 
-def test_first_start_creates_a_platform_then_reuses_it(daemon_factory, tmp_path):
-    root = tmp_path / "fresh"
-    d = daemon_factory(root=root, init_platform=False)
+def test_first_start_creates_a_platform_then_reuses_it(daemons):
+    d = daemons("fresh", init_platform=False)
     created = d.wait_for_log("platform_created")
     assert created["state_dir"] == str(d.state_dir)
     pid1 = d.execute("server-info")["platform_id"]
     assert d.terminate() == 0
-    d2 = daemon_factory(root=root, init_platform=False)
+    d2 = daemons("fresh", init_platform=False)
     assert d2.execute("server-info")["platform_id"] == pid1
     assert not any(line.get("event") == "platform_created" for line in d2.logs)
 
 
-def test_sighup_reloads_what_can_be_reloaded(daemon_factory, tmp_path):
-    d = daemon_factory(config={"max_incoming": 4})
-    toml = d.root / "sevmigd.toml"
-    write_toml(toml, {"max_incoming": 2, "log_level": "debug", "listen": "127.0.0.1:1"})
+def test_sighup_reloads_what_can_be_reloaded(daemons):
+    d = daemons(config={"max_incoming": 4})
+    toml = d.workdir / "sevmigd.toml"
+    write_config(toml, {"max_incoming": 2, "log_level": "debug", "listen": "127.0.0.1:1"})
     n = len(d.logs)
     d.send_signal(signal.SIGHUP)
     line = d.wait_for_log("reloaded", start=n)
@@ -194,10 +193,10 @@ def test_progress_line_shows_round_percent_rate_and_downtime():
     assert not quiet.shown
 
 
-def test_sigterm_during_a_migration_answers_the_waiting_client(daemon_factory):
+def test_sigterm_during_a_migration_answers_the_waiting_client(daemons):
     """Graceful shutdown cancels an outgoing migration before "go"; the `ctl migrate` that waits on
     it gets a real error reply (exit 1), the destination keeps nothing, both daemons exit 0."""
-    a, b = daemon_factory(), daemon_factory()
+    a, b = daemons(), daemons()
     _ok(a.ctl("launch", "g", "--memory", "32M"))
     cmd = [sys.executable, "-m", "sevmigd", "ctl", "--control", a.control, "migrate", "g",
            "--to", b.address, "--max-bandwidth", "2"]   # ~16 s at 2 MiB/s: still running when we stop

@@ -341,7 +341,7 @@ _MDWE_LAUNCHER = ("import ctypes, os, sys\n"
                   "os.execv(sys.argv[1], sys.argv[1:])\n")       # inherited across execve
 
 
-def test_daemons_migrate_with_memory_deny_write_execute(tmp_path):
+def test_daemons_migrate_with_memory_deny_write_execute(daemons, tmp_path):
     """Two real daemons under W^X (MemoryDenyWriteExecute=yes's kernel twin) with mutual TLS migrate a
     guest: the sandboxed configuration works end to end, not just at import time."""
     check = "import ctypes; print(ctypes.CDLL(None).prctl(66, 0, 0, 0, 0))"  # PR_GET_MDWE after execve
@@ -351,23 +351,11 @@ def test_daemons_migrate_with_memory_deny_write_execute(tmp_path):
         pytest.skip("kernel lacks PR_SET_MDWE (Linux >= 6.3)")
     assert probe.stdout.strip() == "1", "W^X must survive execve so that the daemon runs under it"
     import test_security as ts
-    if not ts.migration_available():
-        pytest.skip("the migration engine is not in this tree yet")
     launcher = [sys.executable, "-c", _MDWE_LAUNCHER]
-    started = []
-    try:
-        for name in ("a", "b"):
-            d = ts.RealDaemon(tmp_path / name, state_dir=ts.make_state(tmp_path / name / "state"),
-                              launcher=launcher, config={"tls": ts._tls_files(tmp_path, name)})
-            started.append(d)
-            d.wait_ready()
-        a, b = started
-        a.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
-        assert a.ctl("migrate", name="g1", to=b.listen, timeout=120)["status"] == "completed"
-        assert b.ctl("verify", name="g1")["ok"] is True
-    finally:
-        for d in started:
-            d.close()
+    a, b = (daemons(name, launcher=launcher, config={"tls": ts._tls_files(tmp_path, name)}) for name in ("a", "b"))
+    a.execute("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+    assert a.execute("migrate", name="g1", to=b.address, timeout=120)["status"] == "completed"
+    assert b.execute("verify", name="g1")["ok"] is True
 
 
 # Runs inside `unshare --mount`: the unit's filesystem sandbox, approximated with mounts (systemd does
@@ -395,10 +383,7 @@ _SANDBOX_LAUNCHER = textwrap.dedent("""
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                     reason="needs root and unshare(1) to build the mount sandbox")
-def test_daemons_migrate_inside_an_approximated_unit_sandbox(tmp_path):
-    import test_security as ts
-    if not ts.migration_available():
-        pytest.skip("the migration engine is not in this tree yet")
+def test_daemons_migrate_inside_an_approximated_unit_sandbox(daemons, tmp_path):
     probe = subprocess.run(["unshare", "--mount", "--", sys.executable, "-c", _SANDBOX_LAUNCHER, str(tmp_path),
                             "/bin/sh", "-c", "touch /usr/.sevmigd-probe 2>/dev/null && exit 3; "
                                              "test -e /proc/cpuinfo && exit 4; touch $0/ok", str(tmp_path)],
@@ -409,19 +394,10 @@ def test_daemons_migrate_inside_an_approximated_unit_sandbox(tmp_path):
         pytest.skip(f"cannot build mount namespaces here: {probe.stderr.strip()[:200]}")
     assert probe.returncode == 0 and (tmp_path / "ok").exists(), (probe.returncode, probe.stderr)
     launcher = ["unshare", "--mount", "--", sys.executable, "-c", _SANDBOX_LAUNCHER, str(tmp_path)]
-    started = []
-    try:
-        for name in ("a", "b"):
-            state = ts.make_state(tmp_path / name / "state")
-            d = ts.RealDaemon(tmp_path / name, state_dir=state, launcher=launcher)
-            started.append(d)
-            d.wait_ready()
-        a, b = started
-        a.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
-        assert a.ctl("migrate", name="g1", to=b.listen, timeout=120)["status"] == "completed"
-        assert b.ctl("verify", name="g1")["ok"] is True
-        for d in started:
-            assert d.stop() == 0
-    finally:
-        for d in started:
-            d.close()
+    # The control socket lives in the work dir: only tmp_path is writable inside the sandbox.
+    a, b = (daemons(name, launcher=launcher, control=str(tmp_path / name / "control.sock")) for name in ("a", "b"))
+    a.execute("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+    assert a.execute("migrate", name="g1", to=b.address, timeout=120)["status"] == "completed"
+    assert b.execute("verify", name="g1")["ok"] is True
+    for d in (a, b):
+        assert d.terminate() == 0

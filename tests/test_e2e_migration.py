@@ -1,6 +1,6 @@
 """End to end: two real `sevmigd serve` daemons, real TCP on loopback, the CLI as a user runs it.
 
-Rules for this file: loopback and port 0 only (daemons via tests/daemon_helpers.py, the proxy binds
+Rules for this file: loopback and port 0 only (daemons via sevmigd/testing/daemons.py, the proxy binds
 127.0.0.1:0); every wait has a deadline (`fail_after`, subprocess timeouts, `wait_for_log` deadlines); no
 sleep is used to wait for something: log lines, process exits and proxy events are. Guests are small
 (16-64 MiB) so the file stays fast. The frame-aware proxy below is the one place that tampers with
@@ -19,7 +19,6 @@ import msgpack
 import pytest
 import trio
 
-from daemon_helpers import daemon_factory  # noqa: F401  (pytest fixture)
 from sevmigd.testing.frames import pop_frames
 from sevmigd.wire.messages import MsgType
 
@@ -120,8 +119,8 @@ class FrameProxy:
 # --------------------------------------------------------------------------------------- the tests
 
 
-def test_live_guest_migrates_and_verifies(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_live_guest_migrates_and_verifies(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "web", "48M", "--dirty-rate", "8", "--shared-fraction", "0.25", "--flip-rate", "10", "--seed", "3")
     stats = ctl_json(a, "migrate", "web", "--to", b.address)
     assert stats["status"] == "completed"
@@ -145,8 +144,8 @@ def test_live_guest_migrates_and_verifies(daemon_factory):  # noqa: F811
     assert "small: migration completed in" in res.stdout
 
 
-def test_a_to_b_to_a(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_a_to_b_to_a(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "g", "32M", "--dirty-rate", "4", "--shared-fraction", "0.2", "--flip-rate", "2")
     assert ctl_json(a, "migrate", "g", "--to", b.address)["status"] == "completed"
     assert ctl_json(b, "verify", "g")["ok"]
@@ -157,8 +156,8 @@ def test_a_to_b_to_a(daemon_factory):  # noqa: F811
     assert guest_names(b) == {"g": "migrated"}
 
 
-def test_nosend_no_migration_control_and_unreachable_are_refused(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_nosend_no_migration_control_and_unreachable_are_refused(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "secret", "16M", "--policy", "0x8")
     launch(a, "oldkernel", "16M", "--no-migration-control")
     for name, word in (("secret", "NOSEND"), ("oldkernel", "MSR_KVM_MIGRATION_CONTROL")):
@@ -181,8 +180,8 @@ def test_nosend_no_migration_control_and_unreachable_are_refused(daemon_factory)
     assert not [line for line in b.logs if str(line.get("event", "")).startswith("incoming")]
 
 
-def test_cancel_mid_migration(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_cancel_mid_migration(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "g", "64M", "--dirty-rate", "4")
     proc = popen_ctl(a, "migrate", "g", "--to", b.address, "--max-bandwidth", "8")
     try:
@@ -202,8 +201,8 @@ def test_cancel_mid_migration(daemon_factory):  # noqa: F811
     assert failed["code"] == "CANCELLED"
 
 
-def test_kill_destination_mid_migration_keeps_guest_on_source(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_kill_destination_mid_migration_keeps_guest_on_source(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "g", "64M", "--dirty-rate", "4", "--shared-fraction", "0.1")
     proc = popen_ctl(a, "migrate", "g", "--to", b.address, "--max-bandwidth", "16")
     try:
@@ -220,8 +219,8 @@ def test_kill_destination_mid_migration_keeps_guest_on_source(daemon_factory):  
     assert v["ok"] and v["mismatch_count"] == 0
 
 
-async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "g", "16M", "--dirty-rate", "2")
     flipped = []
 
@@ -233,7 +232,7 @@ async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemon_factory):  # 
             return bytes(b2)
         return frame
 
-    proxy = FrameProxy(b.listen_host, b.listen_port, hook)
+    proxy = FrameProxy(b.host, b.port, hook)
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)
@@ -246,8 +245,8 @@ async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemon_factory):  # 
     assert ctl_json(a, "status", "g")["migration"]["error_code"] == "FIRMWARE_ERROR"
 
 
-async def test_no_private_plaintext_on_the_wire(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+async def test_no_private_plaintext_on_the_wire(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "g", "16M", "--shared-fraction", "0.25", "--dirty-rate", "1")
     private_canary = os.urandom(32)
     shared_canary = os.urandom(32)
@@ -255,7 +254,7 @@ async def test_no_private_plaintext_on_the_wire(daemon_factory):  # noqa: F811
     assert ctl_json_ok.returncode == 0, ctl_json_ok.stderr
     res = a.ctl("guest-write", "g", "0x900000", shared_canary.hex(), "--shared", timeout=CTL_TIMEOUT)
     assert res.returncode == 0, res.stderr
-    proxy = FrameProxy(b.listen_host, b.listen_port)
+    proxy = FrameProxy(b.host, b.port)
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)
@@ -272,8 +271,8 @@ async def test_no_private_plaintext_on_the_wire(daemon_factory):  # noqa: F811
     assert ctl_json(b, "verify", "g")["ok"]
 
 
-def test_sev_es_guest_migrates_its_vmsa(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_sev_es_guest_migrates_its_vmsa(daemons):  # noqa: F811
+    a, b = daemons(), daemons()
     launch(a, "es", "16M", "--policy", "0x4", "--dirty-rate", "2")
     stats = ctl_json(a, "migrate", "es", "--to", b.address)
     assert stats["status"] == "completed"
@@ -286,12 +285,12 @@ def test_sev_es_guest_migrates_its_vmsa(daemon_factory):  # noqa: F811
     assert ctl_json(a, "verify", "es")["ok"]
 
 
-async def test_lost_started_is_uncertain_until_one_resolve(daemon_factory):  # noqa: F811
+async def test_lost_started_is_uncertain_until_one_resolve(daemons):  # noqa: F811
     """"started" never reaches the source: it keeps the guest paused (uncertain) and never resumes it by
     itself; the operator sees the guest running on the destination and settles it with one command."""
-    a, b = daemon_factory(), daemon_factory()
+    a, b = daemons(), daemons()
     launch(a, "g", "16M", "--dirty-rate", "2")
-    proxy = FrameProxy(b.listen_host, b.listen_port,
+    proxy = FrameProxy(b.host, b.port,
                        lambda d, t, f: None if (d == "d2s" and t == MsgType.STARTED) else f)
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:

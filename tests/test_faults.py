@@ -20,7 +20,7 @@ import trio
 from sevmigd.testing import invariants as inv
 from sevmigd.testing.cells import (BANDWIDTH_MIB_S, DOWNTIME_LIMIT_MS, STALL_SLACK_S, GUEST_ARGS, GUEST_BYTES,
                                    GUEST_MEMORY, Harness)
-from sevmigd.testing.daemons import ControlFailed, DaemonProc, Fleet
+from sevmigd.testing.daemons import ControlError, ControlFailure, Fleet, astart_daemon
 from sevmigd.testing.faultproxy import Fault, FaultProxy
 
 # (kind, phase, seed): every fault family, every phase, both process faults, both directions of the
@@ -88,7 +88,7 @@ async def test_second_migration_of_the_same_guest_is_refused(harness):
                 try:
                     outcome["result"] = await src.call("migrate", {"name": name, "to": f"127.0.0.1:{port}",
                                                                    "downtime_limit_ms": DOWNTIME_LIMIT_MS})
-                except ControlFailed as exc:
+                except ControlFailure as exc:
                     outcome["error"] = exc
                 gate.set()
 
@@ -96,10 +96,10 @@ async def test_second_migration_of_the_same_guest_is_refused(harness):
             await in_round.wait()
             refusals = []
             for who, to in ((src, dst.address), (src, f"127.0.0.1:{port}")):
-                with pytest.raises(ControlFailed) as ei:
+                with pytest.raises(ControlError) as ei:
                     await who.call("migrate", {"name": name, "to": to})
                 refusals.append(ei.value)
-            with pytest.raises(ControlFailed) as ei:
+            with pytest.raises(ControlError) as ei:
                 await dst.call("migrate", {"name": name, "to": src.address})
             refusals.append(ei.value)
             for e in refusals:
@@ -120,8 +120,8 @@ async def test_default_peer_timeout_applies(tmp_path):
     """With the default configuration a black-holed peer is declared dead after peer_timeout_s = 10 s:
     not before, and within the bound; the guest keeps running on the source."""
     fleet = await trio.to_thread.run_sync(Fleet)
-    a = await DaemonProc.astart(fleet, tmp_path, "a")
-    b = await DaemonProc.astart(fleet, tmp_path, "b")
+    a = await astart_daemon(tmp_path, "a", fleet=fleet, log_level="info")
+    b = await astart_daemon(tmp_path, "b", fleet=fleet, log_level="info")
     try:
         with trio.fail_after(120):
             await a.call("launch", {"name": "g", "memory": GUEST_MEMORY, **GUEST_ARGS})
@@ -130,7 +130,7 @@ async def test_default_peer_timeout_applies(tmp_path):
             mark = len(a.logs)
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)
-                with pytest.raises(ControlFailed) as ei:
+                with pytest.raises(ControlError) as ei:
                     await a.call("migrate", {"name": "g", "to": f"127.0.0.1:{port}",
                                              "max_bandwidth_mib_s": BANDWIDTH_MIB_S})
                 proxy.stop_faults()
@@ -233,7 +233,7 @@ async def test_sev_es_guest_survives_corrupt_vcpu_state(harness, field, trigger)
         try:
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)
-                with pytest.raises(ControlFailed) as ei:
+                with pytest.raises(ControlError) as ei:
                     await src.call("migrate", {"name": "es", "to": f"127.0.0.1:{port}",
                                                "downtime_limit_ms": DOWNTIME_LIMIT_MS,
                                                "max_bandwidth_mib_s": BANDWIDTH_MIB_S})

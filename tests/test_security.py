@@ -2,11 +2,12 @@
 secrets on disk and in logs. Real `sevmigd serve` subprocesses, real TCP on loopback.
 
 Rules for this file: every daemon is a real subprocess (`python -m sevmigd serve`) with its own state
-dir, control socket and log file in tmp dirs; readiness is READY=1 on a NOTIFY_SOCKET the test binds
-(never a sleep); loopback and port 0 only; every blocking wait has a timeout; tests that need root
-(setuid to another user) skip with the reason otherwise.
+dir and control socket in tmp dirs; readiness is the daemon's `ready` log line (plus READY=1 on a
+NOTIFY_SOCKET the test binds where it asks for notify=True; never a sleep); loopback and port 0 only;
+every blocking wait has a timeout; tests that need root (setuid to another user) skip with the reason
+otherwise.
 
-The harness here (`RealDaemon`, `make_state`) is also used by tests/test_systemd.py.
+Daemons come from the shared harness (tests/conftest.py `daemons`, sevmigd/testing/daemons.py).
 """
 
 from __future__ import annotations
@@ -26,202 +27,17 @@ import time
 
 import pytest
 
-from sevmigd.daemon.client import ControlClient, ControlError
+from sevmigd.daemon.client import ControlError
+from sevmigd.migrate.trust import platform_files
+from sevmigd.psp.identity import PlatformIdentity
+from sevmigd.testing.daemons import BackgroundMigration, DaemonProcess, fleet
+from sevmigd.wire import NEED_DATA, AbortCode, Connection, RemoteProtocolError, Role
+from sevmigd.wire import messages as m
 
 IO_TIMEOUT = 30
 NOBODY = 65534
 
 
-# ----------------------------------------------------------------------------- fleet + state dirs
-
-
-_CA_CACHE: dict[str, object] = {}
-
-
-def fleet_ca(name: str = "fleet"):
-    """A throwaway emulated fleet CA (2048-bit ARK/ASK for speed), one per name per test session."""
-    from sevmigd.psp.identity import FleetCA
-    if name not in _CA_CACHE:
-        _CA_CACHE[name] = FleetCA.create(os.urandom, rsa_bits=2048)
-    return _CA_CACHE[name]
-
-
-def make_state(path: pathlib.Path, *, fleet: str = "fleet", trust: tuple[str, ...] | None = None) -> str:
-    """A state dir holding a platform of `fleet`, trusting the ARKs of `trust` (default: its own)."""
-    from sevmigd import store
-    from sevmigd.psp.identity import PlatformIdentity
-    ca = fleet_ca(fleet)
-    store.save_platform(path, PlatformIdentity.create(ca, os.urandom))
-    for t in (trust if trust is not None else (fleet,)):
-        store.save_trusted_root(path, fleet_ca(t).ark)
-    return str(path)
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_toml(path: pathlib.Path, cfg: dict) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines.append(f"[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-# --------------------------------------------------------------------------------- daemon harness
-
-
-class RealDaemon:
-    """`sevmigd serve` in a subprocess, observed through its NOTIFY_SOCKET, control socket and log."""
-
-    def __init__(self, workdir: pathlib.Path, *, state_dir: str, config: dict | None = None,
-                 listen: str | None = "127.0.0.1:0", control: str | None = None,
-                 env: dict[str, str] | None = None, launcher: list[str] | None = None,
-                 stderr_pipe: bool = False):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.notify_path = str(workdir / "notify.sock")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.messages: list[dict[str, str]] = []
-        self.control = control or str(workdir / "control.sock")
-        self.log_path = workdir / "daemon.log"
-        cmd = [sys.executable, "-m", "sevmigd", "serve", "--state-dir", state_dir, "--control", self.control,
-               "--log-format", "json", "--log-level", "debug"]
-        if listen is not None:
-            cmd += ["--listen", listen]
-        if config:
-            cmd += ["--config", write_toml(workdir / "sevmigd.toml", config)]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "WATCHDOG_"))}
-        full_env["NOTIFY_SOCKET"] = self.notify_path
-        full_env.update(env or {})
-        self.env = full_env
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*(launcher or []), *cmd], stdout=self._log,
-                                     stderr=subprocess.PIPE if stderr_pipe else subprocess.STDOUT,
-                                     env=full_env, cwd=workdir)
-
-    # -- observation ------------------------------------------------------------------------
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def wait_notify(self, predicate, timeout: float = IO_TIMEOUT, *, since: int = 0) -> dict[str, str]:
-        """Receive notifications until one (at index >= `since` in `messages`) satisfies `predicate`;
-        fail (with the log) on exit or timeout."""
-        for m in self.messages[since:]:
-            if predicate(m):
-                return m
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no matching sd_notify message within {timeout}s; got {self.messages[-5:]}\n"
-                            f"log:\n{self.log_text()[-4000:]}")
-            self.notify.settimeout(min(left, 0.5))
-            try:
-                data = self.notify.recv(65536).decode()
-            except TimeoutError:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"daemon exited with {self.proc.returncode} before the expected message\n"
-                                f"log:\n{self.log_text()[-4000:]}")
-                continue
-            msg = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
-            self.messages.append(msg)
-            if predicate(msg):
-                return msg
-
-    def wait_ready(self, timeout: float = IO_TIMEOUT) -> dict[str, str]:
-        return self.wait_notify(lambda m: m.get("READY") == "1", timeout)
-
-    # -- control ----------------------------------------------------------------------------
-    def ctl(self, verb: str, on_event=None, timeout: float | None = IO_TIMEOUT, **args) -> dict:
-        with ControlClient(self.control, timeout=timeout) as c:
-            return c.execute(verb, args, on_event=on_event)
-
-    @property
-    def listen(self) -> str:
-        return self.ctl("server-info")["listen"]
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
-
-    # -- lifecycle --------------------------------------------------------------------------
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout: float = IO_TIMEOUT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
-        self._log.close()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    """Factory: daemons(name, **kwargs) -> started RealDaemon (READY=1 received); all killed at the end."""
-    started: list[RealDaemon] = []
-
-    def start(name: str, *, wait: bool = True, state_dir: str | None = None, fleet: str = "fleet",
-              trust: tuple[str, ...] | None = None, **kwargs) -> RealDaemon:
-        if state_dir is None:
-            state_dir = make_state(tmp_path / name / "state", fleet=fleet, trust=trust)
-        d = RealDaemon(tmp_path / name, state_dir=state_dir, **kwargs)
-        started.append(d)
-        if wait:
-            d.wait_ready()
-        return d
-
-    yield start
-    for d in started:
-        d.close()
-
-
-def migration_available() -> bool:
-    try:
-        import sevmigd.daemon.migration  # noqa: F401
-        import sevmigd.guest.vm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_migration = pytest.mark.skipif(not migration_available(),
-                                     reason="the migration engine (sevmigd.daemon.migration) is not in this tree yet")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (setuid)")
 
 
@@ -270,7 +86,7 @@ def test_control_socket_is_0600_and_owner_only(daemons, open_dir):
     st = os.stat(d.control)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.geteuid()
-    assert d.ctl("server-info")["listen"]  # the owner can talk to it
+    assert d.execute("server-info")["listen"]  # the owner can talk to it
 
 
 @needs_root
@@ -322,7 +138,7 @@ def test_self_created_state_is_private(daemons, tmp_path):
             keys.append(p)
             assert mode == 0o600, f"{p} is {mode:04o}"
     assert {p.name for p in keys} >= {"cek.key", "oca.key", "pek.key", "pdh.key", "ark.key", "ask.key"}
-    assert d.ctl("server-info")
+    assert d.execute("server-info")
 
 
 # --------------------------------------------------------------------------------------- secrets
@@ -345,14 +161,14 @@ def _secret_needles(state_dir: pathlib.Path) -> list[str]:
 
 
 def test_private_keys_never_logged(daemons, tmp_path):
-    d = daemons("host", state_dir=str(tmp_path / "keys-state"))
-    d.ctl("server-info")
+    d = daemons("host", state_dir=str(tmp_path / "keys-state"), notify=True)
+    d.execute("server-info")
     mark = len(d.messages)
-    d.signal(signal.SIGHUP)  # a reload logs the config again
+    d.send_signal(signal.SIGHUP)  # a reload logs the config again
     d.wait_notify(lambda m: m.get("RELOADING") == "1", since=mark)
     d.wait_notify(lambda m: m.get("READY") == "1", since=mark)
-    assert d.stop() == 0
-    log = d.log_text()
+    assert d.terminate() == 0
+    log = d.output()
     assert "ready" in log  # the log is really there
     needles = _secret_needles(tmp_path / "keys-state")
     assert len(needles) > 10
@@ -363,51 +179,14 @@ def test_private_keys_never_logged(daemons, tmp_path):
 # ------------------------------------------------------------------------------ migrations helpers
 
 
-class BackgroundMigration:
-    """`ctl migrate` in a thread: progress events collected, `moving` set once pages are flowing."""
-
-    def __init__(self, source: RealDaemon, name: str, to: str, **args):
-        self.events: list[dict] = []
-        self.moving = threading.Event()
-        self.result: dict | None = None
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(source, name, to, args), daemon=True)
-        self._thread.start()
-
-    def _on_event(self, _name: str, data: dict) -> None:
-        self.events.append(data)
-        if data.get("transferred", 0) > 0:
-            self.moving.set()
-
-    def _run(self, source, name, to, args):
-        try:
-            self.result = source.ctl("migrate", name=name, to=to, on_event=self._on_event, timeout=120, **args)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            self.error = exc
-        finally:
-            self.moving.set()
-
-    def wait_moving(self, timeout: float = IO_TIMEOUT) -> None:
-        assert self.moving.wait(timeout), "the migration never started moving pages"
-
-    def join(self, timeout: float = 120) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "ctl migrate did not return"
-
-
 def _code(exc: ControlError) -> str | None:
     """The AbortCode name a failed `migrate` reply carries (error.code)."""
     return (exc.reply.get("error") or {}).get("code")
 
 
-def _guests(d: RealDaemon) -> dict[str, str]:
-    return {g["name"]: g["state"] for g in d.ctl("list")["guests"]}
-
-
 def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: bytes | None = None):
     """Play a source: send one Hello (or `raw` bytes) and return the destination's first message
     (Accept / Refuse), or None when it closed the connection without one."""
-    from sevmigd.wire import NEED_DATA, Connection, Role, RemoteProtocolError, messages as m
     conn = Connection(Role.SOURCE)
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
         s.sendall(raw if raw is not None else conn.send(m.Hello(
@@ -429,16 +208,13 @@ def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: 
         return ev
 
 
-def _platform_of(fleet: str = "fleet") -> dict[str, bytes]:
-    from sevmigd.migrate.trust import platform_files
-    from sevmigd.psp.identity import PlatformIdentity
-    return platform_files(PlatformIdentity.create(fleet_ca(fleet), os.urandom))
+def _platform_of(fleet_name: str = "fleet") -> dict[str, bytes]:
+    return platform_files(PlatformIdentity.create(fleet(fleet_name).ca, os.urandom))
 
 
 # --------------------------------------------------------------------------------- trust refusals
 
 
-@needs_migration
 @pytest.mark.parametrize("cert,offset,link", [
     (None, 0, None),                    # control: the untampered chain is accepted
     ("pek", 0x414 + 17, "PEK"),         # a flipped bit in the PEK's signature
@@ -453,64 +229,58 @@ def test_tampered_chain_is_refused_with_the_failing_link(daemons, cert, offset, 
         b[offset] ^= 0x01
         plat[cert] = bytes(b)
     reply = _fake_hello(d.port, platform=plat)
-    from sevmigd.wire import AbortCode, messages as m
     if cert is None:
         assert isinstance(reply, m.Accept)
         return
     assert isinstance(reply, m.Refuse), reply
     assert reply.code == AbortCode.UNTRUSTED_PLATFORM
     assert "chain rejected" in reply.reason and link in reply.reason
-    assert "intruder" not in _guests(d)
+    assert "intruder" not in d.guests()
 
 
-@needs_migration
 def test_platform_of_another_fleet_is_refused(daemons):
     """A source whose chain ends in another fleet's ARK: refused by the destination, guest stays home."""
-    src = daemons("src", fleet="other", trust=("other", "fleet"))
+    src = daemons("src", fleet="other", trust=("fleet",))
     dst = daemons("dst", fleet="fleet")  # trusts only its own fleet
-    src.ctl("launch", name="g1", memory=4 << 20)
+    src.execute("launch", name="g1", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
-        src.ctl("migrate", name="g1", to=dst.listen, timeout=60)
+        src.execute("migrate", name="g1", to=dst.address, timeout=60)
     assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "source platform chain rejected" in str(ei.value)
-    assert _guests(src) == {"g1": "running"}
-    assert "g1" not in _guests(dst)
+    assert src.guests() == {"g1": "running"}
+    assert "g1" not in dst.guests()
 
 
-@needs_migration
 def test_source_refuses_a_destination_of_another_fleet(daemons):
     src = daemons("src", fleet="fleet")  # trusts only its own fleet
-    dst = daemons("dst", fleet="other", trust=("other", "fleet"))
-    src.ctl("launch", name="g1", memory=4 << 20)
+    dst = daemons("dst", fleet="other", trust=("fleet",))
+    src.execute("launch", name="g1", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
-        src.ctl("migrate", name="g1", to=dst.listen, timeout=60)
+        src.execute("migrate", name="g1", to=dst.address, timeout=60)
     assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "destination platform chain rejected" in str(ei.value)
-    assert _guests(src) == {"g1": "running"}
-    assert "g1" not in _guests(dst)
+    assert src.guests() == {"g1": "running"}
+    assert "g1" not in dst.guests()
 
 
 # ----------------------------------------------------------------------------------------- limits
 
 
-@needs_migration
 def test_oversized_guest_is_refused(daemons):
     src = daemons("src")
     dst = daemons("dst", config={"max_guest_bytes": "4M"})
-    src.ctl("launch", name="big", memory=8 << 20)
+    src.execute("launch", name="big", memory=8 << 20)
     with pytest.raises(ControlError) as ei:
-        src.ctl("migrate", name="big", to=dst.listen, timeout=60)
+        src.execute("migrate", name="big", to=dst.address, timeout=60)
     msg = str(ei.value)
     # A refusal (not a protocol abort) that names the setting, the announced size and the limit.
     assert _code(ei.value) == "RESOURCE_LIMIT" and "refused" in msg and "max_guest_bytes" in msg, msg
     assert str(8 << 20) in msg and str(4 << 20) in msg, msg
-    assert _guests(src) == {"big": "running"}
-    assert "big" not in _guests(dst)
+    assert src.guests() == {"big": "running"}
+    assert "big" not in dst.guests()
     # An absurd announced size from a hand-written source is refused the same way, before allocation.
-    from sevmigd.wire import AbortCode, messages as m
     reply = _fake_hello(dst.port, platform=_platform_of(), memory_bytes=1 << 42)
     assert isinstance(reply, m.Refuse) and reply.code == AbortCode.RESOURCE_LIMIT, reply
 
 
-@needs_migration
 def test_silent_connection_is_dropped_at_handshake_timeout(daemons):
     d = daemons("dest", config={"handshake_timeout_s": 1.0, "keepalive_interval_s": 0.2,
                                 "peer_timeout_s": 1.0})
@@ -526,17 +296,16 @@ def test_silent_connection_is_dropped_at_handshake_timeout(daemons):
     # Closed by the daemon (EOF), at its deadline, not by our socket timeout.
     assert 0.5 <= elapsed < IO_TIMEOUT
     assert len(received) < 1024
-    assert d.ctl("server-info")
+    assert d.execute("server-info")
 
 
-@needs_migration
 def test_flood_and_garbage_do_not_disturb_a_running_migration(daemons):
     """200 idle or garbage-sending connections against the destination while a migration runs there:
     the migration completes, the guest verifies, the daemon still answers, excess connections are shed."""
     src = daemons("src")
     dst = daemons("dst", config={"handshake_timeout_s": 2.0, "max_unauthenticated": 32})
-    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
-    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=8)  # ~4 s of pre-copy
+    src.execute("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.address, max_bandwidth_mib_s=8)  # ~4 s of pre-copy
     mig.wait_moving()
     rng = __import__("random").Random(4446)
     socks = []
@@ -556,7 +325,7 @@ def test_flood_and_garbage_do_not_disturb_a_running_migration(daemons):
                     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")                 # wrong protocol
             except OSError:
                 pass  # already shed by the daemon
-        assert dst.ctl("server-info")  # the control plane answers during the flood
+        assert dst.execute("server-info")  # the control plane answers during the flood
         assert mig.result is None and mig.error is None, "the flood did not overlap the migration"
         mig.join()
     finally:
@@ -564,20 +333,23 @@ def test_flood_and_garbage_do_not_disturb_a_running_migration(daemons):
             s.close()
     assert mig.error is None, mig.error
     assert mig.result["status"] == "completed"
-    assert _guests(dst) == {"g1": "running"}
-    assert dst.ctl("verify", name="g1")["ok"] is True
-    events = [e.get("event") for e in dst.log_events()]
+    assert dst.guests() == {"g1": "running"}
+    assert dst.execute("verify", name="g1")["ok"] is True
+    events = [e.get("event") for e in dst.logs]
     assert "incoming_refused" in events  # connections beyond the cap were accepted and closed at once
 
 
 # -------------------------------------------------------------------------------------------- TLS
 
 
+_TLS_CAS: dict[str, object] = {}
+
+
 def _tls_ca(name: str):
     import test_tls as tt
-    if ("tls", name) not in _CA_CACHE:
-        _CA_CACHE[("tls", name)] = tt.make_ca(name)
-    return _CA_CACHE[("tls", name)]
+    if name not in _TLS_CAS:
+        _TLS_CAS[name] = tt.make_ca(name)
+    return _TLS_CAS[name]
 
 
 def _tls_files(root: pathlib.Path, name: str, ca_name: str = "tls-fleet", trust: str | None = None) -> dict[str, str]:
@@ -587,41 +359,40 @@ def _tls_files(root: pathlib.Path, name: str, ca_name: str = "tls-fleet", trust:
     return tt.write_tls_files(root / f"tls-{name}", ca, tt.make_leaf(ca, name), trust=_tls_ca(trust or ca_name))
 
 
-@needs_migration
 def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
     src = daemons("src", config={"tls": _tls_files(tmp_path, "src")})
     dst = daemons("dst", config={"tls": _tls_files(tmp_path, "dst"), "handshake_timeout_s": 2.0})
-    src.ctl("launch", name="g1", memory=4 << 20)
-    assert src.ctl("migrate", name="g1", to=dst.listen, timeout=60)["status"] == "completed"
-    assert _guests(dst) == {"g1": "running"}
+    src.execute("launch", name="g1", memory=4 << 20)
+    assert src.execute("migrate", name="g1", to=dst.address, timeout=60)["status"] == "completed"
+    assert dst.guests() == {"g1": "running"}
 
     # A plaintext source gets nothing: no Accept, the connection is closed, the log says why.
     assert _fake_hello(dst.port, platform=_platform_of()) is None
 
     # A source from another TLS CA that does not trust ours: it refuses the destination itself.
     rogue = daemons("rogue", config={"tls": _tls_files(tmp_path, "rogue", ca_name="other-tls")})
-    rogue.ctl("launch", name="g2", memory=4 << 20)
+    rogue.execute("launch", name="g2", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
-        rogue.ctl("migrate", name="g2", to=dst.listen, timeout=60)
+        rogue.execute("migrate", name="g2", to=dst.address, timeout=60)
     assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "certificate verify failed" in str(ei.value), ei.value.reply
-    assert _guests(rogue) == {"g2": "running"}
+    assert rogue.guests() == {"g2": "running"}
 
     # A source whose certificate comes from another CA but that trusts ours: the destination refuses it.
     sneaky = daemons("sneaky", config={"tls": _tls_files(tmp_path, "sneaky", ca_name="other-tls",
                                                          trust="tls-fleet")})
-    sneaky.ctl("launch", name="g3", memory=4 << 20)
+    sneaky.execute("launch", name="g3", memory=4 << 20)
     with pytest.raises(ControlError):
-        sneaky.ctl("migrate", name="g3", to=dst.listen, timeout=60)
-    assert _guests(sneaky) == {"g3": "running"}
-    assert set(_guests(dst)) == {"g1"}
-    assert dst.stop() == 0  # the log is complete once the daemon has exited
-    log = dst.log_text()
+        sneaky.execute("migrate", name="g3", to=dst.address, timeout=60)
+    assert sneaky.guests() == {"g3": "running"}
+    assert set(dst.guests()) == {"g1"}
+    assert dst.terminate() == 0  # the log is complete once the daemon has exited
+    log = dst.output()
     assert "peer is not speaking TLS" in log          # the plaintext source
     assert "certificate verify failed" in log         # the sneaky source
 
     # Neither daemon logged a private key: platform keys nor TLS keys.
     for d, name in ((src, "src"), (dst, "dst")):
-        d.stop()
+        d.terminate()
         needles = _secret_needles(tmp_path / name / "state") + _secret_needles(tmp_path / f"tls-{name}")
-        leaked = [n for n in needles if n in d.log_text()]
+        leaked = [n for n in needles if n in d.output()]
         assert not leaked, f"{name}: key material in the log: {leaked[:3]}"

@@ -9,7 +9,6 @@ I/O tests under fail_after. Loopback and port 0 only.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import socket
@@ -380,9 +379,10 @@ async def test_watchdog_pings_reach_notify_socket(notify_sock, monkeypatch):
 
 
 # =========================================================================== the real daemon
-# `sevmigd serve` subprocesses (harness in tests/test_security.py): what systemd sees of it.
+# `sevmigd serve` subprocesses (the shared harness: tests/conftest.py `daemons`, started with notify=True so
+# that the test holds the NOTIFY_SOCKET): what systemd sees of it.
 
-from test_security import RealDaemon, daemons, make_state, migration_available, needs_migration  # noqa: E402,F401
+from sevmigd.testing.daemons import BackgroundMigration  # noqa: E402
 
 
 def _free_port() -> int:
@@ -393,19 +393,19 @@ def _free_port() -> int:
 
 def test_daemon_ready_status_watchdog_stopping(daemons):
     """READY=1 only once both sockets accept; STATUS= lines; WATCHDOG=1 pings; STOPPING=1 on SIGTERM."""
-    d = daemons("host", env={"WATCHDOG_USEC": "200000"})  # 0.2 s -> a ping every 0.1 s
-    ready = d.messages[-1]
+    d = daemons("host", notify=True, env={"WATCHDOG_USEC": "200000"})  # 0.2 s -> a ping every 0.1 s
+    ready = d.wait_notify(lambda m: m.get("READY") == "1")
     assert ready["READY"] == "1"
     assert ready["STATUS"].startswith("0 guests; migrations: 0 out, 0 in; listening on 127.0.0.1:")
     # READY=1 means both sockets accept connections right now.
-    assert d.ctl("server-info")["listen"] == ready["STATUS"].rsplit("listening on ", 1)[1]
+    assert d.execute("server-info")["listen"] == ready["STATUS"].rsplit("listening on ", 1)[1]
     with socket.create_connection(("127.0.0.1", d.port), timeout=IO_TIMEOUT):
         pass
     mark = len(d.messages)
     for _ in range(3):
         d.wait_notify(lambda m: m.get("WATCHDOG") == "1", since=len(d.messages))
     assert all(m == {"WATCHDOG": "1"} for m in d.messages[mark:] if "WATCHDOG" in m)
-    d.signal(signal.SIGTERM)
+    d.send_signal(signal.SIGTERM)
     stopping = d.wait_notify(lambda m: m.get("STOPPING") == "1")
     assert "stopping" in stopping.get("STATUS", "")
     assert d.proc.wait(IO_TIMEOUT) == 0
@@ -413,11 +413,11 @@ def test_daemon_ready_status_watchdog_stopping(daemons):
 
 def test_daemon_watchdog_pid_for_another_process_means_no_pings(daemons):
     """WATCHDOG_PID naming another process (inherited from a parent): the daemon must not ping."""
-    d = daemons("host", env={"WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+    d = daemons("host", notify=True, env={"WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
     mark = len(d.messages)
     # A control round trip plus a STATUS refresh window; no ping may be among what arrived meanwhile.
-    d.ctl("server-info")
-    d.signal(signal.SIGTERM)
+    d.execute("server-info")
+    d.send_signal(signal.SIGTERM)
     d.wait_notify(lambda m: m.get("STOPPING") == "1", since=mark)
     assert not [m for m in d.messages if "WATCHDOG" in m]
     assert d.proc.wait(IO_TIMEOUT) == 0
@@ -425,109 +425,91 @@ def test_daemon_watchdog_pid_for_another_process_means_no_pings(daemons):
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="systemd-socket-activate not installed (package systemd)")
-def test_socket_activated_daemon_serves_the_inherited_listener(tmp_path):
+def test_socket_activated_daemon_serves_the_inherited_listener(daemons):
     """Under systemd-socket-activate the daemon uses fd 3 instead of binding `listen`, and a connection
     made *before* the daemon ran (it is what starts it) is served: it is waiting in the backlog."""
     port = _free_port()
-    state = make_state(tmp_path / "state")
-    notify_path = str(tmp_path / "sa" / "notify.sock")
-    (tmp_path / "sa").mkdir()
-    d = RealDaemon(tmp_path / "sa", state_dir=state, listen="127.0.0.1:1",  # must be ignored
-                   launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
-                             "-E", f"NOTIFY_SOCKET={notify_path}"], stderr_pipe=True)
+    d = daemons("sa", listen="127.0.0.1:1", notify=True, wait=False,  # listen must be ignored
+                launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NOTIFY_SOCKET"])
+    # systemd-socket-activate says "Listening on ... as 3." on stderr once bound, and spawns the
+    # daemon on the first connection.
+    d.wait_output(lambda line: "Listening on" in line, stream="stderr", timeout=IO_TIMEOUT)
+    early = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    d.wait_ready()
+    ready = d.wait_notify(lambda m: m.get("READY") == "1")
+    assert ready["STATUS"].endswith(f"listening on 127.0.0.1:{port}")
+    info = d.execute("server-info")
+    assert info["listen"] == f"127.0.0.1:{port}"
+    assert d.ready is not None and d.ready.get("socket_activated") is True
+    # The early connection reached the daemon's migration handler: garbage gets it closed by the
+    # daemon (not by a timeout of ours).
+    early.sendall(b"\xff" * 64)
+    early.settimeout(IO_TIMEOUT)
     try:
-        # systemd-socket-activate says "Listening on ... as 3." on stderr once bound, and spawns the
-        # daemon on the first connection.
-        assert select.select([d.proc.stderr], [], [], IO_TIMEOUT)[0], "systemd-socket-activate said nothing"
-        assert b"Listening on" in d.proc.stderr.readline()
-        early = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-        ready = d.wait_ready()
-        assert ready["STATUS"].endswith(f"listening on 127.0.0.1:{port}")
-        info = d.ctl("server-info")
-        assert info["listen"] == f"127.0.0.1:{port}"
-        assert any(e.get("event") == "ready" and e.get("socket_activated") is True for e in d.log_events())
-        # The early connection reached the daemon's migration handler: garbage gets it closed by the
-        # daemon (not by a timeout of ours).
-        early.sendall(b"\xff" * 64)
-        early.settimeout(IO_TIMEOUT)
-        try:
-            while early.recv(4096):
-                pass
-        except ConnectionResetError:
+        while early.recv(4096):
             pass
-        early.close()
-        assert d.ctl("server-info")  # and the daemon is still fine
-        assert d.stop() == 0
-    finally:
-        d.close()
+    except ConnectionResetError:
+        pass
+    early.close()
+    assert d.execute("server-info")  # and the daemon is still fine
+    assert d.terminate() == 0
 
 
-@needs_migration
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="systemd-socket-activate not installed (package systemd)")
-def test_socket_activated_destination_receives_a_migration(tmp_path, daemons):
+def test_socket_activated_destination_receives_a_migration(daemons):
     """The migration's own connection is what starts the destination (systemd-socket-activate spawns on
     the first connection); it waits in the backlog of the inherited socket and the migration completes."""
     src = daemons("src")
-    src.ctl("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
+    src.execute("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
     port = _free_port()
-    (tmp_path / "dst").mkdir()
-    dst = RealDaemon(tmp_path / "dst", state_dir=make_state(tmp_path / "dst" / "state"), listen="127.0.0.1:1",
-                     launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
-                               "-E", f"NOTIFY_SOCKET={tmp_path / 'dst' / 'notify.sock'}"], stderr_pipe=True)
-    try:
-        assert select.select([dst.proc.stderr], [], [], IO_TIMEOUT)[0]
-        assert b"Listening on" in dst.proc.stderr.readline()
-        stats = src.ctl("migrate", name="g1", to=f"127.0.0.1:{port}", timeout=120)
-        assert stats["status"] == "completed"
-        dst.wait_ready()
-        assert {g["name"]: g["state"] for g in dst.ctl("list")["guests"]} == {"g1": "running"}
-        assert dst.ctl("verify", name="g1")["ok"] is True
-        assert dst.stop() == 0
-    finally:
-        dst.close()
+    dst = daemons("dst", listen="127.0.0.1:1", notify=True, wait=False,
+                  launcher=["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NOTIFY_SOCKET"])
+    dst.wait_output(lambda line: "Listening on" in line, stream="stderr", timeout=IO_TIMEOUT)
+    stats = src.execute("migrate", name="g1", to=f"127.0.0.1:{port}", timeout=120)
+    assert stats["status"] == "completed"
+    dst.wait_ready()
+    assert dst.guests() == {"g1": "running"}
+    assert dst.execute("verify", name="g1")["ok"] is True
+    assert dst.terminate() == 0
 
 
-@needs_migration
 def test_sigterm_on_destination_mid_migration_keeps_the_guest_on_the_source(daemons):
-    from test_security import BackgroundMigration
-    src = daemons("src")
-    dst = daemons("dst")
-    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
-    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=4)  # ~8 s of pre-copy
+    src = daemons("src", notify=True)
+    dst = daemons("dst", notify=True)
+    src.execute("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.address, max_bandwidth_mib_s=4)  # ~8 s of pre-copy
     mig.wait_moving()
     # `systemctl status` on both hosts shows the migration while it runs (STATUS= refreshes every second).
     src.wait_notify(lambda m: "1 migrating; migrations: 1 out, 0 in" in m.get("STATUS", ""))
     dst.wait_notify(lambda m: "1 incoming; migrations: 0 out, 1 in" in m.get("STATUS", ""))
-    dst.signal(signal.SIGTERM)
+    dst.send_signal(signal.SIGTERM)
     stopping = dst.wait_notify(lambda m: m.get("STOPPING") == "1")
     assert "1 migration(s)" in stopping["STATUS"]
     assert dst.proc.wait(IO_TIMEOUT) == 0
     mig.join()
     assert mig.result is None and mig.error is not None
     assert (mig.error.reply.get("error") or {}).get("code") in ("SHUTDOWN", "CANCELLED", "PROTOCOL_ERROR")
-    guests = src.ctl("list")["guests"]
+    guests = src.execute("list")["guests"]
     assert [(g["name"], g["state"]) for g in guests] == [("g1", "running")]
-    assert src.ctl("verify", name="g1")["ok"] is True
+    assert src.execute("verify", name="g1")["ok"] is True
 
 
-@needs_migration
 def test_sigterm_on_source_mid_migration_cancels_cleanly(daemons):
     """SIGTERM on the source before "go": the migration is cancelled (the guest never left), the
     destination discards its partial copy, and the source exits 0 within its stop budget."""
-    from test_security import BackgroundMigration
-    src = daemons("src")
-    dst = daemons("dst")
-    src.ctl("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
-    mig = BackgroundMigration(src, "g1", dst.listen, max_bandwidth_mib_s=4)
+    src = daemons("src", notify=True)
+    dst = daemons("dst", notify=True)
+    src.execute("launch", name="g1", memory=32 << 20, dirty_rate=1.0)
+    mig = BackgroundMigration(src, "g1", dst.address, max_bandwidth_mib_s=4)
     mig.wait_moving()
-    src.signal(signal.SIGTERM)
+    src.send_signal(signal.SIGTERM)
     src.wait_notify(lambda m: m.get("STOPPING") == "1")
     assert src.proc.wait(IO_TIMEOUT) == 0
     mig.join()
     assert mig.result is None
     # The destination never runs a copy; its incoming guest is gone (not left half-received).
-    dst_guests = {g["name"]: g["state"] for g in dst.ctl("list")["guests"]}
+    dst_guests = dst.guests()
     assert dst_guests.get("g1") not in ("running", "incoming", "paused")
-    events = [e for e in src.log_events() if e.get("event") in ("shutting_down", "stopped")]
+    events = [e for e in src.logs if e.get("event") in ("shutting_down", "stopped")]
     assert [e["event"] for e in events] == ["shutting_down", "stopped"]

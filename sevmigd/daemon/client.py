@@ -1,8 +1,9 @@
 """Synchronous control-socket client (what `sevmigd ctl` and the tests use).
 
-Owns `ControlClient(path).execute(verb, args, on_event=None) -> dict` and the client-side errors. Plain
-blocking sockets on purpose: the CLI is a one-shot program and tests may call it from any thread; no
-event loop needed.
+Owns `ControlClient(path).execute(verb, args, on_event=None) -> dict`, the client-side errors, and the
+sans-I/O halves of the client protocol (`encode_request`, `read_reply_line`) that the async client of
+the test harness (`sevmigd.testing.daemons.call_control`) shares. Plain blocking sockets on purpose: the
+CLI is a one-shot program and tests may call it from any thread; no event loop needed.
 
 This module must never hide *why* a call failed: daemon not running, socket permission, a daemon
 error reply (class + desc) and a connection dropped mid-reply are different exceptions with messages
@@ -22,7 +23,11 @@ from sevmigd.errors import SevmigdError
 MAX_REPLY_BYTES = 4 << 20
 
 
-class ControlError(SevmigdError):
+class ControlFailure(SevmigdError):
+    """A control request that did not return a result: the base of the three reasons below."""
+
+
+class ControlError(ControlFailure):
     """The daemon answered with an error reply: `error_class` (stable name), `desc` (for humans)."""
 
     def __init__(self, error_class: str, desc: str, reply: dict | None = None):
@@ -38,7 +43,7 @@ class ControlError(SevmigdError):
         return d if isinstance(d, dict) else None
 
 
-class DaemonNotRunning(SevmigdError):
+class DaemonNotRunning(ControlFailure):
     """Nothing (or nothing we may talk to) is listening on the control socket."""
 
     def __init__(self, path: str, reason: str):
@@ -47,8 +52,39 @@ class DaemonNotRunning(SevmigdError):
         self.reason = reason
 
 
-class ConnectionLost(SevmigdError):
+class ConnectionLost(ControlFailure):
     """The daemon closed the connection before replying (it stopped, or crashed)."""
+
+
+def encode_request(verb: str, args: dict | None, req_id: int) -> bytes:
+    """One request line (JSON + newline), as the daemon's control protocol wants it."""
+    request: dict[str, Any] = {"execute": verb, "id": req_id}
+    if args:
+        request["arguments"] = args
+    return json.dumps(request).encode() + b"\n"
+
+
+def read_reply_line(line: bytes, on_event: Callable[[str, dict], None] | None = None) -> dict | None:
+    """Interpret one line the daemon sent: the `return` value (a dict), or None for an event (passed
+    to `on_event(event_name, data)`) or anything else that is not the reply. Raises ControlError for an
+    error reply, ConnectionLost for a line that is not JSON."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        raise ConnectionLost("the daemon sent something that is not JSON") from None
+    if not isinstance(msg, dict):
+        return None
+    if "event" in msg:
+        if on_event is not None:
+            on_event(str(msg["event"]), msg.get("data") or {})
+        return None
+    if "return" in msg:
+        ret = msg["return"]
+        return ret if isinstance(ret, dict) else {"value": ret}
+    if "error" in msg:
+        err = msg["error"] if isinstance(msg["error"], dict) else {}
+        raise ControlError(str(err.get("class", "GenericError")), str(err.get("desc", "error")), msg)
+    return None
 
 
 class ControlClient:
@@ -131,33 +167,19 @@ class ControlClient:
         assert self._sock is not None
         req_id = self._next_id
         self._next_id += 1
-        request: dict[str, Any] = {"execute": verb, "id": req_id}
-        if args:
-            request["arguments"] = args
         try:
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            self._sock.sendall(encode_request(verb, args, req_id))
         except OSError as exc:
             self.close()
             raise ConnectionLost(f"cannot send to the daemon: {exc.strerror or exc}") from None
         while True:
-            line = self._readline()
             try:
-                msg = json.loads(line)
-            except ValueError:
+                reply = read_reply_line(self._readline(), on_event)
+            except ConnectionLost:
                 self.close()
-                raise ConnectionLost("the daemon sent something that is not JSON") from None
-            if not isinstance(msg, dict):
-                continue
-            if "event" in msg:
-                if on_event is not None:
-                    on_event(str(msg["event"]), msg.get("data") or {})
-                continue
-            if "return" in msg:
-                ret = msg["return"]
-                return ret if isinstance(ret, dict) else {"value": ret}
-            if "error" in msg:
-                err = msg["error"] if isinstance(msg["error"], dict) else {}
-                raise ControlError(str(err.get("class", "GenericError")), str(err.get("desc", "error")), msg)
+                raise
+            if reply is not None:
+                return reply
 
     def request_raw(self, line: bytes) -> dict:
         """Send raw bytes (a test helper for malformed requests) and return the next reply object."""
@@ -167,4 +189,5 @@ class ControlClient:
         return json.loads(self._readline())
 
 
-__all__ = ["ControlClient", "ControlError", "DaemonNotRunning", "ConnectionLost"]
+__all__ = ["ControlClient", "ControlFailure", "ControlError", "DaemonNotRunning", "ConnectionLost",
+           "encode_request", "read_reply_line"]

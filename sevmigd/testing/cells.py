@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from sevmigd.testing import invariants as inv
-from sevmigd.testing.daemons import ControlFailed, DaemonProc, Fleet
+from sevmigd.testing.daemons import ControlFailure, DaemonProcess, DaemonStartError, Fleet, astart_daemon, start_daemon
 from sevmigd.testing.faultproxy import PHASES, Fault, FaultProxy
 
 # Test daemon configuration: a short peer timeout keeps stall cells short (a separate test shows the
@@ -109,7 +109,7 @@ class CellResult:
         return ",".join(sorted({f.split()[0] for f in self.failures}))
 
 
-def fault_for(kind: str, phase: str, seed: int, harness: "Harness", src: DaemonProc, dst: DaemonProc) -> Fault:
+def fault_for(kind: str, phase: str, seed: int, harness: "Harness", src: DaemonProcess, dst: DaemonProcess) -> Fault:
     """The proxy fault of a cell. The seed varies where in the phase it hits and which field is corrupted."""
     nth = 1
     if phase == "first_round":
@@ -152,7 +152,7 @@ def fault_for(kind: str, phase: str, seed: int, harness: "Harness", src: DaemonP
     if kind == "kill_dst":
         return Fault("call", action=dst.kill_nowait, hold=True, **base)
     if kind == "stop_dst":
-        return Fault("call", action=dst.stop, **base)
+        return Fault("call", action=dst.freeze, **base)
     if kind == "kill_src":
         return Fault("call", action=src.kill_nowait, **base)
     raise ValueError(f"unknown fault kind {kind!r}")
@@ -173,7 +173,7 @@ class Harness:
                        "handshake_timeout_s": handshake_timeout_s, "max_total_s": MAX_TOTAL_S}
         self.peer_timeout_s = peer_timeout_s
         self.keepalive_s = keepalive_s
-        self.daemons: list[DaemonProc] = []
+        self.daemons: list[DaemonProcess] = []
         self.loc = 0           # index of the daemon holding the guest
         self.launches = 0
         self.log = log or (lambda *a: None)
@@ -186,13 +186,16 @@ class Harness:
         fleet = Fleet()
         try:
             for i, name in enumerate(("a", "b")):
-                h.daemons.append(DaemonProc.start(fleet, h.root, name, config=h.config, host=h.hosts[i],
-                                                  netns=h.netns[i]))
+                h.daemons.append(start_daemon(h.root, name, **h._daemon_args(fleet, i)))
             trio.run(h.launch, h.daemons[0])
         except BaseException:
             h.close()
             raise
         return h
+
+    def _daemon_args(self, fleet: Fleet, i: int) -> dict:
+        return dict(fleet=fleet, config=self.config, listen=f"{self.hosts[i]}:0", launcher=self.netns[i] or (),
+                    log_level="info")
 
     def close(self) -> None:
         for d in self.daemons:
@@ -201,8 +204,7 @@ class Harness:
     async def __aenter__(self) -> "Harness":
         fleet = await trio.to_thread.run_sync(Fleet)
         for i, name in enumerate(("a", "b")):
-            d = await DaemonProc.astart(fleet, self.root, name, config=self.config, host=self.hosts[i],
-                                        netns=self.netns[i])
+            d = await astart_daemon(self.root, name, **self._daemon_args(fleet, i))
             self.daemons.append(d)
         await self.launch(self.daemons[0])
         return self
@@ -211,7 +213,7 @@ class Harness:
         for d in self.daemons:
             await trio.to_thread.run_sync(d.cleanup)
 
-    async def launch(self, d: DaemonProc) -> None:
+    async def launch(self, d: DaemonProcess) -> None:
         self.launches += 1
         await d.call("launch", {"name": self.guest, "memory": GUEST_MEMORY, "seed": self.launches, **GUEST_ARGS})
         self.loc = self.daemons.index(d)
@@ -240,7 +242,7 @@ class Harness:
     async def _recover(self) -> None:
         """After a harness error: make sure both daemons run and the guest runs somewhere."""
         for d in self.daemons:
-            d.cont()
+            d.thaw()
             if not d.alive:
                 await d.arestart()
         c = await inv.copies(self.daemons, self.guest)
@@ -280,7 +282,7 @@ class Harness:
                                     "downtime_limit_ms": DOWNTIME_LIMIT_MS,
                                     "max_bandwidth_mib_s": BANDWIDTH_MIB_S},
                         timeout=CELL_MIGRATE_TIMEOUT_S)
-            except ControlFailed as exc:
+            except ControlFailure as exc:
                 outcome["error"] = exc
             except trio.TooSlowError:
                 res.failures.append(f"I4 migration did not end within {CELL_MIGRATE_TIMEOUT_S} s")
@@ -290,7 +292,7 @@ class Harness:
             if dst.alive and kind != "stop_dst":
                 await self._wait_dst_settled(dst, ld)
             proxy.stop_faults()
-            dst.cont()
+            dst.thaw()
             if kind == "stop_dst" and dst.alive:
                 await self._wait_dst_settled(dst, ld)
             nursery.cancel_scope.cancel()
@@ -307,8 +309,8 @@ class Harness:
             go_crossed = False  # the Go frame was eaten by the fault
         if "result" in outcome:
             res.outcome = "completed"
-        elif isinstance(outcome.get("error"), ControlFailed):
-            desc = outcome["error"].desc
+        elif isinstance(outcome.get("error"), ControlFailure):
+            desc = str(outcome["error"])
             res.outcome = "uncertain" if "uncertain" in desc else ("src_killed" if killed_src else "failed")
         else:
             res.outcome = "src_killed" if killed_src else "failed"
@@ -318,7 +320,7 @@ class Harness:
                           hello_seen=proxy.dirs["c2s"].counts.get("hello", 0) > 0, fired_mono=fault.fired_mono,
                           cls=KINDS[kind], dst_frozen=kind == "stop_dst")
 
-    async def _judge(self, res: CellResult, src: DaemonProc, dst: DaemonProc, base_src, base_dst, ls: int, ld: int,
+    async def _judge(self, res: CellResult, src: DaemonProcess, dst: DaemonProcess, base_src, base_dst, ls: int, ld: int,
                      *, killed_src: bool, killed_dst: bool, go_crossed: bool, go_sent: bool, hello_seen: bool,
                      fired_mono: float | None, cls: str, dst_frozen: bool = False) -> None:
         """Invariants I1-I5 after a fault (see the module docstring); appends to res.failures."""
@@ -454,7 +456,7 @@ class Harness:
             if when == "readiness":
                 async def watch():
                     await trio.to_thread.run_sync(
-                        lambda: dst.wait_log(lambda r: r.get("event") == "incoming_ready", start=ld,
+                        lambda: dst.wait_for_log(lambda r: r.get("event") == "incoming_ready", start=ld,
                                              timeout=CELL_MIGRATE_TIMEOUT_S), abandon_on_cancel=True)
                     fire()
                 nursery.start_soon(watch)
@@ -463,7 +465,7 @@ class Harness:
                     "migrate", {"name": name, "to": dst.address, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
                                 "max_bandwidth_mib_s": BANDWIDTH_MIB_S},
                     on_event=on_event, timeout=CELL_MIGRATE_TIMEOUT_S)
-            except ControlFailed as exc:
+            except ControlFailure as exc:
                 outcome["error"] = exc
             except trio.TooSlowError:
                 res.failures.append(f"I4 migration did not end within {CELL_MIGRATE_TIMEOUT_S} s")
@@ -478,35 +480,35 @@ class Harness:
             res.outcome = "completed"
         else:
             err = outcome.get("error")
-            res.outcome = "uncertain" if err is not None and "uncertain" in err.desc else "failed"
+            res.outcome = "uncertain" if err is not None and "uncertain" in str(err) else "failed"
         await self._judge(res, src, dst, base_src, base_dst, ls, ld, killed_src=False, killed_dst=False,
                           go_crossed=when != "first_round", go_sent=when != "first_round", hello_seen=True,
                           fired_mono=fired.get("t"), cls=cls)
 
-    async def _cancel_hung(self, src: DaemonProc, start: int) -> None:
+    async def _cancel_hung(self, src: DaemonProcess, start: int) -> None:
         """A migration that outlived the cell's deadline: cancel it (as an operator would) and wait for the
         source to log its end, so the next checks see a settled daemon."""
         await src.try_call("cancel", {"name": self.guest})
         try:
             await trio.to_thread.run_sync(
-                lambda: src.wait_log(lambda r: r.get("event") in ("migration_failed", "migration_uncertain",
+                lambda: src.wait_for_log(lambda r: r.get("event") in ("migration_failed", "migration_uncertain",
                                                                   "migration_completed"),
                                      start=start, timeout=30), abandon_on_cancel=True)
-        except (TimeoutError, RuntimeError):
+        except DaemonStartError:
             pass
 
-    async def _wait_dst_settled(self, dst: DaemonProc, start: int) -> None:
+    async def _wait_dst_settled(self, dst: DaemonProcess, start: int) -> None:
         """Until the destination logged the end of its side of the migration (deadline)."""
         ends = ("incoming_failed", "incoming_completed", "incoming_closed_after_start", "incoming_uncertain",
                 "incoming_closed_before_hello", "incoming_refused", "incoming_held", "incoming_start_unconfirmed")
         try:
             await trio.to_thread.run_sync(
-                lambda: dst.wait_log(lambda r: r.get("event") in ends, start=start,
+                lambda: dst.wait_for_log(lambda r: r.get("event") in ends, start=start,
                                      timeout=self.peer_timeout_s * 3 + 5))
-        except (TimeoutError, RuntimeError):
+        except DaemonStartError:
             pass  # reported by the checks (a destination that never ends its side leaks a migration)
 
-    async def _resolve(self, c: inv.Copies, src: DaemonProc, dst: DaemonProc, res: CellResult) -> inv.Copies:
+    async def _resolve(self, c: inv.Copies, src: DaemonProcess, dst: DaemonProcess, res: CellResult) -> inv.Copies:
         """Settle an uncertain hand-off as an operator would: wait for an automatic resolution; else one
         `resolve` on the source (run here iff the destination does not run the guest). More than one
         command needed is an I1 failure (the issue: one command resolves it)."""

@@ -1,90 +1,195 @@
-"""Real `sevmigd serve` subprocesses for the fault tests and the `make faults` matrix.
+"""Real `sevmigd serve` subprocesses: the one launcher of the tests, the fault matrix and `make faults`.
 
-`tests/daemon_helpers.py` serves the ordinary tests (pytest fixtures, sync); the fault harness needs
-more, and must also run outside pytest (`python -m sevmigd.bench.faults`), so it has its own small
-launcher here:
+What it gives you (the pytest fixtures that wrap it are in tests/conftest.py):
 
-* `Fleet()`: one fleet CA for a run (every daemon of the fleet trusts the others).
-* `DaemonProc.start(fleet, root, name, config=..., netns=...)`: a daemon with its own state dir and a
-  short private control socket; returns once its `ready` log line was read (no sleeps: a reader thread
-  parses the JSON log lines, stamping each with `time.monotonic()` on arrival, so a test can measure
-  when a daemon *logged* a failure). `restart()` starts it again on the same state dir and the same
-  migration port (a host coming back after a crash); `kill()`, `stop()` (SIGSTOP), `cont()`.
-* `await d.call(verb, args, on_event=...)`: an async control client (JSON lines on the unix socket,
-  PROTOCOL of sevmigd/daemon/control.py) so a trio harness needs no threads; `ControlFailed` carries the
-  error class and text of an error reply.
-* Leak probes that need nothing from the daemon: `open_fds()` (/proc/PID/fd), `rss_bytes()`.
+* Fleets. `fleet(name="fleet")` is the process-wide fleet CA of that name (every daemon started on it
+  trusts the others); `Fleet()` is a brand-new one. `make_state_dir(path, fleet, trust=[...])` writes a
+  platform identity issued by `fleet` that trusts its own ARK plus the ARKs of the fleets in `trust`.
+* `write_config(path, values)`: the one TOML writer (flat keys plus one level of tables, e.g. `tls`).
+* `start_daemon(root, name, ...) -> DaemonProcess` (or `await astart_daemon(...)` from trio code): a
+  daemon with its own work dir `root/name` (state dir, config file, notify socket), a control socket in
+  a short private /tmp dir (sun_path is limited to 107 bytes) unless `control=` names one, the migration
+  listener on 127.0.0.1 port 0. Returns once the daemon logged its `ready` line (listener and control
+  socket accepting); `wait=False` returns at once (e.g. under systemd-socket-activate, which starts the
+  daemon on the first connection). `launcher=[...]` prefixes the command (`ip netns exec NS`,
+  `systemd-socket-activate ...`, a sandbox); `notify=True` binds a NOTIFY_SOCKET and records what the
+  daemon tells systemd (`messages`, `wait_notify`).
+* `DaemonProcess`: output is read by threads as it comes (`logs`: JSON log lines, each stamped with its
+  arrival `time.monotonic()` under the key `_t`; `raw_stdout`, `raw_stderr`, `output()`); waits are
+  deadlines on a condition, never sleeps: `wait_for_log`, `wait_output`, `wait_notify`.
+  Control: `execute(verb, {args} | **args)` in-process (sevmigd.daemon.client.ControlClient),
+  `await call(verb, ...)` from trio code without threads, `ctl(*argv)` / `ctl_json(*argv)` / `await actl(*argv)` run
+  `sevmigd ctl` as a user does. Lifecycle: `terminate()` (SIGTERM, exit status), `send_signal`, `kill()`
+  (a crashed host), `kill_nowait()`, `freeze()` / `thaw()` (SIGSTOP/SIGCONT, a hung host), `restart()`
+  (same state dir and migration port), `cleanup()` (always safe). Probes: `open_fds()`, `rss_bytes()`.
+  `BackgroundMigration(src, name, to)`: a `migrate` request running in a thread while the test acts.
+* `call_control(path, verb, args)`: the async control client, sharing its protocol code with
+  ControlClient. Errors are the client's: `ControlError` (an error reply), `DaemonNotRunning`,
+  `ConnectionLost`, all `ControlFailure`.
 
-Must never: leave a process or a directory behind (`cleanup()`), or touch anything outside its root
-and its /tmp socket dir.
+Rules kept here: loopback and port 0 unless told otherwise; every wait has a deadline and fails with the
+daemon's output attached; a daemon dies with the thread that forked it (PR_SET_PDEATHSIG), so fork from a
+long-lived thread (the event loop's, in trio code: `astart_daemon` does); `cleanup()` leaves no process,
+socket or directory behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
 
 import trio
 
-# Deadlines (never sleeps): a 2-core box shared with other work starts a daemon in well under this.
+from sevmigd import store
+from sevmigd.daemon.client import (ConnectionLost, ControlClient, ControlError, ControlFailure, DaemonNotRunning,
+                                   MAX_REPLY_BYTES, encode_request, read_reply_line)
+from sevmigd.psp.identity import FleetCA, PlatformIdentity
+
+# Deadlines, never sleeps: generous for a loaded 2-core machine shared with other work.
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
-# Test fleets use 2048-bit RSA for ARK/ASK (Naples size; 4096 is slow to generate).
+CTL_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+# Test fleets use 2048-bit RSA for the ARK/ASK (Naples size; 4096 is slow to generate).
 TEST_RSA_BITS = 2048
-# Bytes of one control reply line we accept (a status is a few KiB).
-MAX_LINE = 16 << 20
+# Environment a daemon must not inherit from the test runner (it would think systemd started it).
+_SYSTEMD_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+                "SEVMIGD_CONTROL", "STATE_DIRECTORY", "RUNTIME_DIRECTORY")
+
+LogPredicate = Callable[[dict], bool]
 
 
-class ControlFailed(Exception):
-    """An error reply from the control socket (class + desc), or a lost control connection."""
+class DaemonStartError(AssertionError):
+    """The daemon exited, or did not log what was awaited in time (the message carries its output)."""
 
-    def __init__(self, error_class: str, desc: str):
-        super().__init__(f"{error_class}: {desc}")
-        self.error_class = error_class
-        self.desc = desc
+
+# ----------------------------------------------------------------------------------------- fleets
 
 
 class Fleet:
     """A fleet CA: daemons whose platforms it issued trust each other."""
 
-    def __init__(self):
-        from sevmigd.psp.identity import FleetCA
-
+    def __init__(self, name: str = "fleet"):
+        self.name = name
         self.ca = FleetCA.create(os.urandom, rsa_bits=TEST_RSA_BITS)
 
-    def make_state_dir(self, state_dir: pathlib.Path) -> None:
-        from sevmigd import store
-        from sevmigd.psp.identity import PlatformIdentity
-
-        identity = PlatformIdentity.create(self.ca, os.urandom)
-        store.save_platform(state_dir, identity, trusted_ark=self.ca.ark)
+    def make_state_dir(self, state_dir: os.PathLike | str, *, trust: Sequence[FleetRef] = ()) -> PlatformIdentity:
+        return make_state_dir(state_dir, self, trust=trust)
 
 
-def _toml(values: dict[str, Any]) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        raise TypeError(v)
-    return "".join(f"{k} = {val(v)}\n" for k, v in values.items())
+FleetRef = Union[Fleet, str]
+_fleets: dict[str, Fleet] = {}
+_fleets_lock = threading.Lock()
+
+
+def fleet(name: str = "fleet") -> Fleet:
+    """The fleet of that name, created once per process (so every test of a session can share it)."""
+    with _fleets_lock:
+        if name not in _fleets:
+            _fleets[name] = Fleet(name)
+        return _fleets[name]
+
+
+def _fleet_of(ref: FleetRef | None) -> Fleet:
+    if ref is None:
+        return fleet()
+    return fleet(ref) if isinstance(ref, str) else ref
+
+
+def make_state_dir(state_dir: os.PathLike | str, fleet_ref: FleetRef | None = None, *,
+                   trust: Sequence[FleetRef] = ()) -> PlatformIdentity:
+    """Write a fresh platform identity issued by `fleet_ref` (default: the shared fleet) into `state_dir`,
+    trusting its ARK and the ARKs of the fleets in `trust`. Returns the identity."""
+    f = _fleet_of(fleet_ref)
+    identity = PlatformIdentity.create(f.ca, os.urandom)
+    store.save_platform(state_dir, identity, trusted_ark=f.ca.ark)
+    for other in trust:
+        store.save_trusted_root(state_dir, _fleet_of(other).ca.ark)
+    return identity
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, os.PathLike)):
+        return json.dumps(os.fspath(v))
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def write_config(path: os.PathLike | str, values: Mapping[str, object]) -> pathlib.Path:
+    """Write `values` as a TOML config file: flat keys, plus one level of tables ({"tls": {...}})."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
+    for name, table in values.items():
+        if isinstance(table, Mapping):
+            lines.append(f"\n[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    p = pathlib.Path(path)
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ control
+
+
+async def call_control(path: str, verb: str, args: dict | None = None, *,
+                       on_event: Callable[[str, dict], None] | None = None,
+                       timeout: float = CTL_TIMEOUT_S) -> dict:
+    """One control request from trio code: the `return` dict, or ControlError / DaemonNotRunning /
+    ConnectionLost (trio.TooSlowError after `timeout`)."""
+    with trio.fail_after(timeout):
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as exc:
+            raise DaemonNotRunning(path, exc.strerror or str(exc)) from None
+        async with stream:
+            try:
+                await stream.send_all(encode_request(verb, args, 1))
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise ConnectionLost(f"cannot send to the daemon: {exc}") from None
+            buf = bytearray()
+            while True:
+                nl = buf.find(b"\n")
+                if nl >= 0:
+                    line = bytes(buf[:nl])
+                    del buf[:nl + 1]
+                    reply = read_reply_line(line, on_event)
+                    if reply is not None:
+                        return reply
+                    continue
+                if len(buf) > MAX_REPLY_BYTES:
+                    raise ConnectionLost("reply from the daemon is too large")
+                try:
+                    chunk = await stream.receive_some(1 << 16)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    raise ConnectionLost(f"connection to the daemon failed: {exc}") from None
+                if not chunk:
+                    raise ConnectionLost("the daemon closed the connection before replying (stopped or crashed)")
+                buf += chunk
+
+
+# ------------------------------------------------------------------------------------------ process
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent (thread) dies."""
-    import ctypes
-
+    """In the child before exec: SIGKILL when the thread that forked it dies (no orphaned daemons)."""
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -92,101 +197,213 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC",
-                        "WATCHDOG_PID", "SEVMIGD_CONTROL", "STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test runner's environment without systemd's variables, unbuffered output, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
-class DaemonProc:
-    """One `sevmigd serve` subprocess (see the module docstring)."""
+class DaemonProcess:
+    """One `sevmigd serve` subprocess and everything it printed (see the module docstring)."""
 
-    def __init__(self, root: pathlib.Path, name: str, *, config: dict | None = None,
-                 host: str = "127.0.0.1", netns: list[str] | None = None):
+    def __init__(self, root: os.PathLike | str, name: str = "d", *, state_dir: os.PathLike | str | None = None,
+                 listen: str | None = "127.0.0.1:0", control: str | None = None, config: Mapping | None = None,
+                 args: Sequence[str] = (), env: Mapping[str, str] | None = None, launcher: Sequence[str] = (),
+                 log_level: str = "debug", notify: bool = False, owns_root: bool = False):
+        if log_level not in ("debug", "info"):
+            raise ValueError("readiness is detected from the info-level 'ready' log line: use debug or info")
         self.root = pathlib.Path(root)
         self.name = name
+        self.workdir = self.root / name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = pathlib.Path(state_dir) if state_dir is not None else self.workdir / "state"
+        self._sock_dir: str | None = None
+        if control is None:
+            self._sock_dir = tempfile.mkdtemp(prefix="smgd-", dir="/tmp")
+            control = os.path.join(self._sock_dir, "control.sock")
+        self.control = control
+        self.listen_arg = listen
         self.config = dict(config or {})
-        self.host = host
-        self.netns = list(netns or [])
-        self.state_dir = self.root / f"{name}-state"
-        self.sock_dir = tempfile.mkdtemp(prefix="smgf-", dir="/tmp")
-        self.control = os.path.join(self.sock_dir, "control.sock")
-        self.port = 0
+        self.extra_args = list(args)
+        self.env = dict(env or {})
+        self.launcher = list(launcher)
+        self.log_level = log_level
+        self._owns_root = owns_root
         self.proc: subprocess.Popen | None = None
-        self.logs: list[dict] = []     # every JSON log line of every incarnation, with "_t" = arrival time
-        self.raw: list[str] = []
+        self.ready: dict | None = None
+        self.address: str | None = None   # HOST:PORT the listener is bound to (pass it as `migrate --to`)
+        self.logs: list[dict] = []        # parsed JSON log lines of every incarnation, with "_t"
+        self.raw_stdout: list[str] = []
+        self.raw_stderr: list[str] = []
+        self.messages: list[dict[str, str]] = []   # sd_notify messages (notify=True)
         self.starts = 0
         self.killed = False
         self._cond = threading.Condition()
         self._eof = True
         self._mark = 0
+        self._notify_mark = 0
+        self._threads: list[threading.Thread] = []
+        self.notify_path: str | None = None
+        self._notify: socket.socket | None = None
+        if notify:
+            self.notify_path = str(self.workdir / "notify.sock")
+            if os.path.exists(self.notify_path):
+                os.unlink(self.notify_path)
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind(self.notify_path)
+            self._notify.settimeout(0.5)
+            threading.Thread(target=self._read_notify, daemon=True).start()
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    @classmethod
-    def start(cls, fleet: Fleet, root: pathlib.Path, name: str, **kw) -> "DaemonProc":
-        """Create the state dir, spawn, wait until ready (blocking: call it from a worker thread in trio
-        code only through `astart`, so the process is forked by the long-lived main thread)."""
-        d = cls.prepare(fleet, root, name, **kw)
-        d.spawn()
-        d.wait_ready()
-        return d
-
-    @classmethod
-    def prepare(cls, fleet: Fleet, root: pathlib.Path, name: str, **kw) -> "DaemonProc":
-        d = cls(root, name, **kw)
-        d.state_dir.mkdir(parents=True, exist_ok=True)
-        fleet.make_state_dir(d.state_dir)
-        return d
-
-    @classmethod
-    async def astart(cls, fleet: Fleet, root: pathlib.Path, name: str, **kw) -> "DaemonProc":
-        d = await trio.to_thread.run_sync(lambda: cls.prepare(fleet, root, name, **kw))
-        d.spawn()
-        await trio.to_thread.run_sync(d.wait_ready)
-        return d
-
-    async def arestart(self) -> None:
-        """restart() for trio code: fork from the event loop's thread (see spawn), wait in a worker."""
-        await trio.to_thread.run_sync(self.kill)
-        self.killed = False
-        self.spawn()
-        await trio.to_thread.run_sync(self.wait_ready)
-
-    def _spawn(self) -> None:
-        self.spawn()
-        self.wait_ready()
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cmd = [*self.launcher, sys.executable, "-m", "sevmigd", "serve", "--state-dir", str(self.state_dir),
+               "--control", self.control, "--log-format", "json", "--log-level", self.log_level]
+        if self.listen_arg is not None:
+            cmd += ["--listen", self.listen_arg]
+        if self.config:
+            cmd += ["--config", str(write_config(self.workdir / "sevmigd.toml", self.config))]
+        return cmd + self.extra_args
 
     def spawn(self) -> None:
-        """Fork the daemon. It gets SIGKILL when the forking thread dies (PR_SET_PDEATHSIG), so a killed
-        harness never leaves daemons behind: fork from a thread that lives as long as the harness."""
-        cfg_path = self.root / f"{self.name}.toml"
-        cfg_path.write_text(_toml(self.config))
-        cmd = [*self.netns, sys.executable, "-m", "sevmigd", "serve", "--state-dir", str(self.state_dir),
-               "--control", self.control, "--listen", f"{self.host}:{self.port}", "--log-format", "json",
-               "--log-level", "info", "--config", str(cfg_path)]
-        if os.path.exists(self.control):
+        """Fork the daemon (it dies with the forking thread: see the module docstring)."""
+        if os.path.exists(self.control) and self._sock_dir is not None:
             os.unlink(self.control)  # a stale socket of a killed incarnation
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=_child_env(),
+        env = dict(self.env)
+        if self.notify_path is not None:
+            env.setdefault("NOTIFY_SOCKET", self.notify_path)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=child_env(env), cwd=self.workdir,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         self.starts += 1
+        self.killed = False
         with self._cond:
             self._eof = False
             self._mark = len(self.logs)
-        threading.Thread(target=self._reader, args=(self.proc,), daemon=True).start()
+            self._notify_mark = len(self.messages)
+        self._threads = [threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True),
+                         threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)]
+        for t in self._threads:
+            t.start()
 
-    def wait_ready(self) -> None:
-        ready = self.wait_log(lambda d: d.get("event") == "ready", start=self._mark, timeout=READY_TIMEOUT_S)
-        self.port = int(ready["listen"].rsplit(":", 1)[1])
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
+        """Until this incarnation logged `ready` (and, with notify=True, sent READY=1); records the bound
+        address (a restart reuses its port)."""
+        self.ready = self.wait_for_log("ready", timeout=timeout, start=self._mark)
+        if self.notify_path is not None:
+            self.wait_notify(lambda m: m.get("READY") == "1", timeout, since=self._notify_mark)
+        self.address = self.ready["listen"]
+        if self.listen_arg is not None:
+            self.listen_arg = self.address
+        return self.ready
 
-    def _reader(self, proc: subprocess.Popen) -> None:
+    def restart(self) -> None:
+        """Start again after kill(): same state dir (platform identity), same migration port."""
+        self.kill()
+        self.spawn()
+        self.wait_ready()
+
+    async def arestart(self) -> None:
+        """restart() for trio code: fork from the event loop's thread, wait in a worker thread."""
+        await trio.to_thread.run_sync(self.kill)
+        self.spawn()
+        await trio.to_thread.run_sync(self.wait_ready)
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM (after SIGCONT, in case it is frozen) and the exit status; AssertionError with the
+        output if it does not exit in time."""
+        assert self.proc is not None
+        self.thaw()
+        self.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"daemon {self.name} did not exit within {timeout} s of SIGTERM:\n"
+                                 f"{self.output()}") from None
+        self._join()
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL (a crashed host) and reap."""
+        self.killed = True
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+            self._join()
+
+    def kill_nowait(self) -> None:
+        """SIGKILL without waiting (callable from inside an event loop, e.g. a FaultProxy action)."""
+        self.killed = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process is frozen, its sockets stay open (a hung host)."""
+        if self.alive:
+            self.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.alive:
+            self.send_signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        """Kill if still running; close pipes and sockets; remove the socket dir (and the root if ours)."""
+        self.kill()
+        if self.proc is not None:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join(STOP_TIMEOUT_S)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.killed and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def host(self) -> str:
+        assert self.address is not None, "the daemon has not logged `ready` yet"
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        assert self.address is not None, "the daemon has not logged `ready` yet"
+        return int(self.address.rsplit(":", 1)[1])
+
+    # -- output ------------------------------------------------------------------------------------------
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             now = time.monotonic()
             with self._cond:
-                self.raw.append(line)
+                self.raw_stdout.append(line)
                 try:
                     obj = json.loads(line)
                 except ValueError:
@@ -200,98 +417,133 @@ class DaemonProc:
                 self._eof = True
             self._cond.notify_all()
 
-    def wait_log(self, pred: Callable[[dict], bool], *, start: int = 0, timeout: float = 30.0) -> dict:
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._cond:
+                self.raw_stderr.append(line)
+                self._cond.notify_all()
+
+    def _read_notify(self) -> None:
+        while (sock := self._notify) is not None:
+            try:
+                data = sock.recv(65536).decode(errors="replace")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            msg = dict(line.split("=", 1) for line in data.split("\n") if "=" in line)
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
+
+    def output(self, tail: int | None = None) -> str:
+        """What the daemon printed so far (stdout, then stderr; the last `tail` lines of each)."""
+        with self._cond:
+            out, err = self.raw_stdout, self.raw_stderr
+            if tail is not None:
+                out, err = out[-tail:], err[-tail:]
+            return "".join(out) + "".join(err)
+
+    def _wait(self, what: str, find: Callable[[], object], timeout: float, *, on_exit: bool = True) -> object:
         deadline = time.monotonic() + timeout
         with self._cond:
-            i = start
             while True:
-                while i < len(self.logs):
-                    if pred(self.logs[i]):
-                        return self.logs[i]
-                    i += 1
-                if self._eof:
-                    raise RuntimeError(f"daemon {self.name} exited (rc={self.proc.poll() if self.proc else None}) "
-                                       f"while waiting for a log line:\n{self.tail()}")
+                found = find()
+                if found is not None:
+                    return found
+                if on_exit and self._eof:
+                    rc = self.proc.poll() if self.proc is not None else None
+                    raise DaemonStartError(f"daemon {self.name} exited (rc={rc}) before {what}:\n"
+                                           f"{self.output(200)}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"daemon {self.name}: no such log line within {timeout} s:\n{self.tail()}")
-                self._cond.wait(left)
+                    raise DaemonStartError(f"daemon {self.name}: no {what} within {timeout} s:\n{self.output(200)}")
+                self._cond.wait(min(left, 1.0))
 
-    def find_logs(self, pred: Callable[[dict], bool], start: int = 0) -> list[dict]:
+    def wait_for_log(self, event: str | LogPredicate, timeout: float = READY_TIMEOUT_S, start: int = 0) -> dict:
+        """The first log line (from index `start`) whose event is `event` (or that the predicate accepts)."""
+        pred = event if callable(event) else (lambda d: d.get("event") == event)
+        found = self._wait(f"log line {event!r}", lambda: next((r for r in self.logs[start:] if pred(r)), None),
+                           timeout)
+        assert isinstance(found, dict)
+        return found
+
+    def find_logs(self, pred: LogPredicate, start: int = 0) -> list[dict]:
         with self._cond:
-            return [d for d in self.logs[start:] if pred(d)]
+            return [r for r in self.logs[start:] if pred(r)]
 
-    def tail(self, n: int = 40) -> str:
-        with self._cond:
-            return "".join(self.raw[-n:])
+    def wait_output(self, pred: Callable[[str], bool], *, stream: str = "stderr",
+                    timeout: float = READY_TIMEOUT_S) -> str:
+        """The first raw line of `stream` ("stdout"/"stderr", e.g. a launcher's) that `pred` accepts."""
+        lines = self.raw_stderr if stream == "stderr" else self.raw_stdout
+        found = self._wait(f"{stream} line", lambda: next((x for x in lines if pred(x)), None), timeout,
+                           on_exit=False)
+        assert isinstance(found, str)
+        return found
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+    def wait_notify(self, pred: Callable[[dict[str, str]], bool], timeout: float = READY_TIMEOUT_S, *,
+                    since: int = 0) -> dict[str, str]:
+        """The first sd_notify message (index >= `since` in `messages`) that `pred` accepts."""
+        assert self.notify_path is not None, "start the daemon with notify=True"
+        found = self._wait("such sd_notify message",
+                           lambda: next((m for m in self.messages[since:] if pred(m)), None), timeout)
+        assert isinstance(found, dict)
+        return found
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and not self.killed and self.proc.poll() is None
+    # -- control -----------------------------------------------------------------------------------------
+    def client(self, timeout: float | None = CTL_TIMEOUT_S) -> ControlClient:
+        return ControlClient(self.control, timeout=timeout)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def execute(self, verb: str, args: dict | None = None, /, *, on_event: Callable[[str, dict], None] | None = None,
+                timeout: float | None = CTL_TIMEOUT_S, **kwargs: object) -> dict:
+        """One control request in-process: `execute("launch", {"name": "g"})` or `execute("launch", name="g")`.
+        Raises sevmigd.daemon.client.ControlError on an error reply."""
+        with self.client(timeout) as c:
+            return c.execute(verb, {**(args or {}), **kwargs} or None, on_event=on_event)
 
-    def kill(self) -> None:
-        """SIGKILL (a crashed host) and reap."""
-        self.killed = True
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(STOP_TIMEOUT_S)
+    async def call(self, verb: str, args: dict | None = None, /, *,
+                   on_event: Callable[[str, dict], None] | None = None,
+                   timeout: float = CTL_TIMEOUT_S, **kwargs: object) -> dict:
+        """execute() for trio code (no thread): see call_control."""
+        return await call_control(self.control, verb, {**(args or {}), **kwargs} or None, on_event=on_event,
+                                  timeout=timeout)
 
-    def kill_nowait(self) -> None:
-        """SIGKILL without waiting (callable from inside an event loop, e.g. a FaultProxy action)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.killed = True
-
-    def stop(self) -> None:
-        """SIGSTOP: the process is frozen, its sockets stay open (a hung host)."""
-        if self.alive:
-            os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def cont(self) -> None:
-        if self.alive:
-            os.kill(self.proc.pid, signal.SIGCONT)
-
-    def restart(self) -> None:
-        """Start again after kill(): same state dir (platform identity), same migration port."""
-        self.kill()
-        self.killed = False
-        self._spawn()
-
-    def terminate(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.alive:
-            self.cont()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
+    async def try_call(self, verb: str, args: dict | None = None, /, **kw: object) -> tuple[dict | None, str | None]:
+        """(reply, None) or (None, error text): for probes that must not raise."""
         try:
-            self.terminate()
-        finally:
-            self.kill()
-            if self.proc is not None and self.proc.stdout is not None:
-                self.proc.stdout.close()
-            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            return await self.call(verb, args, **kw), None  # type: ignore[arg-type]
+        except ControlFailure as exc:
+            return None, f"{self.name}: {exc}"
+        except trio.TooSlowError:
+            return None, f"{self.name}: control request {verb} timed out"
 
-    # -- probes ----------------------------------------------------------------------------------------------
+    def ctl(self, *argv: object, timeout: float = CTL_TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
+        """Run `sevmigd ctl --control PATH *argv` as a user would (text output captured)."""
+        cmd = [sys.executable, "-m", "sevmigd", "ctl", "--control", self.control, *map(str, argv)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout}{res.stderr}")
+        return res
+
+    async def actl(self, *argv: object, timeout: float = CTL_TIMEOUT_S,
+                   check: bool = False) -> subprocess.CompletedProcess:
+        """ctl() for trio code (the subprocess is waited for in a worker thread)."""
+        return await trio.to_thread.run_sync(lambda: self.ctl(*argv, timeout=timeout, check=check))
+
+    def ctl_json(self, *argv: object, timeout: float = CTL_TIMEOUT_S) -> object:
+        """`ctl *argv --json`, checked, parsed."""
+        return json.loads(self.ctl(*argv, "--json", timeout=timeout, check=True).stdout)
+
+    def guests(self) -> dict[str, str]:
+        """{name: state} of the guests the daemon lists."""
+        return {g["name"]: g["state"] for g in self.execute("list")["guests"]}
+
+    # -- probes ------------------------------------------------------------------------------------------
     def open_fds(self) -> int | None:
         try:
             return len(os.listdir(f"/proc/{self.pid}/fd"))
-        except (OSError, TypeError):
+        except (OSError, AssertionError):
             return None
 
     def rss_bytes(self) -> int | None:
@@ -300,60 +552,93 @@ class DaemonProc:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) * 1024
-        except (OSError, TypeError):
+        except (OSError, AssertionError):
             return None
         return None
 
-    # -- control (async) -------------------------------------------------------------------------------------
-    async def call(self, verb: str, args: dict | None = None, *, on_event=None, timeout: float = 120.0) -> dict:
-        """One control request; returns its `return` dict or raises ControlFailed."""
-        with trio.fail_after(timeout):
-            try:
-                stream = await trio.open_unix_socket(self.control)
-            except OSError as exc:
-                raise ControlFailed("DaemonNotRunning", f"{self.name}: {exc.strerror or exc}") from None
-            async with stream:
-                req = {"execute": verb, "id": 1}
-                if args:
-                    req["arguments"] = args
-                try:
-                    await stream.send_all(json.dumps(req).encode() + b"\n")
-                except (trio.BrokenResourceError, OSError) as exc:
-                    raise ControlFailed("ConnectionLost", str(exc)) from None
-                buf = bytearray()
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        try:
-                            chunk = await stream.receive_some(1 << 16)
-                        except (trio.BrokenResourceError, OSError) as exc:
-                            raise ControlFailed("ConnectionLost", str(exc)) from None
-                        if not chunk:
-                            raise ControlFailed("ConnectionLost", f"{self.name} closed the control connection")
-                        buf += chunk
-                        if len(buf) > MAX_LINE:
-                            raise ControlFailed("ConnectionLost", "reply too large")
-                        continue
-                    line, buf = bytes(buf[:nl]), buf[nl + 1:]
-                    msg = json.loads(line)
-                    if "event" in msg:
-                        if on_event is not None:
-                            on_event(msg["event"], msg.get("data") or {})
-                        continue
-                    if "return" in msg:
-                        return msg["return"]
-                    if "error" in msg:
-                        err = msg["error"]
-                        raise ControlFailed(str(err.get("class")), str(err.get("desc")))
 
-    async def try_call(self, verb: str, args: dict | None = None, **kw) -> tuple[dict | None, str | None]:
-        """(reply, None) or (None, error text): for probes that must not raise."""
+class BackgroundMigration:
+    """`migrate` through the control socket in a thread: progress events collected in `events`,
+    `wait_moving()` returns once pages are flowing; `join()`, then `result` or `error`."""
+
+    def __init__(self, source: DaemonProcess, name: str, to: str, *, timeout: float = CTL_TIMEOUT_S,
+                 **args: object):
+        self.events: list[dict] = []
+        self.moving = threading.Event()
+        self.result: dict | None = None
+        self.error: Exception | None = None
+        self._timeout = timeout
+        self._thread = threading.Thread(target=self._run, args=(source, {"name": name, "to": to, **args}),
+                                        daemon=True)
+        self._thread.start()
+
+    def _on_event(self, _name: str, data: dict) -> None:
+        self.events.append(data)
+        if data.get("transferred", 0) > 0:
+            self.moving.set()
+
+    def _run(self, source: DaemonProcess, args: dict) -> None:
         try:
-            return await self.call(verb, args, **kw), None
-        except ControlFailed as exc:
-            return None, str(exc)
-        except trio.TooSlowError:
-            return None, f"{self.name}: control request {verb} timed out"
+            self.result = source.execute("migrate", args, on_event=self._on_event, timeout=self._timeout)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            self.error = exc
+        finally:
+            self.moving.set()
+
+    def wait_moving(self, timeout: float = READY_TIMEOUT_S) -> None:
+        assert self.moving.wait(timeout), "the migration never started moving pages"
+
+    def join(self, timeout: float = CTL_TIMEOUT_S) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "migrate did not return"
 
 
-__all__ = ["Fleet", "DaemonProc", "ControlFailed"]
+def start_daemon(root: os.PathLike | str | None = None, name: str = "d", *, fleet: FleetRef | None = None,
+                 trust: Sequence[FleetRef] = (), init_platform: bool = True, wait: bool = True,
+                 ready_timeout: float = READY_TIMEOUT_S, **kw: object) -> DaemonProcess:
+    """Start `sevmigd serve` in `root/name` and (unless wait=False) wait until it is ready.
+
+    root: parent of the daemon's work dir (default: a new temp dir, removed by cleanup()).
+    fleet / trust: the platform's fleet (default: the shared one) and fleets whose ARKs it also trusts.
+    init_platform=False, or a `state_dir` of yours: the platform is not made here (an empty state dir
+    makes the daemon create a self-contained platform).
+    Other keywords go to DaemonProcess: state_dir, listen, control, config, args, env, launcher,
+    log_level, notify.
+    """
+    owns_root = root is None
+    root_path = pathlib.Path(root) if root is not None else pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-test-"))
+    d = DaemonProcess(root_path, name, owns_root=owns_root, **kw)  # type: ignore[arg-type]
+    try:
+        if init_platform and "state_dir" not in kw:
+            make_state_dir(d.state_dir, fleet, trust=trust)
+        d.spawn()
+        if wait:
+            d.wait_ready(ready_timeout)
+    except BaseException:
+        d.cleanup()
+        raise
+    return d
+
+
+async def astart_daemon(root: os.PathLike | str | None = None, name: str = "d", *, fleet: FleetRef | None = None,
+                        trust: Sequence[FleetRef] = (), init_platform: bool = True,
+                        ready_timeout: float = READY_TIMEOUT_S, **kw: object) -> DaemonProcess:
+    """start_daemon for trio code: the state dir is made and readiness awaited in worker threads, the
+    fork happens on the event loop's thread (which outlives the daemon: see the module docstring)."""
+    owns_root = root is None
+    root_path = pathlib.Path(root) if root is not None else pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-test-"))
+    d = DaemonProcess(root_path, name, owns_root=owns_root, **kw)  # type: ignore[arg-type]
+    try:
+        if init_platform and "state_dir" not in kw:
+            await trio.to_thread.run_sync(lambda: make_state_dir(d.state_dir, fleet, trust=trust))
+        d.spawn()
+        await trio.to_thread.run_sync(d.wait_ready, ready_timeout)
+    except BaseException:
+        await trio.to_thread.run_sync(d.cleanup)
+        raise
+    return d
+
+
+__all__ = ["Fleet", "fleet", "make_state_dir", "write_config", "call_control", "child_env", "DaemonProcess",
+           "DaemonStartError", "BackgroundMigration", "start_daemon", "astart_daemon", "ControlError", "ControlFailure",
+           "DaemonNotRunning", "ConnectionLost", "READY_TIMEOUT_S", "CTL_TIMEOUT_S", "STOP_TIMEOUT_S"]

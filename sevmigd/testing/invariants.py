@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sevmigd.testing.daemons import DaemonProc
+from sevmigd.testing.daemons import DaemonProcess
 
 # States of a guest that can execute (now or after `resolve`): `running`; `paused` by an operator;
 # `migrating` is the source's copy during a migration or an uncertain hand-off (paused).
@@ -84,7 +84,7 @@ class CellReport:
         self.failures.append(text)
 
 
-async def guest_state(d: DaemonProc, name: str) -> tuple[str | None, dict | None, str | None]:
+async def guest_state(d: DaemonProcess, name: str) -> tuple[str | None, dict | None, str | None]:
     """(state, migration stats, control error) of guest `name` on `d`."""
     st, err = await d.try_call("status", {"name": name}, timeout=30)
     if st is None:
@@ -94,7 +94,7 @@ async def guest_state(d: DaemonProc, name: str) -> tuple[str | None, dict | None
     return st.get("state"), st.get("migration"), None
 
 
-async def copies(daemons: list[DaemonProc], name: str) -> Copies:
+async def copies(daemons: list[DaemonProcess], name: str) -> Copies:
     c = Copies({}, {}, {})
     for d in daemons:
         if not d.alive:
@@ -108,7 +108,7 @@ async def copies(daemons: list[DaemonProc], name: str) -> Copies:
     return c
 
 
-async def baseline(d: DaemonProc) -> Baseline:
+async def baseline(d: DaemonProcess) -> Baseline:
     info, _ = await d.try_call("server-info", timeout=30)
     lst, _ = await d.try_call("list", timeout=30)
     guests = {g["name"]: g["state"] for g in (lst or {}).get("guests", [])}
@@ -147,7 +147,7 @@ def check_copies(c: Copies, *, expect_on: str | None = None, allow_uncertain: bo
 # ----------------------------------------------------------------------------------------------- I2
 
 
-async def check_guest(d: DaemonProc, name: str, memory_bytes: int) -> list[str]:
+async def check_guest(d: DaemonProcess, name: str, memory_bytes: int) -> list[str]:
     """I2: verify passes and the workload still writes its working set."""
     out = []
     v, err = await d.try_call("verify", {"name": name}, timeout=60)
@@ -174,7 +174,7 @@ async def check_guest(d: DaemonProc, name: str, memory_bytes: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------- I3
 
 
-async def check_serving(daemons: list[DaemonProc], name: str) -> list[str]:
+async def check_serving(daemons: list[DaemonProcess], name: str) -> list[str]:
     out = []
     for d in daemons:
         if not d.alive:
@@ -189,7 +189,7 @@ async def check_serving(daemons: list[DaemonProc], name: str) -> list[str]:
     return out
 
 
-async def fresh_migration(src: DaemonProc, dst: DaemonProc, name: str, *, downtime_limit_ms: int | None = None,
+async def fresh_migration(src: DaemonProcess, dst: DaemonProcess, name: str, *, downtime_limit_ms: int | None = None,
                           max_bandwidth_mib_s: float | None = None, timeout: float = 120.0) -> tuple[dict | None, str | None]:
     args = {"name": name, "to": dst.address}
     if downtime_limit_ms is not None:
@@ -202,7 +202,7 @@ async def fresh_migration(src: DaemonProc, dst: DaemonProc, name: str, *, downti
 # ----------------------------------------------------------------------------------------------- I4
 
 
-def failure_log(d: DaemonProc, start: int, migration_id: str | None = None) -> dict | None:
+def failure_log(d: DaemonProcess, start: int, migration_id: str | None = None) -> dict | None:
     """The first log line from `start` on that reports the migration's failure, uncertainty or end."""
     events = ("migration_failed", "migration_uncertain", "incoming_failed", "incoming_uncertain",
               "incoming_refused", "migration_completed", "incoming_completed", "incoming_closed_after_start",
@@ -246,7 +246,7 @@ def check_status_error(mig: dict | None, who: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- I5
 
 
-async def check_leaks(d: DaemonProc, base: Baseline, *, restarted: bool = False, guest: str | None = None,
+async def check_leaks(d: DaemonProcess, base: Baseline, *, restarted: bool = False, guest: str | None = None,
                       guest_bytes: int | None = None) -> list[str]:
     """I5 against `base` (skipped for counters when the daemon was restarted: a new process). `guest`:
     the cell's guest, which may have arrived here; any other new guest entry is a leak."""

@@ -1,0 +1,43 @@
+"""Shared fixtures and marks of the test suite (the harness itself is sevmigd/testing/daemons.py).
+
+Fixtures:
+* `daemons`: a factory, `daemons(name="d0", **kwargs) -> DaemonProcess`, that starts a real `sevmigd serve`
+  in `tmp_path/name` (kwargs as sevmigd.testing.daemons.start_daemon: fleet=, trust=, config=, notify=,
+  launcher=, state_dir=, control=, wait=, ...) and kills and removes every daemon it started after the
+  test, pass or fail. Every daemon of the test session shares one fleet unless `fleet=` names another.
+* `daemon`: one ready daemon on the shared fleet.
+
+Marks (declared in pyproject.toml): `slow` for long-running tests (real migrations, fault cells; run them
+alone with `-m slow`, skip them with `-m "not slow"`), `root`, `fuzz`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from sevmigd.testing.daemons import DaemonProcess, start_daemon
+
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def daemons(tmp_path) -> Iterator[DaemonFactory]:
+    """Start daemons (see the module docstring); all are cleaned up after the test."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str | None = None, **kw: object) -> DaemonProcess:
+        d = start_daemon(tmp_path, name or f"d{len(started)}", **kw)  # type: ignore[arg-type]
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(daemons: DaemonFactory) -> DaemonProcess:
+    """One ready daemon on the shared fleet."""
+    return daemons()
