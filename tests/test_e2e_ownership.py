@@ -1,7 +1,7 @@
 """End to end, platform ownership: real `sevmigd` CLI runs (oca init, platform pek-csr / oca sign-pek /
 platform pek-import, platform own) own real daemons' platforms; a DOMAIN-policy guest then migrates
 within one owner's fleet and is refused (POLICY_FAILURE, guest untouched) towards another owner's
-platform. Loopback and port 0 only; every wait has a deadline (daemon_helpers)."""
+platform. Loopback and port 0 only; every wait has a deadline (sevmigd/testing/daemons.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from daemon_helpers import daemon_factory, make_state_dir  # noqa: F401  (pytest fixture)
+from sevmigd.testing.daemons import make_state_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def ctl_json(d, *argv):
     return json.loads(res.stdout)
 
 
-def owned_daemon(daemon_factory, tmp_path, name, oca_dir, *, via_csr=False):  # noqa: F811
+def owned_daemon(daemons, tmp_path, name, oca_dir, *, via_csr=False):
     root = tmp_path / name
     state = root / "state"
     make_state_dir(state)
@@ -45,16 +45,16 @@ def owned_daemon(daemon_factory, tmp_path, name, oca_dir, *, via_csr=False):  # 
         sevmigd("platform", "own", "--state-dir", state, "--oca", oca_dir)
     status = json.loads(sevmigd("platform", "status", "--state-dir", state, "--json").stdout)
     assert status["owner"] == "external"
-    return daemon_factory(root=root, init_platform=False)
+    return daemons(name, init_platform=False)
 
 
-def test_domain_guest_migrates_within_one_owner_and_not_to_another(daemon_factory, tmp_path):  # noqa: F811
+def test_domain_guest_migrates_within_one_owner_and_not_to_another(daemons, tmp_path):
     fleet1, fleet2 = tmp_path / "oca1", tmp_path / "oca2"
     sevmigd("oca", "init", fleet1)
     sevmigd("oca", "init", fleet2)
-    a = owned_daemon(daemon_factory, tmp_path, "a", fleet1)
-    b = owned_daemon(daemon_factory, tmp_path, "b", fleet1, via_csr=True)
-    c = owned_daemon(daemon_factory, tmp_path, "c", fleet2)
+    a = owned_daemon(daemons, tmp_path, "a", fleet1)
+    b = owned_daemon(daemons, tmp_path, "b", fleet1, via_csr=True)
+    c = owned_daemon(daemons, tmp_path, "c", fleet2)
 
     ctl_json(a, "launch", "tenant", "--memory", "16M", "--policy", DOMAIN, "--dirty-rate", "2")
     stats = ctl_json(a, "migrate", "tenant", "--to", b.address)
@@ -77,9 +77,9 @@ def test_domain_guest_migrates_within_one_owner_and_not_to_another(daemon_factor
     assert ctl_json(a, "verify", "tenant")["ok"]
 
 
-def test_self_owned_platforms_are_separate_domains(daemon_factory):  # noqa: F811
+def test_self_owned_platforms_are_separate_domains(daemons):
     """Without an owner every platform is its own domain: the DOMAIN bit pins a guest to its host."""
-    a, b = daemon_factory(), daemon_factory()
+    a, b = daemons(), daemons()
     ctl_json(a, "launch", "pinned", "--memory", "16M", "--policy", DOMAIN)
     res = a.ctl("migrate", "pinned", "--to", b.address, timeout=CTL_TIMEOUT)
     assert res.returncode == 1 and "POLICY_FAILURE" in res.stderr, res.stdout + res.stderr
