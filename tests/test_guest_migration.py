@@ -48,7 +48,7 @@ def plaintext(vm):
     return k._current(tx, shared).tobytes(), shared.tobytes(), tx.w0.tobytes(), regs
 
 
-def migrate(src, fw_a, fw_b, *, asid, drop=None, between_rounds=()):
+def migrate(src, fw_a, fw_b, *, asid, drop=None, between_rounds=(), vmsa_order=None):
     pdh_b, chain_b = fw_b.pdh_cert_export()
     policy, session = fw_a.send_start(src.handle, pdh_cert=pdh_b, plat_certs=chain_b,
                                       amd_certs=fw_b.identity.amd_certs())
@@ -80,9 +80,10 @@ def migrate(src, fw_a, fw_b, *, asid, drop=None, between_rounds=()):
     if drop is not None:
         last = last[~np.isin(last, drop(last))]
     send(last)
-    if src.host.is_es:
-        hdr, trans = fw_a.send_update_vmsa(src.handle)
-        fw_b.receive_update_vmsa(h, hdr, trans)
+    if src.host.is_es:                 # one SEND/RECEIVE_UPDATE_VMSA per vCPU, each its own page
+        packets = [fw_a.send_update_vmsa(src.handle, vcpu=i) for i in range(src.vcpus)]
+        for i, j in enumerate(vmsa_order or range(src.vcpus)):
+            fw_b.receive_update_vmsa(h, *packets[j], vcpu=i)
     else:
         dst.host.set_vcpu_state(src.host.get_vcpu_state())
     # The final page-encryption bitmap crosses whole at stop-and-copy (flips of never-written pages
@@ -94,11 +95,11 @@ def migrate(src, fw_a, fw_b, *, asid, drop=None, between_rounds=()):
     return dst, last
 
 
-@pytest.mark.parametrize("policy", [0, int(Policy.ES)])
-def test_migrated_guest_continues_like_one_that_stayed(fws, policy):
+@pytest.mark.parametrize("policy,vcpus", [(0, 1), (int(Policy.ES), 1), (int(Policy.ES), 4)])
+def test_migrated_guest_continues_like_one_that_stayed(fws, policy, vcpus):
     fw_a, fw_b, fw_c = fws
     cfg = dict(name="m", memory_bytes=8 * MiB, policy=policy, dirty_rate_mib_s=40, shared_fraction=0.15,
-               flip_rate=300, seed=77)
+               flip_rate=300, seed=77, vcpus=vcpus)
     src = SevVm.launch(fw_a, GuestConfig(**cfg), asid=1, rng=seeded_rng(8))
     twin = SevVm.launch(fw_c, GuestConfig(**cfg), asid=1, rng=seeded_rng(8))
     try:
@@ -190,3 +191,22 @@ def test_incoming_guest_is_inert_until_started_and_checks_its_state(fws):
         assert dst.sev_state == "UNINIT"
     finally:
         src.release()
+
+
+def test_es_vcpu_pages_swapped_by_the_host_are_caught(fws):
+    """The VMSA packet MAC binds no vCPU number (reference §4: a host may reorder packets). A host that
+    hands vCPU 0's save area in as vCPU 1's gets a guest that refuses to start (GuestPanic), not one
+    that runs on another vCPU's registers."""
+    from sevmigd.guest.kernel import GuestPanic
+    fw_a, fw_b, _ = fws
+    src = SevVm.launch(fw_a, GuestConfig("sw", 8 * MiB, policy=int(Policy.ES), vcpus=2, dirty_rate_mib_s=5),
+                       asid=7, rng=seeded_rng(5))
+    try:
+        src.run(0.01)
+        with pytest.raises(GuestPanic):
+            migrate(src, fw_a, fw_b, asid=8, vmsa_order=[1, 0])
+    finally:
+        src.release()
+        for h in list(fw_b._guests):
+            fw_b.deactivate(h)
+            fw_b.decommission(h)

@@ -87,8 +87,14 @@ def test_default_image_is_measured(launch):
 def test_es_launch_measures_image_then_vmsa(launch):
     vm = launch(policy=int(Policy.ES))
     image = default_image()
-    reset_vmsa = vc.encode_vmsa([vc.reset_state(0)])
+    reset_vmsa = vc.encode_vmsa(vc.reset_state(0), 0)
     assert vm.launch_digest == hashlib.sha256(image + reset_vmsa).digest()
+
+
+def test_es_launch_measures_one_vmsa_per_vcpu_in_order(launch):
+    vm = launch(policy=int(Policy.ES), vcpus=3)
+    pages = b"".join(vc.encode_vmsa(vc.reset_state(i), i) for i in range(3))
+    assert vm.launch_digest == hashlib.sha256(default_image() + pages).digest()
 
 
 def test_bad_config_is_a_config_error(fw):
@@ -259,14 +265,14 @@ def test_es_registers_not_readable_by_host(launch, fw):
     with pytest.raises(VcpuStateProtected):
         vm.host.set_vcpu_state([vc.reset_state(0)])
     assert vm.host.is_es
-    regs = vm._regs
-    plain = vc.encode_vmsa(regs)
-    raw = bytes(vm._vmsa)
-    assert raw != plain and plain[:14] not in raw
-    seq = regs[0]["wl_seq"].to_bytes(8, "little")
+    regs = vm._regs[0]
+    plain = vc.encode_vmsa(regs, 0)
+    raw = bytes(vm._vmsa[0])
+    assert raw != plain and plain[0x178:0x180] not in raw
+    seq = regs["wl_seq"].to_bytes(8, "little")
     assert seq not in raw
     # the guest side (and the PSP) see the registers
-    assert vc.decode_vmsa(fw.memory_engine(vm.handle).decrypt(VMSA_PADDR, raw)) == regs
+    assert vc.decode_vmsa(fw.memory_engine(vm.handle).decrypt(VMSA_PADDR, raw), 0) == regs
 
 
 def test_non_es_vcpu_state_roundtrip(launch):
@@ -352,26 +358,45 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=100, deadline=None)
-@given(n=st.integers(1, vc.vmsa_capacity()), vals=st.lists(st.integers(0, vc.U64), min_size=1, max_size=50))
-def test_vmsa_roundtrip(n, vals):
-    regs = [vc.reset_state(i) for i in range(n)]
+@given(vcpu=st.integers(0, 63), vals=st.lists(st.integers(0, vc.U64), min_size=1, max_size=50))
+def test_vmsa_roundtrip(vcpu, vals):
+    regs = vc.reset_state(vcpu)
     for i, v in enumerate(vals):
-        r = regs[i % n]
-        r[sorted(r)[i % len(r)]] = v
-    page = vc.encode_vmsa(regs)
+        regs[sorted(regs)[i % len(regs)]] = v
+    page = vc.encode_vmsa(regs, vcpu)
     assert len(page) == 4096 and not any(page[vc.VMSA_REGS_LIMIT:])
-    assert vc.decode_vmsa(page) == regs
+    assert vc.decode_vmsa(page, vcpu) == regs
+
+
+def test_vmsa_uses_the_hardware_save_area_offsets():
+    """AMD APM vol. 2 SEV-ES save area / Linux `struct sev_es_save_area`: each register at its offset."""
+    regs = vc.reset_state(1)
+    for i, name in enumerate(vc.ARCH_REGS):
+        regs[name] = 0x1111111111111111 * (i % 15 + 1)
+    page = vc.encode_vmsa(regs, 1)
+    expect = {"rax": 0x1F8, "rsp": 0x1D8, "rip": 0x178, "rflags": 0x170, "cr0": 0x158, "cr3": 0x150,
+              "cr4": 0x148, "efer": 0xD0, "rcx": 0x308, "rdx": 0x310, "rbx": 0x318, "rbp": 0x328, "rsi": 0x330,
+              "rdi": 0x338, "r8": 0x340, "r15": 0x378}
+    for name, off in expect.items():
+        assert int.from_bytes(page[off:off + 8], "little") == regs[name], name
+    assert not any(page[0x320:0x328])       # reserved: RSP already lives at 0x1D8
+    assert not any(page[vc.VMSA_SAVE_AREA_END:])   # an AP's page: nothing past the hardware save area
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.binary(min_size=0, max_size=4100), keep_header=st.booleans())
-def test_vmsa_decode_rejects_garbage_with_valueerror(data, keep_header):
-    if keep_header:
-        data = vc.encode_vmsa([vc.reset_state(0)])[:16] + data[16:]
+@given(data=st.binary(min_size=0, max_size=4100), vcpu=st.integers(0, 3))
+def test_vmsa_decode_rejects_garbage_with_valueerror(data, vcpu):
     try:
-        vc.decode_vmsa(data)
+        vc.decode_vmsa(data, vcpu)
     except ValueError:
         pass
+
+
+def test_vmsa_decode_rejects_a_byte_outside_the_fields():
+    page = bytearray(vc.encode_vmsa(vc.reset_state(2), 2))
+    page[0x320] = 1
+    with pytest.raises(ValueError):
+        vc.decode_vmsa(bytes(page), 2)
 
 
 def test_prefill_writes_every_pool_page_with_random_looking_ledgered_content(launch):

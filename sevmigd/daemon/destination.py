@@ -292,7 +292,7 @@ class IncomingMigration:
             hdr = msg.vmsa_header[i * SEV_HDR_SIZE:(i + 1) * SEV_HDR_SIZE]
             trans = msg.vmsa[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             try:
-                await self.manager.psp(lambda: fw.receive_update_vmsa(self.handle, hdr, trans))
+                await self.manager.psp(lambda: fw.receive_update_vmsa(self.handle, hdr, trans, vcpu=i))
             except SevError as exc:
                 raise firmware_error("RECEIVE_UPDATE_VMSA", exc, f"vCPU {i}") from None
 

@@ -112,13 +112,6 @@ class MigrationManager:
         if vm.policy & Policy.NOSEND:
             raise MigrationError(AbortCode.POLICY_REFUSED,
                                  f"guest {name!r} policy 0x{vm.policy:x} has NOSEND: the guest owner forbids migration")
-        if vm.policy & Policy.ES and getattr(vm, "vcpus", 1) > 1:
-            # Contract gap (reported): the wire's VcpuState wants one VMSA packet per vCPU, while the
-            # emulated guest keeps every vCPU's save area in its one VMSA page (one SEND_UPDATE_VMSA). Refuse
-            # now rather than after copying all of memory.
-            raise MigrationError(AbortCode.POLICY_REFUSED,
-                                 f"guest {name!r} is SEV-ES with {vm.vcpus} vCPUs: only 1-vCPU SEV-ES guests "
-                                 f"can be migrated by this version")
         if len(self.outgoing) >= cfg.max_outgoing:
             raise MigrationError(AbortCode.RESOURCE_LIMIT,
                                  f"{len(self.outgoing)} migrations already outgoing (max_outgoing = {cfg.max_outgoing})")

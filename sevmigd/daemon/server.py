@@ -416,6 +416,7 @@ class Daemon:
             "name": hosted.name,
             "state": hosted.state,
             "memory_bytes": safe(lambda: int(vm.memory_bytes)),
+            "vcpus": safe(lambda: int(vm.vcpus)),
             "policy": None if policy is None else f"{policy:#x}",
             "sev_state": safe(lambda: str(vm.sev_state)),
             "private_pages": safe(lambda: int(vm.private_pages())),

@@ -364,11 +364,15 @@ class OutgoingMigration:
             sent, npriv, nshr = await self._send_pages(ch, wire_round, pfns, private=bits)
             await ch.send(m.RoundEnd(round=wire_round, pages=len(pfns), remaining=0))
             if self.host.is_es:
-                try:
-                    hdr, vmsa = await self.manager.psp(lambda: fw.send_update_vmsa(self.vm.handle))
-                except SevError as exc:
-                    raise firmware_error("SEND_UPDATE_VMSA", exc) from None
-                await ch.send(m.VcpuState(regs=None, vmsa_header=hdr, vmsa=vmsa))
+                hdrs, pages = [], []
+                for i in range(self.vm.vcpus):      # one SEND_UPDATE_VMSA per vCPU (its own VMSA page)
+                    try:
+                        hdr, vmsa = await self.manager.psp(lambda: fw.send_update_vmsa(self.vm.handle, vcpu=i))
+                    except SevError as exc:
+                        raise firmware_error("SEND_UPDATE_VMSA", exc, f"vCPU {i}") from None
+                    hdrs.append(hdr)
+                    pages.append(vmsa)
+                await ch.send(m.VcpuState(regs=None, vmsa_header=b"".join(hdrs), vmsa=b"".join(pages)))
             else:
                 regs = tuple(dict(r) for r in host.get_vcpu_state())
                 await ch.send(m.VcpuState(regs=regs, vmsa_header=None, vmsa=None))

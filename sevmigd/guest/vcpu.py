@@ -2,7 +2,7 @@
 
 Owns: the fixed register set (architectural registers plus the few the guest kernel keeps for itself:
 the ledger roots, the workload's RNG position and counters) and the byte layout of those registers
-inside a 4 KiB VMSA page. Must never: decide who may read the registers (that is the host view's job:
+inside each vCPU's 4 KiB VMSA page (architectural registers at the hardware's SEV-ES save-area offsets). Must never: decide who may read the registers (that is the host view's job:
 plain for SEV guests, refused for SEV-ES guests whose VMSA is encrypted by the PSP).
 
 Why the guest kernel keeps state in registers: registers migrate with the guest (the host copies them
@@ -45,12 +45,6 @@ KERNEL_REGS = (
 BSP_REGS = ARCH_REGS + KERNEL_REGS
 U64 = (1 << 64) - 1
 
-VMSA_SIZE = 4096
-#: Register encoding must end before the VMSA's reserved trailer, which the firmware requires to be zero
-#: (sevmigd.psp.firmware.VMSA_RESERVED_OFFSET = 0xC00; SEND/RECEIVE_UPDATE_VMSA validate it).
-VMSA_REGS_LIMIT = 0xC00
-_VMSA_MAGIC = b"SEVMIGD-VMSA\x00\x01"  # 14 bytes + 2-byte vCPU count = one 16-byte header
-
 
 def reset_state(vcpu: int) -> dict[str, int]:
     """Register values right after reset (the BSP starts at the firmware entry point)."""
@@ -66,52 +60,91 @@ def check_regs(regs: list[dict[str, int]], vcpus: int) -> None:
     if not isinstance(regs, list) or len(regs) != vcpus:
         raise ValueError(f"expected register state for {vcpus} vCPU(s)")
     for i, r in enumerate(regs):
-        names = BSP_REGS if i == 0 else ARCH_REGS
-        if not isinstance(r, dict) or set(r) != set(names):
-            raise ValueError(f"vCPU {i}: register set does not match")
-        for k, v in r.items():
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= U64:
-                raise ValueError(f"vCPU {i}: register {k} is not a u64")
+        _check_one(r, i)
 
 
-def vmsa_capacity() -> int:
-    """How many vCPUs fit in one VMSA page with this encoding."""
-    return 1 + (VMSA_REGS_LIMIT - 16 - 8 * len(BSP_REGS)) // (8 * len(ARCH_REGS))
+VMSA_SIZE = 4096
+#: The register encoding must end before the VMSA's reserved trailer, which the firmware requires to be zero
+#: (sevmigd.psp.firmware.VMSA_RESERVED_OFFSET = 0xC00; SEND/RECEIVE_UPDATE_VMSA validate it).
+VMSA_REGS_LIMIT = 0xC00
+
+#: Where each architectural register lives in the SEV-ES save area (AMD APM vol. 2, "VMCB State Save
+#: Area" / SEV-ES VMSA; Linux `struct sev_es_save_area`, arch/x86/include/asm/svm.h, whose
+#: BUILD_BUG_ON offsets pin the same numbers). Byte offsets in the 4 KiB VMSA page, u64 little-endian.
+VMSA_OFFSETS = {
+    "efer": 0x0D0,
+    "cr4": 0x148, "cr3": 0x150, "cr0": 0x158,
+    "rflags": 0x170, "rip": 0x178,
+    "rsp": 0x1D8, "rax": 0x1F8,
+    "rcx": 0x308, "rdx": 0x310, "rbx": 0x318,      # 0x320 is reserved: RSP already lives at 0x1D8
+    "rbp": 0x328, "rsi": 0x330, "rdi": 0x338,
+    "r8": 0x340, "r9": 0x348, "r10": 0x350, "r11": 0x358,
+    "r12": 0x360, "r13": 0x368, "r14": 0x370, "r15": 0x378,
+}
+#: End of the hardware-defined save area (Linux: sizeof(struct sev_es_save_area) = 0x670, the FPU
+#: state included); the rest of the page is unused by the CPU.
+VMSA_SAVE_AREA_END = 0x670
+#: Emulation-only: the guest kernel's own registers (`KERNEL_REGS`, boot vCPU only) are kept in the
+#: unused part of the page after the hardware save area, as consecutive u64s. No CPU has such fields;
+#: they stand for guest state that must travel with the vCPU (see README, "What is emulated").
+VMSA_KERNEL_OFFSET = 0x800
+
+assert set(VMSA_OFFSETS) == set(ARCH_REGS)
+assert VMSA_SAVE_AREA_END <= VMSA_KERNEL_OFFSET
+assert VMSA_KERNEL_OFFSET + 8 * len(KERNEL_REGS) <= VMSA_REGS_LIMIT
 
 
-def encode_vmsa(regs: list[dict[str, int]]) -> bytes:
-    """Registers -> 4096-byte VMSA plaintext: header, then u64 LE registers, the rest zero.
+def _field_mask(vcpu: int) -> bytearray:
+    """1 for every byte of the page this encoding uses for `vcpu`, 0 elsewhere."""
+    mask = bytearray(VMSA_SIZE)
+    for off in VMSA_OFFSETS.values():
+        mask[off:off + 8] = b"\x01" * 8
+    if vcpu == 0:
+        mask[VMSA_KERNEL_OFFSET:VMSA_KERNEL_OFFSET + 8 * len(KERNEL_REGS)] = b"\x01" * (8 * len(KERNEL_REGS))
+    return mask
 
-    The firmware API carries one VMSA page per guest; this emulation packs every vCPU's save area into
-    it (vCPU 0 with the kernel registers first), which bounds SEV-ES guests to `vmsa_capacity()` vCPUs.
+
+#: Bytes no field uses, as one big integer per page kind (boot vCPU, other vCPUs): a page is valid
+#: only when it has no bit set there.
+_UNUSED = {i: int.from_bytes(bytes(0 if b else 0xFF for b in _field_mask(i)), "little") for i in (0, 1)}
+
+
+def _check_one(regs: dict[str, int], vcpu: int) -> None:
+    if isinstance(vcpu, bool) or not isinstance(vcpu, int) or vcpu < 0:
+        raise ValueError("vCPU index must be an int >= 0")
+    names = BSP_REGS if vcpu == 0 else ARCH_REGS
+    if not isinstance(regs, dict) or set(regs) != set(names):
+        raise ValueError(f"vCPU {vcpu}: register set does not match")
+    for k, v in regs.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= U64:
+            raise ValueError(f"vCPU {vcpu}: register {k} is not a u64")
+
+
+def encode_vmsa(regs: dict[str, int], vcpu: int) -> bytes:
+    """One vCPU's registers -> its 4096-byte VMSA plaintext (hardware offsets; every other byte zero).
+
+    One page per vCPU, as on hardware: LAUNCH_UPDATE_VMSA, SEND_UPDATE_VMSA and RECEIVE_UPDATE_VMSA
+    each take one vCPU's page. vCPU 0 additionally carries the guest kernel's registers.
     """
-    check_regs(regs, len(regs))
-    if len(regs) > vmsa_capacity():
-        raise ValueError(f"at most {vmsa_capacity()} vCPUs fit in one VMSA page")
+    _check_one(regs, vcpu)
     out = bytearray(VMSA_SIZE)
-    out[0:16] = _VMSA_MAGIC + struct.pack("<H", len(regs))
-    off = 16
-    for i, r in enumerate(regs):
-        names = BSP_REGS if i == 0 else ARCH_REGS
-        struct.pack_into(f"<{len(names)}Q", out, off, *(r[n] for n in names))
-        off += 8 * len(names)
+    for name, off in VMSA_OFFSETS.items():
+        struct.pack_into("<Q", out, off, regs[name])
+    if vcpu == 0:
+        struct.pack_into(f"<{len(KERNEL_REGS)}Q", out, VMSA_KERNEL_OFFSET, *(regs[n] for n in KERNEL_REGS))
     return bytes(out)
 
 
-def decode_vmsa(data: bytes) -> list[dict[str, int]]:
-    """Inverse of encode_vmsa; ValueError on a malformed page (bad header, non-zero tail)."""
-    if len(data) != VMSA_SIZE or data[:14] != _VMSA_MAGIC:
-        raise ValueError("not a sevmigd VMSA page")
-    (n,) = struct.unpack_from("<H", data, 14)
-    if not 1 <= n <= vmsa_capacity():
-        raise ValueError("bad vCPU count in VMSA")
-    regs = []
-    off = 16
-    for i in range(n):
-        names = BSP_REGS if i == 0 else ARCH_REGS
-        vals = struct.unpack_from(f"<{len(names)}Q", data, off)
-        regs.append(dict(zip(names, vals)))
-        off += 8 * len(names)
-    if any(data[off:]):
-        raise ValueError("VMSA tail is not zero")
+def decode_vmsa(data: bytes, vcpu: int) -> dict[str, int]:
+    """Inverse of encode_vmsa; ValueError on a page that is not one (a byte outside the fields set)."""
+    if len(data) != VMSA_SIZE:
+        raise ValueError("a VMSA page is 4096 bytes")
+    if isinstance(vcpu, bool) or not isinstance(vcpu, int) or vcpu < 0:
+        raise ValueError("vCPU index must be an int >= 0")
+    data = bytes(data)
+    if int.from_bytes(data, "little") & _UNUSED[0 if vcpu == 0 else 1]:
+        raise ValueError(f"vCPU {vcpu}: VMSA has bytes set outside the save-area fields")
+    regs = {name: struct.unpack_from("<Q", data, off)[0] for name, off in VMSA_OFFSETS.items()}
+    if vcpu == 0:
+        regs.update(zip(KERNEL_REGS, struct.unpack_from(f"<{len(KERNEL_REGS)}Q", data, VMSA_KERNEL_OFFSET)))
     return regs

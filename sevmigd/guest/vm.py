@@ -11,10 +11,11 @@ over exactly the image's bytes at GPA 0 (so launch_digest == SHA-256(image) for 
 LAUNCH_UPDATE_VMSA for SEV-ES (the reset register state, so the digest then also covers the VMSA)
 -> LAUNCH_MEASURE -> LAUNCH_FINISH; then the guest kernel boots.
 
-SEV-ES: while the guest runs its registers are inside the "CPU" (this object); at every exit to the
-host (end of run/agent/boot) they are written back to the VMSA page encrypted under the VEK at the
-firmware's VMSA address, exactly what SEND_UPDATE_VMSA exports. An incoming ES guest loads its
-registers from the VMSA that RECEIVE_UPDATE_VMSA stored.
+SEV-ES: every vCPU has its own VMSA page (hardware save-area offsets, `vcpu.py`). While the guest runs
+its registers are inside the "CPU" (this object); at every exit to the host (end of run/agent/boot)
+they are written back to the vCPUs' VMSA pages encrypted under the VEK at the firmware's per-vCPU
+VMSA addresses, exactly what SEND_UPDATE_VMSA exports (once per vCPU). An incoming ES guest loads
+its registers from the VMSAs that RECEIVE_UPDATE_VMSA stored.
 
 Big guests: RAM is an anonymous mmap and the ledger is created lazily, so launching an 8 GiB guest
 touches only the image, a few metadata pages and the shared pages the workload asks for.
@@ -27,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..psp.firmware import VMSA_PADDR, VMSA_RESERVED_OFFSET
+from ..psp.firmware import VMSA_RESERVED_OFFSET, vmsa_paddr
 from ..psp.policy import Policy
 from ..psp.status import SevError, SevStatus
 from . import vcpu as vc
@@ -125,9 +126,6 @@ def _check_policy(policy) -> None:
 def _check_vcpus(vcpus, policy: int) -> None:
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
         raise ConfigError("vcpus", f"must be 1..{MAX_VCPUS}")
-    if policy & Policy.ES and vcpus > vc.vmsa_capacity():
-        raise ConfigError("vcpus", f"an SEV-ES guest here has at most {vc.vmsa_capacity()} vCPUs "
-                                   "(all save areas share the one VMSA page)")
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ class SevVm:
     """One emulated SEV guest. Construct with `launch` (fresh guest) or `incoming` (migration target)."""
 
     def __init__(self, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
-                 vcpus: int, ram: GuestRam, vmsa: bytearray | None, launch_digest: bytes,
+                 vcpus: int, ram: GuestRam, vmsa: list[bytearray] | None, launch_digest: bytes,
                  measurement: bytes | None, mnonce: bytes | None = None):
         self._fw = fw
         self.name = name
@@ -156,6 +154,7 @@ class SevVm:
         self.mnonce = mnonce
         self._ram = ram
         self._vmsa = vmsa
+        self._vmsa_saved: list[bytes | None] = [None] * vcpus   # last plaintext written per VMSA page
         self._es = bool(policy & Policy.ES)
         self._regs = [vc.reset_state(i) for i in range(vcpus)]
         self.host = HostView(ram, policy=policy, handle=handle, vcpu_regs=self._regs, es=self._es)
@@ -170,7 +169,7 @@ class SevVm:
         image = bytes(config.image) if config.image is not None else default_image()
         es = bool(config.policy & Policy.ES)
         ram = GuestRam(config.memory_bytes)
-        vmsa = bytearray(vc.VMSA_SIZE) if es else None
+        vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(config.vcpus)] if es else None
         handle = fw.launch_start(policy=config.policy)
         try:
             fw.activate(handle, asid)
@@ -178,8 +177,9 @@ class SevVm:
             ram.buf[0:len(image)] = image
             fw.launch_update_data(handle, 0, len(image))
             if es:
-                vmsa[:] = vc.encode_vmsa([vc.reset_state(i) for i in range(config.vcpus)])
-                fw.launch_update_vmsa(handle)
+                for i, page in enumerate(vmsa):   # one LAUNCH_UPDATE_VMSA per vCPU, in vCPU order (KVM)
+                    page[:] = vc.encode_vmsa(vc.reset_state(i), i)
+                    fw.launch_update_vmsa(handle, vcpu=i)
             measure, mnonce = fw.launch_measure(handle)
             fw.launch_finish(handle)
             digest = fw.launch_digest(handle)
@@ -214,7 +214,7 @@ class SevVm:
             ram = GuestRam(memory_bytes, populate=populate)
         elif ram.memory_bytes != memory_bytes:
             raise ConfigError("memory_bytes", f"the RAM given is {ram.memory_bytes} bytes, not {memory_bytes}")
-        vmsa = bytearray(vc.VMSA_SIZE) if policy & Policy.ES else None
+        vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(vcpus)] if policy & Policy.ES else None
         fw.activate(handle, asid)
         try:
             fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
@@ -236,11 +236,10 @@ class SevVm:
         engine = self._fw.memory_engine(self.handle)
         if self._es:
             try:
-                regs = vc.decode_vmsa(engine.decrypt(VMSA_PADDR, bytes(self._vmsa)))
+                regs = [vc.decode_vmsa(engine.decrypt(vmsa_paddr(i), bytes(page)), i)
+                        for i, page in enumerate(self._vmsa)]
             except ValueError as exc:
                 raise GuestPanic(f"guest {self.name}: VMSA does not decode: {exc}") from None
-            if len(regs) != self.vcpus:
-                raise GuestPanic(f"guest {self.name}: VMSA holds {len(regs)} vCPUs, expected {self.vcpus}")
             for mine, theirs in zip(self._regs, regs):
                 mine.clear()
                 mine.update(theirs)
@@ -266,7 +265,11 @@ class SevVm:
         """Registers leave the CPU: for SEV-ES they are saved, encrypted, into the VMSA page."""
         if self._es and self._kernel is not None:
             engine = self._fw.memory_engine(self.handle)
-            self._vmsa[:] = engine.encrypt(VMSA_PADDR, vc.encode_vmsa(self._regs))
+            for i, (page, regs) in enumerate(zip(self._vmsa, self._regs)):
+                plain = vc.encode_vmsa(regs, i)
+                if plain != self._vmsa_saved[i]:     # a vCPU whose registers did not change keeps its page
+                    page[:] = engine.encrypt(vmsa_paddr(i), plain)
+                    self._vmsa_saved[i] = plain
 
     def verify(self) -> VerifyReport:
         if self._kernel is None:

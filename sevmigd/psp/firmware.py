@@ -14,13 +14,16 @@ Emulation extras, where real hardware has wiring instead of commands:
 * ``map_guest_memory(handle, ram, vmsa)`` stands for the ASID / C-bit wiring: guest-physical address =
   offset in ``ram`` (raw "DRAM" bytes, ciphertext for private data). SEND/RECEIVE/LAUNCH/DBG commands
   address guest memory through it.
-* The SEV-ES VMSA page is a separate 4096-byte buffer, encrypted under the VEK at the fixed pseudo
-  address ``VMSA_PADDR`` (the top 4 KiB of the 64-bit space, never a RAM offset, so a VMSA ciphertext
-  can never be replayed into RAM or vice versa).
-* VMSA layout (shared with `sevmigd.guest.vcpu`): bytes ``0 .. VMSA_RESERVED_OFFSET-1`` hold the saved
-  register state (the guest side's encoding); bytes ``VMSA_RESERVED_OFFSET .. 4095`` are a reserved trailer
-  that must be zero. SEND_UPDATE_VMSA "validates the VMSA" (reference §4) by that rule and fails with
-  INVALID_PARAM; RECEIVE_UPDATE_VMSA's "VMSA set-up" applies the same check after the MAC verifies.
+* SEV-ES: one VMSA page per vCPU, as on hardware. Each is a separate 4096-byte buffer (mapped with
+  ``map_guest_memory(handle, ram, vmsa=[page0, page1, ...])``), encrypted under the VEK at the pseudo
+  address ``vmsa_paddr(vcpu)`` = ``VMSA_PADDR - vcpu * 4096`` (the top of the 64-bit space, never a RAM
+  offset, so a VMSA ciphertext can never be replayed into RAM, into another vCPU's page, or back).
+  Hardware names the page by its system physical address in LAUNCH/SEND/RECEIVE_UPDATE_VMSA; here
+  the commands take the vCPU index instead (``vcpu=``, default 0).
+* VMSA layout (shared with `sevmigd.guest.vcpu`): registers at the SEV-ES save-area offsets, bytes
+  ``VMSA_RESERVED_OFFSET .. 4095`` a reserved trailer that must be zero. SEND_UPDATE_VMSA "validates the
+  VMSA" (reference §4) by that rule and fails with INVALID_PARAM; RECEIVE_UPDATE_VMSA's "VMSA set-up"
+  applies the same check after the MAC verifies.
 * Reference §9 item 3 (UNCONFIRMED whether SEND/RECEIVE_UPDATE_VMSA accept lengths other than 4096):
   we reject any other length with INVALID_LENGTH, as LAUNCH_UPDATE_VMSA does.
 * DECOMMISSION of a guest that is still activated fails with ACTIVE, as the firmware does
@@ -70,8 +73,15 @@ CERT_CHAIN_LEN = chain.PLAT_CERTS_SIZE     # 0x186C
 MAX_PACKET = crypto.MAX_PACKET             # 0x5000
 
 VMSA_SIZE = 4096
-#: Pseudo physical address under which the VMSA page is encrypted (see module docstring).
+#: Pseudo physical address under which vCPU 0's VMSA page is encrypted (see module docstring).
 VMSA_PADDR = 0xFFFF_FFFF_FFFF_F000
+#: vCPUs (VMSA pages) per guest the firmware accepts in map_guest_memory.
+MAX_VMSAS = 1024
+
+
+def vmsa_paddr(vcpu: int) -> int:
+    """The pseudo address vCPU `vcpu`'s VMSA is encrypted at (each vCPU its own 4 KiB page)."""
+    return VMSA_PADDR - vcpu * VMSA_SIZE
 #: First byte of the VMSA's reserved trailer (must be zero for the VMSA to be valid).
 VMSA_RESERVED_OFFSET = 0xC00
 
@@ -163,7 +173,7 @@ class _Guest:
         self.measure: bytes | None = None
         self.ram = None
         self.ram_view: np.ndarray | None = None
-        self.vmsa = None
+        self.vmsa: list | None = None    # one 4096-byte buffer per vCPU (SEV-ES)
 
     @property
     def es(self) -> bool:
@@ -276,9 +286,12 @@ class Firmware:
         if g.ram is None or paddr < 0 or paddr + length > len(g.ram):
             raise SevError(SevStatus.INVALID_ADDRESS, "range is outside the guest's memory")
 
-    def _need_vmsa(self, g: _Guest) -> None:
-        if g.vmsa is None or len(g.vmsa) != VMSA_SIZE:
-            raise SevError(SevStatus.INVALID_ADDRESS, f"guest {g.handle} has no VMSA page mapped")
+    @staticmethod
+    def _need_vmsa(g: _Guest, vcpu: int):
+        """vCPU `vcpu`'s VMSA buffer, or INVALID_ADDRESS (no such page mapped)."""
+        if g.vmsa is None or isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < len(g.vmsa):
+            raise SevError(SevStatus.INVALID_ADDRESS, f"guest {g.handle} has no VMSA page for vCPU {vcpu!r}")
+        return g.vmsa[vcpu]
 
     def _check_policy(self, policy: int) -> None:
         """Reference §3.4 steps 2–3: API version <= ours, reserved bits zero (POLICY_FAILURE)."""
@@ -467,15 +480,19 @@ class Firmware:
         g = self._guest(handle)
         return GuestStatus(policy=g.policy, asid=g.asid, state=g.state)
 
-    def map_guest_memory(self, handle: int, ram, vmsa: bytearray | None = None) -> None:
-        """Emulation of the ASID/C-bit wiring: guest-physical address = offset in `ram`."""
+    def map_guest_memory(self, handle: int, ram, vmsa=None) -> None:
+        """Emulation of the ASID/C-bit wiring: guest-physical address = offset in `ram`; `vmsa` is the
+        list of per-vCPU VMSA pages of an SEV-ES guest (one bytearray = a 1-vCPU guest)."""
         g = self._guest(handle)
         if len(ram) % PAGE_SIZE:
             raise SevError(SevStatus.INVALID_PARAM, "guest memory must be a whole number of 4 KiB pages")
-        if vmsa is not None and len(vmsa) != VMSA_SIZE:
-            raise SevError(SevStatus.INVALID_PARAM, "the VMSA page is 4096 bytes")
+        pages = None
+        if vmsa is not None:
+            pages = [vmsa] if isinstance(vmsa, (bytearray, memoryview)) else list(vmsa)
+            if not 1 <= len(pages) <= MAX_VMSAS or any(len(p) != VMSA_SIZE for p in pages):
+                raise SevError(SevStatus.INVALID_PARAM, f"1..{MAX_VMSAS} VMSA pages of 4096 bytes each")
         g.ram = ram
-        g.vmsa = vmsa
+        g.vmsa = pages
 
     def memory_engine(self, handle: int) -> MemoryEngine:
         """GUEST SIDE ONLY: the CPU's view of this guest's memory with the C-bit set."""
@@ -527,17 +544,18 @@ class Firmware:
         g.engine.write(g.ram, paddr, plain)
 
     @_command()
-    def launch_update_vmsa(self, handle: int) -> None:
-        """ES only: hash the VMSA plaintext into the digest, encrypt it in place."""
+    def launch_update_vmsa(self, handle: int, vcpu: int = 0) -> None:
+        """ES only: hash vCPU `vcpu`'s VMSA plaintext into the digest, encrypt it in place (KVM issues
+        it once per vCPU, in vCPU order, so the digest covers every save area)."""
         self._need_platform(PlatformState.WORKING)
         g = self._guest(handle)
         self._need_state(g, GuestState.LUPDATE)
         self._need_active(g)
         self._need_es(g)
-        self._need_vmsa(g)
-        plain = bytes(g.vmsa)
+        page = self._need_vmsa(g, vcpu)
+        plain = bytes(page)
         g.digest.update(plain)
-        g.vmsa[:] = g.engine.encrypt(VMSA_PADDR, plain)
+        page[:] = g.engine.encrypt(vmsa_paddr(vcpu), plain)
 
     @_command()
     def launch_measure(self, handle: int, *, measure_len: int = MEASURE_LEN) -> tuple[bytes, bytes]:
@@ -679,16 +697,16 @@ class Firmware:
         return g.channel.seal_batch(ivs, out, PAGE_SIZE, ctx=crypto.CTX_UPDATE, in_place=True)
 
     @_command()
-    def send_update_vmsa(self, handle: int, *, guest_len: int = VMSA_SIZE, hdr_len: int = HDR_LEN,
+    def send_update_vmsa(self, handle: int, vcpu: int = 0, *, guest_len: int = VMSA_SIZE, hdr_len: int = HDR_LEN,
                          trans_len: int | None = None) -> tuple[bytes, bytes]:
-        """ES only: validate the VMSA, then export it as one packet (ctx 0x02, like the firmware)."""
+        """ES only: validate vCPU `vcpu`'s VMSA, then export it as one packet (ctx 0x02, like the firmware)."""
         g = self._send_checks(handle, hdr_len, vmsa=True)
         if trans_len is None:
             trans_len = guest_len
         if guest_len != VMSA_SIZE or trans_len < guest_len:
             raise SevError(SevStatus.INVALID_LENGTH, "a VMSA is exactly 4096 bytes")
-        self._need_vmsa(g)
-        plain = g.engine.decrypt(VMSA_PADDR, bytes(g.vmsa))
+        page = self._need_vmsa(g, vcpu)
+        plain = g.engine.decrypt(vmsa_paddr(vcpu), bytes(page))
         if not vmsa_is_valid(plain):
             raise SevError(SevStatus.INVALID_PARAM, "VMSA failed validation (reserved bytes not zero)")
         return g.channel.seal(self._rand(16), plain, ctx=crypto.CTX_UPDATE)
@@ -790,13 +808,13 @@ class Firmware:
             raise fail
 
     @_command()
-    def receive_update_vmsa(self, handle: int, hdr: bytes, trans: bytes) -> None:
-        """ES only: verify and decrypt the VMSA packet, validate it, store it under the new VEK."""
+    def receive_update_vmsa(self, handle: int, hdr: bytes, trans: bytes, vcpu: int = 0) -> None:
+        """ES only: verify and decrypt vCPU `vcpu`'s VMSA packet, validate it, store it under the new VEK."""
         g = self._receive_checks(handle, vmsa=True)
         self._check_packet_lengths(hdr, trans)
         if len(trans) != VMSA_SIZE:
             raise SevError(SevStatus.INVALID_LENGTH, "a VMSA is exactly 4096 bytes")
-        self._need_vmsa(g)
+        page = self._need_vmsa(g, vcpu)
         hdr, trans = bytes(hdr[:HDR_LEN]), bytes(trans)
         flags, _iv, _mac = crypto.parse_header(hdr)
         if flags & crypto.FLAG_COMPRESSED:
@@ -804,7 +822,7 @@ class Firmware:
         plain = g.channel.open(hdr, trans, ctx=crypto.CTX_UPDATE)
         if not vmsa_is_valid(plain):
             raise SevError(SevStatus.INVALID_PARAM, "VMSA failed validation (reserved bytes not zero)")
-        g.vmsa[:] = g.engine.encrypt(VMSA_PADDR, plain)
+        page[:] = g.engine.encrypt(vmsa_paddr(vcpu), plain)
 
     @_command()
     def receive_finish(self, handle: int) -> None:
