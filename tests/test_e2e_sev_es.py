@@ -8,8 +8,6 @@ import json
 
 import pytest
 
-from daemon_helpers import daemon_factory  # noqa: F401  (pytest fixture)
-
 pytestmark = pytest.mark.slow
 
 CTL_TIMEOUT = 120
@@ -21,8 +19,8 @@ def ctl_json(d, *argv):
     return json.loads(res.stdout)
 
 
-def test_four_vcpu_sev_es_guest_migrates_under_load(daemon_factory):  # noqa: F811
-    a, b = daemon_factory(), daemon_factory()
+def test_four_vcpu_sev_es_guest_migrates_under_load(daemons):
+    a, b = daemons(), daemons()
     st = ctl_json(a, "launch", "es4", "--memory", "32M", "--policy", "0x4", "--vcpus", "4",
                   "--dirty-rate", "8", "--shared-fraction", "0.2", "--flip-rate", "5")
     assert st["vcpus"] == 4 and st["policy"] == "0x4"
