@@ -387,16 +387,13 @@ _requests = st.fixed_dictionaries(
 
 def _offline_daemon():
     """A daemon that is not serving (no nursery): every request must still get a typed reply."""
-    from sevmigd.daemon.server import _NoMigrations
     from sevmigd.psp.firmware import Firmware
 
     cfg = load_config(None, {"state_dir": "/nonexistent", "control": "/nonexistent/c.sock",
                              "max_guest_bytes": "2M"})
-    d = Daemon(cfg, identity=identity(), trusted_roots=[])
-    d.fw = Firmware(identity())
-    d.fw.init()
-    d.migrations = _NoMigrations("test")
-    return d
+    fw = Firmware(identity())
+    fw.init()
+    return Daemon(cfg, identity=identity(), fw=fw, trusted_roots=[])
 
 
 _OFFLINE = None

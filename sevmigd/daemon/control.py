@@ -19,6 +19,7 @@ daemon's nursery; the connection only watches).
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -28,15 +29,27 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
 import trio
 
 from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
 from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.guest.vm import GuestConfig
+from sevmigd.migrate.errors import MigrationError
+from sevmigd.psp.status import SevError
 from sevmigd.units import parse_gpa, parse_size
+
+if TYPE_CHECKING:  # the daemon imports this module to serve it; this module only names its type
+    from sevmigd.daemon.server import Daemon, HostedGuest
+
+# A JSON value as a request argument or a reply carries it.
+Json = object
+# Sends one event to the client of the request being served: emit(event_name, data).
+Emit = Callable[[str, dict], Awaitable[None]]
 
 # A request line is at most 1 MiB: the largest legitimate one is a guest-write of MAX_IO_BYTES (hex
 # doubles it) plus a little JSON; anything bigger is a broken or hostile client.
@@ -51,6 +64,8 @@ CONTROL_BACKLOG = 64
 # Progress events buffered per migrate request; a client that reads slower than rounds complete
 # misses intermediate events (the newest figures matter), never the final reply.
 PROGRESS_BUFFER = 64
+# How long a daemon already serving the socket may take to accept our probe connection at start.
+PROBE_TIMEOUT_S = 1.0
 # sun_path is 108 bytes on Linux including the terminating NUL.
 MAX_UNIX_PATH = 107
 # Guest names: what a user types and a log line or systemd STATUS can show unquoted.
@@ -76,7 +91,7 @@ def _resolve_group(group: str) -> int:
         raise ConfigError("control_group", f"no such group: {group!r}") from None
 
 
-def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.SocketListener, tuple[int, int]]:
+async def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.SocketListener, tuple[int, int]]:
     """Bind the control socket at `path`: parent dir created 0700 (0750 + group with control_group)
     when missing; refuse when another daemon answers there; remove a stale socket file; bind under
     umask 0o177 so the socket is never connectable by others, then chmod 0600 (0660 + chgrp).
@@ -101,18 +116,19 @@ def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.Socke
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-        probe.settimeout(1.0)
+        # Is a daemon answering there? A trio connect, so a peer with a full backlog holds up nothing.
+        probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
         try:
-            probe.connect(path)
+            with trio.move_on_after(PROBE_TIMEOUT_S) as probe_scope:
+                await probe.connect(path)
+            if probe_scope.cancelled_caught:
+                raise StartupError(f"another sevmigd daemon is already serving {path} (busy)")
         except (ConnectionRefusedError, FileNotFoundError):
             try:
                 os.unlink(path)  # stale: left behind by a daemon that died without cleaning up
             except FileNotFoundError:
                 pass
             _log.info("control_socket_stale_removed", path=path)
-        except TimeoutError:
-            raise StartupError(f"another sevmigd daemon is already serving {path} (busy)") from None
         except OSError as exc:
             raise StartupError(f"cannot check existing control socket {path}: {exc.strerror}") from None
         else:
@@ -141,7 +157,7 @@ def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.Socke
     return listener, (st.st_dev, st.st_ino)
 
 
-async def serve_control(daemon: Any, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
+async def serve_control(daemon: Daemon, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
     """Accept control connections forever; each is handled in its own task in the daemon's nursery."""
     await trio.serve_listeners(partial(handle_connection, daemon), [listener],
                                handler_nursery=daemon.nursery, task_status=task_status)
@@ -154,10 +170,10 @@ def _encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
-def error_reply(cls: str, desc: str, req_id: Any = None, **extra: Any) -> dict:
-    err: dict[str, Any] = {"class": cls, "desc": desc}
+def error_reply(cls: str, desc: str, req_id: Json = None, **extra: Json) -> dict:
+    err: dict[str, Json] = {"class": cls, "desc": desc}
     err.update(extra)
-    reply: dict[str, Any] = {"error": err}
+    reply: dict[str, Json] = {"error": err}
     if req_id is not None:
         reply["id"] = req_id
     return reply
@@ -183,7 +199,7 @@ class _Conn:
                 self.gone = True
 
 
-async def handle_connection(daemon: Any, stream: trio.abc.Stream) -> None:
+async def handle_connection(daemon: Daemon, stream: trio.abc.Stream) -> None:
     """Read request lines, answer each in order; end on EOF, an oversize line or a broken socket."""
     conn = _Conn(stream)
     buf = bytearray()
@@ -223,7 +239,7 @@ async def handle_connection(daemon: Any, stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def process_line(daemon: Any, line: bytes, send: Callable[[dict], Awaitable[None]]) -> dict:
+async def process_line(daemon: Daemon, line: bytes, send: Callable[[dict], Awaitable[None]]) -> dict:
     """One request line -> its reply (events, if any, go through `send` first)."""
     try:
         req = json.loads(line)
@@ -249,7 +265,7 @@ async def process_line(daemon: Any, line: bytes, send: Callable[[dict], Awaitabl
                            req_id)
 
     async def emit(event: str, data: dict) -> None:
-        msg: dict[str, Any] = {"event": event, "data": data}
+        msg: dict[str, Json] = {"event": event, "data": data}
         if req_id is not None:
             msg["id"] = req_id
         await send(msg)
@@ -258,36 +274,25 @@ async def process_line(daemon: Any, line: bytes, send: Callable[[dict], Awaitabl
         parsed = command.parse(args)
         _log.debug("control_request", verb=verb, guest=parsed.get("name"))
         result = await command.handler(daemon, parsed, emit)
-    except (SevmigdError, _sev_error_type()) as exc:
-        extra_fields = {}
-        code = getattr(exc, "code", None)
-        if code is not None:
-            extra_fields["code"] = getattr(code, "name", str(code))
-        status = getattr(exc, "status", None)
-        if status is not None and not isinstance(exc, SevmigdError):
-            extra_fields["status"] = getattr(status, "name", str(status))
-        stats = getattr(exc, "stats", None)
-        if isinstance(stats, dict):
-            extra_fields["data"] = _jsonable(stats)
+    except (SevmigdError, SevError) as exc:
+        extra_fields: dict[str, Json] = {}
+        if isinstance(exc, MigrationError):
+            extra_fields["code"] = exc.code.name
+            if exc.stats is not None:
+                extra_fields["data"] = _jsonable(exc.stats)
+        elif isinstance(exc, SevError):
+            extra_fields["status"] = exc.status.name
         return error_reply(error_class(exc), str(exc) or type(exc).__name__, req_id, **extra_fields)
     except Exception as exc:  # the control loop is an outermost loop: report, log, keep serving
         _log.error("control_request_failed", verb=verb, exc_info=True)
         return error_reply("InternalError", f"internal error in {verb}: {type(exc).__name__}: {exc}", req_id)
-    reply: dict[str, Any] = {"return": _jsonable(result if result is not None else {})}
+    reply: dict[str, Json] = {"return": _jsonable(result if result is not None else {})}
     if req_id is not None:
         reply["id"] = req_id
     return reply
 
 
-def _sev_error_type() -> type:
-    try:
-        from sevmigd.psp.status import SevError
-        return SevError
-    except ImportError:  # pragma: no cover
-        return SevmigdError
-
-
-def _jsonable(obj: Any) -> Any:
+def _jsonable(obj: object) -> Json:
     """Make a reply JSON-safe: bytes -> hex, enums -> names, NaN/inf -> None, tuples -> lists."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -295,15 +300,15 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return obj
-    if hasattr(obj, "name") and hasattr(obj, "value") and isinstance(getattr(obj, "name"), str):
-        return obj.name  # enum members
+    if isinstance(obj, enum.Enum):
+        return obj.name
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj).hex()
-    if hasattr(obj, "item"):  # numpy scalar
+    if isinstance(obj, np.generic):
         return _jsonable(obj.item())
     return str(obj)
 
@@ -311,13 +316,13 @@ def _jsonable(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- argument tables
 
 
-def _req_str(key: str, v: Any) -> str:
+def _req_str(key: str, v: Json) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, f"expected a string, got {type(v).__name__}")
     return v
 
 
-def _name(key: str, v: Any) -> str:
+def _name(key: str, v: Json) -> str:
     v = _req_str(key, v)
     if not NAME_RE.match(v):
         raise ConfigError(key, "guest names are 1-64 characters: letters, digits, '_', '.', '-' "
@@ -325,7 +330,7 @@ def _name(key: str, v: Any) -> str:
     return v
 
 
-def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
+def _int(key: str, v: Json, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(key, f"expected an integer, got {type(v).__name__}")
     if lo is not None and v < lo:
@@ -335,7 +340,7 @@ def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
     return v
 
 
-def _num(key: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
+def _num(key: str, v: Json, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(key, f"expected a number, got {type(v).__name__}")
     v = float(v)
@@ -348,25 +353,25 @@ def _num(key: str, v: Any, lo: float | None = None, hi: float | None = None) -> 
     return v
 
 
-def _bool(key: str, v: Any) -> bool:
+def _bool(key: str, v: Json) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(key, f"expected true or false, got {type(v).__name__}")
     return v
 
 
-def _size(key: str, v: Any) -> int:
+def _size(key: str, v: Json) -> int:
     if isinstance(v, bool):
         raise ConfigError(key, "expected a size")
     return parse_size(v, key=key)
 
 
-def _gpa(key: str, v: Any) -> int:
+def _gpa(key: str, v: Json) -> int:
     if isinstance(v, bool):
         raise ConfigError(key, "expected an address")
     return parse_gpa(v, key=key)
 
 
-def _policy(key: str, v: Any) -> int:
+def _policy(key: str, v: Json) -> int:
     """An integer, or a hex string with or without 0x (as `sevctl` and our status print it)."""
     if isinstance(v, str):
         try:
@@ -376,7 +381,7 @@ def _policy(key: str, v: Any) -> int:
     return _int(key, v, 0, 0xFFFFFFFF)
 
 
-def _hexdata(key: str, v: Any) -> bytes:
+def _hexdata(key: str, v: Json) -> bytes:
     v = _req_str(key, v)
     try:
         data = bytes.fromhex(v)
@@ -389,27 +394,27 @@ def _hexdata(key: str, v: Any) -> bytes:
     return data
 
 
-def _opt(fn: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+def _opt(fn: Callable[[str, Json], object]) -> Callable[[str, Json], object]:
     return lambda k, v: None if v is None else fn(k, v)
 
 
 @dataclass(frozen=True)
 class Arg:
-    check: Callable[[str, Any], Any]
+    check: Callable[[str, Json], object]
     required: bool = False
-    default: Any = None
+    default: object = None
 
 
 @dataclass(frozen=True)
 class Command:
-    handler: Callable[[Any, dict, Callable], Awaitable[Any]]
+    handler: Callable[[Daemon, dict, Emit], Awaitable[dict]]
     args: dict[str, Arg]
 
     def parse(self, raw: dict) -> dict:
         unknown = sorted(set(raw) - set(self.args))
         if unknown:
             raise ConfigError(unknown[0], f"unknown argument (expected: {', '.join(self.args) or 'none'})")
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for key, spec in self.args.items():
             if key not in raw:
                 if spec.required:
@@ -423,18 +428,16 @@ class Command:
 # ----------------------------------------------------------------------------------- handlers
 
 
-def _guest(daemon: Any, name: str) -> Any:
+def _guest(daemon: Daemon, name: str) -> HostedGuest:
     return daemon.get_guest(name)
 
 
-def _require_vm_live(hosted: Any, verb: str) -> None:
+def _require_vm_live(hosted: HostedGuest, verb: str) -> None:
     if hosted.state in ("migrated", "incoming", "stopped"):
         raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; {verb} needs a guest running here")
 
 
-async def _launch(daemon: Any, a: dict, emit: Callable) -> dict:
-    from sevmigd.guest.vm import GuestConfig
-
+async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
     memory = a["memory"]
     if memory % PAGE or memory < MIN_GUEST_BYTES:
         raise ConfigError("memory", f"must be a whole number of 4 KiB pages and at least 1 MiB, got {memory}")
@@ -464,7 +467,7 @@ async def _launch(daemon: Any, a: dict, emit: Callable) -> dict:
     return daemon.guest_status(hosted)
 
 
-async def _list(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _list(daemon: Daemon, a: dict, emit: Emit) -> dict:
     guests = []
     for hosted in list(daemon.guests.values()):
         st = daemon.guest_status(hosted)
@@ -473,11 +476,11 @@ async def _list(daemon: Any, a: dict, emit: Callable) -> dict:
     return {"guests": guests}
 
 
-async def _status(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _status(daemon: Daemon, a: dict, emit: Emit) -> dict:
     return daemon.guest_status(_guest(daemon, a["name"]))
 
 
-async def _verify(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _verify(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     _require_vm_live(hosted, "verify")
     report = hosted.vm.verify()
@@ -486,18 +489,18 @@ async def _verify(daemon: Any, a: dict, emit: Callable) -> dict:
             "mismatches": mismatches[:1024], "mismatch_count": len(mismatches)}
 
 
-async def _stop(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _stop(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = await daemon.stop_guest(a["name"])
     return {"name": hosted.name, "state": "stopped"}
 
 
-def _check_range(hosted: Any, gpa: int, length: int) -> None:
+def _check_range(hosted: HostedGuest, gpa: int, length: int) -> None:
     mem = int(hosted.vm.memory_bytes)
     if gpa + length > mem:
         raise ConfigError("gpa", f"range {gpa:#x}+{length} is outside the guest's {mem} bytes of memory")
 
 
-async def _guest_write(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _guest_write(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     _require_vm_live(hosted, "guest-write")
     data = a["data_hex"]
@@ -509,7 +512,7 @@ async def _guest_write(daemon: Any, a: dict, emit: Callable) -> dict:
     return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "shared": a["shared"]}
 
 
-async def _guest_read(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _guest_read(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     _require_vm_live(hosted, "guest-read")
     _check_range(hosted, a["gpa"], a["length"])
@@ -520,41 +523,11 @@ async def _guest_read(daemon: Any, a: dict, emit: Callable) -> dict:
     return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "data_hex": bytes(data).hex()}
 
 
-async def _server_info(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _server_info(daemon: Daemon, a: dict, emit: Emit) -> dict:
     return daemon.server_info()
 
 
-class _Progress:
-    """The `progress` callback handed to migrate_out: call it with a stats dict. It is a plain
-    function (never blocks, drops intermediate events for a slow client) and, so that a caller may
-    also `await progress(stats)`, returns an already-completed awaitable."""
-
-    def __init__(self, channel: trio.MemorySendChannel):
-        self._channel = channel
-
-    def __call__(self, stats: Any) -> _Done:
-        try:
-            self._channel.send_nowait(_jsonable(_as_dict(stats)))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        return _DONE
-
-
-class _Done:
-    def __await__(self):
-        return iter(())
-
-
-_DONE = _Done()
-
-
-def _as_dict(stats: Any) -> dict:
-    from sevmigd.daemon.server import _stats_dict
-
-    return _stats_dict(stats) or {}
-
-
-async def _migrate(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
     if daemon.shutting_down:
         raise ShuttingDown("the daemon is shutting down; no new migrations")
     hosted = _guest(daemon, a["name"])
@@ -564,37 +537,50 @@ async def _migrate(daemon: Any, a: dict, emit: Callable) -> dict:
     if port == 0:
         raise ConfigError("to", "port 0 is not a destination")
     send_ch, recv_ch = trio.open_memory_channel(PROGRESS_BUFFER)
-    outcome: dict[str, Any] = {}
+    result: dict = {}
+    failure: list[Exception] = []   # the migration's error, when it failed
+
+    def progress(stats: dict) -> None:
+        # Never blocks the migration: a client that reads slower than rounds complete misses
+        # intermediate events (the newest figures matter), never the final reply.
+        try:
+            send_ch.send_nowait(_jsonable(stats))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     async def run_migration() -> None:
         # Runs in the daemon's nursery: the migration's lifetime is the daemon's, not this client's.
         async with send_ch:
             try:
-                outcome["result"] = await daemon.migrations.migrate_out(
+                result.update(await daemon.migrations.migrate_out(
                     hosted.name, host, port, downtime_limit_ms=a["downtime_limit_ms"],
-                    max_bandwidth_mib_s=a["max_bandwidth_mib_s"], progress=_Progress(send_ch))
-            except (SevmigdError, _sev_error_type()) as exc:
-                outcome["error"] = exc
+                    max_bandwidth_mib_s=a["max_bandwidth_mib_s"], progress=progress))
+            except MigrationError as exc:
+                if hosted.migration is not None:
+                    exc.stats = hosted.migration.to_dict()
+                failure.append(exc)
+            except (SevmigdError, SevError) as exc:
+                failure.append(exc)
             except Exception as exc:
                 _log.error("migration_crashed", guest=hosted.name, exc_info=True)
-                outcome["error"] = DaemonError(f"internal error in migration: {type(exc).__name__}: {exc}")
+                failure.append(DaemonError(f"internal error in migration: {type(exc).__name__}: {exc}"))
 
     daemon.nursery.start_soon(run_migration, name=f"migrate:{hosted.name}")
     async with recv_ch:
         async for stats in recv_ch:
             await emit("progress", stats)
-    if "error" in outcome:
-        raise outcome["error"]
-    return _as_dict(outcome.get("result"))
+    if failure:
+        raise failure[0]
+    return result
 
 
-async def _cancel(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _cancel(daemon: Daemon, a: dict, emit: Emit) -> dict:
     _guest(daemon, a["name"])
     daemon.migrations.cancel(a["name"])
     return {"name": a["name"], "cancelled": True}
 
 
-async def _resolve(daemon: Any, a: dict, emit: Callable) -> dict:
+async def _resolve(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     result = daemon.migrations.resolve(a["name"], run_here=a["run_here"])
     out = dict(result) if isinstance(result, dict) else {}
