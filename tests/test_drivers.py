@@ -21,7 +21,7 @@ import trio.testing
 from sevmigd.testing.frames import pop_frames
 from sevmigd.daemon.config import Config
 from sevmigd.daemon import destination as destination_mod
-from sevmigd.daemon import migration as migration_mod
+from sevmigd.daemon import psprunner as psprunner_mod
 from sevmigd.daemon.migration import MigrationError, MigrationManager
 from sevmigd.daemon.server import Daemon
 from sevmigd.errors import ConfigError
@@ -42,15 +42,13 @@ def fleet():
     return ca
 
 
-def make_daemon(tmp_path, name, ca, **cfg):
+def make_daemon(tmp_path, name, ca, *, min_command_time=0.0, **cfg):
     identity = PlatformIdentity.create(ca, os.urandom)
-    fw = Firmware(identity)
+    fw = Firmware(identity, min_command_time=min_command_time)
     fw.init()
     base = Config(state_dir=str(tmp_path / name), control=str(tmp_path / f"{name}.sock"))
     config = dataclasses.replace(base, **cfg)
-    d = Daemon(config, identity=identity, fw=fw, trusted_roots=[ca.ark])
-    d.migrations = MigrationManager(d)
-    return d
+    return Daemon(config, identity=identity, fw=fw, trusted_roots=[ca.ark])
 
 
 @pytest.fixture
@@ -357,7 +355,7 @@ async def test_corrupt_ciphertext_byte_is_bad_measurement(pair):
 
 async def test_stalled_destination_detected_by_peer_timeout(pair, mock_clock, monkeypatch):
     # Under the autojump clock a worker thread looks like an idle run loop: no worker threads.
-    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(psprunner_mod, "PSP_IN_THREAD", False)
     monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src, dst = pair(peer_timeout_s=5.0, keepalive_interval_s=1.0)
@@ -546,13 +544,12 @@ async def test_shutdown_mid_migration_keeps_guest_and_stops_cleanly(pair):
 async def test_keepalives_carry_a_slow_destination_past_the_peer_timeout(tmp_path, fleet, mock_clock, monkeypatch):
     """A destination whose PSP is slow (pacing) sends nothing for far longer than the peer timeout while
     it works; its keepalives keep the source from declaring it dead."""
-    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(psprunner_mod, "PSP_IN_THREAD", False)
     monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src = make_daemon(tmp_path, "a", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
-    dst = make_daemon(tmp_path, "b", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5)
-    dst.fw = Firmware(dst.identity, min_command_time=0.008)  # ~2 s of PSP time per 256-page batch
-    dst.fw.init()
+    dst = make_daemon(tmp_path, "b", fleet, peer_timeout_s=3.0, keepalive_interval_s=0.5,
+                      min_command_time=0.008)  # ~2 s of PSP time per 256-page batch
     with trio.fail_after(600):
         async with trio.open_nursery() as n:
             await launch(src, n, guest_config(mib=8, dirty_rate_mib_s=0.0, flip_rate=0.0))
@@ -602,7 +599,7 @@ async def test_duplicated_handoff_frame_never_gives_two_copies(pair, direction, 
 async def test_max_total_s_bounds_a_round_on_a_collapsed_link(pair, mock_clock, monkeypatch):
     """The planner decides at round ends; max_total_s must also stop a round that would last for ages
     (here: a 16 MiB first round at 256 KiB/s = 64 s against max_total_s = 5 s)."""
-    monkeypatch.setattr(migration_mod, "PSP_IN_THREAD", False)
+    monkeypatch.setattr(psprunner_mod, "PSP_IN_THREAD", False)
     monkeypatch.setattr(destination_mod, "POPULATE_INCOMING", False)
     mock_clock.autojump_threshold = 0
     src, dst = pair(max_total_s=5.0, peer_timeout_s=30.0)

@@ -1,7 +1,7 @@
 """`sevmigd serve`: run the daemon (one per host).
 
-Works with no configuration at all: defaults from api-daemon.md, a fresh self-contained platform in
-the state dir on first start. Precedence: defaults < `--config FILE` (TOML) < flags. A bad setting is
+Works with no configuration at all: the defaults of sevmigd.daemon.config, a fresh self-contained
+platform in the state dir on first start. Precedence: defaults < `--config FILE` (TOML) < flags. A bad setting is
 one line naming the key and exit status 2; a daemon that cannot start (socket in use, unreadable
 state) exits 1; SIGTERM/SIGINT shut down gracefully with exit 0.
 

@@ -57,7 +57,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The validated daemon configuration (see api-daemon.md for the meaning of every field)."""
+    """The validated daemon configuration (README "Configuration" says what every key means)."""
 
     state_dir: str
     control: str

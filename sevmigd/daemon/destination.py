@@ -24,7 +24,7 @@ import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
 from sevmigd.guest.hypervisor import PAGE_SIZE
-from sevmigd.migrate.errors import MigrationError, firmware_error
+from sevmigd.migrate.errors import FirmwareCommandError, MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.migrate.trust import check_peer_platform, platform_files
@@ -172,18 +172,15 @@ class IncomingMigration:
         if start.policy != hello.policy:
             raise MigrationError(AbortCode.POLICY_REFUSED,
                                  f"policy in start (0x{start.policy:x}) differs from hello (0x{hello.policy:x})")
-        try:
-            self.handle = await self.manager.psp(
-                lambda: fw.receive_start(policy=start.policy, pdh_cert=start.pdh, session=start.session))
-        except SevError as exc:
-            raise firmware_error("RECEIVE_START", exc) from None
+        self.handle = await self.daemon.psp.run(
+            "RECEIVE_START", lambda: fw.receive_start(policy=start.policy, pdh_cert=start.pdh, session=start.session))
         self.asid = self.daemon.allocate_asid()
         try:
             self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
                                                    policy=start.policy, handle=self.handle, asid=self.asid,
                                                    vcpus=hello.vcpus)
         except SevError as exc:
-            raise firmware_error("ACTIVATE", exc) from None
+            raise FirmwareCommandError("ACTIVATE", exc) from None
         self.npages = self.vm.npages
         self.hosted = self.manager.add_incoming_guest(self.name, self.vm)
         self.hosted.migration = self.stats
@@ -235,10 +232,7 @@ class IncomingMigration:
             elif isinstance(msg, m.VcpuState):
                 await self._apply_vcpu_state(msg)
             elif isinstance(msg, m.Complete):
-                try:
-                    await self.manager.psp(lambda: fw.receive_finish(self.handle))
-                except SevError as exc:
-                    raise firmware_error("RECEIVE_FINISH", exc) from None
+                await self.daemon.psp.run("RECEIVE_FINISH", lambda: fw.receive_finish(self.handle))
                 self.ready = True
                 await ch.send(m.Ready())
                 self.log.info("incoming_ready", pages=self.pages_received)
@@ -260,13 +254,13 @@ class IncomingMigration:
                 raise MigrationError(AbortCode.PROTOCOL_ERROR,
                                      f"page {int(arr.max())} beyond the guest's {self.npages} pages")
         if len(enc):
-            try:
-                await self.manager.psp(
-                    lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data))
-            except SevError as exc:
-                idx = getattr(exc, "index", None)
-                where = f"round {msg.round + 1}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
-                raise firmware_error("RECEIVE_UPDATE_DATA", exc, where) from None
+            def where(exc: SevError) -> str:
+                idx = exc.index
+                return f"round {msg.round + 1}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
+
+            await self.daemon.psp.run(
+                "RECEIVE_UPDATE_DATA", lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data),
+                where=where)
             host.set_page_enc_status(enc.astype(np.int64), True)
         if len(shr):
             host.write_raw_pages(shr.astype(np.int64), msg.shr_data)
@@ -291,10 +285,8 @@ class IncomingMigration:
         for i in range(n):
             hdr = msg.vmsa_header[i * SEV_HDR_SIZE:(i + 1) * SEV_HDR_SIZE]
             trans = msg.vmsa[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            try:
-                await self.manager.psp(lambda: fw.receive_update_vmsa(self.handle, hdr, trans, vcpu=i))
-            except SevError as exc:
-                raise firmware_error("RECEIVE_UPDATE_VMSA", exc, f"vCPU {i}") from None
+            await self.daemon.psp.run("RECEIVE_UPDATE_VMSA",
+                                      lambda: fw.receive_update_vmsa(self.handle, hdr, trans, vcpu=i), where=f"vCPU {i}")
 
     # -- hand-off ---------------------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ Owns `MigrationManager(daemon)`: `migrate_out` (refuses at once, with the guest 
 guest has not opted in via MSR_KVM_MIGRATION_CONTROL, its policy has NOSEND, a migration of it is already
 running, or a limit is reached; otherwise runs an `OutgoingMigration`), `handle_incoming` (the listener
 calls it per accepted connection), `cancel` (any time before "go"), `resolve` (the post-"go" uncertain
-state), `active`, `shutdown`, and the small services both drivers share: firmware calls serialised like
-the one PSP of a host (and optionally run in a worker thread), PSP pacing, TLS wrapping, allowed OCAs.
+state), `active`, `shutdown`, and the small services both drivers share: TLS wrapping, allowed OCAs. Firmware
+commands go through the daemon's PSP runner (`daemon.psp`, sevmigd/daemon/psprunner.py).
 
 Uncertain hand-off, documented for operators: when the source has sent "go" but never hears "started",
 it cannot know alone whether the destination started the guest. It then keeps the guest paused
@@ -25,6 +25,7 @@ import pathlib
 
 import trio
 
+from sevmigd.daemon import tls
 from sevmigd.daemon.destination import IncomingMigration
 from sevmigd.daemon.source import OutgoingMigration
 from sevmigd.errors import ConfigError
@@ -37,15 +38,6 @@ from sevmigd.wire.errors import AbortCode
 
 __all__ = ["MigrationManager", "MigrationError"]
 
-# Whether firmware batches run in a worker thread (trio.to_thread). Measured on the 2-core box with both
-# daemons on loopback, 256 MiB private guest, 3 runs each: inline 1.2-1.6 s, threaded 1.6-2.0 s. The
-# crypto does release the GIL, but with one core per daemon there is no idle core to overlap with and the
-# thread hand-off per 1 MiB batch costs more than it saves; a batch is ~5 ms, short enough to keep the
-# event loop (keepalives, vCPU tasks, control socket) responsive. The source must stay inline in any
-# case: the guest's own vCPU task uses the same memory engine, whose cached `cryptography` cipher
-# contexts must not be used from two threads at once ("Already borrowed"). Flip this on many-core hosts
-# (the destination's RECEIVE_UPDATE_DATA then overlaps reading the next frame).
-PSP_IN_THREAD = False
 # Protocol version this daemon speaks (PROTOCOL.md §6).
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 # Finished migrations kept for `status` / `migrations` queries.
@@ -64,7 +56,6 @@ class MigrationManager:
         self.incoming: dict[str, IncomingMigration] = {}
         self.uncertain: dict[str, OutgoingMigration] = {}
         self.history: list[dict] = []
-        self._psp_lock = trio.Lock()
         self._tasks_done = trio.Event()
         self._tasks_done.set()
         self._running = 0
@@ -99,7 +90,7 @@ class MigrationManager:
             raise ConfigError("max_bandwidth_mib_s", f"must be >= 0, got {max_bandwidth_mib_s}")
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", f"must be 1..65535, got {port!r}")
-        if getattr(self.daemon, "shutting_down", False):
+        if self.daemon.shutting_down:
             raise MigrationError(AbortCode.SHUTDOWN, "daemon is shutting down")
         if hosted.state != "running":
             raise MigrationError(AbortCode.POLICY_REFUSED, f"guest {name!r} is {hosted.state}, not running")
@@ -189,20 +180,6 @@ class MigrationManager:
         driver itself, so the source gets a Refuse naming the setting rather than a protocol abort."""
         return wire_limits.Limits()
 
-    async def psp(self, fn, *, thread: bool = True):
-        """Run one firmware command (a zero-argument callable) like the host's single PSP: one at a time,
-        in a worker thread when `thread` and PSP_IN_THREAD, then wait out the firmware's pacing debt."""
-        fw = self.daemon.fw
-        async with self._psp_lock:
-            if thread and PSP_IN_THREAD:
-                result = await trio.to_thread.run_sync(fn)
-            else:
-                result = fn()
-            debt = fw.take_pacing_debt() if hasattr(fw, "take_pacing_debt") else 0.0
-        if debt > 0:
-            await trio.sleep(debt)
-        return result
-
     def allowed_oca(self) -> list[bytes] | None:
         """The OCA certificates of `allowed_oca` (paths), read once per change of the list."""
         paths = self.daemon.config.allowed_oca
@@ -222,11 +199,8 @@ class MigrationManager:
 
     async def wrap_client_tls(self, stream, host: str):
         cfg = self.daemon.config
-        tls_cfg = getattr(cfg, "tls", None)
-        if tls_cfg is None or not getattr(tls_cfg, "enabled", False):
+        if not cfg.tls.enabled:
             return stream
-        from sevmigd.daemon import tls  # only when configured
-
         try:
             ctx = tls.client_context(cfg)
             return await tls.wrap_client(stream, ctx, host, timeout=cfg.handshake_timeout_s)
@@ -235,11 +209,8 @@ class MigrationManager:
 
     async def _wrap_server_tls(self, stream, peer: str):
         cfg = self.daemon.config
-        tls_cfg = getattr(cfg, "tls", None)
-        if tls_cfg is None or not getattr(tls_cfg, "enabled", False):
+        if not cfg.tls.enabled:
             return stream
-        from sevmigd.daemon import tls
-
         try:
             ctx = tls.server_context(cfg)
             return await tls.wrap_server(stream, ctx, timeout=cfg.handshake_timeout_s, peer=peer)
@@ -263,12 +234,7 @@ class MigrationManager:
 
     def start_guest(self, hosted) -> None:
         """The incoming guest starts: running state, vCPU task in the daemon's guest nursery."""
-        starter = getattr(self.daemon, "start_guest", None)
-        if callable(starter):
-            starter(hosted)
-            return
-        hosted.state = "running"
-        hosted.start_vcpus(self.daemon.nursery)
+        self.daemon.start_guest(hosted)
 
     def drop_guest(self, name: str, hosted) -> None:
         if self.daemon.guests.get(name) is hosted:

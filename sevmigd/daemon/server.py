@@ -24,13 +24,13 @@ import signal
 import socket as stdlib_socket
 import stat
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 import trio
 
-from sevmigd import __version__
+from sevmigd import __version__, store
+from sevmigd.daemon import control, systemd, tls
 from sevmigd.daemon.config import Config, load_config, split_host_port
 from sevmigd.daemon.errors import (
     DaemonError,
@@ -42,16 +42,16 @@ from sevmigd.daemon.errors import (
     StartupError,
 )
 from sevmigd.daemon.logging import configure_logging
+from sevmigd.daemon.malloc import release_free_heap
+from sevmigd.daemon.migration import MigrationManager
+from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.errors import ConfigError, SevmigdError
-
-try:  # systemd/security engineer's modules; the daemon runs without them (no notify, no TLS).
-    from sevmigd.daemon import systemd as _systemd
-except ImportError:  # pragma: no cover - only while the tree is being assembled
-    _systemd = None
-try:
-    from sevmigd.daemon import tls as _tls
-except ImportError:  # pragma: no cover
-    _tls = None
+from sevmigd.guest.vm import GuestConfig, SevVm
+from sevmigd.migrate.stats import MigrationStats
+from sevmigd.psp.certs import AmdCert
+from sevmigd.psp.firmware import Firmware, PlatformState
+from sevmigd.psp.identity import PlatformIdentity
+from sevmigd.psp.status import SevError
 
 GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped")
 
@@ -85,14 +85,14 @@ class HostedGuest:
     core sets running/paused/stopped. `migration` holds the latest stats dict (or None).
     """
 
-    def __init__(self, daemon: Daemon, name: str, vm: Any, state: str):
+    def __init__(self, daemon: Daemon, name: str, vm: SevVm, state: str):
         if state not in GUEST_STATES:
             raise ValueError(f"unknown guest state {state!r}")
         self.daemon = daemon
         self.name = name
         self.vm = vm
         self.state = state
-        self.migration: Any = None
+        self.migration: MigrationStats | None = None
         self.error: str | None = None
         self.created = time.time()
         self._vcpu_scope: trio.CancelScope | None = None
@@ -137,88 +137,36 @@ class HostedGuest:
                     return
 
 
-# ------------------------------------------------------------------------------ migration stub
-
-
-class _NoMigrations:
-    """Stand-in until sevmigd.daemon.migration is importable: the daemon serves guests, refuses to
-    migrate, and closes incoming migration connections."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def _unavailable(self) -> DaemonError:
-        return DaemonError(f"migration support is not available in this build ({self.reason})")
-
-    async def migrate_out(self, name, host, port, **kwargs):
-        raise self._unavailable()
-
-    def cancel(self, name):
-        raise self._unavailable()
-
-    def resolve(self, name, *, run_here):
-        raise self._unavailable()
-
-    async def handle_incoming(self, stream, peer):
-        await trio.aclose_forcefully(stream)
-
-    def active(self) -> int:
-        return 0
-
-    async def shutdown(self) -> None:
-        return None
-
-
-def _migration_manager(daemon: Daemon) -> Any:
-    try:
-        from sevmigd.daemon.migration import MigrationManager
-    except ImportError as exc:
-        daemon.log.warning("migration_unavailable", reason=str(exc))
-        return _NoMigrations(str(exc))
-    return MigrationManager(daemon)
-
-
 # --------------------------------------------------------------------------------- the daemon
 
 
-def _stats_dict(stats: Any) -> dict | None:
-    if stats is None:
-        return None
-    if isinstance(stats, dict):
-        return dict(stats)
-    for meth in ("as_dict", "to_dict"):
-        if hasattr(stats, meth):
-            return dict(getattr(stats, meth)())
-    if dataclasses.is_dataclass(stats):
-        return dataclasses.asdict(stats)
-    return {"value": str(stats)}
-
-
-def _hex(b: Any) -> str | None:
+def _hex(b: bytes | None) -> str | None:
     """Hex of a digest; None when there is none (an incoming guest was never launched here)."""
     return bytes(b).hex() if b else None
 
 
 class Daemon:
-    """Process-wide daemon state (see api-daemon.md for the pinned attributes).
+    """Process-wide daemon state: the configuration, the platform (identity, firmware and the PSP runner
+    every firmware command goes through), the hosted guests, the migration manager, the listeners.
 
     Construct with a validated Config; `identity`, `fw` and `trusted_roots` may be injected (tests);
     otherwise `serve()` loads them from the state dir (creating a fresh platform on first start).
     """
 
-    def __init__(self, config: Config, *, identity: Any = None, fw: Any = None,
-                 trusted_roots: list | None = None, rng: Callable[[int], bytes] = os.urandom,
+    def __init__(self, config: Config, *, identity: PlatformIdentity | None = None, fw: Firmware | None = None,
+                 trusted_roots: list[AmdCert] | None = None, rng: Callable[[int], bytes] = os.urandom,
                  config_source: tuple[str | None, dict] | None = None,
-                 vm_launcher: Callable[..., Any] | None = None):
+                 vm_launcher: Callable[..., SevVm] | None = None):
         self.config = config
         self.identity = identity
         self.fw = fw
-        self.trusted_roots: list = list(trusted_roots) if trusted_roots is not None else []
+        self._psp = PspRunner(fw) if fw is not None else None
+        self.trusted_roots: list[AmdCert] = list(trusted_roots) if trusted_roots is not None else []
         self._roots_injected = trusted_roots is not None
         self.rng = rng
         self.guests: dict[str, HostedGuest] = {}
         self.log = structlog.get_logger("sevmigd")
-        self.migrations: Any = None
+        self.migrations = MigrationManager(self)
         self.shutting_down = False
         self.nursery: trio.Nursery | None = None
         self.listen_address: str | None = None
@@ -236,7 +184,6 @@ class Daemon:
         self._inflight_requests = 0
         self._requests_idle = trio.Event()
         self._requests_idle.set()
-        self._tls_server_ctx = None
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
 
@@ -254,15 +201,13 @@ class Daemon:
         if asid is not None:
             self._used_asids.discard(asid)
 
-    def add_guest(self, name: str, vm: Any, state: str) -> HostedGuest:
+    def add_guest(self, name: str, vm: SevVm, state: str) -> HostedGuest:
         """Register a guest (its ASID, vm.asid, counts as used). GuestExists when the name is taken.
         Does not start vCPUs: call `hosted.start_vcpus()` when the guest should run."""
         if name in self.guests:
             raise GuestExists(name)
         hosted = HostedGuest(self, name, vm, state)
-        asid = getattr(vm, "asid", None)
-        if asid is not None:
-            self._used_asids.add(asid)
+        self._used_asids.add(vm.asid)
         self.guests[name] = hosted
         return hosted
 
@@ -277,7 +222,7 @@ class Daemon:
         hosted = self.get_guest(name)
         hosted.stop_vcpus()
         del self.guests[name]
-        self.release_asid(getattr(hosted.vm, "asid", None))
+        self.release_asid(hosted.vm.asid)
         return hosted
 
     def get_guest(self, name: str) -> HostedGuest:
@@ -287,30 +232,31 @@ class Daemon:
             raise GuestNotFound(name) from None
 
     # ------------------------------------------------------------------ platform
-    def _load_platform(self) -> None:
-        from sevmigd import store
-        from sevmigd.psp.firmware import Firmware
+    @property
+    def psp(self) -> PspRunner:
+        """The runner of every firmware command (see sevmigd.daemon.psprunner); exists once the platform
+        is loaded (serve() does that, or inject `fw`)."""
+        if self._psp is None:
+            raise DaemonError("the platform is not loaded yet")
+        return self._psp
 
+    def _load_platform(self) -> None:
         state_dir = self.config.state_dir
         if self.identity is None:
-            self.identity = _load_or_create_platform(self, store, state_dir)
+            self.identity = _load_or_create_platform(self, state_dir)
         if not self.trusted_roots and not self._roots_injected:
             self.trusted_roots = self._read_trusted_roots()
         if self.fw is None:
             self.fw = Firmware(self.identity, rng=self.rng,
                                min_command_time=self.config.psp_min_command_time_us / 1e6)
-        state = getattr(self.fw, "platform_state", None)
-        if state is None or getattr(state, "name", str(state)) == "UNINIT":
+            self._psp = PspRunner(self.fw)
+        if self.fw.platform_state is PlatformState.UNINIT:
             self.fw.init()
 
-    def _read_trusted_roots(self) -> list:
+    def _read_trusted_roots(self) -> list[AmdCert]:
         """ARK certificates this daemon trusts: config.trusted_roots files, else the state dir's."""
         if self.config.trusted_roots is None:
-            from sevmigd import store
             return list(store.load_trusted_roots(self.config.state_dir))
-        from sevmigd.psp.certs import AmdCert
-        from sevmigd.psp.status import SevError
-
         roots = []
         for i, path in enumerate(self.config.trusted_roots):
             key = f"trusted_roots[{i}]"
@@ -327,10 +273,10 @@ class Daemon:
 
     @property
     def platform_id(self) -> str | None:
-        return getattr(self.identity, "platform_id", None)
+        return self.identity.platform_id if self.identity is not None else None
 
     # ------------------------------------------------------------------ guests (used by control)
-    async def launch_guest(self, gcfg: Any) -> HostedGuest:
+    async def launch_guest(self, gcfg: GuestConfig) -> HostedGuest:
         """LAUNCH_* a new guest from a GuestConfig and start its vCPUs."""
         if self.shutting_down:
             raise ShuttingDown()
@@ -341,11 +287,9 @@ class Daemon:
                                 f"({self.config.max_guest_bytes})")
         asid = self.allocate_asid()
         try:
-            launcher = self._vm_launcher
-            if launcher is None:
-                from sevmigd.guest.vm import SevVm
-                launcher = SevVm.launch
-            vm = await self.psp_call(lambda: launcher(self.fw, gcfg, asid=asid, rng=self.rng))
+            launcher = self._vm_launcher or SevVm.launch
+            fw = self.fw
+            vm = await self.psp.run("LAUNCH", lambda: launcher(fw, gcfg, asid=asid, rng=self.rng))
         except BaseException:
             self.release_asid(asid)
             raise
@@ -361,7 +305,6 @@ class Daemon:
             self.remove_guest(gcfg.name)
             vm.release()
             raise
-        from sevmigd.daemon.malloc import release_free_heap
         release_free_heap()  # a launch (prefill) frees MiBs of transient buffers: out of the RSS now
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
@@ -374,7 +317,7 @@ class Daemon:
             raise InvalidState(f"guest {name!r} is {hosted.state}; cancel the migration first")
         hosted.stop_vcpus()
         try:
-            await self.psp_call(hosted.vm.release)
+            await self.psp.run("DECOMMISSION", hosted.vm.release)
         finally:
             if self.guests.get(name) is hosted:
                 self.remove_guest(name)
@@ -382,28 +325,10 @@ class Daemon:
         self.log.info("guest_stopped", guest=name)
         return hosted
 
-    async def psp_call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` (firmware commands) the way the migration drivers do: one at a time, like the
-        host's single PSP (in a worker thread, so vCPUs and the control socket keep running), then
-        wait out the pacing debt. Falls back to a direct call while no migration manager exists."""
-        psp = getattr(self.migrations, "psp", None)
-        if psp is not None:
-            return await psp(fn)
-        result = fn()
-        await self.pace()
-        return result
-
-    async def pace(self) -> None:
-        """Wait out the firmware's pacing debt (models a slow PSP; 0 when pacing is off)."""
-        take = getattr(self.fw, "take_pacing_debt", None)
-        debt = take() if take is not None else 0.0
-        if debt > 0:
-            await trio.sleep(debt)
-
-    def guest_status(self, hosted: HostedGuest) -> dict[str, Any]:
+    def guest_status(self, hosted: HostedGuest) -> dict[str, object]:
         vm = hosted.vm
 
-        def safe(fn: Callable[[], Any]) -> Any:
+        def safe(fn: Callable[[], object]) -> object:
             # Status reports what it can of a guest in any state: a decommissioned (migrated) guest
             # has no firmware context left, which is a fact to show, not an error to raise.
             try:
@@ -425,19 +350,15 @@ class Daemon:
             "measurement": safe(lambda: _hex(vm.measurement)),
             "migration_control": safe(lambda: int(vm.host.migration_control)),
             "asid": safe(lambda: int(vm.asid)),
-            "migration": _stats_dict(hosted.migration),
+            "migration": hosted.migration.to_dict() if hosted.migration is not None else None,
             "error": hosted.error,
         }
 
-    def server_info(self) -> dict[str, Any]:
+    def server_info(self) -> dict[str, object]:
         states: dict[str, int] = {}
         for g in self.guests.values():
             states[g.state] = states.get(g.state, 0) + 1
-        fw_api = None
-        if self.fw is not None:
-            major, minor = getattr(self.fw, "api_major", None), getattr(self.fw, "api_minor", None)
-            if major is not None:
-                fw_api = f"{major}.{minor}"
+        fw_api = f"{self.fw.api_major}.{self.fw.api_minor}" if self.fw is not None else None
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -449,7 +370,7 @@ class Daemon:
             "api_version": fw_api,
             "guests": len(self.guests),
             "guest_states": states,
-            "migrations": self.migrations.active() if self.migrations is not None else 0,
+            "migrations": self.migrations.active(),
             "shutting_down": self.shutting_down,
             "uptime_s": None if self.started_at is None else round(time.monotonic() - self.started_at, 3),
             "tls": bool(self.config.tls.enabled),
@@ -475,29 +396,19 @@ class Daemon:
                     todo.extend(n.child_tasks)
         except RuntimeError:  # not inside trio
             pass
-        count = getattr(self.fw, "guest_count", None)  # a property of the emulated Firmware
-        ram = 0
-        for g in self.guests.values():
-            if not getattr(g.vm, "_released", True):
-                ram += int(getattr(g.vm, "memory_bytes", 0))
-        return {"open_fds": fds, "tasks": tasks, "psp_guests": count if isinstance(count, int) else None,
+        ram = sum(g.vm.memory_bytes for g in self.guests.values() if not g.vm.released)
+        return {"open_fds": fds, "tasks": tasks, "psp_guests": self.fw.guest_count if self.fw is not None else None,
                 "guest_ram_bytes": ram}
 
     # ------------------------------------------------------------------ serving
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Load the platform, bind the listener and the control socket, then serve until
         `request_shutdown()`; `task_status.started(listen_address)` once both accept connections."""
-        from sevmigd.daemon import control
-
-        inherited = _systemd.inherited_listeners() if _systemd is not None else []
+        inherited = systemd.inherited_listeners()
         tcp_inherited = [l for l in inherited if l.socket.family != stdlib_socket.AF_UNIX]
         unix_inherited = [l for l in inherited if l.socket.family == stdlib_socket.AF_UNIX]
-        if _tls is not None:
-            self._tls_server_ctx = _tls.server_context(self.config.tls)
-        elif self.config.tls.enabled:
-            raise ConfigError("tls", "TLS support is not available in this build")
+        tls.server_context(self.config.tls)  # a bad [tls] section fails the start, not the first migration
         self._load_platform()
-        self.migrations = _migration_manager(self)
         with trio.CancelScope() as serve_scope:
             self._serve_scope = serve_scope
             try:
@@ -508,10 +419,10 @@ class Daemon:
                     self.listen_address = _fmt_addr(*self.listen_addresses[0])
                     if unix_inherited:
                         control_listener = unix_inherited[0]
-                        self.control_path = _systemd.socket_address(control_listener.socket)
+                        self.control_path = systemd.socket_address(control_listener.socket)
                     else:
                         try:
-                            control_listener, self._control_inode = control.bind_control_socket(
+                            control_listener, self._control_inode = await control.bind_control_socket(
                                 self.config.control, self.config.control_group)
                         except BaseException:
                             for listener in listeners:
@@ -521,10 +432,9 @@ class Daemon:
                     await nursery.start(self._serve_migration_listeners, listeners)
                     await nursery.start(control.serve_control, self, control_listener)
                     self.started_at = time.monotonic()
-                    if _systemd is not None:
-                        _systemd.ready(status=_systemd.daemon_status_text(self))
-                        nursery.start_soon(_systemd.status_task, self)
-                        nursery.start_soon(_systemd.watchdog_task)
+                    systemd.ready(status=self.status_text())
+                    nursery.start_soon(systemd.status_task, self.status_text)
+                    nursery.start_soon(systemd.watchdog_task)
                     self.log.info("ready", listen=self.listen_address, control=self.control_path,
                                   platform_id=self.platform_id, state_dir=self.config.state_dir,
                                   socket_activated=bool(tcp_inherited), pid=os.getpid(),
@@ -597,19 +507,17 @@ class Daemon:
 
     async def _graceful_shutdown(self) -> None:
         self.shutting_down = True
-        active = self.migrations.active() if self.migrations is not None else 0
-        if _systemd is not None:
-            _systemd.stopping(f"stopping: {active} migration(s) to settle")
+        active = self.migrations.active()
+        systemd.stopping(f"stopping: {active} migration(s) to settle")
         self.log.info("shutting_down", guests=len(self.guests), migrations=active)
         self._listener_scope.cancel()
-        if self.migrations is not None:
-            with trio.move_on_after(SHUTDOWN_MIGRATIONS_S) as scope:
-                try:
-                    await self.migrations.shutdown()
-                except Exception:
-                    self.log.error("migration_shutdown_failed", exc_info=True)
-            if scope.cancelled_caught:
-                self.log.warning("migration_shutdown_timeout", seconds=SHUTDOWN_MIGRATIONS_S)
+        with trio.move_on_after(SHUTDOWN_MIGRATIONS_S) as scope:
+            try:
+                await self.migrations.shutdown()
+            except Exception:
+                self.log.error("migration_shutdown_failed", exc_info=True)
+        if scope.cancelled_caught:
+            self.log.warning("migration_shutdown_timeout", seconds=SHUTDOWN_MIGRATIONS_S)
         # Let control requests that were waiting on those migrations (`ctl migrate`) send their final
         # reply, so the user reads "cancelled: daemon shutting down" rather than a dropped connection.
         with trio.move_on_after(CONTROL_DRAIN_S):
@@ -626,11 +534,10 @@ class Daemon:
                 self.log.warning("guest_release_failed", guest=hosted.name, exc_info=True)
             hosted.state = "stopped"
         self._used_asids.clear()
-        shutdown = getattr(self.fw, "shutdown", None)
-        if shutdown is not None:
+        if self.fw is not None:
             try:
-                shutdown()
-            except Exception:
+                self.fw.shutdown()
+            except SevError:
                 self.log.warning("firmware_shutdown_failed", exc_info=True)
 
     def _cleanup_control_socket(self) -> None:
@@ -652,8 +559,7 @@ class Daemon:
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration; apply the reloadable keys (trusted roots, limits, log
         level). On any error keep the old configuration (and say so). Returns True when applied."""
-        if _systemd is not None:
-            _systemd.reloading()
+        systemd.reloading()
         path, overrides = self._config_source
         try:
             new = load_config(path, overrides)
@@ -668,8 +574,7 @@ class Daemon:
                     self.config = old_cfg
         except (ConfigError, SevmigdError, OSError) as exc:
             self.log.error("reload_failed", error=str(exc))
-            if _systemd is not None:
-                _systemd.ready(status=_systemd.daemon_status_text(self))
+            systemd.ready(status=self.status_text())
             return False
         self.config = candidate
         self.trusted_roots = roots
@@ -677,12 +582,17 @@ class Daemon:
             configure_logging(candidate.log_level, candidate.log_format)
         self.log.info("reloaded", changed=sorted(apply), restart_needed_for=sorted(ignored),
                       trusted_roots=len(roots))
-        if _systemd is not None:
-            _systemd.ready(status=_systemd.daemon_status_text(self))
+        systemd.ready(status=self.status_text())
         return True
 
+    def status_text(self) -> str:
+        """The one-line STATUS= systemd shows (`systemctl status`)."""
+        return systemd.status_text([g.state for g in self.guests.values()],
+                                   listening=self.listen_address or self.config.listen,
+                                   shutting_down=self.shutting_down)
 
-def _sockname(sock: Any) -> tuple[str, int]:
+
+def _sockname(sock: trio.socket.SocketType) -> tuple[str, int]:
     addr = sock.getsockname()
     return str(addr[0]), int(addr[1])
 
@@ -691,47 +601,24 @@ def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _peer_of(stream: Any) -> str:
+def _peer_of(stream: trio.SocketStream) -> str:
     try:
         addr = stream.socket.getpeername()
-        return _fmt_addr(str(addr[0]), int(addr[1]))
-    except Exception:
+    except OSError:
         return "unknown"
+    return _fmt_addr(str(addr[0]), int(addr[1]))
 
 
-def _load_or_create_platform(daemon: Daemon, store: Any, state_dir: str) -> Any:
+def _load_or_create_platform(daemon: Daemon, state_dir: str) -> PlatformIdentity:
     """store.load_platform(state_dir); on a first start (no identity there yet) create a fresh
     self-contained fleet CA + platform in the state dir and say so in the log."""
-    if _platform_exists(store, state_dir):
+    if store.platform_exists(state_dir):
         return store.load_platform(state_dir)
     daemon.log.warning("platform_created", state_dir=state_dir,
                        note="no platform identity found: created a new self-contained fleet CA and "
                             "platform (use `sevmigd platform init` to join an existing fleet)")
     daemon.platform_created = True
-    return _create_platform(daemon, store, state_dir)
-
-
-def _platform_exists(store: Any, state_dir: str) -> bool:
-    exists = getattr(store, "platform_exists", None)
-    if exists is not None:
-        return bool(exists(state_dir))
-    from sevmigd.psp.identity import PLATFORM_FILES
-
-    return any(os.path.exists(os.path.join(state_dir, f)) for f in PLATFORM_FILES) or \
-        any(os.path.exists(os.path.join(state_dir, "platform", f)) for f in PLATFORM_FILES)
-
-
-def _create_platform(daemon: Daemon, store: Any, state_dir: str) -> Any:
-    init = getattr(store, "init_self_contained", None)
-    if init is not None:
-        return init(state_dir, rng=daemon.rng)
-    from sevmigd.psp.identity import FleetCA, PlatformIdentity
-
-    ca = FleetCA.create(daemon.rng)
-    identity = PlatformIdentity.create(ca, daemon.rng)
-    store.save_fleet(state_dir, ca)
-    store.save_platform(state_dir, identity)
-    return store.load_platform(state_dir)
+    return store.init_self_contained(state_dir, rng=daemon.rng)
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -751,7 +638,7 @@ async def run(config: Config, *, config_path: str | None = None, overrides: dict
     return 0
 
 
-async def _signal_loop(daemon: Daemon, signals: Any) -> None:
+async def _signal_loop(daemon: Daemon, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             daemon.log.info("signal", signal="SIGHUP", action="reload")

@@ -36,7 +36,7 @@ import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
 from sevmigd.guest.hypervisor import PAGE_SIZE
-from sevmigd.migrate.errors import MigrationError, firmware_error
+from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import BATCH_PAGES, batches, pack_bitmap, split_by_encryption
 from sevmigd.migrate.planner import Decision, PrecopyPlanner
 from sevmigd.migrate.ratelimit import TokenBucket
@@ -210,12 +210,9 @@ class OutgoingMigration:
         self.log.info("destination_accepted", destination_platform=dest_id[:16])
 
         p = reply.platform
-        try:
-            policy, session = await self.manager.psp(
-                lambda: fw.send_start(vm.handle, pdh_cert=p["pdh"], plat_certs=p["pek"] + p["oca"] + p["cek"],
-                                      amd_certs=p["ask"] + p["ark"]))
-        except SevError as exc:
-            raise firmware_error("SEND_START", exc) from None
+        policy, session = await self.daemon.psp.run(
+            "SEND_START", lambda: fw.send_start(vm.handle, pdh_cert=p["pdh"], plat_certs=p["pek"] + p["oca"] + p["cek"],
+                                                amd_certs=p["ask"] + p["ark"]))
         self.send_started = True
         own_pdh, _chain = fw.pdh_cert_export()
         await ch.send(m.Start(policy=policy, pdh=own_pdh, session=session))
@@ -311,13 +308,10 @@ class OutgoingMigration:
                 self._bitmap_s += trio.current_time() - bits_at
             enc, shr = split_by_encryption(chunk, bits)
             if len(enc):
-                try:
-                    # Inline, not in a worker thread: the guest's vCPU task uses the same memory engine
-                    # (see MigrationManager.psp).
-                    headers, data = await self.manager.psp(lambda: fw.send_update_data_batch(handle, enc),
-                                                           thread=False)
-                except SevError as exc:
-                    raise firmware_error("SEND_UPDATE_DATA", exc) from None
+                # Inline, not in a worker thread: the guest's vCPU task uses the same memory engine
+                # (see sevmigd.daemon.psprunner.PSP_IN_THREAD).
+                headers, data = await self.daemon.psp.run(
+                    "SEND_UPDATE_DATA", lambda: fw.send_update_data_batch(handle, enc), thread=False)
             else:
                 headers = data = b""
             shr_data = host.read_raw_pages(shr) if len(shr) else b""
@@ -366,10 +360,9 @@ class OutgoingMigration:
             if self.host.is_es:
                 hdrs, pages = [], []
                 for i in range(self.vm.vcpus):      # one SEND_UPDATE_VMSA per vCPU (its own VMSA page)
-                    try:
-                        hdr, vmsa = await self.manager.psp(lambda: fw.send_update_vmsa(self.vm.handle, vcpu=i))
-                    except SevError as exc:
-                        raise firmware_error("SEND_UPDATE_VMSA", exc, f"vCPU {i}") from None
+                    hdr, vmsa = await self.daemon.psp.run("SEND_UPDATE_VMSA",
+                                                          lambda: fw.send_update_vmsa(self.vm.handle, vcpu=i),
+                                                          where=f"vCPU {i}")
                     hdrs.append(hdr)
                     pages.append(vmsa)
                 await ch.send(m.VcpuState(regs=None, vmsa_header=b"".join(hdrs), vmsa=b"".join(pages)))
@@ -495,9 +488,7 @@ class OutgoingMigration:
         if self.progress is None:
             return
         try:
-            r = self.progress(self.stats.to_dict())
-            if hasattr(r, "__await__"):
-                await r
+            self.progress(self.stats.to_dict())
         except Exception:  # noqa: BLE001 - a broken progress listener must not break the migration
             self.log.exception("progress_callback_failed")
             self.progress = None

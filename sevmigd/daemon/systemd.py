@@ -186,30 +186,19 @@ def status_text(guest_states: Iterable[str], *, listening: str | None = None,
     return _clip(text)
 
 
-def daemon_status_text(daemon: object) -> str:
-    """STATUS= text for a running Daemon (its pinned attributes: guests, shutting_down, config)."""
-    guests = getattr(daemon, "guests", {}) or {}
-    states = [getattr(g, "state", "unknown") for g in list(guests.values())]
-    config = getattr(daemon, "config", None)
-    listening = getattr(daemon, "listen_address", None) or getattr(config, "listen", None)
-    if isinstance(listening, (list, tuple)):
-        listening = ", ".join(map(str, listening))
-    return status_text(states, listening=listening,
-                       shutting_down=bool(getattr(daemon, "shutting_down", False)))
-
-
 # How often status_task re-checks the daemon's state. The line only changes on guest or migration
 # transitions; one second keeps `systemctl status` current without measurable cost.
 STATUS_INTERVAL_S = 1.0
 
 
-async def status_task(daemon: object, *, interval: float = STATUS_INTERVAL_S,
+async def status_task(current: Callable[[], str], *, interval: float = STATUS_INTERVAL_S,
                       send: Callable[[str], bool] = status, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Keep STATUS= current: send the daemon's status line whenever it changes (run in a nursery)."""
+    """Keep STATUS= current: send `current()` (the daemon's status line) whenever it changes (run in a
+    nursery)."""
     task_status.started()
     last = None
     while True:
-        text = daemon_status_text(daemon)
+        text = current()
         if text != last:
             send(text)
             last = text
@@ -364,7 +353,7 @@ async def watchdog_task(interval: float | None = None, *, healthy: Callable[[], 
 
 __all__ = [
     "SD_LISTEN_FDS_START", "SocketActivationError", "notify", "notify_address", "message", "ready",
-    "stopping", "reloading", "extend_timeout", "status", "status_text", "daemon_status_text",
+    "stopping", "reloading", "extend_timeout", "status", "status_text",
     "status_task", "listen_fds", "listen_fds_count", "listen_fd_names", "listening_socket",
     "socket_address", "inherited_listeners", "watchdog_interval", "watchdog_task",
 ]

@@ -304,6 +304,11 @@ class SevVm:
 
     # ------------------------------------------------------------------ state
     @property
+    def released(self) -> bool:
+        """True once release() gave the guest's firmware context and RAM back."""
+        return self._released
+
+    @property
     def sev_state(self) -> str:
         try:
             return self._fw.guest_status(self.handle).state.name

@@ -12,7 +12,10 @@ from sevmigd.wire.errors import AbortCode
 
 
 class MigrationError(SevmigdError):
-    """A migration failed or was refused. `code` is the AbortCode (sent to the peer in Abort/Refuse)."""
+    """A migration failed or was refused. `code` is the AbortCode (sent to the peer in Abort/Refuse);
+    `stats`, once the daemon attached them, the migration's final statistics (a dict)."""
+
+    stats: dict | None = None
 
     def __init__(self, code: AbortCode, message: str):
         super().__init__(message)
@@ -25,21 +28,22 @@ class MigrationError(SevmigdError):
 
 def sev_error_text(command: str, err: SevError) -> str:
     """'RECEIVE_UPDATE_DATA failed: BAD_MEASUREMENT (0x0b)' from a firmware error."""
-    status = getattr(err, "status", None)
-    try:
-        name, value = status.name, int(status)
-        text = f"{command} failed: {name} (0x{value:02x})"
-    except AttributeError:
-        text = f"{command} failed: {err}"
-    detail = getattr(err, "message", "") or ""
-    if detail and detail not in text:
-        text += f": {detail}"
+    text = f"{command} failed: {err.status.name} (0x{int(err.status):02x})"
+    if err.message:
+        text += f": {err.message}"
     return text
 
 
-def firmware_error(command: str, err: SevError, extra: str = "") -> MigrationError:
-    """A firmware SevError as a MigrationError(FIRMWARE_ERROR) naming the command and SEV status."""
-    text = sev_error_text(command, err)
-    if extra:
-        text += f" ({extra})"
-    return MigrationError(AbortCode.FIRMWARE_ERROR, text)
+class FirmwareCommandError(MigrationError):
+    """A firmware command failed: `command` (its SEV API name) and the SEV `status`, with AbortCode
+    FIRMWARE_ERROR for the peer. Raised by the daemon's PSP runner for every failed command."""
+
+    error_class = "FirmwareError"
+
+    def __init__(self, command: str, err: SevError, where: str = ""):
+        text = sev_error_text(command, err)
+        if where:
+            text += f" ({where})"
+        super().__init__(AbortCode.FIRMWARE_ERROR, text)
+        self.command = command
+        self.status = err.status

@@ -45,6 +45,9 @@ class SevError(Exception):
     ``SevError(INVALID_LENGTH, session_len=0x80)``.
     """
 
+    #: Batch commands: the number of the packet that failed (the packets before it were applied).
+    index: int | None = None
+
     def __init__(self, status: SevStatus | int, message: str = "", **written_back: int):
         self.status = SevStatus(status)
         self.message = message

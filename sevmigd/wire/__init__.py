@@ -1,6 +1,6 @@
 """sevmigd.wire: the migration protocol as a pure, sans-I/O state machine (h11 style).
 
-Normative specification: protocol/PROTOCOL.md. Pinned API (brief/api-wire.md):
+Normative specification: protocol/PROTOCOL.md. The API other layers use:
 
     from sevmigd.wire import Connection, Role, Limits, NEED_DATA, CLOSED, messages as m, errors
     conn = Connection(Role.SOURCE, rng=os.urandom, limits=Limits())
