@@ -108,7 +108,7 @@ class IncomingMigration:
         """Why we will not take this guest, or None. Decided before anything is reserved."""
         cfg = self.daemon.config
         d = self.daemon
-        if getattr(d, "shutting_down", False):
+        if d.shutting_down:
             return MigrationError(AbortCode.SHUTDOWN, "destination daemon is shutting down")
         if negotiate_version(hello.version) is None:
             return MigrationError(AbortCode.VERSION_MISMATCH,

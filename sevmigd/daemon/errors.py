@@ -11,6 +11,9 @@ This module must never carry secrets in messages: errors are shown to control cl
 from __future__ import annotations
 
 from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.guest.agent import GuestNotRunning
+from sevmigd.migrate.errors import FirmwareCommandError, MigrationError
+from sevmigd.psp.status import SevError
 
 
 class DaemonError(SevmigdError):
@@ -64,15 +67,13 @@ def error_class(exc: BaseException) -> str:
     """The control-protocol error class for an exception (stable names; clients may switch on them)."""
     if isinstance(exc, ConfigError):
         return "InvalidParameter"
-    cls = getattr(exc, "error_class", None)
-    if isinstance(cls, str):
-        return cls
-    name = type(exc).__name__
-    if name == "GuestNotRunning":  # sevmigd.guest.agent: paused or not-yet-started guest kernel
+    if isinstance(exc, (DaemonError, FirmwareCommandError)):
+        return exc.error_class
+    if isinstance(exc, GuestNotRunning):  # paused or not-yet-started guest kernel
         return "InvalidState"
-    if name == "MigrationError":
+    if isinstance(exc, MigrationError):
         return "MigrationFailed"
-    if name == "SevError":
+    if isinstance(exc, SevError):
         return "FirmwareError"
     if isinstance(exc, SevmigdError):
         return "GenericError"

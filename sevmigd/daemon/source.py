@@ -238,7 +238,7 @@ class OutgoingMigration:
         await self._handoff(ch)
 
     def _vcpus(self) -> int:
-        return int(getattr(self.vm, "vcpus", None) or getattr(getattr(self.vm, "config", None), "vcpus", 1) or 1)
+        return self.vm.vcpus
 
     async def _precopy(self, ch: Channel, planner: PrecopyPlanner) -> None:
         host = self.host
