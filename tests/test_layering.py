@@ -3,6 +3,7 @@
 * The pure layers (psp, guest, wire, migrate) import no trio, no socket/subprocess, no structlog, and
   nothing from the daemon or the CLI: they must run under any event loop and in a fuzzer.
 * The trust boundary: host-side code never imports the memory engine nor asks the firmware for one.
+* No import cycles between modules, deferred (function-level) imports included.
 """
 
 from __future__ import annotations
@@ -84,3 +85,129 @@ def test_checker_catches_a_violation(tmp_path):
     assert _hits(_imports(f), FORBIDDEN_IN_PURE) == ["trio"]
     assert _hits(_imports(f), ("sevmigd.psp.memengine",)) == ["sevmigd.psp.memengine",
                                                                "sevmigd.psp.memengine.MemoryEngine"]
+
+
+# ------------------------------------------------------------------------------------- import cycles
+# No module imports one that imports it back, directly or around a longer loop, counting every import
+# statement wherever it stands: at module level or deferred inside a function (a deferred import only
+# hides a cycle until the day someone moves it to the top). Imports under `if TYPE_CHECKING:` never run
+# and are exempt: they let a lower module name the type of the object that drives it (control.py names
+# the Daemon that serves it).
+
+
+def _module_name(root: pathlib.Path, path: pathlib.Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside `if TYPE_CHECKING:` blocks."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            for stmt in node.body:
+                skip.update(id(n) for n in ast.walk(stmt))
+    return skip
+
+
+def import_graph(root: pathlib.Path) -> dict[str, dict[str, int]]:
+    """{module: {imported module of the same package: line of the first such import}} for the package at
+    `root`, relative imports resolved, `from pkg import mod` pointing at the submodule."""
+    paths = {_module_name(root, p): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for mod, path in paths.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skip = _type_checking_nodes(tree)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        edges: dict[str, int] = {}
+
+        def add(target: str, line: int) -> None:
+            if target in paths and target != mod:
+                edges.setdefault(target, line)
+
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    add(a.name, node.lineno)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for a in node.names:
+                    sub = f"{source}.{a.name}"
+                    add(sub if sub in paths else source, node.lineno)
+        graph[mod] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Every strongly connected set of modules (more than one module), each as a sorted list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            scc = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                scc.append(w)
+                if w == v:
+                    break
+            if len(scc) > 1:
+                out.append(sorted(scc))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def _explain(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
+    members = set(cycle)
+    return "; ".join(f"{m}:{line} imports {t}" for m in cycle for t, line in sorted(graph[m].items())
+                     if t in members)
+
+
+def test_no_import_cycles():
+    graph = import_graph(PKG)
+    assert len(graph) > 50 and graph["sevmigd.daemon.server"], "the checker sees the package"
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(_explain(graph, c) for c in cycles)
+
+
+def test_cycle_checker_catches_a_deferred_import_cycle(tmp_path):
+    """The rule can fail: a function-level import that closes a loop is a cycle, a TYPE_CHECKING one is not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("from .. import c\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    assert import_cycles(import_graph(pkg)) == []
+    (pkg / "c.py").write_text("def later():\n    from pkg import a\n    return a\n")
+    graph = import_graph(pkg)
+    assert import_cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+    assert "pkg.c:2 imports pkg.a" in _explain(graph, ["pkg.a", "pkg.c", "pkg.sub.b"])
