@@ -565,6 +565,13 @@ def test_activate_checks(ident_a):
     raises(SevStatus.ACTIVE, fw.activate, h1, 6)
     raises(SevStatus.INVALID_GUEST, fw.activate, 99, 7)
     fw.deactivate(h1)
+    # a deactivated ASID is reusable only after WBINVD + DF_FLUSH (KVM's sev_flush_asids)
+    raises(SevStatus.DF_FLUSH_REQUIRED, fw.activate, h2, 5)
+    raises(SevStatus.WBINVD_REQUIRED, fw.df_flush)
+    fw.wbinvd()
+    flushes = fw.df_flush_count
+    fw.df_flush()
+    assert fw.df_flush_count == flushes + 1
     fw.activate(h2, 5)
     assert fw.guest_status(h2).asid == 5 and fw.guest_status(h1).asid == 0
 

@@ -113,9 +113,10 @@ def test_every_command_is_covered():
     names = {n for n in dir(Firmware) if not n.startswith("_")}
     state_independent = {"activate", "deactivate", "decommission", "guest_status", "dbg_decrypt", "dbg_encrypt"}
     platform = {"init", "shutdown", "pdh_cert_export", "pek_gen", "pdh_gen", "launch_start", "receive_start",
-                "platform_reset", "platform_status", "pek_csr", "pek_cert_import", "get_id"}
+                "platform_reset", "platform_status", "pek_csr", "pek_cert_import", "get_id",
+                "df_flush"}
     extras = {"map_guest_memory", "memory_engine", "launch_digest", "take_pacing_debt", "platform_state",
-              "guest_count"}
+              "guest_count", "wbinvd"}
     assert names == set(COMMANDS) | state_independent | platform | extras
 
 

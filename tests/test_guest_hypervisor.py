@@ -60,8 +60,8 @@ def test_hypercall_numbers_agree_between_guest_and_host():
 def test_every_flip_is_reported_and_reflected(vm, nr):
     vm._kernel.set_hypercall(nr)
     calls = []
-    orig = vm.host.handle_hypercall
-    vm.host.handle_hypercall = lambda *a: calls.append(a) or orig(*a)
+    orig = vm.kvm.handle_hypercall
+    vm.kvm.handle_hypercall = lambda *a: calls.append(a) or orig(*a)
     base = vm._kernel.layout.pool_start
     vm.agent.write(base * PAGE, b"x" * (3 * PAGE), shared=True)       # pages base..base+2 -> shared
     vm.agent.write((base + 10) * PAGE, b"y", shared=True)

@@ -4,6 +4,7 @@ its RAM and vCPU state. And a migration that drops a dirty page is caught by the
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -16,6 +17,9 @@ from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.policy import Policy
 
 MiB = 1 << 20
+#: Fresh ASIDs for every guest on the module-scoped platforms: an ASID is reusable only after
+#: WBINVD + DF_FLUSH (firmware DF_FLUSH_REQUIRED), which is what sevmigd.kvm.asid does for the daemon.
+_ASIDS = itertools.count(1)
 
 
 def seeded_rng(seed):
@@ -100,15 +104,15 @@ def test_migrated_guest_continues_like_one_that_stayed(fws, policy, vcpus):
     fw_a, fw_b, fw_c = fws
     cfg = dict(name="m", memory_bytes=8 * MiB, policy=policy, dirty_rate_mib_s=40, shared_fraction=0.15,
                flip_rate=300, seed=77, vcpus=vcpus)
-    src = SevVm.launch(fw_a, GuestConfig(**cfg), asid=1, rng=seeded_rng(8))
-    twin = SevVm.launch(fw_c, GuestConfig(**cfg), asid=1, rng=seeded_rng(8))
+    src = SevVm.launch(fw_a, GuestConfig(**cfg), asid=next(_ASIDS), rng=seeded_rng(8))
+    twin = SevVm.launch(fw_c, GuestConfig(**cfg), asid=next(_ASIDS), rng=seeded_rng(8))
     try:
         for dt in STEPS:
             src.run(dt)
             twin.run(dt)
         src.agent.write(src._kernel.params.pool_lo * 4096 + 10, b"agent page", shared=True)
         twin.agent.write(twin._kernel.params.pool_lo * 4096 + 10, b"agent page", shared=True)
-        dst, _ = migrate(src, fw_a, fw_b, asid=2, between_rounds=(0.01, 0.02))
+        dst, _ = migrate(src, fw_a, fw_b, asid=next(_ASIDS), between_rounds=(0.01, 0.02))
         for dt in (0.01, 0.02, 0.01):
             twin.run(dt)
         assert dst.running and dst.sev_state == "RUNNING" and src.sev_state == "SENT"
@@ -135,7 +139,7 @@ def test_dropped_dirty_pages_are_caught_on_the_destination(fws, what):
     """A migration bug that forgets the last round: dropping only data pages is pinned to exactly
     those pages; dropping metadata too (ledger + directory) is caught at the register-held root."""
     fw_a, fw_b, _ = fws
-    src = SevVm.launch(fw_a, GuestConfig("x", 8 * MiB, dirty_rate_mib_s=40, seed=3), asid=3, rng=seeded_rng(9))
+    src = SevVm.launch(fw_a, GuestConfig("x", 8 * MiB, dirty_rate_mib_s=40, seed=3), asid=next(_ASIDS), rng=seeded_rng(9))
     pool = src._kernel.layout.pool_start
     dir_start = src._kernel.layout.dir_start
     dropped = []
@@ -147,7 +151,7 @@ def test_dropped_dirty_pages_are_caught_on_the_destination(fws, what):
 
     try:
         src.run(0.02)
-        dst, _ = migrate(src, fw_a, fw_b, asid=4, drop=drop)
+        dst, _ = migrate(src, fw_a, fw_b, asid=next(_ASIDS), drop=drop)
         rep = dst.verify()
         assert not rep.ok
         if what == "data":
@@ -165,13 +169,13 @@ def test_incoming_guest_is_inert_until_started_and_checks_its_state(fws):
     from sevmigd.guest.agent import GuestNotRunning
     from sevmigd.guest.kernel import GuestPanic
     fw_a, fw_b, _ = fws
-    src = SevVm.launch(fw_a, GuestConfig("i", 8 * MiB, dirty_rate_mib_s=10), asid=5, rng=seeded_rng(4))
+    src = SevVm.launch(fw_a, GuestConfig("i", 8 * MiB, dirty_rate_mib_s=10), asid=next(_ASIDS), rng=seeded_rng(4))
     try:
         pdh_b, chain_b = fw_b.pdh_cert_export()
         policy, session = fw_a.send_start(src.handle, pdh_cert=pdh_b, plat_certs=chain_b,
                                           amd_certs=fw_b.identity.amd_certs())
         h = fw_b.receive_start(policy=policy, pdh_cert=fw_a.pdh_cert_export()[0], session=session)
-        dst = SevVm.incoming(fw_b, name="i", memory_bytes=src.memory_bytes, policy=policy, handle=h, asid=6)
+        dst = SevVm.incoming(fw_b, name="i", memory_bytes=src.memory_bytes, policy=policy, handle=h, asid=next(_ASIDS))
         dst.run(1.0)
         with pytest.raises(GuestNotRunning):
             dst.agent.write(0, b"x")

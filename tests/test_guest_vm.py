@@ -185,8 +185,8 @@ def test_workload_keeps_shared_fraction_and_flips(launch):
     target = k.params.shared_target
     assert target > 0 and vm._regs[0]["wl_shared"] == target
     calls = []
-    orig = vm.host.handle_hypercall
-    vm.host.handle_hypercall = lambda *a: calls.append(a) or orig(*a)
+    orig = vm.kvm.handle_hypercall
+    vm.kvm.handle_hypercall = lambda *a: calls.append(a) or orig(*a)
     for _ in range(20):
         vm.run(0.01)
     assert len(calls) >= 90                     # ~100 flips in 0.2 s (a few skipped is fine)

@@ -1,6 +1,6 @@
 """Architecture rules of ARCHITECTURE.md, checked on the source.
 
-* The pure layers (psp, guest, wire, migrate) import no trio, no socket/subprocess, no structlog, and
+* The pure layers (psp, guest, wire, migrate, kvm) import no trio, no socket/subprocess, no structlog, and
   nothing from the daemon or the CLI: they must run under any event loop and in a fuzzer.
 * The trust boundary: host-side code never imports the memory engine nor asks the firmware for one.
 * No import cycles between modules, deferred (function-level) imports included.
@@ -14,10 +14,10 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "sevmigd"
-PURE = ("psp", "guest", "wire", "migrate")
+PURE = ("psp", "guest", "wire", "migrate", "kvm")
 FORBIDDEN_IN_PURE = ("trio", "socket", "subprocess", "structlog", "asyncio", "selectors",
                      "sevmigd.daemon", "sevmigd.cli", "sevmigd.store")
-HOST_SIDE = [PKG / "guest" / "hypervisor.py", PKG / "migrate", PKG / "wire", PKG / "daemon"]
+HOST_SIDE = [PKG / "guest" / "hypervisor.py", PKG / "kvm", PKG / "migrate", PKG / "wire", PKG / "daemon"]
 
 
 def _modules(root: pathlib.Path):

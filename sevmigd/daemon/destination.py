@@ -28,6 +28,7 @@ from sevmigd.migrate.errors import FirmwareCommandError, MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.migrate.trust import check_peer_platform, platform_files
+from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
@@ -174,7 +175,7 @@ class IncomingMigration:
                                  f"policy in start (0x{start.policy:x}) differs from hello (0x{hello.policy:x})")
         self.handle = await self.daemon.psp.run(
             "RECEIVE_START", lambda: fw.receive_start(policy=start.policy, pdh_cert=start.pdh, session=start.session))
-        self.asid = self.daemon.allocate_asid()
+        self.asid = self.daemon.allocate_asid(es=bool(start.policy & Policy.ES))
         try:
             self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
                                                    policy=start.policy, handle=self.handle, asid=self.asid,

@@ -47,10 +47,12 @@ from sevmigd.daemon.migration import MigrationManager
 from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig, SevVm
+from sevmigd.kvm.asid import MAX_SEV_ASID, AsidExhausted, AsidSpace, firmware_flush
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.psp.certs import AmdCert
 from sevmigd.psp.firmware import Firmware, PlatformState
 from sevmigd.psp.identity import PlatformIdentity
+from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError
 
 GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped")
@@ -61,9 +63,9 @@ VCPU_TICK_S = 0.010
 # A vCPU task that was starved (event loop busy launching another guest) does not get to replay all
 # the time it missed in one go: like a descheduled vCPU, the lost wall time is simply lost.
 VCPU_MAX_SLICE_S = 0.100
-# SEV ASIDs available to guests: EPYC 7xx2 (Rome) reports 509 in CPUID 0x8000001F[ECX]. ASID 0 is
-# the hypervisor's own.
-MAX_ASID = 509
+# SEV ASIDs available to guests: defined once, in sevmigd.kvm.asid (CPUID 0x8000001F); ASID 0 is the
+# hypervisor's own.
+MAX_ASID = MAX_SEV_ASID
 # Bounded graceful shutdown: migrations get this long to abort or finish cleanly after SIGTERM, well
 # inside systemd's TimeoutStopSec (60 s in our unit) so the final cleanup still runs.
 SHUTDOWN_MIGRATIONS_S = 20.0
@@ -175,7 +177,7 @@ class Daemon:
         self.started_at: float | None = None
         self._config_source = config_source or (None, {})
         self._vm_launcher = vm_launcher
-        self._used_asids: set[int] = set()
+        self._asid_space: AsidSpace | None = None
         self._shutdown_requested = trio.Event()
         self._stopped = trio.Event()
         self._listener_scope = trio.CancelScope()
@@ -188,18 +190,25 @@ class Daemon:
         self.platform_created = False
 
     # ------------------------------------------------------------------ pinned small helpers
-    def allocate_asid(self) -> int:
-        """Lowest free SEV ASID (1..MAX_ASID); ResourceLimit when all are bound."""
-        for asid in range(1, MAX_ASID + 1):
-            if asid not in self._used_asids:
-                self._used_asids.add(asid)
-                return asid
-        raise ResourceLimit(f"all {MAX_ASID} SEV ASIDs are in use")
+    @property
+    def asids(self) -> AsidSpace:
+        """The host's SEV ASIDs as KVM manages them (sevmigd.kvm.asid): SEV-ES below min_sev_asid, SEV
+        from it; a freed ASID is reused only after WBINVD + DF_FLUSH on this daemon's PSP."""
+        if self._asid_space is None:
+            self._asid_space = AsidSpace(firmware_flush(self.fw))
+        return self._asid_space
+
+    def allocate_asid(self, es: bool = False) -> int:
+        """A free ASID of the SEV-ES or the SEV range (sev_asid_new); ResourceLimit when none is left
+        even after a flush."""
+        try:
+            return self.asids.new(es)
+        except AsidExhausted as exc:
+            raise ResourceLimit(str(exc)) from None
 
     def release_asid(self, asid: int | None) -> None:
-        """Give an ASID back (e.g. an incoming migration that failed before add_guest)."""
-        if asid is not None:
-            self._used_asids.discard(asid)
+        """The guest behind `asid` is gone (DEACTIVATEd): the ASID waits for the next flush."""
+        self.asids.free(asid)
 
     def add_guest(self, name: str, vm: SevVm, state: str) -> HostedGuest:
         """Register a guest (its ASID, vm.asid, counts as used). GuestExists when the name is taken.
@@ -207,7 +216,7 @@ class Daemon:
         if name in self.guests:
             raise GuestExists(name)
         hosted = HostedGuest(self, name, vm, state)
-        self._used_asids.add(vm.asid)
+        self.asids.claim(vm.asid)
         self.guests[name] = hosted
         return hosted
 
@@ -285,7 +294,7 @@ class Daemon:
         if gcfg.memory_bytes > self.config.max_guest_bytes:
             raise ResourceLimit(f"memory {gcfg.memory_bytes} bytes exceeds max_guest_bytes "
                                 f"({self.config.max_guest_bytes})")
-        asid = self.allocate_asid()
+        asid = self.allocate_asid(es=bool(gcfg.policy & Policy.ES))
         try:
             launcher = self._vm_launcher or SevVm.launch
             fw = self.fw
@@ -533,7 +542,8 @@ class Daemon:
             except Exception:
                 self.log.warning("guest_release_failed", guest=hosted.name, exc_info=True)
             hosted.state = "stopped"
-        self._used_asids.clear()
+        if self._asid_space is not None:
+            self._asid_space.clear()
         if self.fw is not None:
             try:
                 self.fw.shutdown()

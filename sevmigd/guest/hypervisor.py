@@ -1,11 +1,20 @@
 """The hypervisor's view of an emulated SEV guest (host side: never decrypts anything).
 
-Owns what KVM and the VMM know about a guest: the dirty log (KVM_GET_DIRTY_LOG get-and-clear), the
-page-encryption bitmap the VMM keeps from the guest's hypercalls (KVM_HC_MAP_GPA_RANGE handled in
-userspace after KVM_EXIT_HYPERCALL, or the RFC's KVM_HC_PAGE_ENC_STATUS; plus the RFC's
-GET/SET/RESET bitmap ioctls), MSR_KVM_MIGRATION_CONTROL as the guest last wrote it (MSR filter),
-pause/resume/throttle of the vCPUs, raw DRAM access (ciphertext for private pages) and the vCPU
-registers of non-ES guests.
+Owns what the VMM (QEMU's role) knows about a guest: the dirty log (KVM_GET_DIRTY_LOG get-and-clear),
+its own page-encryption bitmap kept from KVM_EXIT_HYPERCALL exits for KVM_HC_MAP_GPA_RANGE (the final,
+5.14+ design), MSR_KVM_MIGRATION_CONTROL as the guest last wrote it (MSR filter), pause/resume/throttle
+of the vCPUs, raw DRAM access (ciphertext for private pages) and the vCPU registers of non-ES guests.
+It talks to its VM through `sevmigd.kvm`: `self.kvm` (the VM fd: hypercall exits arrive from it) and
+`self.sev` (the SEV commands and the RFC's bitmap ioctls, QEMU's target/i386/sev.c).
+
+Two hypercall dialects, one answer. The RFC's KVM_HC_PAGE_ENC_STATUS is handled inside KVM, on KVM's
+bitmap (read and written with KVM_GET/SET_PAGE_ENC_BITMAP windows); KVM_HC_MAP_GPA_RANGE exits to
+this VMM, which keeps its own bitmap. Both start all-encrypted at boot, a migration destination
+writes both from the incoming stream, and a guest reports with one dialect per boot, so the VMM's
+answer is: its own bitmap once it has handled a MAP_GPA_RANGE exit since the guest booted (or arrived),
+KVM's bitmap otherwise (until the first exit the two are equal). `page_enc_window(start, n)` reads a
+window of that answer without copying the rest; a reboot resets both and forgets the exit
+(KVM_PAGE_ENC_BITMAP_RESET: the seed's TODO).
 
 Must never: import the memory engine or ask the firmware for one (tests/test_layering.py checks),
 expose plaintext of a private page, or expose SEV-ES register state (it lives in the encrypted VMSA,
@@ -14,7 +23,8 @@ exported only by the PSP's SEND_UPDATE_VMSA).
 Hypercall errors follow KVM: 0 on success, -KVM_EINVAL (-22) for a malformed request (GPA not page
 aligned, npages 0, range beyond guest memory or wrapping, attribute bits other than 4 and 3:0 set,
 page-size hint > 2, PAGE_ENC_STATUS enc not 0/1, argument not a u64), -KVM_ENOSYS (-1000) for a
-hypercall number the VMM does not handle. A malformed call never raises and never changes the bitmap.
+hypercall number nobody handles. KVM checks alignment, npages and wrap-around before the exit; this VMM
+checks the attributes and the range. A malformed call never raises and never changes a bitmap.
 """
 
 from __future__ import annotations
@@ -25,21 +35,23 @@ import numbers
 import numpy as np
 
 from ..errors import ConfigError, SevmigdError
+from ..kvm import uapi
+from ..kvm.sev import SevGuest
+from ..kvm.vm import KvmVm
 from .memory import PAGE_SIZE, GuestRam, as_pfns
 from .vcpu import check_regs
 
-# Hypercall/MSR numbers, duplicated from guest/kernel.py on purpose: the host side does not import
-# guest-side modules (the values are an ABI, like kvm_para.h shared by guest and host).
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_HC_PAGE_ENC_STATUS = 13
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF
-MAX_PAGE_SZ_HINT = 2          # 4K, 2M, 1G
-MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
-KVM_MIGRATION_READY = 1
-KVM_ENOSYS = 1000
-KVM_EINVAL = 22
-_U64 = (1 << 64) - 1
+# Hypercall/MSR numbers: the uAPI's (the guest side keeps its own copy, like kvm_para.h shared by guest
+# and host; tests/test_guest_hypervisor.py checks they agree).
+KVM_HC_MAP_GPA_RANGE = uapi.KVM_HC_MAP_GPA_RANGE
+KVM_HC_PAGE_ENC_STATUS = uapi.KVM_HC_PAGE_ENC_STATUS
+KVM_MAP_GPA_RANGE_ENCRYPTED = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
+KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_MASK
+MAX_PAGE_SZ_HINT = uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_1G
+MSR_KVM_MIGRATION_CONTROL = uapi.MSR_KVM_MIGRATION_CONTROL
+KVM_MIGRATION_READY = uapi.KVM_MIGRATION_READY
+KVM_ENOSYS = uapi.KVM_ENOSYS
+KVM_EINVAL = uapi.KVM_EINVAL
 
 __all__ = ["PAGE_SIZE", "HostView", "VcpuStateProtected", "UnknownMsr"]
 
@@ -56,7 +68,7 @@ class HostView:
     """What the hypervisor sees and controls of one guest."""
 
     def __init__(self, ram: GuestRam, *, policy: int, handle: int, vcpu_regs: list[dict[str, int]],
-                 es: bool):
+                 es: bool, kvm: KvmVm | None = None):
         self._ram = ram
         self.npages = ram.npages
         self.memory_bytes = ram.memory_bytes
@@ -64,12 +76,34 @@ class HostView:
         self.handle = handle
         self._regs = vcpu_regs          # shared with the guest side (the vCPUs' register file)
         self._es = es
-        self._enc = np.ones(self.npages, dtype=bool)
+        if kvm is None:
+            # A VM fd of its own with no PSP behind it: enough for the bitmap and hypercall paths (the
+            # host-view unit tests); SevVm passes the real one.
+            kvm = KvmVm(None, npages=self.npages)
+            kvm.set_user_memory_region(ram.buf)
+            kvm.attach_sev(handle=handle, asid=0, es=es)
+        self.kvm = kvm
+        self.sev = SevGuest(kvm)
+        kvm.exit_handler = self._hypercall_exit
+        kvm.msr_handler = lambda msr, value: self.wrmsr(msr, value)   # looked up per exit
+        # QEMU: kvm_vm_enable_cap(s, KVM_CAP_EXIT_HYPERCALL, 0, 1 << KVM_HC_MAP_GPA_RANGE)
+        cap = kvm.user.alloc(uapi.KvmEnableCap.size())
+        kvm.user.write(cap, uapi.KvmEnableCap(cap=uapi.KVM_CAP_EXIT_HYPERCALL,
+                                              arg0=1 << uapi.KVM_HC_MAP_GPA_RANGE).pack())
+        if kvm.ioctl(uapi.KVM_ENABLE_CAP, cap) != 0:
+            raise SevmigdError("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) failed")
+        kvm.user.unmap(cap)
+        self._enc = np.ones(self.npages, dtype=bool)    # the VMM's own bitmap (MAP_GPA_RANGE exits)
+        self._own_bitmap = False                        # a MAP_GPA_RANGE exit was handled since boot
         self._msr = 0
         self._msr_seen = False
         self.paused = False
         self.throttle_pct = 0
-        self.hypercalls = 0             # handled hypercalls (success or error), for stats
+
+    @property
+    def hypercalls(self) -> int:
+        """Page-state hypercalls the guest made (in KVM or exited to us), for stats."""
+        return self.kvm.hypercalls_in_kernel + self.kvm.hypercall_exits
 
     # ---------------------------------------------------------------- migration control MSR
     @property
@@ -124,50 +158,81 @@ class HostView:
         return self._ram.dirty.get_and_clear()
 
     # ---------------------------------------------------------------- page-encryption bitmap
+    @property
+    def page_enc_source(self) -> str:
+        """Where the encryption status comes from now: "vmm" (MAP_GPA_RANGE exits) or "kvm" (the RFC's)."""
+        return "vmm" if self._own_bitmap else "kvm"
+
+    def page_enc_window(self, start_gfn: int, num_pages: int) -> np.ndarray:
+        """Encryption status of gfns [start_gfn, start_gfn + num_pages) (bool, True = private): a window
+        of the VMM's bitmap, or KVM_GET_PAGE_ENC_BITMAP of that window (see the module docstring)."""
+        if not 0 <= start_gfn <= start_gfn + num_pages <= self.npages:
+            raise ValueError(f"window {start_gfn}+{num_pages} outside guest memory (0..{self.npages - 1})")
+        if self._own_bitmap:
+            return self._enc[start_gfn:start_gfn + num_pages].copy()
+        return self.sev.get_page_enc_bitmap(start_gfn, num_pages)
+
     def page_enc_bitmap(self) -> np.ndarray:
-        """Copy of the bitmap (bool per page, True = private/encrypted)."""
-        return self._enc.copy()
+        """The whole bitmap (bool per page, True = private), a copy."""
+        return self.page_enc_window(0, self.npages)
 
     def page_enc_status(self, pfns) -> np.ndarray:
-        """The bitmap's bits of `pfns` only (bool per pfn, True = private): what a migration batch needs,
-        without copying the whole bitmap (2 MiB per call for an 8 GiB guest)."""
-        return self._enc[as_pfns(pfns, self.npages)]
+        """The bits of `pfns` only (bool per pfn, True = private), read through the window they span."""
+        p = as_pfns(pfns, self.npages)
+        if not len(p):
+            return np.zeros(0, dtype=bool)
+        lo, hi = int(p.min()), int(p.max()) + 1
+        return self.page_enc_window(lo, hi - lo)[p - lo]
+
+    def set_page_enc_window(self, start_gfn: int, bits) -> None:
+        """Write a window of both bitmaps (the VMM's and KVM's, KVM_SET_PAGE_ENC_BITMAP): a migration
+        destination builds its bitmap this way whichever dialect the guest speaks."""
+        b = np.asarray(bits)
+        if b.dtype != bool or b.ndim != 1 or not 0 <= start_gfn <= start_gfn + len(b) <= self.npages:
+            raise ValueError(f"page-encryption window must be bools inside the guest's {self.npages} pages")
+        self._enc[start_gfn:start_gfn + len(b)] = b
+        self.sev.set_page_enc_bitmap(start_gfn, b)
 
     def set_page_enc_bitmap(self, bits) -> None:
         b = np.asarray(bits)
         if b.shape != (self.npages,) or b.dtype != bool:
             raise ValueError(f"page-encryption bitmap must be a bool array of {self.npages} pages")
-        self._enc[:] = b
-
-    def reset_page_enc_bitmap(self) -> None:
-        self._enc[:] = True
+        self.set_page_enc_window(0, b)
 
     def set_page_enc_status(self, pfns, enc: bool) -> None:
-        self._enc[as_pfns(pfns, self.npages)] = bool(enc)
+        p = as_pfns(pfns, self.npages)
+        if not len(p):
+            return
+        lo, hi = int(p.min()), int(p.max()) + 1
+        window = self.page_enc_window(lo, hi - lo)
+        window[p - lo] = bool(enc)
+        self.set_page_enc_window(lo, window)
+
+    def reset_page_enc_bitmap(self) -> None:
+        """Every page private again in both bitmaps (KVM_PAGE_ENC_BITMAP_RESET), and the VMM's bitmap is
+        no longer the answer until the next MAP_GPA_RANGE exit."""
+        self._enc[:] = True
+        self.sev.reset_page_enc_bitmap()
+        self._own_bitmap = False
 
     def handle_hypercall(self, nr: int, a0: int, a1: int, a2: int) -> int:
-        """KVM_EXIT_HYPERCALL for the VMM: returns the value written to run->hypercall.ret."""
-        self.hypercalls += 1
-        if not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= _U64
-                   for a in (nr, a0, a1, a2)):
-            return -KVM_EINVAL
-        if nr == KVM_HC_MAP_GPA_RANGE:
-            if a2 & ~(KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_MASK):
-                return -KVM_EINVAL
-            if (a2 & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK) > MAX_PAGE_SZ_HINT:
-                return -KVM_EINVAL
-            enc = bool(a2 & KVM_MAP_GPA_RANGE_ENCRYPTED)
-        elif nr == KVM_HC_PAGE_ENC_STATUS:
-            if a2 not in (0, 1):
-                return -KVM_EINVAL
-            enc = bool(a2)
-        else:
-            return -KVM_ENOSYS
-        if a0 % PAGE_SIZE or a1 == 0 or a0 // PAGE_SIZE + a1 > self.npages:
-            return -KVM_EINVAL
-        first = a0 // PAGE_SIZE
-        self._enc[first:first + a1] = enc
-        return 0
+        """A guest's VMMCALL as KVM delivers it (for callers that play the guest): KVM handles
+        PAGE_ENC_STATUS, MAP_GPA_RANGE exits to `_hypercall_exit`. Returns the guest's rax."""
+        return self.kvm.handle_hypercall(nr, a0, a1, a2)
+
+    def _hypercall_exit(self, run: uapi.KvmRunHypercall) -> None:
+        """KVM_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE (the only one enabled): check what KVM left to
+        userspace (attributes, range inside guest memory), update our bitmap, set run.ret."""
+        gpa, npages, attrs = run.arg0, run.arg1, run.arg2
+        if attrs & ~(KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_MASK) \
+                or (attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK) > MAX_PAGE_SZ_HINT \
+                or gpa // PAGE_SIZE + npages > self.npages:
+            run.ret = -KVM_EINVAL
+            return
+        first = gpa // PAGE_SIZE
+        self._enc[first:first + npages] = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        self._own_bitmap = True
+        run.ret = 0
 
     # ---------------------------------------------------------------- raw DRAM
     def populate_ram(self, stop=None) -> bool:

@@ -6,14 +6,15 @@ set_memory_encrypted done the Linux way, the kernel state page, workload executi
 Must never: be imported by host-side code, hand a memory engine or plaintext of a private page to the
 host (the only things that leave are hypercall arguments and the MSR value, as on hardware).
 
-Hypercalls (guest -> host exits, like KVM_EXIT_HYPERCALL handed to the VMM):
+Hypercalls (VMMCALL into KVM, `sevmigd.kvm.KvmVm.handle_hypercall`):
 * KVM_HC_MAP_GPA_RANGE = 12 (mainline, Linux 5.14+): a0 = GPA, a1 = number of 4 KiB pages,
   a2 = attributes (bits 3:0 page-size hint 0/1/2, bit 4 = encrypted, bits 63:5 must be 0).
 * KVM_HC_PAGE_ENC_STATUS: the 2019-2021 RFC's hypercall (a0 = GPA, a1 = npages, a2 = enc 0/1). The RFC
   numbered it 12, which mainline then gave to MAP_GPA_RANGE; we number it 13, the next value unused in
   mainline's include/uapi/linux/kvm_para.h, so both can be served by one VMM. (Choice documented here.)
-The kernel reports with MAP_GPA_RANGE unless register hc_nr selects PAGE_ENC_STATUS; both update the
-same host bitmap. A guest without migration-control support (GuestConfig.migration_control=False)
+The kernel reports with the dialect its boot configuration names (GuestConfig.hypercall, kept in
+register hc_nr across reboots and migrations): MAP_GPA_RANGE exits from KVM to the VMM, which keeps its
+own bitmap; PAGE_ENC_STATUS is handled inside KVM on KVM's bitmap. A guest without migration-control support (GuestConfig.migration_control=False)
 models a pre-5.16 kernel: it issues neither hypercall and never writes MSR_KVM_MIGRATION_CONTROL.
 
 Flip order, as Linux's __set_memory_enc_pgtable + early_set_memory_*: read the content in the old
@@ -134,8 +135,8 @@ def _runs(pfns: np.ndarray):
 
 
 class GuestKernel:
-    """One running guest kernel. `host` is the exit target: handle_hypercall(nr, a0, a1, a2) -> int
-    and wrmsr(msr, value) (the VMM's side of KVM_EXIT_HYPERCALL / the MSR filter)."""
+    """One running guest kernel. `host` is what the vCPU exits to: KVM's VM (`sevmigd.kvm.KvmVm`), with
+    handle_hypercall(nr, a0, a1, a2) -> int (VMMCALL) and wrmsr(msr, value) (the VMM's MSR filter)."""
 
     def __init__(self, ram, engine, regs: dict, host):
         self.mem = GuestMemoryAccess(ram, engine)
@@ -158,7 +159,8 @@ class GuestKernel:
         for k in KERNEL_REGS:
             self.regs[k] = 0
         self.regs["boots"] = (boots + 1) & _U64
-        self.regs["hc_nr"] = KVM_HC_MAP_GPA_RANGE
+        self.regs["hc_nr"] = (KVM_HC_PAGE_ENC_STATUS if getattr(config, "hypercall", "") == "page-enc-status"
+                              else KVM_HC_MAP_GPA_RANGE)
         image_pages = -(-image_len // PAGE_SIZE)
         lay = Layout.compute(self.npages, image_pages)
         k1, k2, kc = struct.unpack_from("<QQQ", secret, 0)
@@ -231,7 +233,9 @@ class GuestKernel:
                                working_set_mib=(p.ws_hi - p.ws_lo) / wl.PAGES_PER_MIB,
                                shared_fraction=p.shared_target / (lay.npages - lay.pool_start),
                                flip_rate=p.flip_rate, seed=p.seed, migration_control=self.mc_supported,
-                               vcpus=self.vcpus)
+                               vcpus=self.vcpus,
+                               hypercall=("page-enc-status" if self.regs.get("hc_nr") == KVM_HC_PAGE_ENC_STATUS
+                                          else "map-gpa-range"))
 
     def _load(self, kstate: bytes) -> None:
         f = struct.unpack_from(_KSTATE_FMT, kstate, 0)

@@ -33,6 +33,7 @@ from ..psp.policy import Policy
 from ..psp.status import SevError, SevStatus
 from . import vcpu as vc
 from .agent import GuestAgent, GuestNotRunning
+from ..kvm.vm import KvmVm
 from .hypervisor import HostView
 from .kernel import GuestKernel, GuestPanic
 from .ledger import Layout
@@ -45,6 +46,8 @@ MIN_MEMORY = 1 << 20
 #: measurement instant, big enough to span several pages.
 DEFAULT_IMAGE_BYTES = 64 * 1024
 MAX_VCPUS = 64
+#: The page-state hypercall dialects a guest kernel can speak (GuestConfig.hypercall).
+HYPERCALLS = ("map-gpa-range", "page-enc-status")
 
 __all__ = ["GuestConfig", "SevVm", "VerifyReport", "default_image", "GuestPanic", "GuestNotRunning"]
 
@@ -75,6 +78,9 @@ class GuestConfig:
     #: Write every workload page at boot with seeded random-looking content (ledger-checked), so that
     #: no page is zero: what "a guest with random contents" means for the migration benchmark.
     prefill: bool = False
+    #: How the guest kernel reports page-state changes: "map-gpa-range" (KVM_HC_MAP_GPA_RANGE, Linux
+    #: 5.14+, exits to the VMM) or "page-enc-status" (the seed RFC's KVM_HC_PAGE_ENC_STATUS, in KVM).
+    hypercall: str = "map-gpa-range"
 
     def validate(self) -> None:
         """ConfigError naming the first bad field."""
@@ -100,6 +106,8 @@ class GuestConfig:
             raise ConfigError("migration_control", "must be true or false")
         if not isinstance(self.prefill, bool):
             raise ConfigError("prefill", "must be true or false")
+        if self.hypercall not in HYPERCALLS:
+            raise ConfigError("hypercall", f"must be one of {', '.join(HYPERCALLS)}")
         _check_vcpus(self.vcpus, self.policy)
         image_len = len(self.image) if self.image is not None else DEFAULT_IMAGE_BYTES
         try:
@@ -138,7 +146,7 @@ class VerifyReport:
 class SevVm:
     """One emulated SEV guest. Construct with `launch` (fresh guest) or `incoming` (migration target)."""
 
-    def __init__(self, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
+    def __init__(self, fw, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
                  vcpus: int, ram: GuestRam, vmsa: list[bytearray] | None, launch_digest: bytes,
                  measurement: bytes | None, mnonce: bytes | None = None):
         self._fw = fw
@@ -157,7 +165,15 @@ class SevVm:
         self._vmsa_saved: list[bytes | None] = [None] * vcpus   # last plaintext written per VMSA page
         self._es = bool(policy & Policy.ES)
         self._regs = [vc.reset_state(i) for i in range(vcpus)]
-        self.host = HostView(ram, policy=policy, handle=handle, vcpu_regs=self._regs, es=self._es)
+        # The VM fd: the guest's RAM is its memory slot; hypercalls and MSR writes exit through it.
+        self.kvm = KvmVm(fw, npages=self.npages)
+        self.kvm.set_user_memory_region(ram.buf, vmsa=vmsa)
+        if handle is not None:
+            self.kvm.attach_sev(handle=handle, asid=asid, es=self._es)
+        else:
+            self.kvm.sev_init(asid=asid, es=self._es)   # RECEIVE_START (through self.kvm) binds it
+        self.host = HostView(ram, policy=policy, handle=handle or 0, vcpu_regs=self._regs, es=self._es,
+                             kvm=self.kvm)
         self.agent = GuestAgent(self)
         self._kernel: GuestKernel | None = None
         self._released = False
@@ -191,7 +207,7 @@ class SevVm:
                  handle=handle, asid=asid, vcpus=config.vcpus, ram=ram, vmsa=vmsa,
                  launch_digest=digest, measurement=measure, mnonce=mnonce)
         try:
-            vm._kernel = GuestKernel(ram, fw.memory_engine(handle), vm._regs[0], vm.host)
+            vm._kernel = GuestKernel(ram, fw.memory_engine(handle), vm._regs[0], vm.kvm)
             vm._kernel.boot(image_len=len(image), config=config, secret=bytes(rng(64)))
             vm._vmexit()
         except BaseException:
@@ -200,9 +216,12 @@ class SevVm:
         return vm
 
     @classmethod
-    def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int,
+    def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
                  vcpus: int = 1, populate: bool = False, ram: GuestRam | None = None) -> "SevVm":
-        """Destination side after RECEIVE_START: zero RAM, ACTIVATE, map memory, vCPUs paused.
+        """Destination side: zero RAM, its memory slot, vCPUs paused. With `handle` (a RECEIVE_START
+        already issued on the firmware): ACTIVATE and map memory here. With handle=None (the daemon's
+        path, as QEMU does it): the VM has an SEV context with `asid` and RECEIVE_START goes through
+        `vm.kvm` (SevGuest.receive_start), where KVM binds the ASID; then call `received(handle)`.
         `populate`: fault the whole RAM in now (GuestRam(populate=True)), cheaper than page by page while
         the migration writes it, but O(memory) here (~0.3 s per GiB on the dev VM). `ram`: a fresh
         GuestRam of `memory_bytes` made by the caller, e.g. `GuestRam(size, populate=True)` in a worker
@@ -215,16 +234,22 @@ class SevVm:
         elif ram.memory_bytes != memory_bytes:
             raise ConfigError("memory_bytes", f"the RAM given is {ram.memory_bytes} bytes, not {memory_bytes}")
         vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(vcpus)] if policy & Policy.ES else None
-        fw.activate(handle, asid)
-        try:
-            fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
-        except BaseException:
-            fw.deactivate(handle)
-            raise
+        if handle is not None:
+            fw.activate(handle, asid)
+            try:
+                fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
+            except BaseException:
+                fw.deactivate(handle)
+                raise
         vm = cls(fw, name=name, memory_bytes=memory_bytes, policy=policy, handle=handle, asid=asid,
                  vcpus=vcpus, ram=ram, vmsa=vmsa, launch_digest=b"", measurement=None)
         vm.host.pause()
         return vm
+
+    def received(self, handle: int) -> None:
+        """RECEIVE_START went through `self.kvm` and returned `handle` (KVM bound the ASID)."""
+        self.handle = handle
+        self.host.handle = handle
 
     def start_incoming(self) -> None:
         """After RECEIVE_FINISH: the guest kernel resumes from its RAM and vCPU state, vCPUs run."""
@@ -243,7 +268,7 @@ class SevVm:
             for mine, theirs in zip(self._regs, regs):
                 mine.clear()
                 mine.update(theirs)
-        kernel = GuestKernel(self._ram, engine, self._regs[0], self.host)
+        kernel = GuestKernel(self._ram, engine, self._regs[0], self.kvm)
         kernel.resume()
         self._kernel = kernel
         self._vmexit()
@@ -299,7 +324,8 @@ class SevVm:
             return
         self._released = True
         self._kernel = None
-        _teardown(self._fw, self.handle)
+        if self.handle is not None:
+            _teardown(self._fw, self.handle)
         self._ram.release()
 
     # ------------------------------------------------------------------ state
@@ -310,6 +336,8 @@ class SevVm:
 
     @property
     def sev_state(self) -> str:
+        if self.handle is None:
+            return "UNINIT"
         try:
             return self._fw.guest_status(self.handle).state.name
         except SevError:

@@ -28,6 +28,11 @@ Emulation extras, where real hardware has wiring instead of commands:
   we reject any other length with INVALID_LENGTH, as LAUNCH_UPDATE_VMSA does.
 * DECOMMISSION of a guest that is still activated fails with ACTIVE, as the firmware does
   (`mcmd_decommission_common`); call ``deactivate`` first (KVM does DEACTIVATE, DF_FLUSH, DECOMMISSION).
+* ASID reuse: an ASID that was DEACTIVATEd holds the old guest's lines in the data fabric until a
+  DF_FLUSH; ACTIVATE on it before then fails with DF_FLUSH_REQUIRED, and DF_FLUSH itself fails with
+  WBINVD_REQUIRED unless the host ran WBINVD on every core since the last DEACTIVATE (``wbinvd()``, an
+  emulation extra standing for the instruction; KVM's `sev_flush_asids` does wbinvd_on_all_cpus() then
+  DF_FLUSH). ``df_flush_count`` counts the flushes, so tests can see that reuse waited for one.
 * DBG_DECRYPT / DBG_ENCRYPT check no guest state ("being active covers it", FW): platform WORKING,
   handle, NODBG (POLICY_FAILURE), active (INACTIVE), 16-byte alignment and length.
 * LAUNCH_START without a GODH certificate opens no channel: TEK/TIK stay zero (reference §2.4) and
@@ -229,6 +234,9 @@ class Firmware:
         self._state = PlatformState.UNINIT
         self._guests: dict[int, _Guest] = {}
         self._asids: dict[int, int] = {}   # asid -> handle
+        self._asids_unflushed: set[int] = set()   # DEACTIVATEd since the last DF_FLUSH
+        self._wbinvd_needed = False               # a DEACTIVATE happened since the last WBINVD
+        self.df_flush_count = 0
 
     def __repr__(self) -> str:
         return (f"<Firmware {self._state.name} api={self.api_major}.{self.api_minor} build={self.build} "
@@ -347,6 +355,7 @@ class Firmware:
         """SHUTDOWN: any state → UNINIT; every guest context is destroyed."""
         self._guests.clear()
         self._asids.clear()
+        self._asids_unflushed.clear()
         self._state = PlatformState.UNINIT
 
     @_command()
@@ -446,6 +455,8 @@ class Firmware:
             raise SevError(SevStatus.INVALID_ASID, f"ASID {asid!r} out of range 1..{MAX_ASID}")
         if asid in self._asids:
             raise SevError(SevStatus.ASID_OWNED, f"ASID {asid} is in use")
+        if asid in self._asids_unflushed:
+            raise SevError(SevStatus.DF_FLUSH_REQUIRED, f"ASID {asid} was deactivated and not flushed since")
         if g.active:
             raise SevError(SevStatus.ACTIVE, f"guest {handle} is already active")
         g.asid = asid
@@ -459,8 +470,23 @@ class Firmware:
         g = self._guest(handle)
         if g.active:
             self._asids.pop(g.asid, None)
+            self._asids_unflushed.add(g.asid)
+            self._wbinvd_needed = True
         g.active = False
         g.asid = 0
+
+    def wbinvd(self) -> None:
+        """Emulation extra: the host executed WBINVD on every core (what DF_FLUSH requires)."""
+        self._wbinvd_needed = False
+
+    @_command()
+    def df_flush(self) -> None:
+        """DF_FLUSH: flush the data fabric's write buffers; every deactivated ASID may be ACTIVATEd again."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        if self._wbinvd_needed:
+            raise SevError(SevStatus.WBINVD_REQUIRED, "WBINVD on all cores is required before DF_FLUSH")
+        self._asids_unflushed.clear()
+        self.df_flush_count += 1
 
     @_command()
     def decommission(self, handle: int) -> None:
@@ -758,10 +784,14 @@ class Firmware:
             raise SevError(SevStatus.INVALID_LENGTH, "bad header or transport length")
 
     @_command()
-    def receive_update_data(self, handle: int, hdr: bytes, guest_paddr: int, trans: bytes) -> None:
-        """RECEIVE_UPDATE_DATA: verify, decrypt, write under the new VEK at guest_paddr."""
+    def receive_update_data(self, handle: int, hdr: bytes, guest_paddr: int, trans: bytes, *,
+                            guest_len: int | None = None) -> None:
+        """RECEIVE_UPDATE_DATA: verify, decrypt, write under the new VEK at guest_paddr. `guest_len`
+        (default: the transport length) must equal the transport length (INVALID_LENGTH)."""
         g = self._receive_checks(handle, vmsa=False)
         self._check_packet_lengths(hdr, trans)
+        if guest_len is not None and guest_len != len(trans):
+            raise SevError(SevStatus.INVALID_LENGTH, "guest_len must equal trans_len")
         if guest_paddr % 16:
             raise SevError(SevStatus.INVALID_ADDRESS, "guest_paddr must be 16-byte aligned")
         self._need_ram(g, guest_paddr, len(trans))
