@@ -204,11 +204,11 @@ def test_es_vcpu_pages_swapped_by_the_host_are_caught(fws):
     from sevmigd.guest.kernel import GuestPanic
     fw_a, fw_b, _ = fws
     src = SevVm.launch(fw_a, GuestConfig("sw", 8 * MiB, policy=int(Policy.ES), vcpus=2, dirty_rate_mib_s=5),
-                       asid=7, rng=seeded_rng(5))
+                       asid=next(_ASIDS), rng=seeded_rng(5))
     try:
         src.run(0.01)
         with pytest.raises(GuestPanic):
-            migrate(src, fw_a, fw_b, asid=8, vmsa_order=[1, 0])
+            migrate(src, fw_a, fw_b, asid=next(_ASIDS), vmsa_order=[1, 0])
     finally:
         src.release()
         for h in list(fw_b._guests):
