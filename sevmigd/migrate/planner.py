@@ -17,13 +17,27 @@ how long that took and how many pages are dirty again, and asks "iterate, stop-a
   max-cpu-throttle defaults 20 / 10 / 99).
 * Give up (the guest keeps running on the source) after `max_rounds` rounds or `max_total_s` seconds
   without converging. QEMU itself has no such limit; a daemon that must never hang a guest forever does.
+* Migration policies (issue 12), decided here with an injected `clock` so the driver only asks:
+  - completion timeout (Nova's live_migration_completion_timeout, KubeVirt's completionTimeoutPerGiB;
+    the driver scales it by the guest's GiB): when it expires the action is `abort` (GIVE_UP, the guest
+    keeps running on the source) or `force-complete` (FORCE_COMPLETE: stop and copy now, whatever the
+    downtime; the driver reports the downtime it took);
+  - progress timeout (KubeVirt's progressTimeout): GIVE_UP when "remaining" has not reached a new
+    lowest value within N seconds. "Remaining" is compared like with like, which makes it robust to the
+    oscillation KubeVirt's VEP 248 describes (QEMU's remaining falls towards 0 during every round and jumps
+    back at each dirty-bitmap sync, so a low-water mark over raw samples is hit once and then never
+    again, or is "improved" by every round of a migration that does not converge): a new low counts
+    only for the figure taken right after a sync (round ends), plus, during round 1 (the bulk pass over
+    all of memory, which can legitimately take longer than the timeout), the pages still to send in it.
 
-Pure: no I/O, no clock (seconds are handed in), no randomness. Never sees page contents.
+Pure: no I/O, no clock of its own (round seconds are handed in; the policy timeouts read the injected
+`clock`), no randomness. Never sees page contents.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # QEMU BUFFER_DELAY (migration.c): bandwidth is computed over at least 100 ms of transfer.
@@ -48,6 +62,10 @@ class Decision(enum.Enum):
     ITERATE = "iterate"              # send the pages dirtied since the last round, with the guest running
     STOP_AND_COPY = "stop-and-copy"  # pause the guest, send the rest, hand over
     GIVE_UP = "give-up"              # CONVERGENCE_FAILED: cancel, the guest keeps running on the source
+    FORCE_COMPLETE = "force-complete"  # completion timeout with action force-complete: stop and copy now
+
+
+COMPLETION_ACTIONS = ("abort", "force-complete")
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,11 @@ class PrecopyPlanner:
         throttle_period_s: float = THROTTLE_PERIOD_S,
         auto_converge: bool = True,
         switchover_s: float = 0.0,
+        clock: Callable[[], float] | None = None,
+        start: float | None = None,
+        completion_timeout_s: float = 0.0,
+        completion_action: str = "abort",
+        progress_timeout_s: float = 0.0,
     ):
         if page_size <= 0:
             raise ValueError("page_size must be positive")
@@ -92,6 +115,12 @@ class PrecopyPlanner:
             raise ValueError("downtime_limit_s must be positive")
         if max_bandwidth < 0 or max_rounds < 0 or max_total_s < 0 or switchover_s < 0:
             raise ValueError("limits must not be negative")
+        if completion_timeout_s < 0 or progress_timeout_s < 0:
+            raise ValueError("timeouts must not be negative")
+        if completion_action not in COMPLETION_ACTIONS:
+            raise ValueError(f"completion_action must be one of {COMPLETION_ACTIONS}")
+        if (completion_timeout_s or progress_timeout_s) and clock is None:
+            raise ValueError("completion and progress timeouts need a clock")
         self.page_size = page_size
         self.downtime_limit_s = float(downtime_limit_s)
         self.max_bandwidth = float(max_bandwidth)
@@ -121,6 +150,17 @@ class PrecopyPlanner:
         self._period_dirty = 0
         self._period_s = 0.0
         self._high_count = 0
+        # policy timeouts (times are clock() values)
+        self.clock = clock
+        self.completion_timeout_s = float(completion_timeout_s)
+        self.completion_action = completion_action
+        self.progress_timeout_s = float(progress_timeout_s)
+        self.started_at = start if start is not None else (clock() if clock is not None else 0.0)
+        self.lowest_remaining: int | None = None   # lowest post-sync remaining bytes so far
+        self.lowest_bulk: int | None = None        # lowest bytes still to send in round 1
+        self.last_progress_at = self.started_at
+        self.timeout_reason: str | None = None     # set when a policy timeout decided
+        self.timeout_kind: str | None = None       # "completion" | "progress"
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -134,6 +174,7 @@ class PrecopyPlanner:
         self.remaining_pages = dirty_pages
         self._update_bandwidth(bytes_sent, seconds)
         self._update_throttle(bytes_sent, seconds, dirty_pages)
+        self._note_progress(dirty_pages * self.page_size, synced=True)
         rec = RoundRecord(self.rounds, bytes_sent, seconds, dirty_pages, self.bandwidth,
                           self.expected_downtime, self.throttle_pct)
         self.history.append(rec)
@@ -177,6 +218,55 @@ class PrecopyPlanner:
         self._period_bytes = self._period_dirty = 0
         self._period_s = 0.0
 
+    def in_round(self, left_bytes: int) -> None:
+        """Mid-round progress (the driver calls it after each batch): bytes still to send in this round.
+        Only round 1's count as progress (see the module docstring)."""
+        if self.rounds == 0:
+            self._note_progress(left_bytes, synced=False)
+
+    def _note_progress(self, remaining: int, *, synced: bool) -> None:
+        now = self.clock() if self.clock is not None else None
+        if synced:
+            if self.lowest_remaining is None or remaining < self.lowest_remaining:
+                self.lowest_remaining = remaining
+                if now is not None:
+                    self.last_progress_at = now
+        elif self.lowest_bulk is None or remaining < self.lowest_bulk:
+            self.lowest_bulk = remaining
+            if now is not None:
+                self.last_progress_at = now
+
+    def timeout_decision(self) -> Decision | None:
+        """A policy timeout that has expired by now (clock()): GIVE_UP or FORCE_COMPLETE, else None.
+        The completion timeout wins over the progress timeout (its action may be to complete)."""
+        if self.clock is None:
+            return None
+        now = self.clock()
+        if self.completion_timeout_s and now - self.started_at >= self.completion_timeout_s:
+            self.timeout_kind = "completion"
+            self.timeout_reason = (
+                f"completion timeout: not complete after {now - self.started_at:.1f} s "
+                f"(limit {self.completion_timeout_s:.1f} s), action {self.completion_action}")
+            return Decision.FORCE_COMPLETE if self.completion_action == "force-complete" else Decision.GIVE_UP
+        if self.progress_timeout_s and now - self.last_progress_at >= self.progress_timeout_s:
+            low = self.lowest_remaining if self.lowest_remaining is not None else self.lowest_bulk
+            self.timeout_kind = "progress"
+            self.timeout_reason = (
+                f"progress timeout: no new lowest remaining ({low} bytes) for {now - self.last_progress_at:.1f} s "
+                f"(limit {self.progress_timeout_s:g} s)")
+            return Decision.GIVE_UP
+        return None
+
+    def abort_deadline(self) -> float:
+        """The clock() time at which a timeout whose action is to give up expires (inf when none): the
+        driver cancels what it is doing then (even a send blocked on a stalled peer) and gives up."""
+        t = float("inf")
+        if self.completion_timeout_s and self.completion_action == "abort":
+            t = self.started_at + self.completion_timeout_s
+        if self.progress_timeout_s:
+            t = min(t, self.last_progress_at + self.progress_timeout_s)
+        return t
+
     # -- answers --------------------------------------------------------------------------------------
 
     @property
@@ -206,6 +296,9 @@ class PrecopyPlanner:
             return Decision.ITERATE  # nothing sent yet: round 1 sends everything
         if rem == 0 or (self.bandwidth > 0 and rem <= self.threshold_bytes):
             return Decision.STOP_AND_COPY
+        timed_out = self.timeout_decision()
+        if timed_out is not None:
+            return timed_out
         if self.max_rounds and self.rounds >= self.max_rounds:
             return Decision.GIVE_UP
         if self.max_total_s and self.total_s >= self.max_total_s:
@@ -214,6 +307,8 @@ class PrecopyPlanner:
 
     def give_up_reason(self) -> str:
         """One line saying why the migration did not converge (for the CONVERGENCE_FAILED message)."""
+        if self.timeout_reason is not None:
+            return self.timeout_reason
         why = (f"{self.rounds} rounds" if self.max_rounds and self.rounds >= self.max_rounds
                else f"{self.total_s:.1f} s")
         rem = self.remaining_bytes or 0

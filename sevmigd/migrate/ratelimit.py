@@ -34,3 +34,24 @@ class TokenBucket:
             self.last = now
         self.tokens -= nbytes
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class SharedLimit:
+    """One migration's view of its own cap plus the host-wide bucket all outgoing migrations share.
+
+    Fair share without a scheduler: every migration reserves its batches in the same host bucket, so
+    the debt they wait out is served in the order it was taken (a virtual-time queue). With equal
+    batches, concurrent migrations alternate and each gets 1/n of the host rate; one held back by a
+    lower own cap takes less and leaves the rest to the others (work-conserving, max-min fair).
+    `reserve` answers the longer of the two waits.
+    """
+
+    def __init__(self, own: TokenBucket, shared: TokenBucket | None = None):
+        self.own = own
+        self.shared = shared
+
+    def reserve(self, nbytes: int, now: float) -> float:
+        delay = self.own.reserve(nbytes, now)
+        if self.shared is not None:
+            delay = max(delay, self.shared.reserve(nbytes, now))
+        return delay
