@@ -40,7 +40,7 @@ def test_defaults_without_any_configuration():
     assert cfg.control_group is None and cfg.trusted_roots is None
     assert cfg.allowed_platforms is None and cfg.allowed_oca is None
     assert cfg.max_guest_bytes == 64 << 30
-    assert (cfg.max_incoming, cfg.max_outgoing) == (4, 4)
+    assert (cfg.max_incoming, cfg.max_outgoing) == (4, 1)  # Nova: one outgoing at a time, the rest queue
     assert (cfg.handshake_timeout_s, cfg.peer_timeout_s, cfg.keepalive_interval_s) == (10, 10, 1)
     assert cfg.downtime_limit_ms == 300 and cfg.max_bandwidth_mib_s == 0
     assert (cfg.max_rounds, cfg.max_total_s) == (30, 600)
@@ -200,3 +200,53 @@ def test_serve_flag_error_exits_2(tmp_path):
                    "--control", str(tmp_path / "c.sock"))
     assert res.returncode == 2
     assert "listen" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------ fleet operation (issue 12)
+
+
+def test_policies_metrics_and_queue_keys(tmp_path):
+    path = _write(tmp_path, """
+metrics_listen = "127.0.0.1:9446"
+default_policy = "drain"
+max_queued_outgoing = 8
+outgoing_bandwidth_mib_s = 1000
+
+[policies.drain]
+bandwidth_mib_s = 500
+downtime_limit_ms = 500
+auto_converge = false
+completion_timeout_per_gib_s = 800
+completion_action = "force-complete"
+progress_timeout_s = 150
+""")
+    cfg = load_config(path, {}, environ=ENV)
+    assert cfg.metrics_listen == "127.0.0.1:9446" and cfg.max_queued_outgoing == 8
+    pol = cfg.policy(None)
+    assert pol.name == "drain" and pol.completion_action == "force-complete" and not pol.auto_converge
+    assert pol.completion_timeout_s(2 << 30) == 1600
+    assert cfg.policy("drain") is pol
+    assert load_config(None, {}, environ=ENV).metrics_listen is None  # off by default
+    assert {"policies", "default_policy", "max_outgoing"} <= RELOADABLE
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[policies.x]\ncompletion_action = "retry"\n', "policies.x.completion_action"),
+    ('[policies.x]\nbandwith_mib_s = 1\n', "policies.x.bandwith_mib_s"),
+    ('[policies.x]\nprogress_timeout_s = -1\n', "policies.x.progress_timeout_s"),
+    ('[policies."bad name"]\n', "policies.bad name"),
+    ('default_policy = "missing"\n', "default_policy"),
+    ('metrics_listen = "nowhere"\n', "metrics_listen"),
+])
+def test_bad_policy_settings_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config(_write(tmp_path, text), {}, environ=ENV)
+    assert ei.value.key == key
+
+
+def test_unknown_policy_name_is_a_config_error():
+    cfg = load_config(None, {}, environ=ENV)
+    assert cfg.policy(None) is None
+    with pytest.raises(ConfigError) as ei:
+        cfg.policy("fast")
+    assert ei.value.key == "policy" and "none configured" in str(ei.value)

@@ -217,7 +217,7 @@ def _uncommented_example(tmp_path: pathlib.Path) -> pathlib.Path:
     """The example with every `#key = value` and `#[table]` line uncommented."""
     lines = []
     for line in EXAMPLE.read_text().splitlines():
-        if re.match(r"^#\s*(\[[a-z_]+\]|[a-z_]+\s*=)", line):
+        if re.match(r"^#\s*(\[[a-z_.]+\]|[a-z_]+\s*=)", line):
             line = line.lstrip("#").lstrip()
         lines.append(line)
     out = tmp_path / "sevmigd.toml"
@@ -235,13 +235,14 @@ def test_example_config_loads_as_shipped():
 def test_example_config_documents_every_key_with_its_default(tmp_path):
     from sevmigd.daemon.config import KEYS, Config, load_config
     text = EXAMPLE.read_text()
-    missing = [k for k in KEYS if not re.search(rf"^#?{k}\s*=", text, re.M) and not re.search(rf"^#?\[{k}\]", text, re.M)]
+    missing = [k for k in KEYS if not re.search(rf"^#?{k}\s*=", text, re.M) and not re.search(rf"^#?\[{k}[\].]", text, re.M)]
     assert not missing, f"keys not documented in deploy/sevmigd.toml: {missing}"
     env = {"STATE_DIRECTORY": "/var/lib/sevmigd", "RUNTIME_DIRECTORY": "/run/sevmigd"}
     full = load_config(str(_uncommented_example(tmp_path)), {}, environ=env)
     default = load_config(None, {}, environ=env)
     # Keys whose default is "unset" are shown with an example value instead.
-    examples = {"control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls"}
+    examples = {"control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls",
+                "metrics_listen", "default_policy", "policies"}
     differ = [f.name for f in dataclasses.fields(Config)
               if f.name not in examples and getattr(full, f.name) != getattr(default, f.name)]
     assert not differ, f"example values differ from the defaults for {differ}"

@@ -39,7 +39,35 @@ RELOADABLE = frozenset({
     "log_level", "trusted_roots", "allowed_platforms", "allowed_oca", "max_guest_bytes", "max_incoming",
     "max_outgoing", "handshake_timeout_s", "peer_timeout_s", "keepalive_interval_s", "downtime_limit_ms",
     "max_bandwidth_mib_s", "max_rounds", "max_total_s", "max_unauthenticated",
+    # fleet operation (issue 12)
+    "policies", "default_policy", "max_queued_outgoing", "outgoing_bandwidth_mib_s",
 })
+
+# What a migration policy may do when its completion timeout expires (Nova's
+# live_migration_timeout_action: abort | force_complete; we spell it with a dash like the CLI).
+COMPLETION_ACTIONS = ("abort", "force-complete")
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    """A named migration policy (`[policies.NAME]`, `ctl migrate --policy NAME`).
+
+    Shaped after KubeVirt's MigrationPolicy and Nova's [libvirt] live_migration_* options. Unset values
+    (None) fall back to the daemon's own keys (max_bandwidth_mib_s, downtime_limit_ms); a per-request
+    flag (`--max-bandwidth`, `--downtime-limit`) overrides both. Timeouts of 0 are off.
+    """
+
+    name: str
+    bandwidth_mib_s: float | None = None        # KubeVirt bandwidthPerMigration
+    downtime_limit_ms: int | None = None        # QEMU downtime-limit
+    auto_converge: bool = True                  # KubeVirt allowAutoConverge (QEMU auto-converge)
+    completion_timeout_per_gib_s: float = 0.0   # Nova live_migration_completion_timeout (800), KubeVirt 150
+    completion_action: str = "abort"            # Nova live_migration_timeout_action
+    progress_timeout_s: float = 0.0             # KubeVirt progressTimeout (150)
+
+    def completion_timeout_s(self, memory_bytes: int) -> float:
+        """The completion timeout of one guest: per-GiB value x guest RAM in GiB (0 = none)."""
+        return self.completion_timeout_per_gib_s * memory_bytes / (1 << 30)
 
 
 @dataclass(frozen=True)
@@ -72,7 +100,9 @@ class Config:
     # a typo (64T) or a hostile peer announcing an absurd size.
     max_guest_bytes: int = 64 << 30
     max_incoming: int = 4
-    max_outgoing: int = 4
+    # Nova's max_concurrent_live_migrations default: one outgoing migration at a time, the rest queue
+    # (each one then gets the whole link and finishes sooner; raise it for fast links).
+    max_outgoing: int = 1
     handshake_timeout_s: float = 10.0
     peer_timeout_s: float = 10.0
     keepalive_interval_s: float = 1.0
@@ -83,6 +113,29 @@ class Config:
     psp_min_command_time_us: int = 0
     tls: TlsConfig = field(default_factory=TlsConfig)
     max_unauthenticated: int = 64
+    # -- fleet operation (issue 12; README "Operating a fleet") --------------------------------------
+    # Prometheus /metrics endpoint, HOST:PORT; None = off.
+    metrics_listen: str | None = None
+    # Named migration policies and the one used when a request names none (None = the plain keys).
+    policies: tuple[MigrationPolicy, ...] = ()
+    default_policy: str | None = None
+    # Outgoing migrations beyond max_outgoing wait in a FIFO queue of at most this many; beyond it
+    # a request is refused with RESOURCE_LIMIT (an orchestrator that floods us hears it at once).
+    max_queued_outgoing: int = 64
+    # Host-wide cap on all outgoing migrations together, shared fairly (0 = only per-migration caps).
+    outgoing_bandwidth_mib_s: float = 0.0
+
+    def policy(self, name: str | None) -> MigrationPolicy | None:
+        """The named policy (`default_policy` when name is None); ConfigError("policy") when unknown."""
+        if name is None:
+            name = self.default_policy
+            if name is None:
+                return None
+        for p in self.policies:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.policies) or "none configured"
+        raise ConfigError("policy", f"no migration policy named {name!r} (known: {known})")
 
     # -- derived, for the server -------------------------------------------------------------
     @property
@@ -261,6 +314,53 @@ def _tls(v: Any) -> TlsConfig:
     return TlsConfig(**vals)
 
 
+_POLICY_KEYS = {
+    "bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
+    "downtime_limit_ms": lambda k, v: _int(k, v, 1),
+    "auto_converge": lambda k, v: _boolean(k, v),
+    "completion_timeout_per_gib_s": lambda k, v: _float(k, v, 0.0),
+    "completion_action": lambda k, v: _str(k, v, choices=COMPLETION_ACTIONS),
+    "progress_timeout_s": lambda k, v: _float(k, v, 0.0),
+}
+POLICY_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _boolean(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {v!r}")
+    return v
+
+
+def _policies(key: str, v: Any) -> tuple[MigrationPolicy, ...]:
+    """`[policies.NAME]` tables -> MigrationPolicy tuple (sorted by name); every key checked."""
+    if v is None:
+        return ()
+    if isinstance(v, (list, tuple)) and all(isinstance(p, MigrationPolicy) for p in v):
+        return tuple(v)
+    if not isinstance(v, dict):
+        raise ConfigError(key, f"expected [policies.NAME] tables, got {v!r}")
+    out = []
+    for name, table in sorted(v.items()):
+        where = f"{key}.{name}"
+        if not name or len(name) > 64 or not set(name) <= POLICY_NAME_CHARS:
+            raise ConfigError(where, "policy names are 1-64 letters, digits, '_', '.', '-'")
+        if not isinstance(table, dict):
+            raise ConfigError(where, f"expected a table, got {table!r}")
+        unknown = sorted(set(table) - set(_POLICY_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", f"unknown policy key (expected: {', '.join(_POLICY_KEYS)})")
+        vals = {k: _POLICY_KEYS[k](f"{where}.{k}", x) for k, x in table.items()}
+        out.append(MigrationPolicy(name=name, **vals))
+    return tuple(out)
+
+
+def _opt_listen(key: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    split_host_port(v, key=key)
+    return v.strip()
+
+
 # key -> validator(key, raw value) -> validated value
 _VALIDATORS: dict[str, Any] = {
     "state_dir": _path,
@@ -285,6 +385,11 @@ _VALIDATORS: dict[str, Any] = {
     "psp_min_command_time_us": lambda k, v: _int(k, v, 0, 10_000_000),
     "tls": lambda k, v: _tls(v),
     "max_unauthenticated": lambda k, v: _int(k, v, 1, 65536),
+    "metrics_listen": _opt_listen,
+    "policies": _policies,
+    "default_policy": lambda k, v: None if v is None else _str(k, v),
+    "max_queued_outgoing": lambda k, v: _int(k, v, 0, 100_000),
+    "outgoing_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
 }
 
 
@@ -301,6 +406,11 @@ KEYS = tuple(_VALIDATORS)
 
 
 def _check_cross(cfg: Config) -> None:
+    if cfg.default_policy is not None:
+        try:
+            cfg.policy(cfg.default_policy)
+        except ConfigError as exc:
+            raise ConfigError("default_policy", exc.message) from None
     if cfg.keepalive_interval_s >= cfg.peer_timeout_s:
         raise ConfigError("keepalive_interval_s",
                           f"must be smaller than peer_timeout_s ({cfg.peer_timeout_s}) or a healthy peer "
@@ -337,7 +447,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raw[k] = v
     values: dict[str, Any] = {}
     for k, v in raw.items():
-        if v is None and k not in ("control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls"):
+        if v is None and k not in ("control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls",
+                                   "metrics_listen", "default_policy", "policies"):
             raise ConfigError(k, "must not be empty")
         values[k] = _VALIDATORS[k](k, v)
     values.setdefault("state_dir", default_state_dir(environ))
@@ -356,5 +467,5 @@ def config_as_dict(cfg: Config) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Config", "TlsConfig", "load_config", "default_state_dir", "default_control_path",
+__all__ = ["Config", "TlsConfig", "MigrationPolicy", "COMPLETION_ACTIONS", "load_config", "default_state_dir", "default_control_path",
            "split_host_port", "config_as_dict", "RELOADABLE", "KEYS", "DEFAULT_PORT", "DEFAULT_LISTEN"]
