@@ -66,8 +66,28 @@ def register(sub) -> None:
     v.add_argument("--to", required=True, metavar="HOST:PORT", help="destination daemon's listen address")
     v.add_argument("--downtime-limit", type=int, default=None, metavar="MS", help="max stop-and-copy downtime")
     v.add_argument("--max-bandwidth", type=float, default=None, metavar="MIB_S", help="bandwidth cap")
+    v.add_argument("--policy", metavar="NAME", help="migration policy ([policies.NAME] in the daemon's config)")
+    v.add_argument("--detach", action="store_true",
+                   help="return the job id at once (follow it with `ctl jobs`) instead of waiting")
     v.add_argument("--json", action="store_true", help="print the final figures as JSON")
     v.set_defaults(ctl=_migrate)
+
+    v = verbs.add_parser("jobs", help="outgoing migrations: running, queued and recent, with their figures")
+    v.add_argument("job", nargs="?", help="only this job id")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(ctl=_jobs)
+
+    v = verbs.add_parser("evacuate", help="move every running guest off this host (maintenance drain)",
+                         description="Live-migrate every running guest to the given destinations, round-robin, "
+                                     "at most --max-parallel at once. Guests that cannot move are listed with "
+                                     "the reason and keep running. Exit 1 if any guest is left on this host. "
+                                     "The evacuation runs in the daemon: interrupting ctl does not stop it.")
+    v.add_argument("--to", required=True, metavar="HOST:PORT[,HOST:PORT...]", help="destination daemons")
+    v.add_argument("--max-parallel", type=int, default=1, metavar="N", help="migrations at once (default 1)")
+    v.add_argument("--policy", metavar="NAME", help="migration policy for every guest")
+    v.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    v.add_argument("--json", action="store_true", help="print the final per-guest result as JSON")
+    v.set_defaults(ctl=_evacuate)
 
     v = verbs.add_parser("cancel", help="cancel a guest's outgoing migration")
     v.add_argument("name")
@@ -125,7 +145,7 @@ def ctl_main(args: argparse.Namespace) -> int:
     from sevmigd.daemon.client import ControlClient, ControlError, DaemonNotRunning, ConnectionLost
 
     path = control_path(args)
-    timeout = None if args.verb == "migrate" else args.timeout
+    timeout = None if args.verb in ("migrate", "evacuate") else args.timeout
     try:
         with ControlClient(path, timeout=timeout) as client:
             return int(args.ctl(client, args) or 0)
@@ -185,9 +205,9 @@ def _list(client, args) -> int:
     if args.json:
         _print_json(guests)
         return 0
-    rows = [("NAME", "STATE", "MEMORY", "POLICY", "SEV_STATE", "PRIVATE", "SHARED")]
+    rows = [("NAME", "STATE", "JOB", "MEMORY", "POLICY", "SEV_STATE", "PRIVATE", "SHARED")]
     for g in guests:
-        rows.append((g["name"], g["state"], _mib(g.get("memory_bytes")), str(g.get("policy")),
+        rows.append((g["name"], g["state"], g.get("job") or "-", _mib(g.get("memory_bytes")), str(g.get("policy")),
                      str(g.get("sev_state")), str(g.get("private_pages")), str(g.get("shared_pages"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -273,6 +293,17 @@ def _migrate(client, args) -> int:
         req["downtime_limit_ms"] = args.downtime_limit
     if args.max_bandwidth is not None:
         req["max_bandwidth_mib_s"] = args.max_bandwidth
+    if args.policy is not None:
+        req["policy"] = args.policy
+    if args.detach:
+        req["detach"] = True
+        job = client.execute("migrate", req)
+        if args.json:
+            _print_json(job)
+        else:
+            where = f" (queue position {job['queue_position']})" if job.get("queue_position") else ""
+            print(f"{job['job']}: {args.name} -> {job['to']} {job['state']}{where}")
+        return 0
     progress = _ProgressLine(sys.stderr)
     started = time.monotonic()
     try:
@@ -362,3 +393,89 @@ def _server_info(client, args) -> int:
     for k, v in info.items():
         print(f"{k + ':':17} {v}")
     return 0
+
+
+def _pct(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.0f}%"
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _jobs(client, args) -> int:
+    req = {"job": args.job} if args.job else None
+    r = client.execute("jobs", req)
+    if args.json:
+        _print_json(r)
+        return 0
+    rows = [("JOB", "GUEST", "TO", "STATE", "ROUND", "IN SYNC", "TRANSFERRED", "DOWNTIME", "POLICY", "ERROR")]
+    for j in r["jobs"]:
+        st = j.get("stats") or {}
+        total, rem = st.get("total") or 0, st.get("remaining") or 0
+        insync = 100.0 if j["state"] == "completed" else (100.0 * max(total - rem, 0) / total if total else None)
+        state = j["state"] + (f" ({j['queue_position']})" if j.get("queue_position") else "")
+        rows.append((j["job"], j["guest"], j["to"], state, st.get("round") or "-",
+                     _pct(insync) if st else "-", _mib(st.get("transferred")) if st else "-",
+                     _ms(st.get("downtime_ms")), j.get("policy") or "-", (j.get("error") or "")[:60]))
+    for line in _table(rows):
+        print(line)
+    print(f"{r['running']} running (max_outgoing {r['max_outgoing']}, at most {r['high_water']} at once so far), "
+          f"{r['queued']} queued")
+    return 0
+
+
+class _EvacuationTable:
+    """The live per-guest table of `ctl evacuate` on a TTY (redrawn in place), or nothing elsewhere."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.lines = 0
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event != "evacuation" or not self.tty:
+            return
+        out = _evacuation_lines(data)
+        if self.lines:
+            self.stream.write(f"\x1b[{self.lines}F")
+        for line in out:
+            self.stream.write("\x1b[K" + line + "\n")
+        self.stream.flush()
+        self.lines = len(out)
+
+
+def _evacuation_lines(snap: dict) -> list[str]:
+    rows = [("GUEST", "STATE", "TO", "ROUND", "IN SYNC", "DOWNTIME", "REASON")]
+    for g in snap["guests"]:
+        rows.append((g["guest"], g["state"], g.get("to") or "-", g.get("round") or "-", _pct(g.get("percent")),
+                     _ms(g.get("downtime_ms")), (g.get("reason") or "")[:100]))
+    return _table(rows)
+
+
+def _evacuate(client, args) -> int:
+    targets = [t.strip() for t in args.to.split(",") if t.strip()]
+    req: dict[str, Any] = {"to": targets, "max_parallel": args.max_parallel}
+    if args.policy is not None:
+        req["policy"] = args.policy
+    if args.dry_run:
+        req["dry_run"] = True
+    table = _EvacuationTable(sys.stdout if not args.json else sys.stderr)
+    r = client.execute("evacuate", req, on_event=table)
+    if args.json:
+        _print_json(r)
+    else:
+        if table.lines:
+            table.stream.write(f"\x1b[{table.lines}F")
+        for line in _evacuation_lines(r):
+            print("\x1b[K" + line if table.lines else line)
+        verb = "would be left" if args.dry_run else "left on this host"
+        note = ""
+        if r["effective_parallel"] < r["max_parallel"]:
+            note = f" (max_outgoing limits parallelism to {r['effective_parallel']})"
+        print(f"{r['left']} guest(s) {verb}{note}")
+    return 1 if r["left"] else 0

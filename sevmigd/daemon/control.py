@@ -36,6 +36,7 @@ import structlog
 import trio
 
 from sevmigd.daemon.config import split_host_port
+from sevmigd.daemon.evacuate import Evacuation, parse_targets
 from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig
@@ -471,9 +472,22 @@ async def _list(daemon: Daemon, a: dict, emit: Emit) -> dict:
     guests = []
     for hosted in list(daemon.guests.values()):
         st = daemon.guest_status(hosted)
-        guests.append({k: st[k] for k in ("name", "state", "memory_bytes", "policy", "sev_state",
-                                           "private_pages", "shared_pages")})
+        row = {k: st[k] for k in ("name", "state", "memory_bytes", "policy", "sev_state",
+                                  "private_pages", "shared_pages")}
+        row["job"] = _job_summary(daemon, hosted.name)
+        guests.append(row)
     return {"guests": guests}
+
+
+def _job_summary(daemon: Daemon, name: str) -> str | None:
+    """The guest's outgoing job as `list` shows it: "queued (2)", "migrating", or None."""
+    job = daemon.migrations.pending_jobs.get(name)
+    if job is None:
+        return None
+    if job.state == "queued":
+        pos = daemon.migrations.queue_position(job)
+        return f"queued ({pos})" if pos else "queued"
+    return "migrating" if job.state == "running" else job.state
 
 
 async def _status(daemon: Daemon, a: dict, emit: Emit) -> dict:
@@ -536,6 +550,20 @@ async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
     host, port = split_host_port(a["to"], key="to")
     if port == 0:
         raise ConfigError("to", "port 0 is not a destination")
+    # Checks, policy lookup and the queue happen now, so a refusal is this request's error reply.
+    job = daemon.migrations.submit(hosted.name, host, port, downtime_limit_ms=a["downtime_limit_ms"],
+                                   max_bandwidth_mib_s=a["max_bandwidth_mib_s"], policy=a["policy"])
+    if a["detach"]:
+        async def run_detached() -> None:
+            try:
+                await daemon.migrations.run_job(job)
+            except (SevmigdError, SevError):
+                pass  # recorded in the job (ctl jobs) and the log
+            except Exception:
+                _log.error("migration_crashed", guest=hosted.name, exc_info=True)
+
+        daemon.nursery.start_soon(run_detached, name=f"migrate:{hosted.name}")
+        return job.as_dict(queue_position=daemon.migrations.queue_position(job))
     send_ch, recv_ch = trio.open_memory_channel(PROGRESS_BUFFER)
     result: dict = {}
     failure: list[Exception] = []   # the migration's error, when it failed
@@ -552,9 +580,7 @@ async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
         # Runs in the daemon's nursery: the migration's lifetime is the daemon's, not this client's.
         async with send_ch:
             try:
-                result.update(await daemon.migrations.migrate_out(
-                    hosted.name, host, port, downtime_limit_ms=a["downtime_limit_ms"],
-                    max_bandwidth_mib_s=a["max_bandwidth_mib_s"], progress=progress))
+                result.update(await daemon.migrations.run_job(job, progress=progress))
             except MigrationError as exc:
                 if hosted.migration is not None:
                     exc.stats = hosted.migration.to_dict()
@@ -572,6 +598,42 @@ async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
     if failure:
         raise failure[0]
     return result
+
+
+async def _jobs(daemon: Daemon, a: dict, emit: Emit) -> dict:
+    jobs = daemon.migrations.list_jobs()
+    if a["job"] is not None:
+        jobs = [j for j in jobs if j["job"] == a["job"]]
+        if not jobs:
+            raise ConfigError("job", f"no job {a['job']!r} (jobs are kept while queued or running, and the "
+                                     f"last ones after they end)")
+    return {"jobs": jobs, "queued": len(daemon.migrations.queue), "running": len(daemon.migrations.outgoing),
+            "max_outgoing": daemon.config.max_outgoing, "high_water": daemon.migrations.high_water}
+
+
+async def _evacuate(daemon: Daemon, a: dict, emit: Emit) -> dict:
+    if daemon.shutting_down:
+        raise ShuttingDown("the daemon is shutting down; no new migrations")
+    mgr = daemon.migrations
+    targets = parse_targets(a["to"])
+    current = mgr.evacuation
+    if current is not None and not current.done.is_set():
+        raise InvalidState("an evacuation is already running; follow it with `sevmigd ctl jobs`")
+    evac = Evacuation(mgr, targets, max_parallel=a["max_parallel"], policy=a["policy"])
+    if a["dry_run"]:
+        snap = evac.snapshot()
+        snap["dry_run"] = True
+        return snap
+    mgr.evacuation = evac
+    # The evacuation lives in the daemon's nursery: a ctl that goes away does not stop it.
+    daemon.nursery.start_soon(evac.run, name="evacuate")
+    while True:
+        changed = evac.changed  # taken before emitting: a change while we write is not missed
+        if evac.done.is_set():
+            break
+        await emit("evacuation", evac.snapshot())
+        await changed.wait()
+    return evac.snapshot()
 
 
 async def _cancel(daemon: Daemon, a: dict, emit: Emit) -> dict:
@@ -612,6 +674,15 @@ COMMANDS: dict[str, Command] = {
         "to": Arg(_req_str, required=True),
         "downtime_limit_ms": Arg(_opt(lambda k, v: _int(k, v, 1)), default=None),
         "max_bandwidth_mib_s": Arg(_opt(lambda k, v: _num(k, v, 0.0)), default=None),
+        "policy": Arg(_opt(_req_str), default=None),
+        "detach": Arg(_bool, default=False),
+    }),
+    "jobs": Command(_jobs, {"job": Arg(_opt(_req_str), default=None)}),
+    "evacuate": Command(_evacuate, {
+        "to": Arg(lambda k, v: v, required=True),  # HOST:PORT list, checked by evacuate.parse_targets
+        "max_parallel": Arg(lambda k, v: _int(k, v, 1, 1024), default=1),
+        "policy": Arg(_opt(_req_str), default=None),
+        "dry_run": Arg(_bool, default=False),
     }),
     "cancel": Command(_cancel, {"name": _NAME}),
     "resolve": Command(_resolve, {"name": _NAME, "run_here": Arg(_bool, required=True)}),

@@ -21,27 +21,85 @@ It must never: leave a guest running twice or nowhere by its own decision, or ho
 
 from __future__ import annotations
 
+import collections
 import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from sevmigd.daemon import tls
 from sevmigd.daemon.destination import IncomingMigration
-from sevmigd.daemon.source import OutgoingMigration
+from sevmigd.daemon.source import OutgoingMigration, new_migration_id
 from sevmigd.errors import ConfigError
 from sevmigd.migrate.errors import MigrationError
+from sevmigd.migrate.ratelimit import SharedLimit, TokenBucket
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.psp.policy import Policy
 from sevmigd import wire
 from sevmigd.wire import limits as wire_limits
 from sevmigd.wire.errors import AbortCode
 
-__all__ = ["MigrationManager", "MigrationError"]
+__all__ = ["MigrationManager", "MigrationError", "Job"]
 
 # Protocol version this daemon speaks (PROTOCOL.md §6).
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 # Finished migrations kept for `status` / `migrations` queries.
 HISTORY = 32
+
+
+JOB_STATES = ("queued", "running", "completed", "failed", "cancelled", "uncertain")
+
+
+@dataclass
+class Job:
+    """One requested outgoing migration, from the request to its end (`ctl jobs`, `migrate --detach`).
+
+    The job id is the migration id (the same id is in the logs, the stats, and the Prometheus label
+    `migration`). A job waits in the manager's FIFO queue while `max_outgoing` migrations run; its
+    OutgoingMigration (and so its clock: completion timeouts count from there) exists once it runs.
+    """
+
+    id: str
+    guest: str
+    host: str
+    port: int
+    policy: Any = None                       # config.MigrationPolicy or None
+    downtime_limit_ms: int | None = None
+    max_bandwidth_mib_s: float | None = None
+    state: str = "queued"
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    mig: OutgoingMigration | None = None
+    final: dict | None = None
+    error: str | None = None
+    error_code: str | None = None
+    cancel_error: MigrationError | None = None
+    had_slot: bool = False
+    granted: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def to(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def stats(self) -> dict | None:
+        if self.final is not None:
+            return self.final
+        return self.mig.stats.to_dict() if self.mig is not None else None
+
+    def as_dict(self, *, queue_position: int | None = None) -> dict:
+        st = self.stats()
+        if st is not None:
+            st = {k: v for k, v in st.items() if k != "rounds"}
+        return {"job": self.id, "guest": self.guest, "to": self.to, "state": self.state,
+                "policy": getattr(self.policy, "name", None), "queue_position": queue_position,
+                "submitted_at": round(self.submitted_at, 3),
+                "started_at": None if self.started_at is None else round(self.started_at, 3),
+                "finished_at": None if self.finished_at is None else round(self.finished_at, 3),
+                "error": self.error, "error_code": self.error_code, "stats": st}
 
 
 class MigrationManager:
@@ -60,6 +118,16 @@ class MigrationManager:
         self._tasks_done.set()
         self._running = 0
         self._oca_cache: tuple[tuple, list[bytes]] | None = None
+        # Outgoing concurrency (issue 12): jobs by id (queued, running, the last HISTORY finished), the
+        # FIFO of jobs waiting for one of max_outgoing slots, the most that ever ran at once, and the
+        # host-wide bandwidth bucket every outgoing migration shares (outgoing_bandwidth_mib_s).
+        self.jobs: dict[str, Job] = {}
+        self.queue: collections.deque[Job] = collections.deque()
+        self.pending_jobs: dict[str, Job] = {}   # guest -> its queued or running job
+        self.high_water = 0
+        self._slots_used = 0
+        self._shared_bucket: TokenBucket | None = None
+        self.evacuation: Any = None
 
     @property
     def protocol_version(self) -> int:
@@ -68,59 +136,183 @@ class MigrationManager:
     # -- operator verbs -------------------------------------------------------------------------------------
 
     async def migrate_out(self, name: str, host: str, port: int, *, downtime_limit_ms=None,
-                          max_bandwidth_mib_s=None, progress=None, stream_factory=None) -> dict:
+                          max_bandwidth_mib_s=None, progress=None, stream_factory=None, policy=None) -> dict:
         """Live-migrate guest `name` to the daemon at host:port; returns the final statistics.
 
         Raises MigrationError (with `.code`) on every failure; before "go" the guest keeps running here.
-        `stream_factory` (tests) replaces the TCP connect with `await stream_factory()`.
+        Waits in the outgoing queue first when max_outgoing migrations are running. `policy` names a
+        `[policies.NAME]` (None: default_policy). `stream_factory` (tests) replaces the TCP connect.
         """
-        cfg = self.daemon.config
+        job = self.submit(name, host, port, downtime_limit_ms=downtime_limit_ms,
+                          max_bandwidth_mib_s=max_bandwidth_mib_s, policy=policy)
+        return await self.run_job(job, progress=progress, stream_factory=stream_factory)
+
+    def refusal(self, name: str) -> MigrationError | None:
+        """Why guest `name` cannot be sent now (the guest keeps running), or None when it can."""
         hosted = self.daemon.guests.get(name)
         if hosted is None:
             raise ConfigError("name", f"no guest named {name!r}")
+        if name in self.pending_jobs:
+            job = self.pending_jobs[name]
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"guest {name!r} is already being migrated (migration {job.id}, {job.state})")
         if name in self.outgoing:
-            raise MigrationError(AbortCode.RESOURCE_LIMIT,
-                                 f"guest {name!r} is already being migrated (migration {self.outgoing[name].id})")
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"guest {name!r} is already being migrated (migration {self.outgoing[name].id})")
         if name in self.uncertain:
-            raise MigrationError(AbortCode.POLICY_REFUSED,
-                                 f"guest {name!r} has an uncertain hand-off: run `resolve` first")
+            return MigrationError(AbortCode.POLICY_REFUSED,
+                                  f"guest {name!r} has an uncertain hand-off: run `resolve` first")
+        if getattr(self.daemon, "shutting_down", False):
+            return MigrationError(AbortCode.SHUTDOWN, "daemon is shutting down")
+        if hosted.state != "running":
+            return MigrationError(AbortCode.POLICY_REFUSED, f"guest {name!r} is {hosted.state}, not running")
+        vm = hosted.vm
+        if not vm.host.migration_control & 1:
+            return MigrationError(
+                AbortCode.POLICY_REFUSED,
+                f"guest {name!r} has not opted in to live migration (MSR_KVM_MIGRATION_CONTROL bit 0 is clear): "
+                f"its kernel does not report page-encryption changes, so private and shared pages cannot be told apart")
+        if vm.policy & Policy.NOSEND:
+            return MigrationError(AbortCode.POLICY_REFUSED,
+                                  f"guest {name!r} policy 0x{vm.policy:x} has NOSEND: the guest owner forbids migration")
+        return None
+
+    def submit(self, name: str, host: str, port: int, *, downtime_limit_ms=None, max_bandwidth_mib_s=None,
+               policy=None) -> Job:
+        """Check that guest `name` can be sent and create its job: it runs at once when fewer than
+        max_outgoing migrations run, else it waits (state queued). Raises ConfigError / MigrationError."""
+        cfg = self.daemon.config
         if downtime_limit_ms is not None and not downtime_limit_ms > 0:
             raise ConfigError("downtime_limit_ms", f"must be > 0, got {downtime_limit_ms}")
         if max_bandwidth_mib_s is not None and not max_bandwidth_mib_s >= 0:
             raise ConfigError("max_bandwidth_mib_s", f"must be >= 0, got {max_bandwidth_mib_s}")
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", f"must be 1..65535, got {port!r}")
-        if self.daemon.shutting_down:
-            raise MigrationError(AbortCode.SHUTDOWN, "daemon is shutting down")
-        if hosted.state != "running":
-            raise MigrationError(AbortCode.POLICY_REFUSED, f"guest {name!r} is {hosted.state}, not running")
-        vm = hosted.vm
-        if not vm.host.migration_control & 1:
-            raise MigrationError(
-                AbortCode.POLICY_REFUSED,
-                f"guest {name!r} has not opted in to live migration (MSR_KVM_MIGRATION_CONTROL bit 0 is clear): "
-                f"its kernel does not report page-encryption changes, so private and shared pages cannot be told apart")
-        if vm.policy & Policy.NOSEND:
-            raise MigrationError(AbortCode.POLICY_REFUSED,
-                                 f"guest {name!r} policy 0x{vm.policy:x} has NOSEND: the guest owner forbids migration")
-        if len(self.outgoing) >= cfg.max_outgoing:
+        pol = cfg.policy(policy) if hasattr(cfg, "policy") else None
+        err = self.refusal(name)
+        if err is not None:
+            raise err
+        if cfg.max_outgoing == 0:
+            raise MigrationError(AbortCode.RESOURCE_LIMIT, "max_outgoing = 0: this host sends no migrations")
+        max_queued = getattr(cfg, "max_queued_outgoing", 0)
+        if self._slots_used >= cfg.max_outgoing and len(self.queue) >= max_queued:
             raise MigrationError(AbortCode.RESOURCE_LIMIT,
-                                 f"{len(self.outgoing)} migrations already outgoing (max_outgoing = {cfg.max_outgoing})")
-        mig = OutgoingMigration(self, hosted, host, port, downtime_limit_ms=downtime_limit_ms,
-                                max_bandwidth_mib_s=max_bandwidth_mib_s, progress=progress,
-                                stream_factory=stream_factory)
-        hosted.migration = mig.stats
-        self.outgoing[name] = mig
+                                 f"{self._slots_used} migrations outgoing (max_outgoing = {cfg.max_outgoing}) and "
+                                 f"{len(self.queue)} queued (max_queued_outgoing = {max_queued})")
+        if pol is not None:  # request flag > policy > daemon key
+            if downtime_limit_ms is None:
+                downtime_limit_ms = pol.downtime_limit_ms
+            if max_bandwidth_mib_s is None:
+                max_bandwidth_mib_s = pol.bandwidth_mib_s
+        job = Job(new_migration_id(), name, host, port, policy=pol, downtime_limit_ms=downtime_limit_ms,
+                  max_bandwidth_mib_s=max_bandwidth_mib_s)
+        self.jobs[job.id] = job
+        self.pending_jobs[name] = job
+        self.queue.append(job)
+        self._dispatch()
+        if job.state == "queued":
+            self.daemon.log.info("migration_queued", guest=name, migration_id=job.id, position=len(self.queue),
+                                 running=self._slots_used, max_outgoing=cfg.max_outgoing)
+        return job
+
+    def _dispatch(self) -> None:
+        """Hand free slots to queued jobs, first come first served."""
+        limit = self.daemon.config.max_outgoing
+        while self.queue and self._slots_used < limit:
+            job = self.queue.popleft()
+            self._slots_used += 1
+            job.had_slot = True
+            job.state = "running"
+            job.granted.set()
+
+    def queue_position(self, job: Job) -> int | None:
+        try:
+            return self.queue.index(job) + 1
+        except ValueError:
+            return None
+
+    async def run_job(self, job: Job, *, progress=None, stream_factory=None) -> dict:
+        """Wait for the job's slot, run its migration, record the end. Returns the final stats."""
         self._task_started()
         try:
-            return await mig.run()
+            await job.granted.wait()
+            if job.cancel_error is not None:
+                raise job.cancel_error
+            hosted = self.daemon.guests.get(job.guest)
+            err = None
+            if hosted is None:
+                err = MigrationError(AbortCode.POLICY_REFUSED, f"guest {job.guest!r} is gone")
+            elif hosted.state != "running":
+                err = MigrationError(AbortCode.POLICY_REFUSED, f"guest {job.guest!r} is {hosted.state}, not running")
+            if err is not None:
+                raise err
+            mig = OutgoingMigration(self, hosted, job.host, job.port, downtime_limit_ms=job.downtime_limit_ms,
+                                    max_bandwidth_mib_s=job.max_bandwidth_mib_s, progress=progress,
+                                    stream_factory=stream_factory, policy=job.policy, migration_id=job.id)
+            job.mig = mig
+            job.started_at = time.time()
+            hosted.migration = mig.stats
+            self.outgoing[job.guest] = mig
+            self.high_water = max(self.high_water, len(self.outgoing))
+            try:
+                return await mig.run()
+            finally:
+                self.outgoing.pop(job.guest, None)
+                self.record_finished(mig.stats)
+        except MigrationError as exc:
+            if job.mig is None:  # never ran: the queue wait ended in a cancel or the guest went away
+                job.state = "cancelled" if exc.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
+                job.error, job.error_code = str(exc), exc.code.name
+            raise
         finally:
-            self.outgoing.pop(name, None)
-            self.record_finished(mig.stats)
+            self._finish_job(job)
             self._task_finished()
 
+    def _finish_job(self, job: Job) -> None:
+        if job in self.queue:
+            self.queue.remove(job)
+        if job.had_slot:
+            job.had_slot = False
+            self._slots_used -= 1
+        if self.pending_jobs.get(job.guest) is job:
+            del self.pending_jobs[job.guest]
+        job.finished_at = time.time()
+        if job.mig is not None:
+            job.final = job.mig.stats.to_dict()
+            job.state = job.final.get("status") if job.final.get("status") in JOB_STATES else "failed"
+            job.error, job.error_code = job.final.get("error"), job.final.get("error_code")
+        elif job.state in ("queued", "running"):
+            job.state = "failed"
+        job.done.set()
+        finished = [j for j in self.jobs.values() if j.done.is_set()]
+        for old in finished[:-HISTORY]:
+            del self.jobs[old.id]
+        self._dispatch()
+
+    def list_jobs(self) -> list[dict]:
+        """Running, queued and recent jobs, oldest first (`ctl jobs`)."""
+        return [j.as_dict(queue_position=self.queue_position(j)) for j in list(self.jobs.values())]
+
+    def rate_limiter(self, own: TokenBucket) -> SharedLimit:
+        """A migration's own bucket joined with the host-wide one (outgoing_bandwidth_mib_s) so that
+        concurrent migrations share it fairly (see migrate/ratelimit.py)."""
+        rate = float(getattr(self.daemon.config, "outgoing_bandwidth_mib_s", 0.0)) * (1 << 20)
+        if not rate:
+            self._shared_bucket = None
+        elif self._shared_bucket is None or self._shared_bucket.rate != rate:
+            self._shared_bucket = TokenBucket(rate, now=trio.current_time())
+        return SharedLimit(own, self._shared_bucket)
+
     def cancel(self, name: str) -> None:
-        """Cancel the migration of guest `name` (either side) before "go": the guest keeps running on the source."""
+        """Cancel the migration of guest `name` (either side) before "go": the guest keeps running on the source.
+        A queued one leaves the queue."""
+        job = self.pending_jobs.get(name)
+        if job is not None and job in self.queue:
+            self.queue.remove(job)
+            job.state = "cancelled"
+            job.cancel_error = MigrationError(AbortCode.CANCELLED, "cancelled by the operator while queued")
+            job.granted.set()
+            return
         mig = self.outgoing.get(name) or self.incoming.get(name)
         if mig is None:
             raise ConfigError("name", f"no migration of guest {name!r} is running")
@@ -154,6 +346,11 @@ class MigrationManager:
     async def shutdown(self) -> None:
         """Cancel outgoing migrations before "go" (guests keep running here) and abort incoming ones; wait."""
         err = MigrationError(AbortCode.SHUTDOWN, "daemon shutting down")
+        while self.queue:
+            job = self.queue.popleft()
+            job.state = "cancelled"
+            job.cancel_error = err
+            job.granted.set()
         for mig in list(self.outgoing.values()) + list(self.incoming.values()):
             mig.cancel(err)
         await self._tasks_done.wait()
@@ -246,6 +443,13 @@ class MigrationManager:
     def record_finished(self, stats: MigrationStats) -> None:
         self.history.append(stats.to_dict())
         del self.history[:-HISTORY]
+        metrics = getattr(self.daemon, "metrics", None)
+        if metrics is not None:
+            metrics.migration_finished(self.history[-1])
+
+    def config_changed(self) -> None:
+        """After a reload: a raised max_outgoing starts queued jobs now."""
+        self._dispatch()
 
     def _task_started(self) -> None:
         self._running += 1

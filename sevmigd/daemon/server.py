@@ -188,6 +188,8 @@ class Daemon:
         self._requests_idle.set()
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
+        from sevmigd.daemon.metrics import DaemonMetrics  # per-daemon registry (issue 12)
+        self.metrics = DaemonMetrics(self)
 
     # ------------------------------------------------------------------ pinned small helpers
     @property
@@ -259,6 +261,8 @@ class Daemon:
             self.fw = Firmware(self.identity, rng=self.rng,
                                min_command_time=self.config.psp_min_command_time_us / 1e6)
             self._psp = PspRunner(self.fw)
+        if self._psp is not None:
+            self.metrics.watch_psp(self._psp)  # PSP command counts and latencies, by command
         if self.fw.platform_state is PlatformState.UNINIT:
             self.fw.init()
 
@@ -384,6 +388,8 @@ class Daemon:
             "uptime_s": None if self.started_at is None else round(time.monotonic() - self.started_at, 3),
             "tls": bool(self.config.tls.enabled),
             "log_level": self.config.log_level,
+            "metrics": self.metrics.address,
+            "outgoing_queue": len(getattr(self.migrations, "queue", ()) or ()),
             **self.resource_counts(),
         }
 
@@ -440,11 +446,14 @@ class Daemon:
                         self.control_path = self.config.control
                     await nursery.start(self._serve_migration_listeners, listeners)
                     await nursery.start(control.serve_control, self, control_listener)
+                    if self.config.metrics_listen is not None:
+                        await nursery.start(self.metrics.serve, self.config.metrics_listen)
                     self.started_at = time.monotonic()
                     systemd.ready(status=self.status_text())
                     nursery.start_soon(systemd.status_task, self.status_text)
                     nursery.start_soon(systemd.watchdog_task)
                     self.log.info("ready", listen=self.listen_address, control=self.control_path,
+                                  metrics=self.metrics.address,
                                   platform_id=self.platform_id, state_dir=self.config.state_dir,
                                   socket_activated=bool(tcp_inherited), pid=os.getpid(),
                                   version=__version__)
@@ -590,6 +599,9 @@ class Daemon:
         self.trusted_roots = roots
         if "log_level" in apply:
             configure_logging(candidate.log_level, candidate.log_format)
+        changed = getattr(self.migrations, "config_changed", None)
+        if changed is not None:
+            changed()
         self.log.info("reloaded", changed=sorted(apply), restart_needed_for=sorted(ignored),
                       trusted_roots=len(roots))
         systemd.ready(status=self.status_text())

@@ -68,7 +68,8 @@ class OutgoingMigration:
     """One outgoing migration of `hosted` (a daemon HostedGuest) to host:port."""
 
     def __init__(self, manager, hosted, host: str, port: int, *, downtime_limit_ms=None,
-                 max_bandwidth_mib_s=None, progress=None, stream_factory=None):
+                 max_bandwidth_mib_s=None, progress=None, stream_factory=None, policy=None,
+                 migration_id=None):
         self.manager = manager
         self.daemon = manager.daemon
         cfg = self.daemon.config
@@ -81,9 +82,16 @@ class OutgoingMigration:
         self.max_bandwidth = float(mib_s) * (1 << 20)
         self.progress = progress
         self.stream_factory = stream_factory  # tests: async () -> Stream, instead of TCP
-        self.id = new_migration_id()
+        self.id = migration_id or new_migration_id()
         self.stats = MigrationStats(self.id, "source", f"{host}:{port}", hosted.name,
                                     total=self.vm.memory_bytes, started_at=trio.current_time())
+        # Migration policy (config.MigrationPolicy or None): its timeouts are decided by the planner,
+        # acted on by _policy_tick / the policy cancel scope in _protocol.
+        self.policy = policy
+        self.stats.policy = getattr(policy, "name", None)
+        self.planner: PrecopyPlanner | None = None
+        self.unsent = np.zeros(0, dtype=np.int64)  # pages of a round cut short by force-complete
+        self._policy_scope = trio.CancelScope()
         self.channel: Channel | None = None
         self.pending_error: MigrationError | None = None
         self.scope = trio.CancelScope()
@@ -221,13 +229,19 @@ class OutgoingMigration:
         self.stats.status = "active"
         await self._push_progress(force=True)
 
-        planner = PrecopyPlanner(PAGE_SIZE, self.downtime_limit_s, self.max_bandwidth,
-                                 cfg.max_rounds, cfg.max_total_s, switchover_s=handshake_rtt)
+        planner = self.planner = PrecopyPlanner(PAGE_SIZE, self.downtime_limit_s, self.max_bandwidth,
+                                                cfg.max_rounds, cfg.max_total_s, switchover_s=handshake_rtt,
+                                                **self._policy_args())
         # max_total_s bounds the pre-copy as a whole, inside a round too (the planner only sees round
         # ends): on a collapsed link one round could otherwise last for hours with the guest dirtying on.
         limit = cfg.max_total_s
         with trio.CancelScope(deadline=trio.current_time() + limit if limit else float("inf")) as cs:
-            await self._precopy(ch, planner)
+            self._policy_scope.deadline = planner.abort_deadline()
+            with self._policy_scope:
+                await self._precopy(ch, planner)
+        if self._policy_scope.cancelled_caught:
+            planner.timeout_decision()
+            raise self._policy_error(planner)
         if cs.cancelled_caught:
             raise MigrationError(
                 AbortCode.CONVERGENCE_FAILED,
@@ -242,7 +256,7 @@ class OutgoingMigration:
 
     async def _precopy(self, ch: Channel, planner: PrecopyPlanner) -> None:
         host = self.host
-        bucket = TokenBucket(self.max_bandwidth, now=trio.current_time())
+        bucket = self.manager.rate_limiter(TokenBucket(self.max_bandwidth, now=trio.current_time()))
         host.enable_dirty_log()
         self.dirty_log_on = True
         # Round 1 sends every page: a range, made into arrays one batch at a time (an int64 array of all
@@ -262,11 +276,13 @@ class OutgoingMigration:
                 sync_s = trio.current_time() - t_sync
                 secs = trio.current_time() - t0
                 rec = planner.round_done(sent, secs, len(dirty))
+                self._policy_scope.deadline = planner.abort_deadline()
                 self.stats.remaining = len(dirty) * PAGE_SIZE
                 self.stats.expected_downtime_ms = (None if rec.expected_downtime == float("inf")
                                                    else round(rec.expected_downtime * 1000, 3))
                 self.stats.dirty_pages_rate = round(len(dirty) / secs, 1) if secs > 0 else 0.0
-                await ch.send(m.RoundEnd(round=wire_round, pages=len(pfns), remaining=len(dirty)))
+                await ch.send(m.RoundEnd(round=wire_round, pages=len(pfns) - len(self.unsent),
+                                         remaining=len(dirty) + len(self.unsent)))
                 decision = planner.decision()
                 summary = dict(round=rnd, pages=int(len(pfns)), private_pages=npriv, shared_pages=nshr,
                                bytes=sent, seconds=round(secs, 4), dirty_pages=int(len(dirty)),
@@ -277,11 +293,16 @@ class OutgoingMigration:
                 self.stats.rounds.append(summary)
                 self.log.info("round_done", **summary)
                 await self._push_progress(force=True)
-                if decision is Decision.STOP_AND_COPY:
-                    self.pending = np.asarray(dirty, dtype=np.int64)  # still to send, guest paused
+                if decision is Decision.STOP_AND_COPY or decision is Decision.FORCE_COMPLETE or len(self.unsent):
+                    # still to send, guest paused (plus a round that force-complete cut short)
+                    self.pending = np.union1d(np.asarray(dirty, dtype=np.int64), self.unsent)
+                    if decision is not Decision.STOP_AND_COPY:
+                        self.stats.forced_completion = True
+                        self.log.warning("force_complete", reason=planner.timeout_reason,
+                                         remaining=int(len(self.pending)) * PAGE_SIZE)
                     return
                 if decision is Decision.GIVE_UP:
-                    raise MigrationError(AbortCode.CONVERGENCE_FAILED, planner.give_up_reason())
+                    raise self._policy_error(planner)
                 if planner.throttle_pct != self.stats.throttle_pct:
                     host.set_throttle(planner.throttle_pct)
                     self.stats.throttle_pct = planner.throttle_pct
@@ -332,7 +353,36 @@ class OutgoingMigration:
             left -= len(chunk)
             self.stats.remaining = left * PAGE_SIZE  # QEMU: what is still dirty in the bitmap
             await self._push_progress()
+            if bucket is not None and self._policy_tick(pfns, left):
+                break
         return sent, npriv, nshr
+
+    # -- migration policy hooks (issue 12; the decisions are the planner's) -----------------------------
+
+    def _policy_args(self) -> dict:
+        pol = self.policy
+        if pol is None:
+            return {}
+        return dict(clock=trio.current_time, start=self.stats.started_at, auto_converge=pol.auto_converge,
+                    completion_timeout_s=pol.completion_timeout_s(self.vm.memory_bytes),
+                    completion_action=pol.completion_action, progress_timeout_s=pol.progress_timeout_s)
+
+    def _policy_tick(self, pfns, left: int) -> bool:
+        """After each pre-copy batch: feed round-1 progress, move the abort deadline, and say whether
+        force-complete cuts this round short now (the rest of it goes in the stop-and-copy)."""
+        planner = self.planner
+        if planner is None or self.policy is None:
+            return False
+        planner.in_round(left * PAGE_SIZE)
+        self._policy_scope.deadline = planner.abort_deadline()
+        if left and planner.timeout_decision() is Decision.FORCE_COMPLETE:
+            self.unsent = np.asarray(pfns[len(pfns) - left:], dtype=np.int64)
+            return True
+        return False
+
+    def _policy_error(self, planner: PrecopyPlanner) -> MigrationError:
+        code = AbortCode.TIMEOUT if planner.timeout_kind == "progress" else AbortCode.CONVERGENCE_FAILED
+        return MigrationError(code, planner.give_up_reason())
 
     async def _stop_and_copy(self, ch: Channel, planner: PrecopyPlanner) -> None:
         host = self.host

@@ -41,6 +41,8 @@ class MigrationStats:
     throttle_pct: int = 0          # auto-converge vCPU throttle now in force
     error: str | None = None       # the first error (QEMU keeps the first)
     error_code: str | None = None  # its AbortCode name
+    policy: str | None = None      # migration policy name (config [policies.NAME]), if any
+    forced_completion: bool = False  # the completion timeout forced the stop-and-copy (force-complete)
     started_at: float = 0.0        # daemon clock at start (not exported)
     rounds: list[dict] = field(default_factory=list)  # one summary per finished round
 
