@@ -1,6 +1,6 @@
 """Migration policies, the outgoing queue, jobs and the metrics endpoint, on real daemons (issue 12).
 
-Real `sevmigd serve` subprocesses on loopback (tests/daemon_helpers.py), the CLI as an operator runs it.
+Real `sevmigd serve` subprocesses on loopback (sevmigd/testing/daemons.py), the CLI as an operator runs it.
 Guests are 32 MiB; a guest "dirties faster than the link" by the policy's own bandwidth cap (4 MiB/s)
 against a 24 MiB/s dirty rate, so no timing of the machine decides whether it converges. Every wait
 has a deadline; nothing sleeps to synchronise (the stall is a fault proxy rate of 2 kB/s, and the test
@@ -16,8 +16,9 @@ import urllib.request
 import pytest
 import trio
 
-from daemon_helpers import astart_daemon, start_daemon
 from prometheus_client.parser import text_string_to_metric_families
+
+from sevmigd.testing.daemons import astart_daemon
 from sevmigd.testing.faultproxy import C2S, Fault, FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,7 @@ SLACK_S = 3.0
 
 
 def config_file(root: pathlib.Path, extra: str = "") -> list[str]:
+    """`--config FILE` args: the policies are [policies.NAME] tables, which write_config does not nest."""
     root.mkdir(parents=True, exist_ok=True)
     p = root / "fleet.toml"
     p.write_text(f"metrics_listen = \"127.0.0.1:0\"\nmax_outgoing = 2\npeer_timeout_s = 30\n{extra}\n{POLICIES}")
@@ -52,12 +54,8 @@ def config_file(root: pathlib.Path, extra: str = "") -> list[str]:
 
 
 @pytest.fixture
-def pair(tmp_path):
-    a = start_daemon(tmp_path / "a", args=config_file(tmp_path / "a"))
-    b = start_daemon(tmp_path / "b", args=config_file(tmp_path / "b"))
-    yield a, b
-    a.cleanup()
-    b.cleanup()
+def pair(tmp_path, daemons):
+    return (daemons("a", args=config_file(tmp_path / "cfg-a")), daemons("b", args=config_file(tmp_path / "cfg-b")))
 
 
 def scrape(d) -> dict:
@@ -72,8 +70,12 @@ def scrape(d) -> dict:
     return out
 
 
+def launch(d, name, memory, **kw):
+    return d.execute("launch", {"name": name, "memory": memory, **kw})
+
+
 def hungry_guest(d, name="busy"):
-    d.launch(name, "32M", dirty_rate=24.0, working_set=24.0, seed=7)
+    launch(d, name, "32M", dirty_rate=24.0, working_set=24.0, seed=7)
 
 
 def ctl_json_any(d, *argv):
@@ -122,14 +124,14 @@ def test_completion_timeout_force_complete_completes_and_reports_its_downtime(pa
 
 
 async def test_progress_timeout_fires_on_a_stalled_but_connected_destination(tmp_path):
-    a = await astart_daemon(tmp_path / "a", args=config_file(tmp_path / "a"))
-    b = await astart_daemon(tmp_path / "b", args=config_file(tmp_path / "b"))
+    a = await astart_daemon(tmp_path, "a", args=config_file(tmp_path / "cfg-a"))
+    b = await astart_daemon(tmp_path, "b", args=config_file(tmp_path / "cfg-b"))
     try:
-        await a.aexecute("launch", {"name": "g", "memory": "32M", "dirty_rate": 2.0, "seed": 3})
+        await a.call("launch", {"name": "g", "memory": "32M", "dirty_rate": 2.0, "seed": 3})
         # 2 kB/s after the second page frame: the connection stays up (keepalives get through, the
         # destination's peer timeout is 30 s), but round 1 stops making progress.
         stall = Fault("rate", C2S, phase="first_round", nth=2, bytes_per_s=2000)
-        proxy = FaultProxy("127.0.0.1", b.listen_port, [stall])
+        proxy = FaultProxy("127.0.0.1", b.port, [stall])
         with trio.fail_after(90):
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)
@@ -141,68 +143,57 @@ async def test_progress_timeout_fires_on_a_stalled_but_connected_destination(tmp
         assert stall.fired_at is not None
         # fired after 2 s without progress, well before any peer timeout (30 s) could have
         assert 2000 <= stats["total_time_ms"] <= 2000 + SLACK_S * 1000 + 2000, stats["total_time_ms"]
-        st = await a.aexecute("status", {"name": "g"})
+        st = await a.call("status", {"name": "g"})
         assert st["state"] == "running" and st["sev_state"] == "RUNNING"
-        assert (await a.aexecute("verify", {"name": "g"}))["ok"]
+        assert (await a.call("verify", {"name": "g"}))["ok"]
     finally:
         a.cleanup()
         b.cleanup()
 
 
-def test_queue_detach_jobs_and_cancel(tmp_path):
-    a = start_daemon(tmp_path / "a", args=["--config", str(_cfg(tmp_path / "a", max_outgoing=1))])
-    b = start_daemon(tmp_path / "b")
-    try:
-        for name in ("q1", "q2", "q3"):
-            a.launch(name, "32M", seed=len(name))
-        # q1 runs slowly (4 MiB/s cap), q2 and q3 wait behind it
-        j1 = json.loads(a.ctl("migrate", "q1", "--to", b.address, "--max-bandwidth", "4", "--detach", "--json",
-                              check=True).stdout)
-        j2 = a.execute("migrate", {"name": "q2", "to": b.address, "detach": True})
-        j3 = a.execute("migrate", {"name": "q3", "to": b.address, "detach": True})
-        assert j1["state"] == "running" and (j2["state"], j2["queue_position"]) == ("queued", 1)
-        assert (j3["state"], j3["queue_position"]) == ("queued", 2)
-        listed = {g["name"]: g for g in a.execute("list")["guests"]}
-        assert listed["q2"]["job"] == "queued (1)" and listed["q2"]["state"] == "running"
-        text = a.ctl("list", check=True).stdout
-        assert "queued (1)" in text and "queued (2)" in text
-        m = scrape(a)
-        assert m[("sevmigd_outgoing_queue_length", ())] == 2
-        a.ctl("cancel", "q3", check=True)  # leaves the queue, never starts
-        a.ctl("cancel", "q1", check=True)  # the running one: q2 gets its slot
-        done = b.wait_for_log(lambda d: d.get("event") == "incoming_completed" and d.get("guest") == "q2",
-                              timeout=60)
-        assert done
-        jobs = {j["job"]: j for j in a.ctl_json("jobs")["jobs"]}
-        assert jobs[j3["job"]]["state"] == "cancelled" and jobs[j3["job"]]["stats"] is None
-        assert jobs[j1["job"]]["state"] == "cancelled"
-        assert jobs[j2["job"]]["state"] == "completed" and jobs[j2["job"]]["stats"]["transferred"] > 0
-        out = a.ctl("jobs", check=True).stdout
-        assert j2["job"] in out and "completed" in out
-        m = scrape(a)
-        assert m[("sevmigd_outgoing_migrations_high_water", ())] == 1
-        assert m[("sevmigd_migrations_cancelled_total", (("role", "source"),))] == 1  # q1 (q3 never ran)
-        assert m[("sevmigd_migrations_succeeded_total", (("role", "source"),))] == 1
-        assert m[("sevmigd_psp_commands_total", (("command", "SEND_START"), ("status", "SUCCESS")))] == 2
-        assert m[("sevmigd_psp_command_duration_seconds_count", (("command", "SEND_START"),))] == 2
-        assert m[("sevmigd_guests", (("state", "running"),))] == 2
-        for key in ("open_fds", "tasks", "psp_guests", "guest_ram_bytes"):
-            assert ("sevmigd_" + key, ()) in m
-    finally:
-        a.cleanup()
-        b.cleanup()
-
-
-def _cfg(root: pathlib.Path, **kv) -> pathlib.Path:
-    root.mkdir(parents=True, exist_ok=True)
-    p = root / "queue.toml"
-    p.write_text("metrics_listen = \"127.0.0.1:0\"\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()))
-    return p
+def test_queue_detach_jobs_and_cancel(tmp_path, daemons):
+    a = daemons("a", config={"metrics_listen": "127.0.0.1:0", "max_outgoing": 1})
+    b = daemons("b")
+    for name in ("q1", "q2", "q3"):
+        launch(a, name, "32M", seed=len(name))
+    # q1 runs slowly (4 MiB/s cap), q2 and q3 wait behind it
+    j1 = json.loads(a.ctl("migrate", "q1", "--to", b.address, "--max-bandwidth", "4", "--detach", "--json",
+                          check=True).stdout)
+    j2 = a.execute("migrate", {"name": "q2", "to": b.address, "detach": True})
+    j3 = a.execute("migrate", {"name": "q3", "to": b.address, "detach": True})
+    assert j1["state"] == "running" and (j2["state"], j2["queue_position"]) == ("queued", 1)
+    assert (j3["state"], j3["queue_position"]) == ("queued", 2)
+    listed = {g["name"]: g for g in a.execute("list")["guests"]}
+    assert listed["q2"]["job"] == "queued (1)" and listed["q2"]["state"] == "running"
+    text = a.ctl("list", check=True).stdout
+    assert "queued (1)" in text and "queued (2)" in text
+    m = scrape(a)
+    assert m[("sevmigd_outgoing_queue_length", ())] == 2
+    a.ctl("cancel", "q3", check=True)  # leaves the queue, never starts
+    a.ctl("cancel", "q1", check=True)  # the running one: q2 gets its slot
+    done = b.wait_for_log(lambda d: d.get("event") == "incoming_completed" and d.get("guest") == "q2",
+                          timeout=60)
+    assert done
+    jobs = {j["job"]: j for j in a.ctl_json("jobs")["jobs"]}
+    assert jobs[j3["job"]]["state"] == "cancelled" and jobs[j3["job"]]["stats"] is None
+    assert jobs[j1["job"]]["state"] == "cancelled"
+    assert jobs[j2["job"]]["state"] == "completed" and jobs[j2["job"]]["stats"]["transferred"] > 0
+    out = a.ctl("jobs", check=True).stdout
+    assert j2["job"] in out and "completed" in out
+    m = scrape(a)
+    assert m[("sevmigd_outgoing_migrations_high_water", ())] == 1
+    assert m[("sevmigd_migrations_cancelled_total", (("role", "source"),))] == 1  # q1 (q3 never ran)
+    assert m[("sevmigd_migrations_succeeded_total", (("role", "source"),))] == 1
+    assert m[("sevmigd_psp_commands_total", (("command", "SEND_START"), ("status", "SUCCESS")))] == 2
+    assert m[("sevmigd_psp_command_duration_seconds_count", (("command", "SEND_START"),))] == 2
+    assert m[("sevmigd_guests", (("state", "running"),))] == 2
+    for key in ("open_fds", "tasks", "psp_guests", "guest_ram_bytes"):
+        assert ("sevmigd_" + key, ()) in m
 
 
 def test_unknown_policy_and_bad_metrics_requests(pair):
     a, b = pair
-    a.launch("g", "8M")
+    launch(a, "g", "8M")
     res = a.ctl("migrate", "g", "--to", b.address, "--policy", "nope")
     assert res.returncode == 2 and "no migration policy named 'nope'" in res.stderr
     assert a.execute("status", {"name": "g"})["state"] == "running"
