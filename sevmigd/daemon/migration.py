@@ -25,11 +25,12 @@ import collections
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from sevmigd.daemon import tls
+from sevmigd.daemon.config import MigrationPolicy
 from sevmigd.daemon.destination import IncomingMigration
 from sevmigd.daemon.source import OutgoingMigration, new_migration_id
 from sevmigd.errors import ConfigError
@@ -40,6 +41,9 @@ from sevmigd.psp.policy import Policy
 from sevmigd import wire
 from sevmigd.wire import limits as wire_limits
 from sevmigd.wire.errors import AbortCode
+
+if TYPE_CHECKING:
+    from sevmigd.daemon.evacuate import Evacuation
 
 __all__ = ["MigrationManager", "MigrationError", "Job"]
 
@@ -65,7 +69,7 @@ class Job:
     guest: str
     host: str
     port: int
-    policy: Any = None                       # config.MigrationPolicy or None
+    policy: MigrationPolicy | None = None
     downtime_limit_ms: int | None = None
     max_bandwidth_mib_s: float | None = None
     state: str = "queued"
@@ -95,7 +99,7 @@ class Job:
         if st is not None:
             st = {k: v for k, v in st.items() if k != "rounds"}
         return {"job": self.id, "guest": self.guest, "to": self.to, "state": self.state,
-                "policy": getattr(self.policy, "name", None), "queue_position": queue_position,
+                "policy": self.policy.name if self.policy is not None else None, "queue_position": queue_position,
                 "submitted_at": round(self.submitted_at, 3),
                 "started_at": None if self.started_at is None else round(self.started_at, 3),
                 "finished_at": None if self.finished_at is None else round(self.finished_at, 3),
@@ -127,7 +131,7 @@ class MigrationManager:
         self.high_water = 0
         self._slots_used = 0
         self._shared_bucket: TokenBucket | None = None
-        self.evacuation: Any = None
+        self.evacuation: Evacuation | None = None   # the running or last evacuation (ctl evacuate)
 
     @property
     def protocol_version(self) -> int:
@@ -162,7 +166,7 @@ class MigrationManager:
         if name in self.uncertain:
             return MigrationError(AbortCode.POLICY_REFUSED,
                                   f"guest {name!r} has an uncertain hand-off: run `resolve` first")
-        if getattr(self.daemon, "shutting_down", False):
+        if self.daemon.shutting_down:
             return MigrationError(AbortCode.SHUTDOWN, "daemon is shutting down")
         if hosted.state != "running":
             return MigrationError(AbortCode.POLICY_REFUSED, f"guest {name!r} is {hosted.state}, not running")
@@ -188,13 +192,13 @@ class MigrationManager:
             raise ConfigError("max_bandwidth_mib_s", f"must be >= 0, got {max_bandwidth_mib_s}")
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError("port", f"must be 1..65535, got {port!r}")
-        pol = cfg.policy(policy) if hasattr(cfg, "policy") else None
+        pol = cfg.policy(policy)
         err = self.refusal(name)
         if err is not None:
             raise err
         if cfg.max_outgoing == 0:
             raise MigrationError(AbortCode.RESOURCE_LIMIT, "max_outgoing = 0: this host sends no migrations")
-        max_queued = getattr(cfg, "max_queued_outgoing", 0)
+        max_queued = cfg.max_queued_outgoing
         if self._slots_used >= cfg.max_outgoing and len(self.queue) >= max_queued:
             raise MigrationError(AbortCode.RESOURCE_LIMIT,
                                  f"{self._slots_used} migrations outgoing (max_outgoing = {cfg.max_outgoing}) and "
@@ -296,7 +300,7 @@ class MigrationManager:
     def rate_limiter(self, own: TokenBucket) -> SharedLimit:
         """A migration's own bucket joined with the host-wide one (outgoing_bandwidth_mib_s) so that
         concurrent migrations share it fairly (see migrate/ratelimit.py)."""
-        rate = float(getattr(self.daemon.config, "outgoing_bandwidth_mib_s", 0.0)) * (1 << 20)
+        rate = self.daemon.config.outgoing_bandwidth_mib_s * (1 << 20)
         if not rate:
             self._shared_bucket = None
         elif self._shared_bucket is None or self._shared_bucket.rate != rate:
@@ -443,9 +447,7 @@ class MigrationManager:
     def record_finished(self, stats: MigrationStats) -> None:
         self.history.append(stats.to_dict())
         del self.history[:-HISTORY]
-        metrics = getattr(self.daemon, "metrics", None)
-        if metrics is not None:
-            metrics.migration_finished(self.history[-1])
+        self.daemon.metrics.migration_finished(self.history[-1])
 
     def config_changed(self) -> None:
         """After a reload: a raised max_outgoing starts queued jobs now."""

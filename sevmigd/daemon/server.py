@@ -389,7 +389,7 @@ class Daemon:
             "tls": bool(self.config.tls.enabled),
             "log_level": self.config.log_level,
             "metrics": self.metrics.address,
-            "outgoing_queue": len(getattr(self.migrations, "queue", ()) or ()),
+            "outgoing_queue": len(self.migrations.queue),
             **self.resource_counts(),
         }
 
@@ -599,9 +599,7 @@ class Daemon:
         self.trusted_roots = roots
         if "log_level" in apply:
             configure_logging(candidate.log_level, candidate.log_format)
-        changed = getattr(self.migrations, "config_changed", None)
-        if changed is not None:
-            changed()
+        self.migrations.config_changed()
         self.log.info("reloaded", changed=sorted(apply), restart_needed_for=sorted(ignored),
                       trusted_roots=len(roots))
         systemd.ready(status=self.status_text())
