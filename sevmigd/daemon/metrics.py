@@ -50,7 +50,7 @@ _log = structlog.get_logger("sevmigd")
 class DaemonMetrics:
     """All metrics of one daemon (see the module docstring)."""
 
-    def __init__(self, daemon: Any):
+    def __init__(self, daemon: Any, guest_states: tuple[str, ...] = ()):
         self.daemon = daemon
         # No `_created` series next to every counter: noise for Prometheus, which tracks resets itself.
         disable_created_metrics()
@@ -77,7 +77,7 @@ class DaemonMetrics:
             self.data_processed.labels(role)
             for code in AbortCode:
                 self.failed.labels(role, code.name)
-        r.register(_StateCollector(daemon))
+        r.register(_StateCollector(daemon, guest_states))
         self.address: str | None = None
         self._connections = 0
 
@@ -227,8 +227,9 @@ class _StateCollector:
         ("shared_pages_sent", "Pages sent/received in the clear (shared with the hypervisor)", "shared_pages"),
     )
 
-    def __init__(self, daemon: Any):
+    def __init__(self, daemon: Any, guest_states: tuple[str, ...]):
         self.daemon = daemon
+        self.guest_states = guest_states  # every state has a series, 0 included
 
     def describe(self) -> list:
         return []  # names vary with state; the registry must not call collect() at register time
@@ -237,9 +238,7 @@ class _StateCollector:
         d = self.daemon
         mgr = d.migrations
         states: dict[str, int] = {}
-        from sevmigd.daemon.server import GUEST_STATES
-
-        for s in GUEST_STATES:
+        for s in self.guest_states:
             states[s] = 0
         for g in list(d.guests.values()):
             states[g.state] = states.get(g.state, 0) + 1

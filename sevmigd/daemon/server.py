@@ -44,6 +44,7 @@ from sevmigd.daemon.errors import (
 from sevmigd.daemon.logging import configure_logging
 from sevmigd.daemon.malloc import release_free_heap
 from sevmigd.daemon.migration import MigrationManager
+from sevmigd.daemon.metrics import DaemonMetrics
 from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig, SevVm
@@ -188,8 +189,7 @@ class Daemon:
         self._requests_idle.set()
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
-        from sevmigd.daemon.metrics import DaemonMetrics  # per-daemon registry (issue 12)
-        self.metrics = DaemonMetrics(self)
+        self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
 
     # ------------------------------------------------------------------ pinned small helpers
     @property
