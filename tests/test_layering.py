@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "sevmigd"
-PURE = ("psp", "guest", "wire", "migrate", "kvm")
+PURE = ("psp", "guest", "wire", "migrate", "kvm", "owner")
 FORBIDDEN_IN_PURE = ("trio", "socket", "subprocess", "structlog", "asyncio", "selectors",
                      "sevmigd.daemon", "sevmigd.cli", "sevmigd.store")
 HOST_SIDE = [PKG / "guest" / "hypervisor.py", PKG / "kvm", PKG / "migrate", PKG / "wire", PKG / "daemon"]

@@ -36,7 +36,9 @@ def register(sub) -> None:
     v = verbs.add_parser("launch", help="launch a new SEV guest")
     v.add_argument("name")
     v.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 256M, 1G")
-    v.add_argument("--policy", default="0", metavar="HEX", help="SEV guest policy (hex), default 0")
+    v.add_argument("--policy", default="0", metavar="HEX",
+                   help="SEV guest policy (hex), default 0, chosen by the host and bound by nobody (kept for "
+                        "tests and compatibility; the real launch is --owner-session)")
     v.add_argument("--image", metavar="FILE", help="initial image measured at launch")
     v.add_argument("--dirty-rate", type=float, default=0.0, metavar="MIB_S", help="workload dirty rate")
     v.add_argument("--working-set", type=float, default=None, metavar="MIB", help="pages the workload touches")
@@ -50,6 +52,10 @@ def register(sub) -> None:
     v.add_argument("--no-migration-control", action="store_true",
                    help="guest kernel does not set MSR_KVM_MIGRATION_CONTROL (migration will be refused)")
     v.add_argument("--json", action="store_true", help="print the new guest's status as JSON")
+    v.add_argument("--owner-session", metavar="DIR",
+                   help="the guest owner's launch session (`sevmigd owner session`): GODH cert, session "
+                        "and policy; the guest stops measured until `ctl launch-finish` (the real launch: "
+                        "the owner, not the host, binds the policy)")
     v.set_defaults(ctl=_launch)
 
     v = verbs.add_parser("list", help="list guests")
@@ -122,6 +128,9 @@ def register(sub) -> None:
     v.add_argument("length", help="bytes to read (SIZE)")
     v.set_defaults(ctl=_guest_read)
 
+    from sevmigd.cli import owner as _owner
+    _owner.register_ctl(verbs)   # launch-finish, guest-secret
+
     v = verbs.add_parser("server-info", help="daemon version, listen address, platform id, counts")
     v.add_argument("--json", action="store_true")
     v.set_defaults(ctl=_server_info)
@@ -191,6 +200,9 @@ def _launch(client, args) -> int:
         req["working_set"] = args.working_set
     if args.image is not None:
         req["image"] = os.path.abspath(args.image)
+    if args.owner_session is not None:
+        from sevmigd.cli import owner as _owner
+        req.update(_owner.launch_request(args.owner_session, policy_given=args.policy != "0", policy=policy))
     st = client.execute("launch", req)
     if args.json:
         _print_json(st)

@@ -462,9 +462,17 @@ async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
         name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
         dirty_rate_mib_s=a["dirty_rate"], working_set_mib=ws, shared_fraction=a["shared_fraction"],
         flip_rate=a["flip_rate"], seed=a["seed"], migration_control=a["migration_control"], vcpus=a["vcpus"],
-        prefill=a["prefill"],
+        prefill=a["prefill"], owner_godh=a["owner_godh"], owner_session=a["owner_session"],
     )
     hosted = await daemon.launch_guest(gcfg)
+    return daemon.guest_status(hosted)
+
+
+async def _launch_finish(daemon: Daemon, a: dict, emit: Emit) -> dict:
+    try:
+        hosted = await daemon.finish_launch(a["name"], a["secret_packet_hex"])
+    except ValueError as exc:   # the packet's shape (the PSP's own refusals arrive as SevError)
+        raise ConfigError("secret_packet_hex", str(exc)) from None
     return daemon.guest_status(hosted)
 
 
@@ -535,6 +543,14 @@ async def _guest_read(daemon: Daemon, a: dict, emit: Emit) -> dict:
     except ValueError as exc:
         raise ConfigError("gpa", str(exc)) from None
     return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "data_hex": bytes(data).hex()}
+
+
+async def _guest_secret(daemon: Daemon, a: dict, emit: Emit) -> dict:
+    hosted = _guest(daemon, a["name"])
+    _require_vm_live(hosted, "guest-secret")
+    entries = hosted.vm.agent.launch_secret()   # the guest answering (in-guest agent), not the host
+    return {"name": hosted.name, "entries": None if entries is None else
+            [{"guid": str(g), "data_hex": bytes(d).hex()} for g, d in entries]}
 
 
 async def _server_info(daemon: Daemon, a: dict, emit: Emit) -> dict:
@@ -666,6 +682,13 @@ COMMANDS: dict[str, Command] = {
         "migration_control": Arg(_bool, default=True),
         "vcpus": Arg(lambda k, v: _int(k, v, 1, 64), default=1),
         "prefill": Arg(_bool, default=False),
+        # the guest owner's launch blobs (`sevmigd owner session`): GODH cert 0x824, session 0x80
+        "owner_godh": Arg(_opt(_hexdata)),
+        "owner_session": Arg(_opt(_hexdata)),
+    }),
+    "launch-finish": Command(_launch_finish, {
+        "name": _NAME,
+        "secret_packet_hex": Arg(_opt(_hexdata)),
     }),
     "list": Command(_list, {}),
     "status": Command(_status, {"name": _NAME}),
@@ -699,6 +722,7 @@ COMMANDS: dict[str, Command] = {
         "gpa": Arg(_gpa, required=True),
         "length": Arg(lambda k, v: _int(k, v, 1, MAX_IO_BYTES), required=True),
     }),
+    "guest-secret": Command(_guest_secret, {"name": _NAME}),
     "server-info": Command(_server_info, {}),
 }
 

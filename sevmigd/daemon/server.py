@@ -56,7 +56,7 @@ from sevmigd.psp.identity import PlatformIdentity
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError
 
-GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped")
+GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped", "launching")
 
 # vCPU scheduling quantum. 10 ms is the Linux CFS default latency order of magnitude and fine enough
 # that a guest's dirty rate looks continuous to a migration round (rounds last 100s of ms).
@@ -302,7 +302,11 @@ class Daemon:
         try:
             launcher = self._vm_launcher or SevVm.launch
             fw = self.fw
-            vm = await self.psp.run("LAUNCH", lambda: launcher(fw, gcfg, asid=asid, rng=self.rng))
+            # An owner-bound launch stops measured (LSECRET): the guest owner checks the measurement
+            # and answers with a secret before `finish_launch` boots it (state "launching" till then).
+            owner = gcfg.owner_session is not None
+            kw = {"finish": False} if owner else {}
+            vm = await self.psp.run("LAUNCH", lambda: launcher(fw, gcfg, asid=asid, rng=self.rng, **kw))
         except BaseException:
             self.release_asid(asid)
             raise
@@ -311,9 +315,10 @@ class Daemon:
             vm.release()
             self.release_asid(asid)
             raise ShuttingDown() if self.shutting_down else GuestExists(gcfg.name)
-        hosted = self.add_guest(gcfg.name, vm, "running")
+        hosted = self.add_guest(gcfg.name, vm, "launching" if owner else "running")
         try:
-            hosted.start_vcpus()
+            if not owner:
+                hosted.start_vcpus()
         except BaseException:
             self.remove_guest(gcfg.name)
             vm.release()
@@ -321,6 +326,22 @@ class Daemon:
         release_free_heap()  # a launch (prefill) frees MiBs of transient buffers: out of the RSS now
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
+        return hosted
+
+    async def finish_launch(self, name: str, packet: bytes | None) -> HostedGuest:
+        """An owner-bound launch's last steps: LAUNCH_SECRET of the owner's packet (if any), LAUNCH_FINISH,
+        the guest kernel boots, vCPUs start. A refused secret (BAD_MEASUREMENT: not this launch's owner)
+        leaves the guest measured, waiting; `stop` discards it."""
+        hosted = self.get_guest(name)
+        if hosted.state != "launching":
+            raise InvalidState(f"guest {name!r} is {hosted.state}; only a guest launched with an owner "
+                               f"session waits for its launch secret")
+        vm = hosted.vm
+        if packet is not None:
+            await self.psp.run("LAUNCH_SECRET", lambda: vm.launch_secret(packet))
+        await self.psp.run("LAUNCH_FINISH", vm.finish_launch)
+        self.start_guest(hosted)
+        self.log.info("guest_launch_finished", guest=name, secret=packet is not None)
         return hosted
 
     async def stop_guest(self, name: str) -> HostedGuest:
@@ -361,11 +382,19 @@ class Daemon:
             "shared_pages": safe(lambda: int(vm.shared_pages())),
             "launch_digest": safe(lambda: _hex(vm.launch_digest)),
             "measurement": safe(lambda: _hex(vm.measurement)),
+            # what the guest owner needs to check LAUNCH_MEASURE (`sevmigd owner measure --launch FILE`)
+            "launch_measure": safe(lambda: self._launch_measure(vm)),
             "migration_control": safe(lambda: int(vm.host.migration_control)),
             "asid": safe(lambda: int(vm.asid)),
             "migration": hosted.migration.to_dict() if hosted.migration is not None else None,
             "error": hosted.error,
         }
+
+    def _launch_measure(self, vm: SevVm) -> dict[str, object] | None:
+        if vm.measurement is None or vm.mnonce is None:
+            return None
+        return {"measure": vm.measurement.hex(), "mnonce": vm.mnonce.hex(), "api_major": int(self.fw.api_major),
+                "api_minor": int(self.fw.api_minor), "build": int(self.fw.build)}
 
     def server_info(self) -> dict[str, object]:
         states: dict[str, int] = {}

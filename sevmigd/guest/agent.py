@@ -56,3 +56,19 @@ class GuestAgent:
             return kernel.agent_read(gpa, length)
         except ValueError as exc:
             raise ConfigError("gpa", str(exc)) from None
+
+    def launch_secret(self) -> list[tuple] | None:
+        """The guest reading its launch secret (Linux: /sys/kernel/security/secrets/coco): the entries
+        (GUID, data) of the table the owner injected with LAUNCH_SECRET, or None when none was. The
+        secret page is the last page of the kernel's image region (guest/secret.py)."""
+        import numpy as np
+
+        from .secret import SecretTableError, parse_table
+
+        kernel = self._kernel()
+        pfn = kernel.image_len // PAGE_SIZE - 1
+        page = kernel.mem.read_private(np.array([pfn], dtype=np.int64))[0].tobytes()
+        try:
+            return parse_table(page)
+        except SecretTableError as exc:
+            raise ConfigError("launch secret", str(exc)) from None

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..psp.firmware import VMSA_RESERVED_OFFSET, vmsa_paddr
+from ..psp.firmware import HDR_LEN, VMSA_RESERVED_OFFSET, vmsa_paddr
 from ..psp.policy import Policy
 from ..psp.status import SevError, SevStatus
 from . import vcpu as vc
@@ -81,6 +81,10 @@ class GuestConfig:
     #: How the guest kernel reports page-state changes: "map-gpa-range" (KVM_HC_MAP_GPA_RANGE, Linux
     #: 5.14+, exits to the VMM) or "page-enc-status" (the seed RFC's KVM_HC_PAGE_ENC_STATUS, in KVM).
     hypercall: str = "map-gpa-range"
+    #: The guest owner's launch blobs (`sevmigd owner session`): GODH certificate (0x824) and session
+    #: (0x80). Both or neither; with them LAUNCH_START binds the owner's policy (reference §2.4).
+    owner_godh: bytes | None = None
+    owner_session: bytes | None = None
 
     def validate(self) -> None:
         """ConfigError naming the first bad field."""
@@ -109,11 +113,32 @@ class GuestConfig:
         if self.hypercall not in HYPERCALLS:
             raise ConfigError("hypercall", f"must be one of {', '.join(HYPERCALLS)}")
         _check_vcpus(self.vcpus, self.policy)
+        if (self.owner_godh is None) != (self.owner_session is None):
+            raise ConfigError("owner_session", "the owner's GODH certificate and session come together")
+        if self.owner_godh is not None and (len(self.owner_godh) != 0x824 or len(self.owner_session) != 0x80):
+            raise ConfigError("owner_session", "GODH certificate is 0x824 bytes, session 0x80")
         image_len = len(self.image) if self.image is not None else DEFAULT_IMAGE_BYTES
         try:
-            Layout.compute(self.memory_bytes // PAGE_SIZE, -(-image_len // PAGE_SIZE))
+            Layout.compute(self.memory_bytes // PAGE_SIZE, secret_page_gpa(image_len) // PAGE_SIZE + 1)
         except ValueError as exc:
             raise ConfigError("memory_bytes", str(exc)) from None
+
+
+def secret_area(page: bytes) -> bytes:
+    """The secret page as the guest firmware leaves it: the injected table (its length per its header,
+    rounded to 16), zeros after it; all zeros when no table was injected."""
+    from .secret import TABLE_GUID
+
+    keep = 0
+    if page[:16] == TABLE_GUID.bytes_le:
+        total = int.from_bytes(page[16:20], "little")
+        keep = min(PAGE_SIZE, -(-total // 16) * 16)
+    return bytes(page[:keep]) + bytes(PAGE_SIZE - keep)
+
+
+def secret_page_gpa(image_len: int) -> int:
+    """The launch secret page (see guest/secret.py): the first page after the image."""
+    return -(-image_len // PAGE_SIZE) * PAGE_SIZE
 
 
 def _real(v) -> bool:
@@ -177,16 +202,28 @@ class SevVm:
         self.agent = GuestAgent(self)
         self._kernel: GuestKernel | None = None
         self._released = False
+        self._pending_boot: tuple | None = None   # (config, boot entropy) between LAUNCH_MEASURE and FINISH
+        self.secret_gpa: int | None = None        # set by launch; an incoming guest's kernel knows its own
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def launch(cls, fw, config: GuestConfig, *, asid: int, rng) -> "SevVm":
+    def launch(cls, fw, config: GuestConfig, *, asid: int, rng, finish: bool = True) -> "SevVm":
+        """LAUNCH_START .. LAUNCH_MEASURE, then (with `finish`) LAUNCH_FINISH and the kernel boot.
+
+        With the guest owner's GODH certificate and session in `config` (owner_godh / owner_session),
+        LAUNCH_START opens the owner's channel and checks the owner's POLICY_MAC. `finish=False` stops
+        in LSECRET with the measurement taken, for the owner to check it and answer with a secret
+        (`launch_secret`) before `finish_launch`."""
         config.validate()
         image = bytes(config.image) if config.image is not None else default_image()
         es = bool(config.policy & Policy.ES)
         ram = GuestRam(config.memory_bytes)
         vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(config.vcpus)] if es else None
-        handle = fw.launch_start(policy=config.policy)
+        if config.owner_session is not None:
+            handle = fw.launch_start(policy=config.policy, dh_cert=bytes(config.owner_godh),
+                                     session=bytes(config.owner_session))
+        else:
+            handle = fw.launch_start(policy=config.policy)
         try:
             fw.activate(handle, asid)
             fw.map_guest_memory(handle, ram.buf, vmsa=vmsa)
@@ -197,7 +234,6 @@ class SevVm:
                     page[:] = vc.encode_vmsa(vc.reset_state(i), i)
                     fw.launch_update_vmsa(handle, vcpu=i)
             measure, mnonce = fw.launch_measure(handle)
-            fw.launch_finish(handle)
             digest = fw.launch_digest(handle)
         except BaseException:
             _teardown(fw, handle)
@@ -206,14 +242,49 @@ class SevVm:
         vm = cls(fw, name=config.name, memory_bytes=config.memory_bytes, policy=config.policy,
                  handle=handle, asid=asid, vcpus=config.vcpus, ram=ram, vmsa=vmsa,
                  launch_digest=digest, measurement=measure, mnonce=mnonce)
-        try:
-            vm._kernel = GuestKernel(ram, fw.memory_engine(handle), vm._regs[0], vm.kvm)
-            vm._kernel.boot(image_len=len(image), config=config, secret=bytes(rng(64)))
-            vm._vmexit()
-        except BaseException:
-            vm.release()
-            raise
+        vm.secret_gpa = secret_page_gpa(len(image))
+        vm._pending_boot = (config, bytes(rng(64)))
+        if finish:
+            try:
+                vm.finish_launch()
+            except BaseException:
+                vm.release()
+                raise
         return vm
+
+    @property
+    def awaiting_secret(self) -> bool:
+        """Measured (PSP state LSECRET), waiting for the owner's secret or LAUNCH_FINISH."""
+        return self._pending_boot is not None and not self._released
+
+    def launch_secret(self, packet: bytes) -> None:
+        """LAUNCH_SECRET of the owner's packet (header 0x34 ‖ ciphertext) into the secret page.
+        ValueError for a packet of the wrong shape; SevError (BAD_MEASUREMENT, ...) from the PSP."""
+        if not self.awaiting_secret:
+            raise GuestPanic(f"guest {self.name}: not waiting for a launch secret")
+        packet = bytes(packet)
+        hdr, trans = packet[:HDR_LEN], packet[HDR_LEN:]
+        if len(hdr) != HDR_LEN or not trans or len(trans) % 16 or len(trans) > PAGE_SIZE:
+            raise ValueError("a launch secret packet is a 0x34-byte header and 16..4096 bytes of secret "
+                             "(a multiple of 16)")
+        self._fw.launch_secret(self.handle, hdr, self.secret_gpa, trans)
+
+    def finish_launch(self) -> None:
+        """LAUNCH_FINISH (the channel's TEK/TIK are erased), then the guest kernel boots."""
+        if not self.awaiting_secret:
+            raise GuestPanic(f"guest {self.name}: launch already finished")
+        config, secret = self._pending_boot
+        self._fw.launch_finish(self.handle)
+        self._pending_boot = None
+        engine = self._fw.memory_engine(self.handle)
+        # Guest firmware (OVMF's role): the secret page keeps the injected table and nothing else; never
+        # written bytes would read as the VEK's decryption of zeroed DRAM.
+        page = engine.read(self._ram.buf, self.secret_gpa, PAGE_SIZE)
+        engine.write(self._ram.buf, self.secret_gpa, secret_area(page))
+        self._kernel = GuestKernel(self._ram, engine, self._regs[0], self.kvm)
+        # The kernel's image region ends after the secret page, so its ledger covers the secret too.
+        self._kernel.boot(image_len=self.secret_gpa + PAGE_SIZE, config=config, secret=secret)
+        self._vmexit()
 
     @classmethod
     def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
@@ -362,6 +433,7 @@ class SevVm:
             "sev_state": self.sev_state, "running": self.running,
             "launch_digest": self.launch_digest.hex(),
             "measurement": self.measurement.hex() if self.measurement is not None else None,
+            "mnonce": self.mnonce.hex() if self.mnonce is not None else None,
             "private_pages": self.private_pages(), "shared_pages": self.shared_pages(),
             "migration_control": self.host.migration_control,
             "migration_control_supported": self.host.migration_control_supported,
