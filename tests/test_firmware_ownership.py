@@ -77,6 +77,8 @@ def _send_domain(src: Firmware, dst: Firmware) -> None:
     finally:
         src.deactivate(h)
         src.decommission(h)
+        src.wbinvd()            # ASID 1 is reused by the next call: WBINVD + DF_FLUSH first
+        src.df_flush()
 
 
 def test_domain_policy_follows_ownership(ca, owners):

@@ -142,8 +142,8 @@ def test_session_refuses_a_bad_pdh_and_reserved_policy_bits(ident):
 
 
 def test_expected_digest_matches_the_launch_for_sev_and_sev_es(fw):
-    for policy, vcpus in ((0, 2), (int(Policy.ES), 3)):
-        vm = SevVm.launch(fw, GuestConfig("d", 4 * MiB, policy=policy, vcpus=vcpus), asid=9, rng=seeded(10))
+    for asid, (policy, vcpus) in enumerate(((0, 2), (int(Policy.ES), 3)), start=20):
+        vm = SevVm.launch(fw, GuestConfig("d", 4 * MiB, policy=policy, vcpus=vcpus), asid=asid, rng=seeded(10))
         try:
             assert vm.launch_digest == expected_digest(default_image(), policy=policy, vcpus=vcpus)
         finally:
