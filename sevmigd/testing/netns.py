@@ -141,4 +141,80 @@ class NetPair:
             self.link_up(i)
 
 
-__all__ = ["NetPair", "available"]
+class NetStar:
+    """`n` hosts on one switch, each in its own throwaway network namespace (the fleet tests).
+
+    `with NetStar(4) as net:` creates namespaces `smg<tag>h0..h{n-1}`, each with one veth end
+    (10.232.<k>.<i+1>/24) whose peer is a port of a bridge in a fifth namespace, `smg<tag>sw`; the bridge
+    itself has 10.232.<k>.254 there, so a program run in the switch namespace (a Prometheus server)
+    reaches every host. Nothing is created in the host's own network namespace; everything is removed on
+    exit. `net.ip[i]`, `net.exec_prefix(i)`, `net.switch_ip`, `net.switch_prefix()`.
+    """
+
+    def __init__(self, n: int):
+        if not 1 <= n <= 200:
+            raise ValueError("1..200 hosts")
+        k = next(_counter)
+        tag = f"{os.getpid() % 100000}{k}"
+        self.ns = tuple(f"smg{tag}h{i}" for i in range(n))
+        self.switch = f"smg{tag}sw"
+        self.ifname = tuple(f"smg{tag}v{i}" for i in range(n))
+        self.port = tuple(f"smg{tag}p{i}" for i in range(n))
+        self.bridge = f"smg{tag}br"
+        octet = (os.getpid() + k) % 250 + 1
+        self.ip = tuple(f"10.232.{octet}.{i + 1}" for i in range(n))
+        self.switch_ip = f"10.232.{octet}.254"
+
+    def __enter__(self) -> "NetStar":
+        try:
+            for ns in (self.switch, *self.ns):
+                _run("ip", "netns", "add", ns)
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+            sw = ("ip", "-n", self.switch)
+            _run(*sw, "link", "add", self.bridge, "type", "bridge")
+            _run(*sw, "addr", "add", f"{self.switch_ip}/24", "dev", self.bridge)
+            _run(*sw, "link", "set", self.bridge, "up")
+            for i, ns in enumerate(self.ns):
+                # create the pair inside the switch namespace, then move the host end out
+                _run(*sw, "link", "add", self.port[i], "type", "veth", "peer", "name", self.ifname[i])
+                _run(*sw, "link", "set", self.ifname[i], "netns", ns)
+                _run(*sw, "link", "set", self.port[i], "master", self.bridge)
+                _run(*sw, "link", "set", self.port[i], "up")
+                _run("ip", "-n", ns, "addr", "add", f"{self.ip[i]}/24", "dev", self.ifname[i])
+                _run("ip", "-n", ns, "link", "set", self.ifname[i], "up")
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ns in (*self.ns, self.switch):
+            _run("ip", "netns", "del", ns, check=False)
+
+    def exec_prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i]]
+
+    def switch_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.switch]
+
+
+def star_available() -> str | None:
+    """None when NetStar can run here (root, iproute2, namespaces, bridges); else the reason."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "ip (iproute2) not installed"
+    probe = f"smgprobe{os.getpid()}b"
+    r = _run("ip", "netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    try:
+        r = _run("ip", "-n", probe, "link", "add", "smgprobebr", "type", "bridge", check=False)
+        if r.returncode != 0:
+            return f"cannot create a bridge: {r.stderr.strip()}"
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+__all__ = ["NetPair", "NetStar", "available", "star_available"]
