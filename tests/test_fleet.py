@@ -16,6 +16,11 @@ The scenario runs once per module (a fixture); the tests read its results. Every
 from __future__ import annotations
 
 import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -38,9 +43,6 @@ PROM_REASON = prom.available()
 def scrape(address: str, launcher: list[str]) -> str:
     url = f"http://{address}/metrics"
     if launcher:  # the daemon listens inside its namespace: ask from there
-        import subprocess
-        import sys
-
         r = subprocess.run([*launcher, sys.executable, "-c",
                             "import sys,urllib.request;sys.stdout.write(urllib.request.urlopen(sys.argv[1],"
                             "timeout=30).read().decode())", url], capture_output=True, text=True, timeout=60)
@@ -169,3 +171,36 @@ def test_prometheus_reads_the_evacuation_back(fleet):
     assert server.value(f'max_over_time(sevmigd_outgoing_migrations_high_water{{{inst}}}[5m])') == 2
     # the PSP histograms were scraped too: every SEND_START of the source was timed
     assert server.value(f'sum(sevmigd_psp_command_duration_seconds_count{{{inst},command="SEND_START"}})') == 5
+
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_section() -> str:
+    text = README.read_text()
+    start = text.index("## Operating a fleet")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_metric_names_are_the_exported_ones(fleet):
+    """Every metric the README's table names is exported by a daemon that has migrated (and vice versa
+    for the sevmigd_ families), so the documented alert rules refer to real series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    documented = set(re.findall(r"`(sevmigd_[a-z_]+)`", _readme_section()))
+    text = scrape(fleet["metrics"][0], fleet["hosts"][0][1])
+    exported = set()
+    for fam in text_string_to_metric_families(text):
+        exported.add(fam.name + ("_total" if fam.type == "counter" else ""))
+    assert documented == exported, (sorted(documented - exported), sorted(exported - documented))
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian "
+                    "package `prometheus`)")
+def test_readme_prometheus_config_and_alert_rules_are_valid(tmp_path):
+    config, rules = re.findall(r"```yaml\n(.*?)```", _readme_section(), re.S)
+    (tmp_path / "prometheus.yml").write_text(config)
+    (tmp_path / "rules.yml").write_text(rules)
+    for args in (["check", "config", str(tmp_path / "prometheus.yml")], ["check", "rules", str(tmp_path / "rules.yml")]):
+        r = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr

@@ -38,6 +38,9 @@ completion_action = "force-complete"
 
 [policies.watchful]
 progress_timeout_s = 2
+
+[policies.slow]
+bandwidth_mib_s = 8
 """
 TIMEOUT_S = 3.0
 # Slack for "within its timeout" on a loaded 2-core box: the decision is taken at the next batch (or
@@ -209,3 +212,48 @@ def test_unknown_policy_and_bad_metrics_requests(pair):
             assert s.recv(64).startswith(b"HTTP/1.1 " + want), req[:20]
     assert scrape(a)[("sevmigd_info", (("platform_id", a.execute("server-info")["platform_id"]),
                                        ("version", a.execute("server-info")["version"])))] == 1
+
+
+def test_evacuation_live_table_on_a_tty_and_it_outlives_its_ctl(pair):
+    """On a terminal `ctl evacuate` redraws a per-guest table; killing that ctl mid-way does not stop the
+    evacuation, which runs in the daemon (both guests still arrive, `ctl jobs` shows them)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    a, b = pair
+    for name in ("e1", "e2"):
+        launch(a, name, "32M", dirty_rate=1.0, seed=len(name))
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "sevmigd", "ctl", "--control", a.control, "evacuate", "--to", b.address,
+           "--max-parallel", "2", "--policy", "slow"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"migrating" not in seen:  # the live table shows a guest on its way
+            left = deadline - time.monotonic()
+            assert left > 0, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], left)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.kill()  # the operator's ssh session drops
+        proc.wait(30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert b"GUEST" in seen and b"\x1b[" in seen and b"slow" not in seen.split(b"GUEST")[0]
+    done = a.wait_for_log("evacuation_finished", timeout=120)  # logged by the daemon, ctl long gone
+    assert done["left"] == 0 and done["counts"] == {"done": 2}
+    jobs = a.execute("jobs")["jobs"]
+    assert sorted((j["guest"], j["state"], j["policy"]) for j in jobs) == [("e1", "completed", "slow"),
+                                                                          ("e2", "completed", "slow")]
+    assert all(b.execute("verify", {"name": n})["ok"] for n in ("e1", "e2"))
