@@ -195,28 +195,35 @@ def ca_exists(directory: os.PathLike | str) -> bool:
     return any((d / name).exists() for name in CA_FILES)
 
 
+def _save_key_set(d: Path, files: dict[str, bytes], names: Iterable[str], what: str, overwrite: bool) -> None:
+    """Write a set of key files (all 0600) into `d` (0700), refusing to replace an existing set."""
+    if not overwrite and any((d / name).exists() for name in names):
+        raise StoreError(d, f"already holds {what}; refusing to overwrite it")
+    _ensure_dir(d)
+    for name, data in files.items():
+        write_atomic(d / name, data)
+
+
+def _load_key_set(d: Path, names: tuple[str, ...], from_files: Callable[[dict[str, bytes]], object]):
+    _check_dir(d)
+    files = _read_set(d, names)
+    try:
+        return from_files(files)
+    except IdentityError as exc:
+        raise StoreError(d / exc.name if exc.name in names else d, exc.message) from None
+
+
 def save_ca(directory: os.PathLike | str, ca: FleetCA, *, overwrite: bool = False) -> None:
     """Write the fleet CA (certs and private keys, all 0600) into `directory` (0700).
 
     Refuses to replace an existing CA unless `overwrite`: losing a CA key orphans every platform of
     the fleet.
     """
-    d = Path(directory)
-    if not overwrite and ca_exists(d):
-        raise StoreError(d, "already holds a fleet CA; refusing to overwrite it")
-    _ensure_dir(d)
-    for name, data in ca.to_files().items():
-        write_atomic(d / name, data)
+    _save_key_set(Path(directory), ca.to_files(), CA_FILES, "a fleet CA", overwrite)
 
 
 def load_ca(directory: os.PathLike | str) -> FleetCA:
-    d = Path(directory)
-    _check_dir(d)
-    files = _read_set(d, CA_FILES)
-    try:
-        return FleetCA.from_files(files)
-    except IdentityError as exc:
-        raise StoreError(d / exc.name if exc.name in CA_FILES else d, exc.message) from None
+    return _load_key_set(Path(directory), CA_FILES, FleetCA.from_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,22 +234,11 @@ def load_ca(directory: os.PathLike | str) -> FleetCA:
 def save_owner(directory: os.PathLike | str, owner: FleetOwner) -> None:
     """Write a fleet owner's OCA (cert + private key, 0600) into `directory`; never overwrites one:
     losing an OCA key means re-owning every platform of the fleet."""
-    d = Path(directory)
-    if any((d / name).exists() for name in OWNER_FILES):
-        raise StoreError(d, "already holds an OCA; refusing to overwrite it")
-    _ensure_dir(d)
-    for name, data in owner.to_files().items():
-        write_atomic(d / name, data)
+    _save_key_set(Path(directory), owner.to_files(), OWNER_FILES, "an OCA", False)
 
 
 def load_owner(directory: os.PathLike | str) -> FleetOwner:
-    d = Path(directory)
-    _check_dir(d)
-    files = _read_set(d, OWNER_FILES)
-    try:
-        return FleetOwner.from_files(files)
-    except IdentityError as exc:
-        raise StoreError(d / exc.name if exc.name in OWNER_FILES else d, exc.message) from None
+    return _load_key_set(Path(directory), OWNER_FILES, FleetOwner.from_files)
 
 
 # ---------------------------------------------------------------------------------------------

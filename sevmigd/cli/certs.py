@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from sevmigd import store
+from sevmigd.cli import ownership
+from sevmigd.cli.ownership import _help
 from sevmigd.errors import ConfigError
 from sevmigd.psp.certs import SEV_CERT_SIZE, AmdCert, SevCert, decode_any
 from sevmigd.psp.chain import ChainError, ark_key_hash, verify_platform_chain
@@ -71,7 +73,6 @@ def register(sub) -> None:
     p.add_argument("--state-dir", required=True, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_platform_show)
-    from sevmigd.cli import ownership
     ownership.register_platform(plat_sub)   # pek-csr, pek-import, own, reset, status
 
     # -- certs --------------------------------------------------------------------------------
@@ -92,14 +93,6 @@ def register(sub) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_certs_show)
-
-
-def _help(parser: argparse.ArgumentParser):
-    def show(args) -> int:
-        parser.print_help(sys.stderr)
-        return 2
-
-    return show
 
 
 def _root_name(ark: AmdCert) -> str:

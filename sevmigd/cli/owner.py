@@ -46,6 +46,7 @@ from sevmigd.owner.launch import (
     verify_chain,
     wrap_secret,
 )
+from sevmigd.cli.ownership import _help, read_input
 from sevmigd.psp.chain import ChainError
 
 
@@ -103,25 +104,7 @@ def register_ctl(verbs) -> None:
     v.set_defaults(ctl=_ctl_guest_secret)
 
 
-def _help(parser):
-    def show(args) -> int:
-        parser.print_help(sys.stderr)
-        return 2
-
-    return show
-
-
-def _read(path: str | Path, what: str, limit: int = 1 << 20) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise ConfigError(what, f"{path}: missing") from None
-    except OSError as exc:
-        raise ConfigError(what, f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > limit:
-        raise ConfigError(what, f"{path}: larger than {limit} bytes")
-    return data
+_read = read_input
 
 
 def _owner_error(exc: OwnerError) -> ConfigError:

@@ -77,6 +77,7 @@ def register_platform(plat_sub) -> None:
 
 
 def _help(parser):
+    """A group called without an action: its help on stderr, exit 2."""
     def show(args) -> int:
         parser.print_help(sys.stderr)
         return 2
@@ -84,13 +85,22 @@ def _help(parser):
     return show
 
 
-def _read_cert(path: str, what: str) -> bytes:
+def read_input(path: str | Path, what: str, limit: int = 1 << 20) -> bytes:
+    """A user-named input file, at most `limit` bytes; ConfigError naming `what` otherwise."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError(what, f"{path}: missing") from None
     except OSError as exc:
         raise ConfigError(what, f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(what, f"{path}: larger than {limit} bytes")
+    return data
+
+
+def _read_cert(path: str, what: str) -> bytes:
+    data = read_input(path, what, SEV_CERT_SIZE)
     if len(data) != SEV_CERT_SIZE:
         raise ConfigError(what, f"{path}: {len(data)} bytes; an SEV certificate is {SEV_CERT_SIZE} (0x824)")
     return data
