@@ -137,8 +137,10 @@ async def test_default_peer_timeout_applies(tmp_path):
                 n.cancel_scope.cancel()
             rec = inv.failure_log(a, mark)
             assert rec is not None and rec.get("code") == "TIMEOUT", rec
+            # Not before: the last frame from the destination came at most one keepalive interval (default
+            # 1 s) before the fault. Within the bound: the timeout plus a loaded machine's slack.
             dt = rec["_t"] - fault.fired_mono
-            assert 10.0 - 0.5 <= dt <= 10.0 + STALL_SLACK_S, dt
+            assert 10.0 - 1.0 - 0.25 <= dt <= 10.0 + STALL_SLACK_S, dt
             assert "10 s" in ei.value.desc, ei.value.desc
             c = await inv.copies([a, b], "g")
             assert inv.check_copies(c, expect_on="a") == []
@@ -158,7 +160,17 @@ async def test_server_info_reports_leak_counters(harness):
     assert info["guest_ram_bytes"] >= GUEST_BYTES
     assert info["psp_guests"] >= 1
     assert info["tasks"] > 1
-    assert abs(info["open_fds"] - d.open_fds()) <= 2  # its own control connection comes and goes
+    # open_fds counts the daemon's descriptors: five idle control connections, accepted before the request
+    # that follows them (one listen backlog, in order), add at least five. No exact count: descriptors of
+    # earlier work may still be closing.
+    extra = [await trio.open_unix_socket(d.control) for _ in range(5)]
+    try:
+        more = await d.call("server-info")
+        assert more["open_fds"] >= info["open_fds"] + 5 - 1, (info["open_fds"], more["open_fds"])
+        assert more["tasks"] >= info["tasks"] + 5 - 1  # one handler task each
+    finally:
+        for s in extra:
+            await s.aclose()
 
 
 def test_checker_flags_each_copy_violation():
