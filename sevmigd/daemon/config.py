@@ -111,6 +111,7 @@ class Config:
     max_rounds: int = 30
     max_total_s: float = 600.0
     psp_min_command_time_us: int = 0
+    slow_step_warn_ms: float = 0.0      # 0 = off; else watch the event loop (daemon/loopwatch.py)
     tls: TlsConfig = field(default_factory=TlsConfig)
     max_unauthenticated: int = 64
     # -- fleet operation (issue 12; README "Operating a fleet") --------------------------------------
@@ -383,6 +384,7 @@ _VALIDATORS: dict[str, Any] = {
     "max_rounds": lambda k, v: _int(k, v, 1, 100_000),
     "max_total_s": lambda k, v: _float(k, v, positive=True),
     "psp_min_command_time_us": lambda k, v: _int(k, v, 0, 10_000_000),
+    "slow_step_warn_ms": lambda k, v: _float(k, v, 0.0),
     "tls": lambda k, v: _tls(v),
     "max_unauthenticated": lambda k, v: _int(k, v, 1, 65536),
     "metrics_listen": _opt_listen,

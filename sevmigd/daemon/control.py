@@ -447,16 +447,7 @@ async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
         path = a["image"]
         if not os.path.isabs(path):
             raise ConfigError("image", f"must be an absolute path (the daemon's cwd is not yours): {path!r}")
-        try:
-            size = os.path.getsize(path)
-            if size > memory:
-                raise ConfigError("image", f"{path} is {size} bytes, larger than the guest's memory ({memory})")
-            with open(path, "rb") as f:
-                image = f.read(memory + 1)
-        except OSError as exc:
-            raise ConfigError("image", f"cannot read {path}: {exc.strerror}") from None
-        if len(image) > memory:
-            raise ConfigError("image", f"{path} is larger than the guest's memory ({memory})")
+        image = await trio.to_thread.run_sync(_read_image, path, memory)
     ws = a["working_set"]
     gcfg = GuestConfig(
         name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
@@ -474,6 +465,21 @@ async def _launch_finish(daemon: Daemon, a: dict, emit: Emit) -> dict:
     except ValueError as exc:   # the packet's shape (the PSP's own refusals arrive as SevError)
         raise ConfigError("secret_packet_hex", str(exc)) from None
     return daemon.guest_status(hosted)
+
+
+def _read_image(path: str, memory: int) -> bytes:
+    """A guest image file, at most `memory` bytes (blocking: run in a worker thread)."""
+    try:
+        size = os.path.getsize(path)
+        if size > memory:
+            raise ConfigError("image", f"{path} is {size} bytes, larger than the guest's memory ({memory})")
+        with open(path, "rb") as f:
+            image = f.read(memory + 1)
+    except OSError as exc:
+        raise ConfigError("image", f"cannot read {path}: {exc.strerror}") from None
+    if len(image) > memory:
+        raise ConfigError("image", f"{path} is larger than the guest's memory ({memory})")
+    return image
 
 
 async def _list(daemon: Daemon, a: dict, emit: Emit) -> dict:

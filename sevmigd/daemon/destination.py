@@ -105,7 +105,7 @@ class IncomingMigration:
 
     # -- handshake ------------------------------------------------------------------------------------------
 
-    def _refusal(self, hello: m.Hello) -> MigrationError | None:
+    async def _refusal(self, hello: m.Hello) -> MigrationError | None:
         """Why we will not take this guest, or None. Decided before anything is reserved."""
         cfg = self.daemon.config
         d = self.daemon
@@ -133,7 +133,7 @@ class IncomingMigration:
         try:
             pid = check_peer_platform(hello.platform, who="source", trusted_roots=d.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
-                                      allowed_oca=self.manager.allowed_oca())
+                                      allowed_oca=await self.manager.allowed_oca())
         except MigrationError as err:
             return err
         self.log.info("source_platform_verified", source_platform=pid[:16])
@@ -153,7 +153,7 @@ class IncomingMigration:
                                     total=hello.memory_bytes, started_at=self.stats.started_at)
         self.log = self.log.bind(migration_id=self.id, guest=self.name)
         structlog.contextvars.bind_contextvars(migration_id=self.id, guest=self.name)
-        refusal = self._refusal(hello)
+        refusal = await self._refusal(hello)
         if refusal is not None:
             self.log.warning("incoming_refused", code=refusal.code.name, reason=str(refusal))
             self.refused = True

@@ -381,21 +381,14 @@ class MigrationManager:
         driver itself, so the source gets a Refuse naming the setting rather than a protocol abort."""
         return wire_limits.Limits()
 
-    def allowed_oca(self) -> list[bytes] | None:
-        """The OCA certificates of `allowed_oca` (paths), read once per change of the list."""
+    async def allowed_oca(self) -> list[bytes] | None:
+        """The OCA certificates of `allowed_oca` (paths), read (in a worker thread) once per change of the list."""
         paths = self.daemon.config.allowed_oca
         if paths is None:
             return None
         key = tuple(paths)
         if self._oca_cache is None or self._oca_cache[0] != key:
-            out = []
-            for p in paths:
-                try:
-                    out.append(pathlib.Path(p).read_bytes())
-                except OSError as exc:
-                    raise MigrationError(AbortCode.INTERNAL_ERROR,
-                                         f"allowed_oca: cannot read {p}: {exc.strerror or exc}") from None
-            self._oca_cache = (key, out)
+            self._oca_cache = (key, await trio.to_thread.run_sync(_read_ocas, key))
         return self._oca_cache[1]
 
     async def wrap_client_tls(self, stream, host: str):
@@ -462,3 +455,13 @@ class MigrationManager:
         self._running -= 1
         if self._running == 0:
             self._tasks_done.set()
+
+
+def _read_ocas(paths: tuple[str, ...]) -> list[bytes]:
+    out = []
+    for p in paths:
+        try:
+            out.append(pathlib.Path(p).read_bytes())
+        except OSError as exc:
+            raise MigrationError(AbortCode.INTERNAL_ERROR, f"allowed_oca: cannot read {p}: {exc.strerror or exc}") from None
+    return out

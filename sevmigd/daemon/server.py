@@ -42,6 +42,7 @@ from sevmigd.daemon.errors import (
     StartupError,
 )
 from sevmigd.daemon.logging import configure_logging
+from sevmigd.daemon.loopwatch import StepWatch
 from sevmigd.daemon.malloc import release_free_heap
 from sevmigd.daemon.migration import MigrationManager
 from sevmigd.daemon.metrics import DaemonMetrics
@@ -190,6 +191,7 @@ class Daemon:
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
         self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
+        self.step_watch: StepWatch | None = None   # installed by run() when slow_step_warn_ms is set
 
     # ------------------------------------------------------------------ pinned small helpers
     @property
@@ -252,11 +254,13 @@ class Daemon:
         return self._psp
 
     def _load_platform(self) -> None:
+        """Read (or on a first start create) the platform identity and the trusted roots, start the
+        firmware. Blocking file I/O and key generation: serve() runs it in a worker thread."""
         state_dir = self.config.state_dir
         if self.identity is None:
             self.identity = _load_or_create_platform(self, state_dir)
         if not self.trusted_roots and not self._roots_injected:
-            self.trusted_roots = self._read_trusted_roots()
+            self.trusted_roots = _read_trusted_roots(self.config)
         if self.fw is None:
             self.fw = Firmware(self.identity, rng=self.rng,
                                min_command_time=self.config.psp_min_command_time_us / 1e6)
@@ -265,24 +269,6 @@ class Daemon:
             self.metrics.watch_psp(self._psp)  # PSP command counts and latencies, by command
         if self.fw.platform_state is PlatformState.UNINIT:
             self.fw.init()
-
-    def _read_trusted_roots(self) -> list[AmdCert]:
-        """ARK certificates this daemon trusts: config.trusted_roots files, else the state dir's."""
-        if self.config.trusted_roots is None:
-            return list(store.load_trusted_roots(self.config.state_dir))
-        roots = []
-        for i, path in enumerate(self.config.trusted_roots):
-            key = f"trusted_roots[{i}]"
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
-            try:
-                roots.append(AmdCert.decode(data))
-            except SevError as exc:
-                raise ConfigError(key, f"{path} is not an AMD ARK certificate: {exc}") from None
-        return roots
 
     @property
     def platform_id(self) -> str | None:
@@ -420,6 +406,7 @@ class Daemon:
             "metrics": self.metrics.address,
             "outgoing_queue": len(self.migrations.queue),
             **self.resource_counts(),
+            **(self.step_watch.figures() if self.step_watch is not None else {}),
         }
 
     def resource_counts(self) -> dict[str, int | None]:
@@ -451,8 +438,9 @@ class Daemon:
         inherited = systemd.inherited_listeners()
         tcp_inherited = [l for l in inherited if l.socket.family != stdlib_socket.AF_UNIX]
         unix_inherited = [l for l in inherited if l.socket.family == stdlib_socket.AF_UNIX]
-        tls.server_context(self.config.tls)  # a bad [tls] section fails the start, not the first migration
-        self._load_platform()
+        # A bad [tls] section fails the start, not the first migration. Both read files: worker thread.
+        await trio.to_thread.run_sync(tls.server_context, self.config.tls)
+        await trio.to_thread.run_sync(self._load_platform)
         with trio.CancelScope() as serve_scope:
             self._serve_scope = serve_scope
             try:
@@ -604,22 +592,13 @@ class Daemon:
         self._control_inode = None
 
     # ------------------------------------------------------------------ reload
-    def reload(self) -> bool:
+    async def reload(self) -> bool:
         """SIGHUP: re-read the configuration; apply the reloadable keys (trusted roots, limits, log
-        level). On any error keep the old configuration (and say so). Returns True when applied."""
+        level). On any error keep the old configuration (and say so). Returns True when applied.
+        The files are read in a worker thread: guests and migrations keep running meanwhile."""
         systemd.reloading()
-        path, overrides = self._config_source
         try:
-            new = load_config(path, overrides)
-            apply, ignored = self.config.reloadable_changes(new)
-            candidate = dataclasses.replace(self.config, **apply)
-            roots = self.trusted_roots
-            if not self._roots_injected:  # re-read even when unchanged: the files may have been replaced
-                old_cfg, self.config = self.config, candidate
-                try:
-                    roots = self._read_trusted_roots()
-                finally:
-                    self.config = old_cfg
+            candidate, apply, ignored, roots = await trio.to_thread.run_sync(self._read_reload)
         except (ConfigError, SevmigdError, OSError) as exc:
             self.log.error("reload_failed", error=str(exc))
             systemd.ready(status=self.status_text())
@@ -633,6 +612,16 @@ class Daemon:
                       trusted_roots=len(roots))
         systemd.ready(status=self.status_text())
         return True
+
+    def _read_reload(self) -> tuple[Config, dict, list[str], list[AmdCert]]:
+        """The configuration and trusted roots a reload would apply (blocking reads; no state changed)."""
+        path, overrides = self._config_source
+        new = load_config(path, overrides)
+        apply, ignored = self.config.reloadable_changes(new)
+        candidate = dataclasses.replace(self.config, **apply)
+        # Re-read the roots even when their setting is unchanged: the files may have been replaced.
+        roots = self.trusted_roots if self._roots_injected else _read_trusted_roots(candidate)
+        return candidate, apply, ignored, roots
 
     def status_text(self) -> str:
         """The one-line STATUS= systemd shows (`systemctl status`)."""
@@ -658,6 +647,25 @@ def _peer_of(stream: trio.SocketStream) -> str:
     return _fmt_addr(str(addr[0]), int(addr[1]))
 
 
+def _read_trusted_roots(config: Config) -> list[AmdCert]:
+    """ARK certificates a daemon with `config` trusts: the trusted_roots files, else the state dir's."""
+    if config.trusted_roots is None:
+        return list(store.load_trusted_roots(config.state_dir))
+    roots = []
+    for i, path in enumerate(config.trusted_roots):
+        key = f"trusted_roots[{i}]"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+        try:
+            roots.append(AmdCert.decode(data))
+        except SevError as exc:
+            raise ConfigError(key, f"{path} is not an AMD ARK certificate: {exc}") from None
+    return roots
+
+
 def _load_or_create_platform(daemon: Daemon, state_dir: str) -> PlatformIdentity:
     """store.load_platform(state_dir); on a first start (no identity there yet) create a fresh
     self-contained fleet CA + platform in the state dir and say so in the log."""
@@ -679,6 +687,9 @@ async def run(config: Config, *, config_path: str | None = None, overrides: dict
     Returns the process exit status."""
     if daemon is None:
         daemon = Daemon(config, config_source=(config_path, dict(overrides or {})))
+    if config.slow_step_warn_ms > 0:
+        daemon.step_watch = StepWatch(config.slow_step_warn_ms / 1000)
+        trio.lowlevel.add_instrument(daemon.step_watch)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signal_loop, daemon, signals)
@@ -691,7 +702,7 @@ async def _signal_loop(daemon: Daemon, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             daemon.log.info("signal", signal="SIGHUP", action="reload")
-            daemon.reload()
+            await daemon.reload()
         elif daemon.shutting_down or daemon._shutdown_requested.is_set():
             daemon.log.warning("signal", signal=signal.Signals(signum).name, action="force stop")
             daemon.force_stop()

@@ -214,7 +214,7 @@ class OutgoingMigration:
         dest_id = check_peer_platform(reply.platform, who="destination",
                                       trusted_roots=self.daemon.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
-                                      allowed_oca=self.manager.allowed_oca())
+                                      allowed_oca=await self.manager.allowed_oca())
         self.log.info("destination_accepted", destination_platform=dest_id[:16])
 
         p = reply.platform
