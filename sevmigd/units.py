@@ -9,6 +9,11 @@ import re
 
 from sevmigd.errors import ConfigError
 
+# The x86 base page: the unit of guest memory, of the dirty log and page-encryption bitmaps, of every
+# SEND/RECEIVE_UPDATE_DATA and of the wire's page columns. Defined here once for every layer.
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,

@@ -21,10 +21,10 @@ import numpy as np
 from ..guest.vm import GuestConfig, SevVm
 from ..psp.firmware import Firmware
 from ..psp.identity import FleetCA, PlatformIdentity
+from ..units import PAGE_SIZE
 
 GiB = 1 << 30
 MiB = 1 << 20
-PAGE = 4096
 
 
 def _fw(seed: int = 1) -> Firmware:
@@ -103,12 +103,12 @@ def run(quick: bool = False) -> dict:
         best.append((time.perf_counter() - t) / pages * 1e6)
     out["page_write_batched_us"] = min(best)
     engine = fw.memory_engine(vm.handle)
-    data = bytes(batch * PAGE)
+    data = bytes(batch * PAGE_SIZE)
     best = []
     for _ in range(3):
         t = time.perf_counter()
         for b in batches:
-            engine.write_pages(vm._ram.buf, b, data[: len(b) * PAGE])
+            engine.write_pages(vm._ram.buf, b, data[: len(b) * PAGE_SIZE])
         best.append((time.perf_counter() - t) / sum(len(b) for b in batches) * 1e6)
     out["engine_only_page_write_us"] = min(best)
     seq = np.arange(lay.pool_start, lay.pool_start + batch)
@@ -120,7 +120,7 @@ def run(quick: bool = False) -> dict:
         best.append((time.perf_counter() - t) / (n_batches * batch) * 1e6)
     out["page_write_sequential_us"] = min(best)
     one = bytes(range(256)) * 16
-    gpa = (vm.npages - 10) * PAGE
+    gpa = (vm.npages - 10) * PAGE_SIZE
     out["agent_single_page_write_us"] = _ms(lambda: vm.agent.write(gpa, one), 50 if quick else 300) * 1e3
 
     # --- verify throughput: every pool page written
@@ -135,7 +135,7 @@ def run(quick: bool = False) -> dict:
     rep = vm.verify()
     dt = time.perf_counter() - t
     out["verify_pages"] = rep.pages_checked
-    out["verify_mb_s"] = rep.pages_checked * PAGE / dt / 1e6
+    out["verify_mb_s"] = rep.pages_checked * PAGE_SIZE / dt / 1e6
     out["verify_ok"] = rep.ok
     vm.release()
 

@@ -24,11 +24,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sevmigd.psp.crypto import HmacSha256
 from sevmigd.psp.firmware import Firmware
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from sevmigd.migrate.pages import BATCH_PAGES   # the figures use the batch the migration engine sends
 from sevmigd.psp.memengine import PAGE_SIZE, MemoryEngine
 
-#: Pages per batch in the batch figures: 256 pages = 1 MiB, the size the migration engine sends per
-#: Pages frame (large enough to amortise per-call overhead, small enough to stay in L2/L3).
-BATCH_PAGES = 256
 #: Guest size for the firmware figures.
 GUEST_PAGES = 4096          # 16 MiB
 CACHE_CHUNK = 16 * PAGE_SIZE

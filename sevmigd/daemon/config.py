@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sevmigd.errors import ConfigError
+from sevmigd.migrate.planner import COMPLETION_ACTIONS
 from sevmigd.units import parse_size
 
 # The migration port. 4446 is unassigned by IANA and close to QEMU's customary 4444 for `-incoming
@@ -43,9 +44,6 @@ RELOADABLE = frozenset({
     "policies", "default_policy", "max_queued_outgoing", "outgoing_bandwidth_mib_s",
 })
 
-# What a migration policy may do when its completion timeout expires (Nova's
-# live_migration_timeout_action: abort | force_complete; we spell it with a dash like the CLI).
-COMPLETION_ACTIONS = ("abort", "force-complete")
 
 
 @dataclass(frozen=True)

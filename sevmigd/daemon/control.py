@@ -42,7 +42,7 @@ from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.status import SevError
-from sevmigd.units import parse_gpa, parse_size
+from sevmigd.units import PAGE_SIZE, parse_gpa, parse_size
 
 if TYPE_CHECKING:  # the daemon imports this module to serve it; this module only names its type
     from sevmigd.daemon.server import Daemon, HostedGuest
@@ -72,7 +72,6 @@ MAX_UNIX_PATH = 107
 # Guest names: what a user types and a log line or systemd STATUS can show unquoted.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Guest RAM bounds as the guest API pins them: whole pages, at least 1 MiB.
-PAGE = 4096
 MIN_GUEST_BYTES = 1 << 20
 
 _log = structlog.get_logger("sevmigd")
@@ -440,7 +439,7 @@ def _require_vm_live(hosted: HostedGuest, verb: str) -> None:
 
 async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
     memory = a["memory"]
-    if memory % PAGE or memory < MIN_GUEST_BYTES:
+    if memory % PAGE_SIZE or memory < MIN_GUEST_BYTES:
         raise ConfigError("memory", f"must be a whole number of 4 KiB pages and at least 1 MiB, got {memory}")
     image = None
     if a["image"] is not None:

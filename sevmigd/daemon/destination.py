@@ -33,10 +33,10 @@ from sevmigd.psp.status import SevError
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
 from sevmigd.wire.errors import AbortCode, ProtocolError
+from sevmigd.wire.limits import SEV_HDR_SIZE
 
 from sevmigd.daemon.source import PROGRESS_INTERVAL_S
 
-SEV_HDR_SIZE = 0x34
 # Prefault the incoming guest's RAM from a worker thread while its pages arrive (see _populate). Measured
 # here (512 MiB private guest, 6 runs each, shared 2-core box): median 5.04 s with, 5.12 s without; the
 # guest layer measured 3.1-3.7 -> 2.0-2.7 us per page applied on a quieter machine.

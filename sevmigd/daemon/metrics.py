@@ -34,7 +34,7 @@ from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.errors import StartupError
 from sevmigd.wire.errors import AbortCode
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 # PSP command latency buckets: the emulated PSP answers single commands in 10s of microseconds and a
 # 1 MiB SEND_UPDATE_DATA batch in milliseconds; a real PSP takes 100s of microseconds per command.
 PSP_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)

@@ -49,7 +49,7 @@ from sevmigd.daemon.metrics import DaemonMetrics
 from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig, SevVm
-from sevmigd.kvm.asid import MAX_SEV_ASID, AsidExhausted, AsidSpace, firmware_flush
+from sevmigd.kvm.asid import AsidExhausted, AsidSpace, firmware_flush
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.psp.certs import AmdCert
 from sevmigd.psp.firmware import Firmware, PlatformState
@@ -65,9 +65,6 @@ VCPU_TICK_S = 0.010
 # A vCPU task that was starved (event loop busy launching another guest) does not get to replay all
 # the time it missed in one go: like a descheduled vCPU, the lost wall time is simply lost.
 VCPU_MAX_SLICE_S = 0.100
-# SEV ASIDs available to guests: defined once, in sevmigd.kvm.asid (CPUID 0x8000001F); ASID 0 is the
-# hypervisor's own.
-MAX_ASID = MAX_SEV_ASID
 # Bounded graceful shutdown: migrations get this long to abort or finish cleanly after SIGTERM, well
 # inside systemd's TimeoutStopSec (60 s in our unit) so the final cleanup still runs.
 SHUTDOWN_MIGRATIONS_S = 20.0
@@ -711,4 +708,4 @@ async def _signal_loop(daemon: Daemon, signals: AsyncIterator[int]) -> None:
             daemon.request_shutdown()
 
 
-__all__ = ["Daemon", "HostedGuest", "run", "GUEST_STATES", "VCPU_TICK_S", "MAX_ASID"]
+__all__ = ["Daemon", "HostedGuest", "run", "GUEST_STATES", "VCPU_TICK_S"]

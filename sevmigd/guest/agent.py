@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError, SevmigdError
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 
 
 class GuestNotRunning(SevmigdError):

@@ -37,20 +37,13 @@ from .ledger import (F_SHARED, F_WRITTEN, KIND_AGENT, KIND_IMAGE, KIND_MASK, KIN
                      workload_content)
 from .vcpu import KERNEL_REGS
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_HC_PAGE_ENC_STATUS = 13
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
-KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
-KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-KVM_MAP_GPA_RANGE_DECRYPTED = 0
-MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
-KVM_MIGRATION_READY = 1 << 0
-#: Hypercall return values (include/uapi/linux/kvm_para.h): the guest sees -KVM_EINVAL etc. in rax.
-KVM_ENOSYS = 1000
-KVM_EINVAL = 22
+# The hypercall and MSR ABI the guest kernel speaks (include/uapi/linux/kvm_para.h), defined once in kvm/.
+from sevmigd.kvm.uapi import (KVM_EINVAL, KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_HC_PAGE_ENC_STATUS,  # noqa: E402,F401
+                              KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+                              KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MIGRATION_READY,
+                              MSR_KVM_MIGRATION_CONTROL)
 
 #: Pages (or flip events) handled per batch in one run step: a long run(dt) (a daemon that was not
 #: scheduled for a while) is processed in batches of 16 MiB so memory stays flat.

@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .vcpu import LEDGER_ROOTS
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 ENTRY_BYTES = 16
 ENTRIES_PER_PAGE = PAGE_SIZE // ENTRY_BYTES  # 256 table entries per page
 RECORD_WORDS = 4

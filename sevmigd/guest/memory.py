@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 _EMPTY = np.zeros(0, dtype=np.int64)
 #: madvise(2) advice "populate (prefault) page tables writable" (Linux 5.14+).
 MADV_POPULATE_WRITE = 23

@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 import uuid
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 #: EFI_SECRET_TABLE_HEADER_GUID (Linux drivers/virt/coco/efi_secret, OVMF SevLaunchSecret).
 TABLE_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 #: The secret area is one page.

@@ -63,10 +63,10 @@ def check_regs(regs: list[dict[str, int]], vcpus: int) -> None:
         _check_one(r, i)
 
 
-VMSA_SIZE = 4096
 #: The register encoding must end before the VMSA's reserved trailer, which the firmware requires to be zero
-#: (sevmigd.psp.firmware.VMSA_RESERVED_OFFSET = 0xC00; SEND/RECEIVE_UPDATE_VMSA validate it).
-VMSA_REGS_LIMIT = 0xC00
+#: (SEND/RECEIVE_UPDATE_VMSA validate it); the VMSA's size and layout are the firmware's.
+from sevmigd.psp.firmware import VMSA_RESERVED_OFFSET as VMSA_REGS_LIMIT  # noqa: E402
+from sevmigd.psp.firmware import VMSA_SIZE  # noqa: E402,F401
 
 #: Where each architectural register lives in the SEV-ES save area (AMD APM vol. 2, "VMCB State Save
 #: Area" / SEV-ES VMSA; Linux `struct sev_es_save_area`, arch/x86/include/asm/svm.h, whose

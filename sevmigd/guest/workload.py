@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 #: Fixed-point scale of the fractional carries kept in registers (u64 registers, so no floats).
 CARRY_ONE = 1 << 32

@@ -18,8 +18,8 @@ from typing import Callable
 
 from .uapi import EBUSY
 
-#: CPUID 0x8000001F ECX on EPYC 7003 "Milan": 509 ASIDs for encrypted guests.
-MAX_SEV_ASID = 509
+#: CPUID 0x8000001F ECX: ASIDs for encrypted guests, the firmware's own limit (sevmigd.psp.firmware).
+from sevmigd.psp.firmware import MAX_ASID as MAX_SEV_ASID  # noqa: E402
 #: CPUID 0x8000001F EDX: the first ASID for a non-ES SEV guest, set by the BIOS option "SEV-ES ASID
 #: space limit". We choose 100 (99 SEV-ES ASIDs, 410 SEV ASIDs); a real host reports its own.
 MIN_SEV_ASID = 100

@@ -36,8 +36,7 @@ import struct
 from dataclasses import astuple, dataclass, fields
 from typing import ClassVar
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from sevmigd.units import PAGE_SHIFT, PAGE_SIZE  # noqa: F401 (re-exported)
 #: include/linux/psp-sev.h: the largest blob KVM copies from userspace into the kernel (psp_copy_user_blob).
 SEV_FW_BLOB_MAX_SIZE = 0x4000
 

@@ -44,7 +44,7 @@ from .crypto import ThreadLocalEcb, _uninit
 from .status import SevError, SevStatus
 
 #: Guest page size (x86 4 KiB); the unit of page-batch operations and of migration.
-PAGE_SIZE = 4096
+from sevmigd.units import PAGE_SIZE
 BLOCK = 16
 VEK_SIZE = 32
 _BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK

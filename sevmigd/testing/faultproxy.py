@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-LEN = struct.Struct(">I")
+from sevmigd.wire.framing import PREFIX
+
 # Bytes the proxy holds per direction before it stops reading (TCP flow control then slows the sender, as
 # a slow or long link would), and its socket buffers: together about what one more TCP hop holds, so a
 # `rate` collapse is felt by the sender within a few MiB instead of hiding behind the proxy (with
@@ -390,9 +391,9 @@ class FaultProxy:
             d.round = first_uint + 1
 
     async def _drain(self, d: _Dir, src, dst, scope, out):
-        while len(d.buf) >= LEN.size:
-            (n,) = LEN.unpack_from(d.buf)
-            total = LEN.size + n
+        while len(d.buf) >= PREFIX.size:
+            (n,) = PREFIX.unpack_from(d.buf)
+            total = PREFIX.size + n
             if n > (256 << 20):  # garbage length: forward raw, no framing to follow
                 frame, mtype, first = bytes(d.buf), None, None
                 d.buf.clear()
@@ -401,7 +402,7 @@ class FaultProxy:
             else:
                 frame = bytes(d.buf[:total])
                 del d.buf[:total]
-                mtype, _seq, first = parse_head(frame[LEN.size:])
+                mtype, _seq, first = parse_head(frame[PREFIX.size:])
             if mtype is not None:
                 d.counts[mtype] = d.counts.get(mtype, 0) + 1
             start = d.crossed
@@ -495,18 +496,18 @@ def corrupt_frame_info(frame: bytes, where: str) -> tuple[bytes, str]:
     if where == "length":
         out[0] ^= 0x7F
         return bytes(out), "length prefix byte 0"
-    body = frame[LEN.size:]
+    body = frame[PREFIX.size:]
     if where == "body" or not body:
-        out[LEN.size] ^= 0xFF
+        out[PREFIX.size] ^= 0xFF
         return bytes(out), "body byte 0 (array header)"
     spans = field_spans(body)
     span = spans.get(where)
     if span is None or span[1] <= span[0]:
         # field absent (or empty) in this frame: corrupt the MAC, still a corruption of this frame
         span, where = spans.get("mac", (len(body) - 1, len(body))), f"mac (no {where} in this frame)"
-    pos = LEN.size + (span[0] + span[1] - 1) // 2
+    pos = PREFIX.size + (span[0] + span[1] - 1) // 2
     out[pos] ^= 0x01
-    return bytes(out), f"{where} at body offset {pos - LEN.size}"
+    return bytes(out), f"{where} at body offset {pos - PREFIX.size}"
 
 
 def corrupt_frame(frame: bytes, where: str) -> bytes:

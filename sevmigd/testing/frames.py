@@ -9,12 +9,12 @@ bytes stay in `buf` for the next read.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
 import msgpack
 
-LEN = struct.Struct(">I")
+from sevmigd.wire.framing import PREFIX
+
 # The type is the first element of the body's array: a few bytes are enough to read it.
 _TYPE_PEEK = 32
 
@@ -31,10 +31,10 @@ def message_type(body: bytes) -> int:
 
 
 def pop_frames(buf: bytearray) -> Iterator[tuple[bytes, int]]:
-    while len(buf) >= LEN.size:
-        (size,) = LEN.unpack_from(buf)
-        if len(buf) < LEN.size + size:
+    while len(buf) >= PREFIX.size:
+        (size,) = PREFIX.unpack_from(buf)
+        if len(buf) < PREFIX.size + size:
             return
-        frame = bytes(buf[:LEN.size + size])
-        del buf[:LEN.size + size]
-        yield frame, message_type(frame[LEN.size:])
+        frame = bytes(buf[:PREFIX.size + size])
+        del buf[:PREFIX.size + size]
+        yield frame, message_type(frame[PREFIX.size:])

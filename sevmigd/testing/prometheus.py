@@ -28,7 +28,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 
-READY_TIMEOUT_S = 60.0
+from sevmigd.testing.daemons import READY_TIMEOUT_S
+
 SCRAPE_INTERVAL_S = 1
 QUERY_TIMEOUT_S = 30.0
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 from sevmigd.errors import ConfigError
+from sevmigd.psp.certs import SEV_CERT_SIZE          # a SEV certificate (PEK, OCA, CEK, PDH): 0x824 bytes
+from sevmigd.psp.crypto import HEADER_SIZE as SEV_HDR_SIZE   # a transport packet header: 0x34 bytes
+from sevmigd.psp.crypto import SESSION_SIZE          # SEND_START's wrapped session blob: 0x80 bytes
+from sevmigd.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
-# Transport packet header of SEND_UPDATE_DATA (sev-reference §4): FLAGS u32, IV[16], MAC[32].
-SEV_HDR_SIZE = 0x34
-# A SEV certificate (PEK, OCA, CEK, PDH) is exactly 0x824 bytes (sev-reference §5.1).
-SEV_CERT_SIZE = 0x824
-# SEND_START's wrapped session blob is 0x80 bytes (sev-reference §2.3).
-SESSION_SIZE = 0x80
+# The sizes above are the firmware's (sevmigd.psp defines them); the wire checks frames against them.
 # AMD certificates (ARK/ASK) are 64 bytes of header + pubexp + modulus + signature; 4096-bit keys give
 # 1600 bytes (Rome..Turin), 2048-bit 832 (Naples). 8 KiB leaves room without inviting abuse.
 MAX_AMD_CERT_SIZE = 8192
