@@ -219,9 +219,9 @@ class IncomingMigration:
                 await self._apply_pages(msg)
             elif isinstance(msg, m.RoundEnd):
                 # (page counts per round and in Complete are checked by the Connection)
-                self.stats.round = msg.round + 1
+                self.stats.enter_round(msg.round)
                 self.stats.remaining = msg.remaining * PAGE_SIZE
-                self.log.info("round_received", round=msg.round + 1, pages=msg.pages,
+                self.log.info("round_received", round=self.stats.round, pages=msg.pages,
                               remaining_pages=msg.remaining, transferred=ch.bytes_received)
                 await self._push_progress(force=True)
             elif isinstance(msg, m.Bitmap):
@@ -254,10 +254,11 @@ class IncomingMigration:
             if len(arr) and int(arr.max()) >= self.npages:
                 raise MigrationError(AbortCode.PROTOCOL_ERROR,
                                      f"page {int(arr.max())} beyond the guest's {self.npages} pages")
+        self.stats.enter_round(msg.round)
         if len(enc):
             def where(exc: SevError) -> str:
                 idx = exc.index
-                return f"round {msg.round + 1}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
+                return f"round {self.stats.round}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
 
             await self.daemon.psp.run(
                 "RECEIVE_UPDATE_DATA", lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data),
@@ -267,7 +268,6 @@ class IncomingMigration:
             host.write_raw_pages(shr.astype(np.int64), msg.shr_data)
             host.set_page_enc_status(shr.astype(np.int64), False)
         self.pages_received += len(enc) + len(shr)
-        self.stats.round = msg.round + 1
         self.stats.private_pages += len(enc)
         self.stats.shared_pages += len(shr)
         await self._push_progress()

@@ -46,6 +46,13 @@ class MigrationStats:
     started_at: float = 0.0        # daemon clock at start (not exported)
     rounds: list[dict] = field(default_factory=list)  # one summary per finished round
 
+    def enter_round(self, wire_round: int) -> int:
+        """The migration is in round `wire_round` as the wire numbers it (from 0, PROTOCOL.md); statistics
+        and logs count rounds from 1 like QEMU's dirty-sync-count. The one place that converts; returns
+        the round as users see it."""
+        self.round = wire_round + 1
+        return self.round
+
     def fail(self, code_name: str, message: str) -> bool:
         """Record an error; only the first one is kept. Returns True when this one was recorded."""
         if self.error is not None:
