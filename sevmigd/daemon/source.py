@@ -65,9 +65,10 @@ def new_migration_id() -> str:
 
 
 class OutgoingMigration:
-    """One outgoing migration of `hosted` (a daemon HostedGuest) to host:port."""
+    """One outgoing migration of `hosted` (a daemon HostedGuest) to the daemon at dest_host:dest_port.
+    `self.host` is the guest's HostView (the hypervisor's side of the guest), never the destination."""
 
-    def __init__(self, manager, hosted, host: str, port: int, *, downtime_limit_ms=None,
+    def __init__(self, manager, hosted, dest_host: str, dest_port: int, *, downtime_limit_ms=None,
                  max_bandwidth_mib_s=None, progress=None, stream_factory=None, policy=None,
                  migration_id=None):
         self.manager = manager
@@ -76,14 +77,14 @@ class OutgoingMigration:
         self.hosted = hosted
         self.vm = hosted.vm
         self.host = self.vm.host
-        self.addr = (host, port)
+        self.addr = (dest_host, dest_port)
         self.downtime_limit_s = (cfg.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms) / 1000
         mib_s = cfg.max_bandwidth_mib_s if max_bandwidth_mib_s is None else max_bandwidth_mib_s
         self.max_bandwidth = float(mib_s) * (1 << 20)
         self.progress = progress
         self.stream_factory = stream_factory  # tests: async () -> Stream, instead of TCP
         self.id = migration_id or new_migration_id()
-        self.stats = MigrationStats(self.id, "source", f"{host}:{port}", hosted.name,
+        self.stats = MigrationStats(self.id, "source", f"{dest_host}:{dest_port}", hosted.name,
                                     total=self.vm.memory_bytes, started_at=trio.current_time())
         # Migration policy (config.MigrationPolicy or None): its timeouts are decided by the planner,
         # acted on by _policy_tick / the policy cancel scope in _protocol.
@@ -168,20 +169,20 @@ class OutgoingMigration:
 
     async def _connect(self):
         cfg = self.daemon.config
-        host, port = self.addr
+        dest_host, dest_port = self.addr
         with trio.move_on_after(cfg.handshake_timeout_s) as cs:
             try:
                 if self.stream_factory is not None:
                     stream = await self.stream_factory()
                 else:
-                    stream = await trio.open_tcp_stream(host, port)
+                    stream = await trio.open_tcp_stream(dest_host, dest_port)
             except OSError as exc:
                 raise MigrationError(AbortCode.INTERNAL_ERROR,
-                                     f"destination {host}:{port} unreachable: {exc.strerror or exc}") from None
-            stream = await self.manager.wrap_client_tls(stream, host)
+                                     f"destination {dest_host}:{dest_port} unreachable: {exc.strerror or exc}") from None
+            stream = await self.manager.wrap_client_tls(stream, dest_host)
         if cs.cancelled_caught:
             raise MigrationError(AbortCode.TIMEOUT,
-                                 f"destination {host}:{port} did not answer within {cfg.handshake_timeout_s:g} s")
+                                 f"destination {dest_host}:{dest_port} did not answer within {cfg.handshake_timeout_s:g} s")
         return stream
 
     # -- the protocol -------------------------------------------------------------------------------------
@@ -263,10 +264,8 @@ class OutgoingMigration:
         # pfns would be 8 B per page of peak RSS: 16 MiB for an 8 GiB guest).
         pfns = range(self.vm.npages)
         while True:
-            # Rounds are numbered on the wire from 0 (FIRST_ROUND); stats count them from 1 like
-            # QEMU's dirty-sync-count.
             wire_round = ch.conn.round
-            rnd = self.stats.round = wire_round + 1
+            rnd = self.stats.enter_round(wire_round)
             with structlog.contextvars.bound_contextvars(round=rnd):
                 t0 = trio.current_time()
                 self._bitmap_s = 0.0
@@ -399,7 +398,7 @@ class OutgoingMigration:
         flipped = np.nonzero(self.sent_private != bits)[0]
         pfns = np.union1d(dirty, flipped).astype(np.int64)
         wire_round = ch.conn.round
-        rnd = self.stats.round = wire_round + 1
+        rnd = self.stats.enter_round(wire_round)
         with structlog.contextvars.bound_contextvars(round=rnd):
             t0 = trio.current_time()
             # The Bitmap opens stop-and-copy on the wire (the guest is paused from here on); the last
