@@ -159,7 +159,7 @@ def test_launch_measurement_matches_guest_owner_and_secret_lands(ident_a):
                                 measure=bytes(32))
     raises(SevStatus.BAD_MEASUREMENT, fw.launch_secret, h, h2, 0x100, c2)
     # COMPRESSED with a valid MAC → UNSUPPORTED (MAC is checked first for LAUNCH_SECRET).
-    ch = crypto.Channel(owner.tek, owner.tik)
+    ch = crypto.TransportKeys(owner.tek, owner.tik)
     ch_hdr, ch_ct = ch.seal(b"\x07" * 16, secret, ctx=crypto.CTX_LAUNCH_SECRET, measure=measure,
                             flags=crypto.FLAG_COMPRESSED)
     raises(SevStatus.UNSUPPORTED, fw.launch_secret, h, ch_hdr, 0x100, ch_ct)

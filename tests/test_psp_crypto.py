@@ -229,7 +229,7 @@ def test_seal_batch_equals_single_packets(n):
     tek, tik = rnd.randbytes(16), rnd.randbytes(16)
     ivs = _rand_ivs(rnd, n)
     pt = rnd.randbytes(n * 4096)
-    ch = crypto.Channel(tek, tik)
+    ch = crypto.TransportKeys(tek, tik)
     headers, ct = ch.seal_batch(ivs, pt, 4096)
     for i in range(n):
         iv = ivs[16 * i:16 * i + 16]
@@ -252,7 +252,7 @@ def test_open_batch_reports_first_bad_packet():
     with pytest.raises(SevError) as ei:
         crypto.open_batch(tek, tik, headers, bytes(bad), 4096)
     assert ei.value.status == SevStatus.BAD_MEASUREMENT and ei.value.index == 3
-    assert crypto.Channel(tek, tik).verify_batch(headers, bytes(bad), 4096) == 3
+    assert crypto.TransportKeys(tek, tik).verify_batch(headers, bytes(bad), 4096) == 3
 
 
 @settings(max_examples=100, deadline=None)
@@ -265,7 +265,7 @@ def test_counter_blocks_match_integer_arithmetic(iv, blocks):
 
 def test_reprs_hide_keys():
     tek, tik = b"\xaa" * 16, b"\xbb" * 16
-    for obj in (crypto.Channel(tek, tik), crypto.HmacSha256(tik)):
+    for obj in (crypto.TransportKeys(tek, tik), crypto.HmacSha256(tik)):
         r = repr(obj)
         assert "aa" * 4 not in r and "bb" * 4 not in r and "hidden" in r
     _z, _t, _i, blob = _session()

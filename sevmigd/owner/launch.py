@@ -159,7 +159,7 @@ def wrap_secret(session: LaunchSession, m: Measurement, digest: bytes, secret: b
     secret = bytes(secret)
     if not secret or len(secret) % 16 or len(secret) > 4096:
         raise OwnerError("secret", f"{len(secret)} bytes; must be a non-zero multiple of 16, at most 4096")
-    hdr, ct = crypto.Channel(session.tek, session.tik).seal(bytes(rng(16)), secret, ctx=crypto.CTX_LAUNCH_SECRET,
+    hdr, ct = crypto.TransportKeys(session.tek, session.tik).seal(bytes(rng(16)), secret, ctx=crypto.CTX_LAUNCH_SECRET,
                                                             measure=m.measure)
     return hdr + ct
 

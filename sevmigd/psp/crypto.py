@@ -246,13 +246,13 @@ def build_header(flags: int, iv: bytes, mac: bytes) -> bytes:
 def packet_seal(tek: bytes, tik: bytes, iv: bytes, plaintext: bytes, *, ctx: int = CTX_UPDATE,
                 measure: bytes = b"", flags: int = 0) -> tuple[bytes, bytes]:
     """One packet: (header 0x34, ciphertext). `measure` is appended to the MAC input (LAUNCH_SECRET)."""
-    return Channel(tek, tik).seal(iv, plaintext, ctx=ctx, measure=measure, flags=flags)
+    return TransportKeys(tek, tik).seal(iv, plaintext, ctx=ctx, measure=measure, flags=flags)
 
 
 def packet_open(tek: bytes, tik: bytes, hdr: bytes, ciphertext: bytes, *, ctx: int = CTX_UPDATE,
                 measure: bytes = b"") -> bytes:
     """Verify the MAC (BAD_MEASUREMENT) and decrypt. FLAGS checks are the firmware's business."""
-    return Channel(tek, tik).open(hdr, ciphertext, ctx=ctx, measure=measure)
+    return TransportKeys(tek, tik).open(hdr, ciphertext, ctx=ctx, measure=measure)
 
 
 def _counter_array(ivs, blocks_per_iv: int) -> np.ndarray:
@@ -293,7 +293,7 @@ def _xor(a, b) -> np.ndarray:
     return np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8))
 
 
-class Channel:
+class TransportKeys:
     """TEK/TIK of one open channel, keyed once: one AES-ECB context (CTR keystreams are ECB over counter
     blocks) and one precomputed HMAC. Single and batch forms give identical bytes.
 
@@ -311,7 +311,7 @@ class Channel:
         self._mac = HmacSha256(self._tik)
 
     def __repr__(self) -> str:
-        return "Channel(<TEK/TIK hidden>)"
+        return "TransportKeys(<TEK/TIK hidden>)"
 
     @property
     def tik(self) -> bytes:
@@ -451,14 +451,14 @@ class Channel:
 
 def seal_batch(tek: bytes, tik: bytes, ivs: bytes, plaintext, packet_len: int,
                *, ctx: int = CTX_UPDATE) -> tuple[bytes, bytes]:
-    """Module-level form of `Channel.seal_batch`."""
-    return Channel(tek, tik).seal_batch(ivs, plaintext, packet_len, ctx=ctx)
+    """Module-level form of `TransportKeys.seal_batch`."""
+    return TransportKeys(tek, tik).seal_batch(ivs, plaintext, packet_len, ctx=ctx)
 
 
 def open_batch(tek: bytes, tik: bytes, headers, ciphertext, packet_len: int,
                *, ctx: int = CTX_UPDATE) -> bytes:
     """Verify and decrypt a batch; the first failing packet raises BAD_MEASUREMENT with `.index` set."""
-    ch = Channel(tek, tik)
+    ch = TransportKeys(tek, tik)
     n = len(headers) // HEADER_SIZE
     good = ch.verify_batch(headers, ciphertext, packet_len, ctx=ctx)
     if good < n:
@@ -473,5 +473,5 @@ __all__: Sequence[str] = (
     "CTX_MEASURE", "FLAG_COMPRESSED", "hmac_sha256", "aes128_ctr", "HmacSha256", "kdf", "derive_master",
     "derive_kek", "derive_kik", "ecdh_z", "policy_mac", "Session", "build_session", "open_session",
     "verify_policy_mac", "launch_measure", "packet_aad", "parse_header", "build_header", "packet_seal",
-    "packet_open", "ctr_counter_blocks", "Channel", "seal_batch", "open_batch",
+    "packet_open", "ctr_counter_blocks", "TransportKeys", "seal_batch", "open_batch",
 )

@@ -172,7 +172,7 @@ class _Guest:
         self.active = False
         self.vek = vek
         self.engine = engine
-        self.channel: crypto.Channel | None = None
+        self.channel: crypto.TransportKeys | None = None
         self.digest = hashlib.sha256()
         self.final_digest: bytes | None = None
         self.measure: bytes | None = None
@@ -308,13 +308,13 @@ class Firmware:
         if policy & RESERVED_MASK:
             raise SevError(SevStatus.POLICY_FAILURE, "reserved policy bits are set")
 
-    def _open_server_channel(self, peer_cert: bytes, session: bytes, policy: int) -> crypto.Channel:
+    def _open_server_channel(self, peer_cert: bytes, session: bytes, policy: int) -> crypto.TransportKeys:
         """LAUNCH_START / RECEIVE_START: ECDH(our PDH, peer), unwrap TEK/TIK, verify POLICY_MAC."""
         peer = chain.pdh_sanity_check(bytes(peer_cert))
         z = crypto.ecdh_z(self.identity.pdh_private, peer)
         tek, tik = crypto.open_session(z, bytes(session))
         crypto.verify_policy_mac(tik, bytes(session), policy)
-        return crypto.Channel(tek, tik)
+        return crypto.TransportKeys(tek, tik)
 
     def _new_guest(self, policy: int, share_handle: int) -> _Guest:
         """Key sharing, handle allocation, ES check (shared by LAUNCH_START and RECEIVE_START)."""
@@ -547,7 +547,7 @@ class Firmware:
             channel = self._open_server_channel(dh_cert, session, policy)
         self._check_policy(policy)
         g = self._new_guest(policy, handle)
-        g.channel = channel if channel is not None else crypto.Channel(bytes(16), bytes(16))
+        g.channel = channel if channel is not None else crypto.TransportKeys(bytes(16), bytes(16))
         g.state = GuestState.LUPDATE
         self._guests[g.handle] = g
         self._state = PlatformState.WORKING
@@ -659,7 +659,7 @@ class Firmware:
         tek, tik = self._rand(16), self._rand(16)
         nonce, wrap_iv = self._rand(16), self._rand(16)
         session = crypto.build_session(z, tek=tek, tik=tik, nonce=nonce, wrap_iv=wrap_iv, policy=policy)
-        g.channel = crypto.Channel(tek, tik)
+        g.channel = crypto.TransportKeys(tek, tik)
         g.state = GuestState.SUPDATE
         return policy, session
 
