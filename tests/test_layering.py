@@ -211,3 +211,46 @@ def test_cycle_checker_catches_a_deferred_import_cycle(tmp_path):
     graph = import_graph(pkg)
     assert import_cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     assert "pkg.c:2 imports pkg.a" in _explain(graph, ["pkg.a", "pkg.c", "pkg.sub.b"])
+
+
+# ------------------------------------------------------------------------------- drivers through kvm
+# The migration drivers reach the PSP and the guest's SEV context only through sevmigd.kvm (SevGuest for
+# the SEV commands, SevDevice for /dev/sev), as QEMU's target/i386/sev.c reaches them through /dev/kvm,
+# and the guest's RAM only through migrate/ram.py (dirty log, bitmap windows, raw pages), as QEMU's
+# migration.c leaves RAM to ram.c. So source.py and destination.py never name the firmware object
+# (`.fw`), never import psp.firmware or guest modules, and never call the host view's RAM methods.
+
+DRIVERS = [PKG / "daemon" / "source.py", PKG / "daemon" / "destination.py"]
+RAM_METHODS = {"get_and_clear_dirty_log", "enable_dirty_log", "disable_dirty_log", "page_enc_bitmap",
+               "page_enc_window", "page_enc_status", "set_page_enc_bitmap", "set_page_enc_status",
+               "set_page_enc_window", "read_raw_pages", "write_raw_pages"}
+DRIVER_FORBIDDEN_IMPORTS = ("sevmigd.psp.firmware", "sevmigd.psp.memengine", "sevmigd.guest")
+
+
+def driver_violations(path: pathlib.Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = [f"imports {n}" for n in _hits(_imports(path), DRIVER_FORBIDDEN_IMPORTS)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "fw":
+            out.append(f"line {node.lineno}: names the firmware object (.fw)")
+        if isinstance(node, ast.Name) and node.id == "fw":
+            out.append(f"line {node.lineno}: names the firmware object (fw)")
+        if isinstance(node, ast.Attribute) and node.attr in RAM_METHODS:
+            out.append(f"line {node.lineno}: RAM work ({node.attr}) outside migrate/ram.py")
+    return out
+
+
+@pytest.mark.parametrize("path", DRIVERS, ids=lambda p: p.name)
+def test_drivers_reach_psp_and_guest_only_through_kvm_and_ram(path):
+    assert not driver_violations(path)
+
+
+def test_driver_checker_catches_a_violation(tmp_path):
+    f = tmp_path / "drv.py"
+    f.write_text("from sevmigd.guest.hypervisor import PAGE_SIZE\n"
+                 "def x(self):\n    fw = self.daemon.fw\n    fw.send_update_data_batch(1, [])\n"
+                 "    self.host.get_and_clear_dirty_log()\n")
+    found = driver_violations(f)
+    assert any("sevmigd.guest" in v for v in found)
+    assert any(".fw" in v for v in found) and any("(fw)" in v for v in found)
+    assert any("get_and_clear_dirty_log" in v for v in found)

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from sevmigd.errors import ConfigError
+from sevmigd.kvm.uapi import HYPERCALL_DIALECTS
 from sevmigd.units import parse_gpa, parse_size
 
 
@@ -51,6 +52,10 @@ def register(sub) -> None:
                    help="write every page at boot with seeded random content (no zero pages; benchmarks)")
     v.add_argument("--no-migration-control", action="store_true",
                    help="guest kernel does not set MSR_KVM_MIGRATION_CONTROL (migration will be refused)")
+    v.add_argument("--hypercall", choices=tuple(HYPERCALL_DIALECTS), default="map-gpa-range",
+                   help="how the guest kernel reports page-state changes: map-gpa-range (KVM_HC_MAP_GPA_RANGE, "
+                        "Linux 5.14+, exits to the VMM; default) or page-enc-status (the seed RFC's "
+                        "KVM_HC_PAGE_ENC_STATUS, kept in KVM's bitmap)")
     v.add_argument("--json", action="store_true", help="print the new guest's status as JSON")
     v.add_argument("--owner-session", metavar="DIR",
                    help="the guest owner's launch session (`sevmigd owner session`): GODH cert, session "
@@ -110,6 +115,11 @@ def register(sub) -> None:
     v.add_argument("name")
     v.add_argument("--json", action="store_true")
     v.set_defaults(ctl=_verify)
+
+    v = verbs.add_parser("reboot", help="reboot a guest's kernel (page-encryption bitmap reset)")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true", help="print the guest's status after the reboot as JSON")
+    v.set_defaults(ctl=_reboot)
 
     v = verbs.add_parser("stop", help="stop a guest (DECOMMISSION) and forget it")
     v.add_argument("name")
@@ -193,6 +203,7 @@ def _launch(client, args) -> int:
         "seed": args.seed,
         "vcpus": args.vcpus,
         "migration_control": not args.no_migration_control,
+        "hypercall": args.hypercall,
     }
     if args.prefill:
         req["prefill"] = True
@@ -367,6 +378,15 @@ def _verify(client, args) -> int:
         print(f"{r['name']}: FAILED: {r.get('mismatch_count', len(r['mismatches']))} mismatching page(s) "
               f"of {r['pages_checked']} (pfns {shown}{', ...' if len(r['mismatches']) > 16 else ''})")
     return 0 if r["ok"] else 1
+
+
+def _reboot(client, args) -> int:
+    st = client.execute("reboot", {"name": args.name})
+    if args.json:
+        _print_json(st)
+        return 0
+    print(f"{args.name}: rebooted ({st.get('private_pages')} private, {st.get('shared_pages')} shared pages)")
+    return 0
 
 
 def _stop(client, args) -> int:

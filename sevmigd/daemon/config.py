@@ -135,6 +135,10 @@ class Config:
                 return p
         known = ", ".join(p.name for p in self.policies) or "none configured"
         raise ConfigError("policy", f"no migration policy named {name!r} (known: {known})")
+    # Private pages: true = the batch extension (one PSP crossing per 256-page batch, byte-identical
+    # packets); false = one KVM_SEV_SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA ioctl per page, as upstream
+    # KVM and QEMU do it (sevmigd.kvm).
+    sev_batch_pages: bool = True
 
     # -- derived, for the server -------------------------------------------------------------
     @property
@@ -390,7 +394,14 @@ _VALIDATORS: dict[str, Any] = {
     "default_policy": lambda k, v: None if v is None else _str(k, v),
     "max_queued_outgoing": lambda k, v: _int(k, v, 0, 100_000),
     "outgoing_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
+    "sev_batch_pages": lambda k, v: _flag(k, v),
 }
+
+
+def _flag(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {v!r}")
+    return v
 
 
 def _positive_size(key: str, v: Any) -> int:

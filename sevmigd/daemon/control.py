@@ -39,7 +39,7 @@ from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.evacuate import Evacuation, parse_targets
 from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
 from sevmigd.errors import ConfigError, SevmigdError
-from sevmigd.guest.vm import GuestConfig
+from sevmigd.guest.vm import HYPERCALLS, GuestConfig
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.status import SevError
 from sevmigd.units import PAGE_SIZE, parse_gpa, parse_size
@@ -452,7 +452,7 @@ async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
         name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
         dirty_rate_mib_s=a["dirty_rate"], working_set_mib=ws, shared_fraction=a["shared_fraction"],
         flip_rate=a["flip_rate"], seed=a["seed"], migration_control=a["migration_control"], vcpus=a["vcpus"],
-        prefill=a["prefill"], owner_godh=a["owner_godh"], owner_session=a["owner_session"],
+        prefill=a["prefill"], owner_godh=a["owner_godh"], owner_session=a["owner_session"], hypercall=a["hypercall"],
     )
     hosted = await daemon.launch_guest(gcfg)
     return daemon.guest_status(hosted)
@@ -514,6 +514,22 @@ async def _verify(daemon: Daemon, a: dict, emit: Emit) -> dict:
     mismatches = [int(p) for p in report.mismatches]
     return {"name": hosted.name, "ok": bool(report.ok), "pages_checked": int(report.pages_checked),
             "mismatches": mismatches[:1024], "mismatch_count": len(mismatches)}
+
+
+async def _reboot(daemon: Daemon, a: dict, emit: Emit) -> dict:
+    """Restart the guest's kernel: every page private again, the page-encryption bitmaps (KVM's and the
+    VMM's) reset, the migration-control MSR cleared until the new kernel opts in again."""
+    hosted = _guest(daemon, a["name"])
+    if hosted.state != "running":
+        raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; reboot needs a running guest")
+    hosted.vm.reboot()
+    return daemon.guest_status(hosted)
+
+
+def _hypercall(key: str, v) -> str:
+    if v not in HYPERCALLS:
+        raise ConfigError(key, f"must be one of {', '.join(HYPERCALLS)}, got {v!r}")
+    return v
 
 
 async def _stop(daemon: Daemon, a: dict, emit: Emit) -> dict:
@@ -690,6 +706,7 @@ COMMANDS: dict[str, Command] = {
         # the guest owner's launch blobs (`sevmigd owner session`): GODH cert 0x824, session 0x80
         "owner_godh": Arg(_opt(_hexdata)),
         "owner_session": Arg(_opt(_hexdata)),
+        "hypercall": Arg(lambda k, v: _hypercall(k, v), default="map-gpa-range"),
     }),
     "launch-finish": Command(_launch_finish, {
         "name": _NAME,
@@ -716,6 +733,7 @@ COMMANDS: dict[str, Command] = {
     "resolve": Command(_resolve, {"name": _NAME, "run_here": Arg(_bool, required=True)}),
     "verify": Command(_verify, {"name": _NAME}),
     "stop": Command(_stop, {"name": _NAME}),
+    "reboot": Command(_reboot, {"name": _NAME}),
     "guest-write": Command(_guest_write, {
         "name": _NAME,
         "gpa": Arg(_gpa, required=True),

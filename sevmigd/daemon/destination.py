@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import structlog
 import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
-from sevmigd.guest.hypervisor import PAGE_SIZE
-from sevmigd.migrate.errors import FirmwareCommandError, MigrationError
+from sevmigd.kvm import KvmError, SevGuest
+from sevmigd.kvm.uapi import PAGE_SIZE
+from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
+from sevmigd.migrate.ram import RamReceiver, as_pfns
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.migrate.trust import check_peer_platform, platform_files
 from sevmigd.psp.policy import Policy
-from sevmigd.psp.status import SevError
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
 from sevmigd.wire.errors import AbortCode, ProtocolError
@@ -58,6 +58,8 @@ class IncomingMigration:
         self.log = self.daemon.log.bind(role="destination", peer=peer)
         self.reserved = False
         self.handle: int | None = None
+        self.sev: SevGuest | None = None         # the incoming VM's SEV commands (sevmigd.kvm)
+        self.ram: RamReceiver | None = None      # its RAM (migrate/ram.py)
         self.asid: int | None = None
         self.vm = None
         self.hosted = None
@@ -141,7 +143,6 @@ class IncomingMigration:
 
     async def _protocol(self, ch: Channel) -> None:
         cfg = self.daemon.config
-        fw = self.daemon.fw
         hello = None
         with trio.move_on_after(cfg.handshake_timeout_s):
             hello = await ch.receive_expect(m.Hello)
@@ -164,7 +165,7 @@ class IncomingMigration:
         self.manager.incoming[self.name] = self
         self.reserved = True
         await ch.send(m.Accept(version=negotiate_version(hello.version), features=SUPPORTED_FEATURES,
-                               platform=platform_files(fw.identity)))
+                               platform=platform_files(self.daemon.sev_device.identity)))
         ch.start_keepalives()
         self.log.info("incoming_accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
                       vcpus=hello.vcpus, es=hello.es)
@@ -173,15 +174,18 @@ class IncomingMigration:
         if start.policy != hello.policy:
             raise MigrationError(AbortCode.POLICY_REFUSED,
                                  f"policy in start (0x{start.policy:x}) differs from hello (0x{hello.policy:x})")
-        self.handle = await self.daemon.psp.run(
-            "RECEIVE_START", lambda: fw.receive_start(policy=start.policy, pdh_cert=start.pdh, session=start.session))
+        # As QEMU on KVM: the VM (KVM_SEV_INIT with an ASID of the guest's kind, its memory slot) first,
+        # then RECEIVE_START through it; KVM binds the ASID (ACTIVATE) to the new context.
         self.asid = self.daemon.allocate_asid(es=bool(start.policy & Policy.ES))
-        try:
-            self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
-                                                   policy=start.policy, handle=self.handle, asid=self.asid,
-                                                   vcpus=hello.vcpus)
-        except SevError as exc:
-            raise FirmwareCommandError("ACTIVATE", exc) from None
+        self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
+                                               policy=start.policy, handle=None, asid=self.asid,
+                                               vcpus=hello.vcpus)
+        self.sev = self.vm.host.sev
+        self.ram = RamReceiver(self.vm.host)
+        self.handle = await self.daemon.psp.run(
+            "RECEIVE_START", lambda: self.sev.receive_start(policy=start.policy, pdh_cert=start.pdh,
+                                                            session=start.session))
+        self.vm.received(self.handle)
         self.npages = self.vm.npages
         self.hosted = self.manager.add_incoming_guest(self.name, self.vm)
         self.hosted.migration = self.stats
@@ -211,8 +215,6 @@ class IncomingMigration:
     # -- pages ------------------------------------------------------------------------------------------------
 
     async def _receive_loop(self, ch: Channel) -> None:
-        fw = self.daemon.fw
-        host = self.vm.host
         while True:
             msg = await ch.receive()
             if isinstance(msg, m.Pages):
@@ -225,15 +227,13 @@ class IncomingMigration:
                               remaining_pages=msg.remaining, transferred=ch.bytes_received)
                 await self._push_progress(force=True)
             elif isinstance(msg, m.Bitmap):
-                if msg.npages != self.npages:
-                    raise MigrationError(AbortCode.PROTOCOL_ERROR,
-                                         f"bitmap covers {msg.npages} pages, the guest has {self.npages}")
-                host.set_page_enc_bitmap(unpack_bitmap(msg.bits, msg.npages))
+                # (its length is checked by the Connection) KVM's bitmap and the VMM's, either dialect
+                self.ram.set_bitmap(unpack_bitmap(msg.bits, msg.npages))
                 self.stats.status = "device"
             elif isinstance(msg, m.VcpuState):
                 await self._apply_vcpu_state(msg)
             elif isinstance(msg, m.Complete):
-                await self.daemon.psp.run("RECEIVE_FINISH", lambda: fw.receive_finish(self.handle))
+                await self.daemon.psp.run("RECEIVE_FINISH", self.sev.receive_finish)
                 self.ready = True
                 await ch.send(m.Ready())
                 self.log.info("incoming_ready", pages=self.pages_received)
@@ -246,34 +246,32 @@ class IncomingMigration:
                 raise MigrationError(AbortCode.PROTOCOL_ERROR, f"unexpected {type(msg).__name__} from {self.peer}")
 
     async def _apply_pages(self, msg: m.Pages) -> None:
-        fw = self.daemon.fw
-        host = self.vm.host
-        enc = np.asarray(msg.enc_pfns, dtype=np.uint64)
-        shr = np.asarray(msg.shr_pfns, dtype=np.uint64)
-        for arr in (enc, shr):
-            if len(arr) and int(arr.max()) >= self.npages:
-                raise MigrationError(AbortCode.PROTOCOL_ERROR,
-                                     f"page {int(arr.max())} beyond the guest's {self.npages} pages")
+        """Private pages through RECEIVE_UPDATE_DATA, shared ones stored raw (their range was checked once,
+        by the Connection; the bitmap comes whole with the final Bitmap)."""
+        enc, shr = as_pfns(msg.enc_pfns), as_pfns(msg.shr_pfns)
         self.stats.enter_round(msg.round)
         if len(enc):
-            def where(exc: SevError) -> str:
+            def where(exc: KvmError) -> str:
                 idx = exc.index
                 return f"round {self.stats.round}" + (f", page 0x{int(enc[idx]):x}" if idx is not None and idx < len(enc) else "")
 
-            await self.daemon.psp.run(
-                "RECEIVE_UPDATE_DATA", lambda: fw.receive_update_data_batch(self.handle, enc, msg.enc_headers, msg.enc_data),
-                where=where)
-            host.set_page_enc_status(enc.astype(np.int64), True)
-        if len(shr):
-            host.write_raw_pages(shr.astype(np.int64), msg.shr_data)
-            host.set_page_enc_status(shr.astype(np.int64), False)
+            receive = self._receive_pages
+            await self.daemon.psp.run("RECEIVE_UPDATE_DATA", lambda: receive(enc, msg.enc_headers, msg.enc_data),
+                                      where=where)
+        self.ram.store_shared(shr, msg.shr_data)
         self.pages_received += len(enc) + len(shr)
         self.stats.private_pages += len(enc)
         self.stats.shared_pages += len(shr)
         await self._push_progress()
 
+    def _receive_pages(self, enc, headers, data) -> None:
+        """The batch extension, or one KVM_SEV_RECEIVE_UPDATE_DATA per page (config sev_batch_pages)."""
+        if self.daemon.config.sev_batch_pages:
+            self.sev.receive_update_data_batch(enc, headers, data)
+        else:
+            self.sev.receive_update_data_pages(enc, headers, data, SEV_HDR_SIZE)
+
     async def _apply_vcpu_state(self, msg: m.VcpuState) -> None:
-        fw = self.daemon.fw
         host = self.vm.host
         if msg.regs is not None:
             if host.is_es:
@@ -287,7 +285,7 @@ class IncomingMigration:
             hdr = msg.vmsa_header[i * SEV_HDR_SIZE:(i + 1) * SEV_HDR_SIZE]
             trans = msg.vmsa[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             await self.daemon.psp.run("RECEIVE_UPDATE_VMSA",
-                                      lambda: fw.receive_update_vmsa(self.handle, hdr, trans, vcpu=i), where=f"vCPU {i}")
+                                      lambda: self.sev.receive_update_vmsa(hdr, trans, i), where=f"vCPU {i}")
 
     # -- hand-off ---------------------------------------------------------------------------------------------
 
@@ -355,7 +353,6 @@ class IncomingMigration:
 
     def _discard(self) -> None:
         """DECOMMISSION and drop the partial guest (never started)."""
-        fw = self.daemon.fw
         if self.hosted is not None:
             try:
                 self.manager.drop_guest(self.name, self.hosted)
@@ -366,11 +363,6 @@ class IncomingMigration:
                 self.vm.release()
             except Exception:  # noqa: BLE001
                 self.log.exception("release_failed")
-        elif self.handle is not None:
-            try:
-                fw.decommission(self.handle)
-            except SevError as exc:
-                self.log.error("decommission_failed", error=str(exc))
         if self.hosted is None and self.asid is not None and hasattr(self.daemon, "release_asid"):
             self.daemon.release_asid(self.asid)
 

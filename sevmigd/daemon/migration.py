@@ -411,7 +411,8 @@ class MigrationManager:
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with {peer} failed: {exc}") from None
 
-    def new_incoming_vm(self, *, name: str, memory_bytes: int, policy: int, handle: int, asid: int, vcpus: int):
+    def new_incoming_vm(self, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
+                        vcpus: int):
         from sevmigd.guest.vm import SevVm
 
         return SevVm.incoming(self.daemon.fw, name=name, memory_bytes=memory_bytes, policy=policy,

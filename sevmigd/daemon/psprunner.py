@@ -8,7 +8,7 @@ callable that issues firmware command(s) named `command` in the SEV API's spelli
   firmware's state is not meant for concurrent callers);
 * then wait out the firmware's pacing debt (`Firmware.take_pacing_debt()`: the modelled command time of
   a slow PSP; 0 when pacing is off), outside the lock like the hardware's mailbox would be free;
-* a firmware failure (SevError) becomes `FirmwareCommandError`, one typed error naming the command and
+* a firmware failure (SevError, or KvmError from a command issued through sevmigd.kvm) becomes `FirmwareCommandError`, one typed error naming the command and
   the SEV status, which is a MigrationError with AbortCode FIRMWARE_ERROR for the drivers and the
   "FirmwareError" class for control clients;
 * observers (`runner.observers.append(fn)`) hear `fn(command, seconds, status)` after every command
@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import trio
 
+from sevmigd.kvm import KvmError
 from sevmigd.migrate.errors import FirmwareCommandError
 from sevmigd.psp.firmware import Firmware
 from sevmigd.psp.status import SevError, SevStatus
@@ -65,7 +66,7 @@ class PspRunner:
                     result = await trio.to_thread.run_sync(fn)
                 else:
                     result = fn()
-            except SevError as exc:
+            except (SevError, KvmError) as exc:   # KvmError: a command through sevmigd.kvm
                 self._observe(command, t0, exc.status)
                 raise FirmwareCommandError(command, exc, where(exc) if callable(where) else where) from None
             self._observe(command, t0, None)

@@ -50,6 +50,7 @@ from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig, SevVm
 from sevmigd.kvm.asid import AsidExhausted, AsidSpace, firmware_flush
+from sevmigd.kvm.sev import SevDevice
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.psp.certs import AmdCert
 from sevmigd.psp.firmware import Firmware, PlatformState
@@ -198,6 +199,11 @@ class Daemon:
         if self._asid_space is None:
             self._asid_space = AsidSpace(firmware_flush(self.fw))
         return self._asid_space
+
+    @property
+    def sev_device(self) -> SevDevice:
+        """/dev/sev of this host (sevmigd.kvm.sev.SevDevice): PDH_CERT_EXPORT and the platform's chain."""
+        return SevDevice(self.fw)
 
     def allocate_asid(self, es: bool = False) -> int:
         """A free ASID of the SEV-ES or the SEV range (sev_asid_new); ResourceLimit when none is left
@@ -368,6 +374,7 @@ class Daemon:
             # what the guest owner needs to check LAUNCH_MEASURE (`sevmigd owner measure --launch FILE`)
             "launch_measure": safe(lambda: self._launch_measure(vm)),
             "migration_control": safe(lambda: int(vm.host.migration_control)),
+            "page_enc_bitmap": safe(lambda: vm.host.page_enc_source),
             "asid": safe(lambda: int(vm.asid)),
             "migration": hosted.migration.to_dict() if hosted.migration is not None else None,
             "error": hosted.error,

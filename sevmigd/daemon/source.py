@@ -30,20 +30,20 @@ from __future__ import annotations
 import os
 import uuid
 
-import numpy as np
 import structlog
 import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
-from sevmigd.guest.hypervisor import PAGE_SIZE
+from sevmigd.kvm import KvmError
+from sevmigd.kvm.uapi import PAGE_SIZE
 from sevmigd.migrate.errors import MigrationError
-from sevmigd.migrate.pages import BATCH_PAGES, batches, pack_bitmap, split_by_encryption
+from sevmigd.migrate.pages import pack_bitmap
 from sevmigd.migrate.planner import Decision, PrecopyPlanner
+from sevmigd.migrate.ram import RamSender
 from sevmigd.migrate.ratelimit import TokenBucket
 from sevmigd.migrate.stats import MigrationStats
 from sevmigd.migrate.trust import check_peer_platform, platform_files
 from sevmigd.psp.policy import Policy
-from sevmigd.psp.status import SevError
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role
 from sevmigd.wire import messages as m
 from sevmigd.wire.errors import AbortCode
@@ -51,13 +51,6 @@ from sevmigd.wire.errors import AbortCode
 # How often the live statistics are pushed to a `progress` callback between round ends (the control
 # socket's "progress" events): often enough to look live, rarely enough to cost nothing.
 PROGRESS_INTERVAL_S = 0.5
-
-
-# How stale the page-encryption bitmap may be while pages are sent with the guest running. The copy is
-# one byte per page (2 MiB for 8 GiB), so reading it for every 1 MiB batch would cost more than the batch
-# on big guests; a page that flips in between goes out as what it was, and is sent again as what it is
-# (the final stop-and-copy resends every page whose status differs from how it was last sent).
-BITMAP_REFRESH_S = 0.05
 
 
 def new_migration_id() -> str:
@@ -91,7 +84,6 @@ class OutgoingMigration:
         self.policy = policy
         self.stats.policy = getattr(policy, "name", None)
         self.planner: PrecopyPlanner | None = None
-        self.unsent = np.zeros(0, dtype=np.int64)  # pages of a round cut short by force-complete
         self._policy_scope = trio.CancelScope()
         self.channel: Channel | None = None
         self.pending_error: MigrationError | None = None
@@ -105,11 +97,14 @@ class OutgoingMigration:
         self.committed = False      # "go" may have reached the wire: no resuming on our own any more
         self.completed = False
         self.t_pause: float | None = None
-        self.sent_private = np.zeros(self.vm.npages, dtype=bool)  # how each page was last sent
+        self.sev = self.host.sev                # SEV commands through KVM (sevmigd.kvm), QEMU's sev.c
+        self.ram = RamSender(self.host, clock=trio.current_time)   # QEMU's ram.c: which pages, how
+        # The page path: the batch extension (one PSP crossing per batch) or one
+        # KVM_SEV_SEND_UPDATE_DATA per page as upstream KVM/QEMU (config sev_batch_pages).
+        self._send_pages_fn = (self.sev.send_update_data_batch if cfg.sev_batch_pages
+                               else self.sev.send_update_data_pages)
         self.pages_total = 0
-        self.pending = np.zeros(0, dtype=np.int64)
         self._final_error: MigrationError | None = None
-        self._bitmap_s = 0.0  # time spent reading the page-encryption bitmap in the current round
         self._last_progress = 0.0
 
     # -- control ---------------------------------------------------------------------------------------
@@ -189,9 +184,8 @@ class OutgoingMigration:
 
     async def _protocol(self, ch: Channel) -> None:
         cfg = self.daemon.config
-        fw = self.daemon.fw
         vm = self.vm
-        identity = fw.identity
+        identity = self.daemon.sev_device.identity
         t_hello = trio.current_time()
         await ch.send(m.Hello(version=self.manager.protocol_version, features=SUPPORTED_FEATURES,
                               platform=platform_files(identity), guest_name=vm.name,
@@ -220,10 +214,10 @@ class OutgoingMigration:
 
         p = reply.platform
         policy, session = await self.daemon.psp.run(
-            "SEND_START", lambda: fw.send_start(vm.handle, pdh_cert=p["pdh"], plat_certs=p["pek"] + p["oca"] + p["cek"],
+            "SEND_START", lambda: self.sev.send_start(pdh_cert=p["pdh"], plat_certs=p["pek"] + p["oca"] + p["cek"],
                                                 amd_certs=p["ask"] + p["ark"]))
         self.send_started = True
-        own_pdh, _chain = fw.pdh_cert_export()
+        own_pdh, _chain = self.daemon.sev_device.pdh_cert_export()
         await ch.send(m.Start(policy=policy, pdh=own_pdh, session=session))
         now = trio.current_time()
         self.stats.setup_time_ms = round((now - self.stats.started_at) * 1000, 3)
@@ -257,48 +251,46 @@ class OutgoingMigration:
 
     async def _precopy(self, ch: Channel, planner: PrecopyPlanner) -> None:
         host = self.host
+        ram = self.ram
         bucket = self.manager.rate_limiter(TokenBucket(self.max_bandwidth, now=trio.current_time()))
-        host.enable_dirty_log()
+        ram.start()                     # dirty log on; round 1 sends every page
         self.dirty_log_on = True
-        # Round 1 sends every page: a range, made into arrays one batch at a time (an int64 array of all
-        # pfns would be 8 B per page of peak RSS: 16 MiB for an 8 GiB guest).
-        pfns = range(self.vm.npages)
         while True:
             wire_round = ch.conn.round
             rnd = self.stats.enter_round(wire_round)
             with structlog.contextvars.bound_contextvars(round=rnd):
                 t0 = trio.current_time()
-                self._bitmap_s = 0.0
-                sent, npriv, nshr = await self._send_pages(ch, wire_round, pfns, bucket=bucket)
+                npages = ram.round_pages
+                sent, npriv, nshr = await self._send_round(ch, wire_round, bucket=bucket)
+                unsent = ram.remaining      # pages of a round that force-complete cut short
+                bitmap_s = ram.bitmap_s
                 t_sync = trio.current_time()
-                dirty = host.get_and_clear_dirty_log()
+                ndirty = ram.sync()         # the next round: the dirty log plus what was not sent
                 sync_s = trio.current_time() - t_sync
                 secs = trio.current_time() - t0
-                rec = planner.round_done(sent, secs, len(dirty))
+                rec = planner.round_done(sent, secs, ndirty)
                 self._policy_scope.deadline = planner.abort_deadline()
-                self.stats.remaining = len(dirty) * PAGE_SIZE
+                self.stats.remaining = ndirty * PAGE_SIZE
                 self.stats.expected_downtime_ms = (None if rec.expected_downtime == float("inf")
                                                    else round(rec.expected_downtime * 1000, 3))
-                self.stats.dirty_pages_rate = round(len(dirty) / secs, 1) if secs > 0 else 0.0
-                await ch.send(m.RoundEnd(round=wire_round, pages=len(pfns) - len(self.unsent),
-                                         remaining=len(dirty) + len(self.unsent)))
+                self.stats.dirty_pages_rate = round(ndirty / secs, 1) if secs > 0 else 0.0
+                await ch.send(m.RoundEnd(round=wire_round, pages=npages - unsent, remaining=ndirty + unsent))
                 decision = planner.decision()
-                summary = dict(round=rnd, pages=int(len(pfns)), private_pages=npriv, shared_pages=nshr,
-                               bytes=sent, seconds=round(secs, 4), dirty_pages=int(len(dirty)),
+                summary = dict(round=rnd, pages=npages, private_pages=npriv, shared_pages=nshr,
+                               bytes=sent, seconds=round(secs, 4), dirty_pages=ndirty,
                                bandwidth_mib_s=round(planner.bandwidth / (1 << 20), 1),
                                expected_downtime_ms=self.stats.expected_downtime_ms,
                                throttle_pct=planner.throttle_pct, decision=decision.value,
-                               sync_ms=round(sync_s * 1000, 3), bitmap_ms=round(self._bitmap_s * 1000, 3))
+                               sync_ms=round(sync_s * 1000, 3), bitmap_ms=round(bitmap_s * 1000, 3))
                 self.stats.rounds.append(summary)
                 self.log.info("round_done", **summary)
                 await self._push_progress(force=True)
-                if decision is Decision.STOP_AND_COPY or decision is Decision.FORCE_COMPLETE or len(self.unsent):
-                    # still to send, guest paused (plus a round that force-complete cut short)
-                    self.pending = np.union1d(np.asarray(dirty, dtype=np.int64), self.unsent)
+                if decision is Decision.STOP_AND_COPY or decision is Decision.FORCE_COMPLETE or unsent:
+                    # ram.py still holds the pages to send, guest paused (plus a round cut short)
                     if decision is not Decision.STOP_AND_COPY:
                         self.stats.forced_completion = True
                         self.log.warning("force_complete", reason=planner.timeout_reason,
-                                         remaining=int(len(self.pending)) * PAGE_SIZE)
+                                         remaining=ram.round_pages * PAGE_SIZE)
                     return
                 if decision is Decision.GIVE_UP:
                     raise self._policy_error(planner)
@@ -306,53 +298,36 @@ class OutgoingMigration:
                     host.set_throttle(planner.throttle_pct)
                     self.stats.throttle_pct = planner.throttle_pct
                     self.log.info("auto_converge_throttle", throttle_pct=planner.throttle_pct)
-                pfns = np.asarray(dirty, dtype=np.int64)
 
-    async def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray | range, *, bucket: TokenBucket | None = None,
-                          private: np.ndarray | None = None) -> tuple[int, int, int]:
-        """Send `pfns` in batches. `private` fixes the bitmap (stop-and-copy); otherwise it is re-read
-        every BITMAP_REFRESH_S while the guest runs. Returns (bytes, npriv, nshr)."""
-        fw = self.daemon.fw
-        handle = self.vm.handle
-        host = self.host
+    async def _send_round(self, ch: Channel, rnd: int, *, bucket: TokenBucket | None = None) -> tuple[int, int, int]:
+        """Send the round's pages as ram.py hands them out, batch by batch. Returns (bytes, npriv, nshr)."""
+        ram = self.ram
+        send_pages = self._send_pages_fn
         sent = npriv = nshr = 0
-        left = len(pfns)
-        bits = private
-        bits_at = -BITMAP_REFRESH_S
-        for chunk in batches(pfns, BATCH_PAGES):
-            if isinstance(chunk, range):
-                chunk = np.arange(chunk.start, chunk.stop, dtype=np.int64)
-            if private is None and trio.current_time() - bits_at >= BITMAP_REFRESH_S:
-                bits_at = trio.current_time()
-                bits = host.page_enc_bitmap()
-                self._bitmap_s += trio.current_time() - bits_at
-            enc, shr = split_by_encryption(chunk, bits)
+        while (batch := ram.next_batch()) is not None:
+            enc, shr = batch.enc, batch.shr
             if len(enc):
                 # Inline, not in a worker thread: the guest's vCPU task uses the same memory engine
                 # (see sevmigd.daemon.psprunner.PSP_IN_THREAD).
-                headers, data = await self.daemon.psp.run(
-                    "SEND_UPDATE_DATA", lambda: fw.send_update_data_batch(handle, enc), thread=False)
+                headers, data = await self.daemon.psp.run("SEND_UPDATE_DATA", lambda: send_pages(enc),
+                                                          thread=False)
             else:
                 headers = data = b""
-            shr_data = host.read_raw_pages(shr) if len(shr) else b""
-            self.sent_private[enc.astype(np.int64)] = True
-            self.sent_private[shr.astype(np.int64)] = False
             if bucket is not None:
-                delay = bucket.reserve(len(data) + len(shr_data) + len(headers), trio.current_time())
+                delay = bucket.reserve(len(data) + len(batch.shr_data) + len(headers), trio.current_time())
                 if delay > 0:
                     await trio.sleep(delay)
-            n = await ch.send_pages(rnd, enc, headers, data, shr, shr_data)
+            n = await ch.send_pages(rnd, enc, headers, data, shr, batch.shr_data)
             sent += n
             npriv += len(enc)
             nshr += len(shr)
-            self.pages_total += len(chunk)
+            self.pages_total += len(batch)
             self.stats.transferred = ch.bytes_sent
             self.stats.private_pages += len(enc)
             self.stats.shared_pages += len(shr)
-            left -= len(chunk)
-            self.stats.remaining = left * PAGE_SIZE  # QEMU: what is still dirty in the bitmap
+            self.stats.remaining = ram.remaining * PAGE_SIZE  # QEMU: what is still dirty in the bitmap
             await self._push_progress()
-            if bucket is not None and self._policy_tick(pfns, left):
+            if bucket is not None and self._policy_tick(ram.remaining):
                 break
         return sent, npriv, nshr
 
@@ -366,18 +341,16 @@ class OutgoingMigration:
                     completion_timeout_s=pol.completion_timeout_s(self.vm.memory_bytes),
                     completion_action=pol.completion_action, progress_timeout_s=pol.progress_timeout_s)
 
-    def _policy_tick(self, pfns, left: int) -> bool:
+    def _policy_tick(self, left: int) -> bool:
         """After each pre-copy batch: feed round-1 progress, move the abort deadline, and say whether
-        force-complete cuts this round short now (the rest of it goes in the stop-and-copy)."""
+        force-complete cuts this round short now (the rest of it, still in ram.py, goes in the
+        stop-and-copy)."""
         planner = self.planner
         if planner is None or self.policy is None:
             return False
         planner.in_round(left * PAGE_SIZE)
         self._policy_scope.deadline = planner.abort_deadline()
-        if left and planner.timeout_decision() is Decision.FORCE_COMPLETE:
-            self.unsent = np.asarray(pfns[len(pfns) - left:], dtype=np.int64)
-            return True
-        return False
+        return bool(left) and planner.timeout_decision() is Decision.FORCE_COMPLETE
 
     def _policy_error(self, planner: PrecopyPlanner) -> MigrationError:
         code = AbortCode.TIMEOUT if planner.timeout_kind == "progress" else AbortCode.CONVERGENCE_FAILED
@@ -385,18 +358,14 @@ class OutgoingMigration:
 
     async def _stop_and_copy(self, ch: Channel, planner: PrecopyPlanner) -> None:
         host = self.host
-        fw = self.daemon.fw
         self.stats.status = "device"
         self.t_pause = trio.current_time()
         host.pause()
         self.paused_by_us = True
-        # The pages the last pre-copy round left dirty, plus whatever the guest wrote since that sync.
-        dirty = np.union1d(self.pending, np.asarray(host.get_and_clear_dirty_log(), dtype=np.int64))
-        bits = np.asarray(host.page_enc_bitmap(), dtype=bool).copy()
-        # Pages whose encryption status changed since they were last sent must go again as what they are
-        # now, even if the guest did not write them (the final bitmap decides how the destination reads).
-        flipped = np.nonzero(self.sent_private != bits)[0]
-        pfns = np.union1d(dirty, flipped).astype(np.int64)
+        # The pages the last pre-copy round left dirty (or unsent), plus whatever the guest wrote since
+        # that sync, plus every page whose encryption status changed since it was last sent (ram.py).
+        bits = self.ram.stop_and_copy()
+        npages = self.ram.round_pages
         wire_round = ch.conn.round
         rnd = self.stats.enter_round(wire_round)
         with structlog.contextvars.bound_contextvars(round=rnd):
@@ -404,13 +373,13 @@ class OutgoingMigration:
             # The Bitmap opens stop-and-copy on the wire (the guest is paused from here on); the last
             # pages follow it, sent as the final bitmap says.
             await ch.send(m.Bitmap(npages=self.vm.npages, bits=pack_bitmap(bits)))
-            sent, npriv, nshr = await self._send_pages(ch, wire_round, pfns, private=bits)
-            await ch.send(m.RoundEnd(round=wire_round, pages=len(pfns), remaining=0))
+            sent, npriv, nshr = await self._send_round(ch, wire_round)
+            await ch.send(m.RoundEnd(round=wire_round, pages=npages, remaining=0))
             if self.host.is_es:
                 hdrs, pages = [], []
                 for i in range(self.vm.vcpus):      # one SEND_UPDATE_VMSA per vCPU (its own VMSA page)
                     hdr, vmsa = await self.daemon.psp.run("SEND_UPDATE_VMSA",
-                                                          lambda: fw.send_update_vmsa(self.vm.handle, vcpu=i),
+                                                          lambda: self.sev.send_update_vmsa(i),
                                                           where=f"vCPU {i}")
                     hdrs.append(hdr)
                     pages.append(vmsa)
@@ -421,9 +390,9 @@ class OutgoingMigration:
             await ch.send(m.Complete(pages_total=self.pages_total))
             self.stats.remaining = 0
             self.stats.transferred = ch.bytes_sent
-            summary = dict(round=rnd, pages=int(len(pfns)), private_pages=npriv, shared_pages=nshr,
+            summary = dict(round=rnd, pages=npages, private_pages=npriv, shared_pages=nshr,
                            bytes=sent, seconds=round(trio.current_time() - t0, 4), dirty_pages=0,
-                           flipped_pages=int(len(flipped)), decision="complete")
+                           flipped_pages=self.ram.flipped, decision="complete")
             self.stats.rounds.append(summary)
             self.log.info("stop_and_copy_sent", **summary)
         await self._push_progress(force=True)
@@ -462,9 +431,9 @@ class OutgoingMigration:
             self.log.exception("stop_vcpus_failed")
         if self.send_started and not self.send_finished:
             try:
-                self.daemon.fw.send_finish(self.vm.handle)
+                self.sev.send_finish()
                 self.send_finished = True
-            except SevError as exc:  # DECOMMISSION below ends the context either way
+            except KvmError as exc:  # DECOMMISSION below ends the context either way
                 self.log.error("send_finish_failed", error=str(exc))
         self.vm.release()
         self.hosted.state = "migrated"
@@ -507,16 +476,15 @@ class OutgoingMigration:
 
     def _rollback(self, err: MigrationError) -> None:
         """Give the guest back to the source: SEND_CANCEL, throttle off, dirty log off, resume."""
-        fw = self.daemon.fw
         host = self.host
         if self.send_started and not self.send_finished:
             try:
-                fw.send_cancel(self.vm.handle)
-            except SevError as exc:
+                self.sev.send_cancel()
+            except KvmError as exc:
                 self.log.error("send_cancel_failed", error=str(exc))
             self.send_started = False
         for what, fn in (("throttle off", lambda: host.set_throttle(0)),
-                         ("dirty log off", host.disable_dirty_log if self.dirty_log_on else None),
+                         ("dirty log off", self.ram.stop_logging if self.dirty_log_on else None),
                          ("resume", host.resume if self.paused_by_us else None)):
             if fn is None:
                 continue

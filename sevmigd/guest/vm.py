@@ -33,6 +33,7 @@ from ..psp.policy import Policy
 from ..psp.status import SevError, SevStatus
 from . import vcpu as vc
 from .agent import GuestAgent, GuestNotRunning
+from ..kvm.uapi import HYPERCALL_DIALECTS
 from ..kvm.vm import KvmVm
 from .hypervisor import HostView
 from .kernel import GuestKernel, GuestPanic
@@ -47,7 +48,7 @@ MIN_MEMORY = 1 << 20
 DEFAULT_IMAGE_BYTES = 64 * 1024
 MAX_VCPUS = 64
 #: The page-state hypercall dialects a guest kernel can speak (GuestConfig.hypercall).
-HYPERCALLS = ("map-gpa-range", "page-enc-status")
+HYPERCALLS = tuple(HYPERCALL_DIALECTS)
 
 __all__ = ["GuestConfig", "SevVm", "VerifyReport", "default_image", "GuestPanic", "GuestNotRunning"]
 

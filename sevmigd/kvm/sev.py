@@ -224,3 +224,22 @@ class SevGuest:
     def reset_page_enc_bitmap(self) -> None:
         """KVM_PAGE_ENC_BITMAP_RESET: every page encrypted again (a guest reboot)."""
         self._check(self.vm.ioctl(u.KVM_PAGE_ENC_BITMAP_RESET), 0, "KVM_PAGE_ENC_BITMAP_RESET")
+
+
+class SevDevice:
+    """The /dev/sev node (include/uapi/linux/psp-sev.h, SEV_ISSUE_CMD): the platform commands a VMM
+    issues outside any VM. Migration needs one: PDH_CERT_EXPORT, for the source's own PDH certificate
+    (QEMU's sev_get_pdh_info), and the platform's certificate chain as the host's tooling holds it
+    (sevctl export: PEK, OCA, CEK from the firmware, ASK and ARK from AMD's key server)."""
+
+    def __init__(self, fw):
+        self._fw = fw
+
+    @property
+    def identity(self):
+        """The platform's certificates (psp.identity.PlatformIdentity; public parts only are read)."""
+        return self._fw.identity
+
+    def pdh_cert_export(self) -> tuple[bytes, bytes]:
+        """SEV_PDH_CERT_EXPORT -> (PDH certificate, PEK || OCA || CEK)."""
+        return self._fw.pdh_cert_export()

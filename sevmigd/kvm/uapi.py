@@ -91,6 +91,9 @@ KVM_ENOSYS = 1000
 KVM_EINVAL = 22
 MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
 KVM_MIGRATION_READY = 1 << 0
+#: The two page-state hypercall dialects a guest kernel may speak, by their user-facing names
+#: (`ctl launch --hypercall`, GuestConfig.hypercall).
+HYPERCALL_DIALECTS = {"map-gpa-range": KVM_HC_MAP_GPA_RANGE, "page-enc-status": KVM_HC_PAGE_ENC_STATUS}
 
 # --- errno values the ioctls return (negated), asm-generic/errno-base.h + errno.h -------------------------
 EPERM, EIO, EBADF, ENOMEM, EFAULT, EBUSY, EINVAL, ENOTTY = 1, 5, 9, 12, 14, 16, 22, 25
