@@ -23,7 +23,7 @@ import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
 from sevmigd.kvm import KvmError, SevGuest
-from sevmigd.kvm.uapi import PAGE_SIZE
+from sevmigd.units import PAGE_SIZE
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
 from sevmigd.migrate.ram import RamReceiver, as_pfns

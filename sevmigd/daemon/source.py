@@ -35,7 +35,7 @@ import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
 from sevmigd.kvm import KvmError
-from sevmigd.kvm.uapi import PAGE_SIZE
+from sevmigd.units import PAGE_SIZE
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import pack_bitmap
 from sevmigd.migrate.planner import Decision, PrecopyPlanner
