@@ -1,10 +1,13 @@
-"""Parsing of user-facing quantities: SIZE (binary units) and GPA (hex or decimal).
+"""Parsing of user-facing quantities: SIZE (binary units) and GPA (hex or decimal), and the typed checks
+every configuration key and control argument goes through (check_int, check_number, check_bool).
 
-Pure; errors are ConfigError naming the argument so the CLI can print one clear line.
+Pure; errors are ConfigError naming the argument so the CLI can print one clear line. A type error names
+the type it got, never the value (a control argument may be hostile, or megabytes long).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from sevmigd.errors import ConfigError
@@ -13,6 +16,42 @@ from sevmigd.errors import ConfigError
 # SEND/RECEIVE_UPDATE_DATA and of the wire's page columns. Defined here once for every layer.
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+
+def check_int(key: str, v: object, lo: int | None = None, hi: int | None = None) -> int:
+    """`v` as an integer within [lo, hi] (a bool is not an integer here)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
+
+
+def check_number(key: str, v: object, lo: float | None = None, hi: float | None = None, *,
+                 positive: bool = False) -> float:
+    """`v` (an int or a float) as a finite float within [lo, hi], and > 0 when `positive`."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"expected a number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ConfigError(key, f"must be a finite number, got {f}")
+    if positive and f <= 0:
+        raise ConfigError(key, f"must be > 0, got {f}")
+    if lo is not None and f < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {f}")
+    if hi is not None and f > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {f}")
+    return f
+
+
+def check_bool(key: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {type(v).__name__}")
+    return v
+
 
 _UNITS = {
     "": 1, "b": 1,

@@ -24,6 +24,9 @@ from typing import Any
 
 from sevmigd.errors import ConfigError
 from sevmigd.migrate.planner import COMPLETION_ACTIONS
+from sevmigd.units import check_bool as _boolean
+from sevmigd.units import check_int as _int
+from sevmigd.units import check_number as _float
 from sevmigd.units import parse_size
 
 # The migration port. 4446 is unassigned by IANA and close to QEMU's customary 4444 for `-incoming
@@ -228,27 +231,8 @@ def split_host_port(text: Any, *, key: str = "listen") -> tuple[str, int]:
     return host, int(port_s)
 
 
-def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"expected an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {v}")
-    return v
 
 
-def _float(key: str, v: Any, lo: float | None = None, *, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(key, f"expected a number, got {v!r}")
-    v = float(v)
-    if v != v or v in (float("inf"), float("-inf")):
-        raise ConfigError(key, f"must be a finite number, got {v}")
-    if positive and v <= 0:
-        raise ConfigError(key, f"must be > 0, got {v}")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v}")
-    return v
 
 
 def _str(key: str, v: Any, *, choices: tuple[str, ...] | None = None, nonempty: bool = True) -> str:
@@ -328,10 +312,6 @@ _POLICY_KEYS = {
 POLICY_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-def _boolean(key: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(key, f"expected true or false, got {v!r}")
-    return v
 
 
 def _policies(key: str, v: Any) -> tuple[MigrationPolicy, ...]:

@@ -43,6 +43,9 @@ from sevmigd.guest.vm import HYPERCALLS, GuestConfig
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.status import SevError
 from sevmigd.units import PAGE_SIZE, parse_gpa, parse_size
+from sevmigd.units import check_bool as _bool
+from sevmigd.units import check_int as _int
+from sevmigd.units import check_number as _num
 
 if TYPE_CHECKING:  # the daemon imports this module to serve it; this module only names its type
     from sevmigd.daemon.server import Daemon, HostedGuest
@@ -330,33 +333,10 @@ def _name(key: str, v: Json) -> str:
     return v
 
 
-def _int(key: str, v: Json, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"expected an integer, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {v}")
-    return v
 
 
-def _num(key: str, v: Json, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(key, f"expected a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ConfigError(key, "must be a finite number")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {v}")
-    return v
 
 
-def _bool(key: str, v: Json) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(key, f"expected true or false, got {type(v).__name__}")
-    return v
 
 
 def _size(key: str, v: Json) -> int:
