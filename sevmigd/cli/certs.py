@@ -11,7 +11,6 @@ operation failed (e.g. a chain link does not verify; the message names the link 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

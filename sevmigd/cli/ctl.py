@@ -220,6 +220,9 @@ def _launch(client, args) -> int:
     else:
         print(f"launched {st['name']}: {_mib(st.get('memory_bytes'))}, policy {st.get('policy')}, "
               f"sev_state {st.get('sev_state')}, measurement {st.get('measurement') or '-'}")
+        if st.get("state") == "launching":
+            print(f"measured, waiting for the guest owner: give them `ctl status {st['name']} --json`, then "
+                  f"`ctl launch-finish {st['name']} --secret-packet FILE`")
     return 0
 
 

@@ -26,7 +26,7 @@ from sevmigd.psp import chain, crypto
 from sevmigd.psp.certs import Algo, SevCert, Usage, new_sev_cert
 from sevmigd.psp.identity import derive_p384_key
 from sevmigd.psp.policy import Policy, RESERVED_MASK
-from sevmigd.psp.status import SevError, SevStatus
+from sevmigd.psp.status import SevError
 
 Rng = Callable[[int], bytes]
 
