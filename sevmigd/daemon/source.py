@@ -82,7 +82,7 @@ class OutgoingMigration:
         # Migration policy (config.MigrationPolicy or None): its timeouts are decided by the planner,
         # acted on by _policy_tick / the policy cancel scope in _protocol.
         self.policy = policy
-        self.stats.policy = getattr(policy, "name", None)
+        self.stats.policy = policy.name if policy is not None else None
         self.planner: PrecopyPlanner | None = None
         self._policy_scope = trio.CancelScope()
         self.channel: Channel | None = None
