@@ -27,6 +27,7 @@ import trio
 
 from sevmigd.daemon.config import split_host_port
 from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.migrate.errors import MigrationError
 
 # How often the live table is refreshed for the ctl client (progress events), at most.
 SNAPSHOT_INTERVAL_S = 0.5
@@ -182,8 +183,7 @@ class Evacuation:
                 row.state = "done"
             except (SevmigdError, ConfigError) as exc:
                 row.state = "failed"
-                code = getattr(exc, "code", None)
-                row.reason = f"{getattr(code, 'name', code)}: {exc}" if code is not None else str(exc)
+                row.reason = f"{exc.code.name}: {exc}" if isinstance(exc, MigrationError) else str(exc)
             except Exception as exc:  # one guest's failure is reported, never the end of the evacuation
                 row.state = "failed"
                 row.reason = f"internal error: {type(exc).__name__}: {exc}"

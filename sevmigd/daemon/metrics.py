@@ -21,7 +21,8 @@ task catches, logs, answers 500 and goes on).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -35,6 +36,12 @@ from sevmigd.daemon.errors import StartupError
 from sevmigd.wire.errors import AbortCode
 
 from sevmigd.units import PAGE_SIZE
+
+if TYPE_CHECKING:  # the daemon and its migration manager import this module; it only names their types
+    from sevmigd.daemon.migration import MigrationManager
+    from sevmigd.daemon.psprunner import PspRunner
+    from sevmigd.daemon.server import Daemon
+    from sevmigd.psp.status import SevStatus
 # PSP command latency buckets: the emulated PSP answers single commands in 10s of microseconds and a
 # 1 MiB SEND_UPDATE_DATA batch in milliseconds; a real PSP takes 100s of microseconds per command.
 PSP_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
@@ -50,7 +57,7 @@ _log = structlog.get_logger("sevmigd")
 class DaemonMetrics:
     """All metrics of one daemon (see the module docstring)."""
 
-    def __init__(self, daemon: Any, guest_states: tuple[str, ...] = ()):
+    def __init__(self, daemon: Daemon, guest_states: tuple[str, ...] = ()):
         self.daemon = daemon
         # No `_created` series next to every counter: noise for Prometheus, which tracks resets itself.
         disable_created_metrics()
@@ -99,15 +106,15 @@ class DaemonMetrics:
             self.failed.labels(role, str(code)).inc()
         self.data_processed.labels(role).inc(max(int(d.get("transferred") or 0), 0))
 
-    def watch_psp(self, runner: Any) -> None:
+    def watch_psp(self, runner: PspRunner) -> None:
         """Count and time every firmware command the daemon runs: an observer on its PspRunner (the one
         place every command goes through). Idempotent."""
         if self.observe_psp not in runner.observers:
             runner.observers.append(self.observe_psp)
 
-    def observe_psp(self, command: str, seconds: float, status: Any) -> None:
+    def observe_psp(self, command: str, seconds: float, status: SevStatus | None) -> None:
         """PspRunner observer: `status` None on success, else the SevStatus the firmware answered."""
-        self.psp_commands.labels(command, "SUCCESS" if status is None else getattr(status, "name", str(status))).inc()
+        self.psp_commands.labels(command, "SUCCESS" if status is None else status.name).inc()
         self.psp_latency.labels(command).observe(seconds)
 
     # -- HTTP ----------------------------------------------------------------------------------------
@@ -227,7 +234,7 @@ class _StateCollector:
         ("shared_pages_sent", "Pages sent/received in the clear (shared with the hypervisor)", "shared_pages"),
     )
 
-    def __init__(self, daemon: Any, guest_states: tuple[str, ...]):
+    def __init__(self, daemon: Daemon, guest_states: tuple[str, ...]):
         self.daemon = daemon
         self.guest_states = guest_states  # every state has a series, 0 included
 
@@ -257,16 +264,16 @@ class _StateCollector:
                 yield GaugeMetricFamily(f"sevmigd_{key}", f"server-info {key}: what a failed migration must "
                                                           f"not leave behind", value=value)
 
-        outgoing = len(getattr(mgr, "outgoing", {}) or {})
-        incoming = len(getattr(mgr, "incoming", {}) or {})
+        outgoing = len(mgr.outgoing)
+        incoming = len(mgr.incoming)
         act = GaugeMetricFamily("sevmigd_migrations_active", "Migrations in progress", labels=["role"])
         act.add_metric(["source"], outgoing)
         act.add_metric(["destination"], incoming)
         yield act
         yield GaugeMetricFamily("sevmigd_outgoing_queue_length", "Outgoing migrations waiting for a slot "
-                                "(max_outgoing)", value=len(getattr(mgr, "queue", ()) or ()))
+                                "(max_outgoing)", value=len(mgr.queue))
         yield GaugeMetricFamily("sevmigd_outgoing_migrations_high_water", "Most outgoing migrations that ever "
-                                "ran at once since the daemon started", value=getattr(mgr, "high_water", 0))
+                                "ran at once since the daemon started", value=mgr.high_water)
         yield GaugeMetricFamily("sevmigd_max_outgoing", "Configured max_outgoing", value=d.config.max_outgoing)
 
         rows = list(_migration_rows(mgr))
@@ -292,19 +299,17 @@ class _StateCollector:
         yield fam
 
 
-def _migration_rows(mgr: Any):
+def _migration_rows(mgr: MigrationManager) -> Iterable[tuple[list[str], dict]]:
     """(labels, stats dict) of the migrations in progress and the recent finished ones, newest wins."""
     seen: dict[tuple[str, str], tuple[list[str], dict]] = {}
-    for st in list(getattr(mgr, "history", []) or []):
+    for st in list(mgr.history):
         if isinstance(st, dict):
             seen[(st.get("role"), st.get("migration_id"))] = ([str(st.get("guest")), str(st.get("migration_id")),
                                                               str(st.get("role"))], st)
     for table in ("outgoing", "incoming"):
-        for mig in list((getattr(mgr, table, None) or {}).values()):
-            stats = getattr(mig, "stats", None)
-            if stats is None:
-                continue
-            st = stats.to_dict()
+        migrations = mgr.outgoing if table == "outgoing" else mgr.incoming
+        for mig in list(migrations.values()):
+            st = mig.stats.to_dict()
             seen[(st.get("role"), st.get("migration_id"))] = ([str(st.get("guest")), str(st.get("migration_id")),
                                                               str(st.get("role"))], st)
     return seen.values()

@@ -225,7 +225,7 @@ class KvmVm:
             return 0, fn(), {}
         except SevError as exc:
             cmd.error = int(exc.status)
-            return -u.EIO, None, dict(getattr(exc, "written_back", {}))
+            return -u.EIO, None, dict(exc.written_back)
 
     def _pin(self, guest_uaddr: int, guest_len: int) -> int:
         """The one-page rule, then the guest page behind `guest_uaddr` (sev_pin_memory): its GPA."""
@@ -348,7 +348,7 @@ class KvmVm:
             return fn()
         except SevError as exc:
             err = KvmError(u.EIO, int(exc.status), exc.message)
-            err.index = getattr(exc, "index", None)
+            err.index = exc.index
             raise err from None
 
     def send_update_data_batch(self, gfns):
