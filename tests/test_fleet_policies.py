@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import threading
 import urllib.request
 
 import pytest
@@ -163,7 +164,19 @@ def test_queue_detach_jobs_and_cancel(tmp_path, daemons):
     j1 = json.loads(a.ctl("migrate", "q1", "--to", b.address, "--max-bandwidth", "4", "--detach", "--json",
                           check=True).stdout)
     j2 = a.execute("migrate", {"name": "q2", "to": b.address, "detach": True})
-    j3 = a.execute("migrate", {"name": "q3", "to": b.address, "detach": True})
+    # q3's client waits (no --detach): it hears at once that it is queued, then its cancellation
+    events, outcome = [], {}
+
+    def waiting_client():
+        try:
+            a.execute("migrate", {"name": "q3", "to": b.address}, on_event=lambda e, d: events.append((e, d)))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it below
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=waiting_client)
+    waiter.start()
+    a.wait_for_log(lambda d: d.get("event") == "migration_queued" and d.get("guest") == "q3", timeout=30)
+    j3 = next(j for j in a.execute("jobs")["jobs"] if j["guest"] == "q3")
     assert j1["state"] == "running" and (j2["state"], j2["queue_position"]) == ("queued", 1)
     assert (j3["state"], j3["queue_position"]) == ("queued", 2)
     listed = {g["name"]: g for g in a.execute("list")["guests"]}
@@ -173,6 +186,9 @@ def test_queue_detach_jobs_and_cancel(tmp_path, daemons):
     m = scrape(a)
     assert m[("sevmigd_outgoing_queue_length", ())] == 2
     a.ctl("cancel", "q3", check=True)  # leaves the queue, never starts
+    waiter.join(60)
+    assert events and events[0][0] == "queued" and events[0][1]["queue_position"] == 2, events
+    assert "cancelled by the operator while queued" in str(outcome.get("error")), outcome
     a.ctl("cancel", "q1", check=True)  # the running one: q2 gets its slot
     done = b.wait_for_log(lambda d: d.get("event") == "incoming_completed" and d.get("guest") == "q2",
                           timeout=60)

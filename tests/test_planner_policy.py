@@ -148,3 +148,18 @@ def test_shared_bucket_shares_fairly_and_respects_own_caps():
     assert sent["slow"] / 20.0 <= 1.1 * MiB           # its own cap holds
     assert abs(sent["a"] - sent["b"]) <= 0.03 * sent["a"]  # the two uncapped ones share equally ...
     assert sent["a"] / 20.0 >= 4.0 * MiB              # ... and take what the capped one leaves
+
+
+def test_shared_bucket_rate_changes_keep_the_debt():
+    from sevmigd.migrate.ratelimit import TokenBucket
+
+    b = TokenBucket(0, now=0.0)
+    assert b.reserve(10 * MiB, 0.0) == 0.0            # 0 = unlimited
+    b.set_rate(1 * MiB, 1.0)                          # a reload sets a cap
+    assert b.reserve(1 * MiB, 1.0) == pytest.approx(1.0)
+    b.set_rate(2 * MiB, 1.0)                          # raised: the same debt is repaid twice as fast
+    assert b.reserve(0, 1.0) == pytest.approx(0.5)
+    b.set_rate(0, 1.0)
+    assert b.reserve(100 * MiB, 1.0) == 0.0
+    with pytest.raises(ValueError):
+        b.set_rate(-1, 2.0)

@@ -258,6 +258,13 @@ def _status(client, args) -> int:
     return 0
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class _ProgressLine:
     """A live one-line progress display on a TTY: round, % of this round, MB/s, remaining, downtime.
 
@@ -268,10 +275,7 @@ class _ProgressLine:
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        try:
-            self.tty = stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
+        self.tty = _isatty(stream)
         self.round: Any = None
         self.round_tx0 = 0
         self.round_bytes = 0
@@ -279,6 +283,12 @@ class _ProgressLine:
         self.shown = False
 
     def __call__(self, event: str, data: dict) -> None:
+        if event == "queued" and self.tty:
+            self.stream.write(f"\r\x1b[Kqueued: position {data.get('queue_position')}, "
+                              f"{data.get('running')} migration(s) running (max_outgoing {data.get('max_outgoing')})")
+            self.stream.flush()
+            self.shown = True
+            return
         if event != "progress" or not self.tty:
             return
         rnd = data.get("round")
@@ -466,10 +476,7 @@ class _EvacuationTable:
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        try:
-            self.tty = stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
+        self.tty = _isatty(stream)
         self.lines = 0
 
     def __call__(self, event: str, data: dict) -> None:

@@ -581,6 +581,10 @@ async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
 
         daemon.nursery.start_soon(run_detached, name=f"migrate:{hosted.name}")
         return job.as_dict(queue_position=daemon.migrations.queue_position(job))
+    if job.state == "queued":  # say so now: the first progress event comes when it leaves the queue
+        await emit("queued", {"job": job.id, "queue_position": daemon.migrations.queue_position(job),
+                              "running": len(daemon.migrations.outgoing),
+                              "max_outgoing": daemon.config.max_outgoing})
     send_ch, recv_ch = trio.open_memory_channel(PROGRESS_BUFFER)
     result: dict = {}
     failure: list[Exception] = []   # the migration's error, when it failed

@@ -130,7 +130,8 @@ class MigrationManager:
         self.pending_jobs: dict[str, Job] = {}   # guest -> its queued or running job
         self.high_water = 0
         self._slots_used = 0
-        self._shared_bucket: TokenBucket | None = None
+        # one bucket for the host, even across reloads (running migrations keep sharing it)
+        self._shared_bucket = TokenBucket(daemon.config.outgoing_bandwidth_mib_s * (1 << 20))
         self.evacuation: Evacuation | None = None   # the running or last evacuation (ctl evacuate)
 
     @property
@@ -300,11 +301,7 @@ class MigrationManager:
     def rate_limiter(self, own: TokenBucket) -> SharedLimit:
         """A migration's own bucket joined with the host-wide one (outgoing_bandwidth_mib_s) so that
         concurrent migrations share it fairly (see migrate/ratelimit.py)."""
-        rate = self.daemon.config.outgoing_bandwidth_mib_s * (1 << 20)
-        if not rate:
-            self._shared_bucket = None
-        elif self._shared_bucket is None or self._shared_bucket.rate != rate:
-            self._shared_bucket = TokenBucket(rate, now=trio.current_time())
+        self._shared_bucket.set_rate(self.daemon.config.outgoing_bandwidth_mib_s * (1 << 20), trio.current_time())
         return SharedLimit(own, self._shared_bucket)
 
     def cancel(self, name: str) -> None:

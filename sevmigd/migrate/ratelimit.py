@@ -22,9 +22,23 @@ class TokenBucket:
         if rate < 0:
             raise ValueError("rate must not be negative")
         self.rate = float(rate)
+        self.burst_s = burst_s
         self.capacity = self.rate * burst_s
         self.tokens = self.capacity
         self.last = now
+
+    def set_rate(self, rate: float, now: float) -> None:
+        """Change the rate (a config reload) without forgetting who is waiting: the debt carries over."""
+        if rate < 0:
+            raise ValueError("rate must not be negative")
+        if rate == self.rate:
+            return
+        if self.rate and now > self.last:
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.rate = float(rate)
+        self.capacity = self.rate * self.burst_s
+        self.tokens = min(self.tokens, self.capacity) if self.rate else 0.0
 
     def reserve(self, nbytes: int, now: float) -> float:
         if not self.rate:
