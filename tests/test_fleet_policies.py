@@ -145,8 +145,8 @@ async def test_progress_timeout_fires_on_a_stalled_but_connected_destination(tmp
         stats = json.loads(res.stdout)
         assert stats["error_code"] == "TIMEOUT" and "progress timeout" in stats["error"], stats
         assert stall.fired_at is not None
-        # fired after 2 s without progress, well before any peer timeout (30 s) could have
-        assert 2000 <= stats["total_time_ms"] <= 2000 + SLACK_S * 1000 + 2000, stats["total_time_ms"]
+        # fired after 2 s without progress, well before the peer timeout (30 s) could have
+        assert 2000 <= stats["total_time_ms"] <= 15000, stats["total_time_ms"]
         st = await a.call("status", {"name": "g"})
         assert st["state"] == "running" and st["sev_state"] == "RUNNING"
         assert (await a.call("verify", {"name": "g"}))["ok"]

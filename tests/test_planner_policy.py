@@ -163,3 +163,11 @@ def test_shared_bucket_rate_changes_keep_the_debt():
     assert b.reserve(100 * MiB, 1.0) == 0.0
     with pytest.raises(ValueError):
         b.set_rate(-1, 2.0)
+
+
+def test_completion_counts_from_the_migration_start_progress_from_the_precopy():
+    c = Clock()  # t = 100: the pre-copy starts; the migration (handshake, SEND_START) started at 97
+    p = planner(c, start=97.0, completion_timeout_s=10.0, progress_timeout_s=5.0)
+    assert p.abort_deadline() == 105.0  # progress: 100 + 5
+    p2 = planner(c, start=97.0, completion_timeout_s=4.0, progress_timeout_s=5.0)
+    assert p2.abort_deadline() == 101.0  # completion: 97 + 4

@@ -158,7 +158,8 @@ class PrecopyPlanner:
         self.started_at = start if start is not None else (clock() if clock is not None else 0.0)
         self.lowest_remaining: int | None = None   # lowest post-sync remaining bytes so far
         self.lowest_bulk: int | None = None        # lowest bytes still to send in round 1
-        self.last_progress_at = self.started_at
+        # the progress clock starts with the pre-copy (now), the completion clock at `start` (the migration's)
+        self.last_progress_at = clock() if clock is not None else self.started_at
         self.timeout_reason: str | None = None     # set when a policy timeout decided
         self.timeout_kind: str | None = None       # "completion" | "progress"
 
