@@ -184,14 +184,15 @@ def _code(exc: ControlError) -> str | None:
     return (exc.reply.get("error") or {}).get("code")
 
 
-def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: bytes | None = None):
+def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: bytes | None = None,
+                policy: int = 0, es: bool = False):
     """Play a source: send one Hello (or `raw` bytes) and return the destination's first message
     (Accept / Refuse), or None when it closed the connection without one."""
     conn = Connection(Role.SOURCE)
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
         s.sendall(raw if raw is not None else conn.send(m.Hello(
             version=1, features=(), platform=platform, guest_name="intruder", memory_bytes=memory_bytes,
-            policy=0, vcpus=1, es=False, migration_id="0123456789abcdef")))
+            policy=policy, vcpus=1, es=es, migration_id="0123456789abcdef")))
         ev = NEED_DATA
         while ev is NEED_DATA:
             try:
@@ -262,6 +263,17 @@ def test_source_refuses_a_destination_of_another_fleet(daemons):
 
 
 # ----------------------------------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize("policy,es", [(0x4, False), (0x0, True)])
+def test_hello_whose_es_flag_contradicts_its_policy_is_refused(daemons, policy, es):
+    """A source that announces plain registers for an SEV-ES policy (or VMSAs for a plain one) is refused
+    before anything is reserved: the wire then holds VcpuState to the announced kind."""
+    d = daemons("dest")
+    reply = _fake_hello(d.port, platform=_platform_of(), policy=policy, es=es)
+    assert isinstance(reply, m.Refuse) and reply.code == AbortCode.PROTOCOL_ERROR, reply
+    assert "contradicts policy" in reply.reason
+    assert _fake_hello(d.port, platform=_platform_of(), policy=policy, es=not es).__class__ is m.Accept
 
 
 def test_oversized_guest_is_refused(daemons):

@@ -124,9 +124,10 @@ class IncomingMigration:
         if hello.memory_bytes > cfg.max_guest_bytes:
             return MigrationError(AbortCode.RESOURCE_LIMIT,
                                   f"guest of {hello.memory_bytes} bytes exceeds max_guest_bytes = {cfg.max_guest_bytes}")
-        if hello.memory_bytes <= 0 or hello.memory_bytes % PAGE_SIZE:
-            return MigrationError(AbortCode.PROTOCOL_ERROR,
-                                  f"guest size {hello.memory_bytes} is not a positive multiple of {PAGE_SIZE}")
+        if hello.es != bool(hello.policy & Policy.ES):
+            # The Connection holds VcpuState to Hello's `es` (registers or one VMSA per vCPU); this holds
+            # `es` to the policy the firmware will enforce.
+            return MigrationError(AbortCode.PROTOCOL_ERROR, f"es={hello.es} contradicts policy {hello.policy:#x}")
         existing = d.guests.get(hello.guest_name)
         if hello.guest_name in self.manager.incoming or (
                 existing is not None and existing.state not in self.manager.REPLACEABLE_STATES):
@@ -170,10 +171,7 @@ class IncomingMigration:
         self.log.info("incoming_accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
                       vcpus=hello.vcpus, es=hello.es)
 
-        start = await ch.receive_expect(m.Start)
-        if start.policy != hello.policy:
-            raise MigrationError(AbortCode.POLICY_REFUSED,
-                                 f"policy in start (0x{start.policy:x}) differs from hello (0x{hello.policy:x})")
+        start = await ch.receive_expect(m.Start)   # (its policy equals Hello's: the Connection checked)
         # As QEMU on KVM: the VM (KVM_SEV_INIT with an ASID of the guest's kind, its memory slot) first,
         # then RECEIVE_START through it; KVM binds the ASID (ACTIVATE) to the new context.
         self.asid = self.daemon.allocate_asid(es=bool(start.policy & Policy.ES))
@@ -237,9 +235,7 @@ class IncomingMigration:
                 self.ready = True
                 await ch.send(m.Ready())
                 self.log.info("incoming_ready", pages=self.pages_received)
-            elif isinstance(msg, m.Go):
-                if not self.ready:
-                    raise MigrationError(AbortCode.PROTOCOL_ERROR, "go before the guest was complete")
+            elif isinstance(msg, m.Go):   # (only after our Ready: the Connection's transition table)
                 await self._start(ch)
                 return
             else:
@@ -272,14 +268,11 @@ class IncomingMigration:
             self.sev.receive_update_data_pages(enc, headers, data, SEV_HDR_SIZE)
 
     async def _apply_vcpu_state(self, msg: m.VcpuState) -> None:
-        host = self.vm.host
+        # Registers for a SEV guest, VMSAs for an SEV-ES one, one per vCPU: the Connection checked that against
+        # Hello's `es`, and _refusal Hello's `es` against the policy's ES bit.
         if msg.regs is not None:
-            if host.is_es:
-                raise MigrationError(AbortCode.PROTOCOL_ERROR, "SEV-ES guest sent plain registers, not its VMSA")
-            host.set_vcpu_state([dict(r) for r in msg.regs])
+            self.vm.host.set_vcpu_state([dict(r) for r in msg.regs])
             return
-        if not host.is_es:
-            raise MigrationError(AbortCode.PROTOCOL_ERROR, "VMSA sent for a guest without SEV-ES")
         n = len(msg.vmsa_header) // SEV_HDR_SIZE
         for i in range(n):
             hdr = msg.vmsa_header[i * SEV_HDR_SIZE:(i + 1) * SEV_HDR_SIZE]
