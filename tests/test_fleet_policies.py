@@ -273,3 +273,31 @@ def test_evacuation_live_table_on_a_tty_and_it_outlives_its_ctl(pair):
     assert sorted((j["guest"], j["state"], j["policy"]) for j in jobs) == [("e1", "completed", "slow"),
                                                                           ("e2", "completed", "slow")]
     assert all(b.execute("verify", {"name": n})["ok"] for n in ("e1", "e2"))
+
+
+def test_reload_raising_max_outgoing_starts_a_queued_migration(tmp_path, daemons):
+    """SIGHUP with a higher max_outgoing hands the free slot to the queue at once (no new request
+    needed), and a policy added by the same reload is usable right away."""
+    import signal
+
+    cfg = tmp_path / "reload.toml"
+    cfg.write_text('metrics_listen = "127.0.0.1:0"\nmax_outgoing = 1\n')
+    a = daemons("a", args=["--config", str(cfg)])
+    b = daemons("b")
+    for name in ("r1", "r2"):
+        launch(a, name, "32M", seed=len(name) + 5)
+    a.execute("migrate", {"name": "r1", "to": b.address, "detach": True, "max_bandwidth_mib_s": 4.0})
+    j2 = a.execute("migrate", {"name": "r2", "to": b.address, "detach": True, "max_bandwidth_mib_s": 4.0})
+    assert j2["state"] == "queued"
+    mark = len(a.logs)
+    cfg.write_text('metrics_listen = "127.0.0.1:0"\nmax_outgoing = 2\n[policies.later]\nprogress_timeout_s = 60\n')
+    a.send_signal(signal.SIGHUP)
+    reloaded = a.wait_for_log("reloaded", start=mark, timeout=30)
+    assert "max_outgoing" in reloaded["changed"] and "policies" in reloaded["changed"]
+    started = a.wait_for_log(lambda d: d.get("event") == "migration_started" and d.get("guest") == "r2",
+                             start=mark, timeout=30)
+    assert started
+    assert scrape(a)[("sevmigd_outgoing_migrations_high_water", ())] == 2
+    launch(a, "r3", "8M")
+    j3 = a.execute("migrate", {"name": "r3", "to": b.address, "detach": True, "policy": "later"})
+    assert j3["policy"] == "later" and j3["state"] in ("running", "queued")
