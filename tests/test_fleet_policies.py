@@ -301,3 +301,26 @@ def test_reload_raising_max_outgoing_starts_a_queued_migration(tmp_path, daemons
     launch(a, "r3", "8M")
     j3 = a.execute("migrate", {"name": "r3", "to": b.address, "detach": True, "policy": "later"})
     assert j3["policy"] == "later" and j3["state"] in ("running", "queued")
+
+
+def test_evacuate_dry_run_lists_what_cannot_move_and_bad_input_is_refused(pair):
+    a, b = pair
+    launch(a, "ok", "8M")
+    launch(a, "sealed", "8M", policy=0x08)                 # NOSEND
+    launch(a, "legacy", "8M", migration_control=False)     # kernel never opted in
+    res = a.ctl("evacuate", "--to", b.address, "--dry-run", "--json")
+    assert res.returncode == 1, res.stderr
+    plan = json.loads(res.stdout)
+    rows = {r["guest"]: r for r in plan["guests"]}
+    assert plan["dry_run"] is True and plan["left"] == 2
+    assert rows["ok"]["state"] == "planned" and rows["ok"]["to"] == b.address
+    assert rows["sealed"]["state"] == "left" and "NOSEND" in rows["sealed"]["reason"]
+    assert rows["legacy"]["state"] == "left" and "MSR_KVM_MIGRATION_CONTROL" in rows["legacy"]["reason"]
+    assert {g["name"]: g["state"] for g in a.execute("list")["guests"]} == {
+        "ok": "running", "sealed": "running", "legacy": "running"}        # nothing moved
+    assert a.execute("jobs")["jobs"] == []
+    for argv, word in ((["--to", "nowhere"], "to"), (["--to", b.address, "--policy", "nope"], "policy"),
+                       (["--to", b.address, "--max-parallel", "0"], "max_parallel"),
+                       (["--to", "127.0.0.1:0"], "port 0")):
+        res = a.ctl("evacuate", *argv)
+        assert res.returncode == 2 and word in res.stderr, (argv, res.stderr)
