@@ -69,3 +69,20 @@ def test_quick_sizes_compare_by_throughput():
     res["qemu"] = {"total_time_ms": 125, "guest_bytes": 128 << 20}       # 1/8 of the size, 1/8 of the time
     got = {t: m for t, m, _v in evaluate_targets(res)}
     assert got["private 1 GiB (100 % private) within 2x of QEMU"] == "2.10x"
+
+
+def test_ratio_uses_the_same_wall_clock_on_both_sides_when_both_report_it():
+    """The QEMU peer and the migration section both report client-side `wall_ms` (migrate sent -> guest on
+    the destination): the ratio then compares those, not QEMU's own total-time with the daemon's clock."""
+    res = _results()
+    res["qemu"] = {"total_time_ms": 1000, "wall_ms": 500, "guest_bytes": 1 << 30}
+    res["migration"]["shared_idle"]["wall_ms"] = 1500
+    got = {t: m for t, m, _v in evaluate_targets(res)}
+    assert got["shared 1 GiB within 1.2x of QEMU"] == "3.00x"          # 1500 / 500, by wall time
+    assert got["private 1 GiB (100 % private) within 2x of QEMU"] == "2.10x"  # no wall_ms here: total times
+
+
+def test_a_run_reports_its_client_side_wall_time():
+    runs = [dict(_run(t), wall_ms=t + 10.0) for t in (2000, 2100, 2200)]
+    out = mig._summarise(runs, 1 << 30, _FakeDaemon(1), _FakeDaemon(1), 1)
+    assert out["wall_ms"] == 2110.0

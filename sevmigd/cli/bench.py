@@ -72,10 +72,14 @@ def _get(d: dict, path: str):
 
 def _ratio_to_qemu(results: dict, scenario: str) -> float | None:
     """Migration time of `scenario` over QEMU's for the same guest size (sizes differ only in --quick
-    runs; then the times are scaled by size, i.e. the throughputs are compared)."""
-    q = _get(results, "qemu.total_time_ms")
+    runs; then the times are scaled by size, i.e. the throughputs are compared). Both sides timed the same
+    way: client-side `wall_ms` (migrate sent -> guest on the destination) when both have it, else each
+    side's own `total_time_ms`."""
+    key = "wall_ms" if (_get(results, "qemu.wall_ms") and _get(results, f"migration.{scenario}.wall_ms")) \
+        else "total_time_ms"
+    q = _get(results, f"qemu.{key}")
     q_bytes = _get(results, "qemu.guest_bytes")
-    ours = _get(results, f"migration.{scenario}.total_time_ms")
+    ours = _get(results, f"migration.{scenario}.{key}")
     mib = _get(results, f"migration.{scenario}.guest_mib")
     if not (q and q_bytes and ours and mib):
         return None
