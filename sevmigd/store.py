@@ -18,6 +18,9 @@ Layout::
     OCA_DIR/                oca.cert oca.key                              (FleetOwner.to_files)
     STATE_DIR/trusted/<ark key id hex>.cert                               (trusted ARKs)
     STATE_DIR/ca/           a self-contained fleet CA (init_self_contained only)
+    CA_DIR/                 tls-ca.crt tls-ca.key                        (tlsca.TlsCA, created on demand)
+    STATE_DIR/tls/          cert.pem key.pem ca.pem   this host's migration-channel TLS identity, issued
+                                                      from the fleet TLS CA; names the platform's chip
 
 A platform identity is a set of ten files that must stay consistent (the PEK is signed by the CEK and
 OCA, the PDH by the PEK); writing them in place one by one could leave a PEK whose PDH belongs to the
@@ -48,6 +51,7 @@ from sevmigd.psp.identity import (
     PlatformIdentity,
 )
 from sevmigd.psp.status import SevError
+from sevmigd.tlsca import TLS_CA_FILES, TlsCA, TlsIdentityError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -58,6 +62,9 @@ PLATFORM_LINK = "platform"
 PLATFORM_GEN_PREFIX = "platform-"
 TRUSTED_DIR = "trusted"
 SELF_CONTAINED_CA_DIR = "ca"
+# This host's TLS identity for the migration channel (the config's [tls] defaults point here).
+TLS_DIR = "tls"
+TLS_FILES = {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem"}
 
 
 class StoreError(SevmigdError):
@@ -316,13 +323,67 @@ def load_platform(state_dir: os.PathLike | str) -> PlatformIdentity:
 def init_self_contained(
     state_dir: os.PathLike | str, *, rng: Callable[[int], bytes] = os.urandom, rsa_bits: int = 4096
 ) -> PlatformIdentity:
-    """First start without configuration: a fleet CA of one in STATE_DIR/ca, a platform, its ARK trusted."""
+    """First start without configuration: a fleet CA of one in STATE_DIR/ca (with its TLS CA), a platform,
+    its ARK trusted, and this host's TLS certificate (STATE_DIR/tls) naming the platform."""
     state = Path(state_dir)
     ca = FleetCA.create(rng, rsa_bits=rsa_bits)
     save_ca(state / SELF_CONTAINED_CA_DIR, ca)
+    tls_ca = load_tls_ca(state / SELF_CONTAINED_CA_DIR, rng=rng)
     identity = PlatformIdentity.create(ca, rng)
     save_platform(state, identity, trusted_ark=ca.ark)
+    issue_host_tls(state, tls_ca, identity, rng=rng)
     return load_platform(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS identity of the migration channel
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tls_ca(ca_dir: os.PathLike | str, *, rng: Callable[[int], bytes] = os.urandom,
+                create: bool = True) -> TlsCA:
+    """The fleet TLS CA in `ca_dir` (tls-ca.crt / tls-ca.key). A fleet CA directory made before TLS was
+    the default has none: with `create` one is made and saved there (0600) on first use."""
+    d = Path(ca_dir)
+    _check_dir(d)
+    present = [n for n in TLS_CA_FILES if os.path.lexists(d / n)]
+    if not present:
+        if not create:
+            raise StoreError(d / TLS_CA_FILES[0], "missing (run `sevmigd ca init` or `sevmigd platform init`)")
+        if not ca_exists(d):
+            raise StoreError(d, "holds no fleet CA (create one with `sevmigd ca init DIR`)")
+        tls_ca = TlsCA.create(rng)
+        for name, data in tls_ca.to_files().items():
+            write_atomic(d / name, data)
+        return tls_ca
+    files = _read_set(d, TLS_CA_FILES)
+    try:
+        return TlsCA.from_files(files)
+    except TlsIdentityError as exc:
+        raise StoreError(d / exc.name, exc.message) from None
+
+
+def tls_paths(state_dir: os.PathLike | str) -> dict[str, str]:
+    """{"cert", "key", "ca"} paths of the host TLS identity in `state_dir` (the config's defaults)."""
+    d = Path(state_dir) / TLS_DIR
+    return {k: str(d / name) for k, name in TLS_FILES.items()}
+
+
+def issue_host_tls(state_dir: os.PathLike | str, tls_ca: TlsCA, identity: PlatformIdentity, *,
+                   rng: Callable[[int], bytes] = os.urandom, extra_cas: Iterable[bytes] = ()) -> dict[str, str]:
+    """Issue this host's TLS key + certificate (naming `identity`'s chip) from the fleet TLS CA and write
+    them with the CA certificate (plus `extra_cas`, PEM, for peers of other fleets) into STATE_DIR/tls,
+    all 0600 in a 0700 directory. The key is written before the certificate that needs it. Returns the
+    paths."""
+    d = Path(state_dir) / TLS_DIR
+    _ensure_dir(Path(state_dir))
+    _ensure_dir(d)
+    key, cert = tls_ca.issue_host(identity.cek, rng)
+    paths = tls_paths(state_dir)
+    write_atomic(paths["key"], key)
+    write_atomic(paths["cert"], cert)
+    write_atomic(paths["ca"], tls_ca.to_files()[TLS_CA_FILES[0]] + b"".join(extra_cas))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------

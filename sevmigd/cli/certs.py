@@ -61,6 +61,10 @@ def register(sub) -> None:
     p.add_argument("--api-major", type=int, default=DEFAULT_API_MAJOR, help="firmware API major in the certs")
     p.add_argument("--api-minor", type=int, default=DEFAULT_API_MINOR, help="firmware API minor in the certs")
     p.set_defaults(func=cmd_platform_init)
+    p = plat_sub.add_parser("tls-cert", help="(re)issue this host's migration TLS certificate from the fleet CA")
+    p.add_argument("--state-dir", required=True, metavar="DIR")
+    p.add_argument("--ca", required=True, metavar="DIR", help="fleet CA directory (its TLS CA is created if missing)")
+    p.set_defaults(func=cmd_platform_tls_cert)
     p = plat_sub.add_parser("pek-gen", help="PEK_GEN: new OCA, PEK and PDH (the CEK is kept)")
     p.add_argument("--state-dir", required=True, metavar="DIR")
     p.add_argument("--ca", metavar="DIR", help="fleet CA directory; checked to be this platform's fleet")
@@ -111,9 +115,11 @@ def _root_name(ark: AmdCert) -> str:
 def cmd_ca_init(args) -> int:
     ca = FleetCA.create(os.urandom, rsa_bits=args.rsa_bits)
     store.save_ca(args.dir, ca)
+    tls_ca = store.load_tls_ca(args.dir)
     print(f"fleet CA created in {args.dir} ({args.rsa_bits}-bit RSA)")
     print(f"  ARK key id {ca.ark.key_id.hex()}")
     print(f"  ASK key id {ca.ask.key_id.hex()}")
+    print(f"  TLS CA     sha256:{tls_ca.fingerprint[:32]} (ECDSA P-256; issues the hosts' migration certificates)")
     print("keep ark.key and ask.key secret; give platforms of this fleet `--ca` access only when issuing")
     return 0
 
@@ -126,10 +132,24 @@ def cmd_platform_init(args) -> int:
     if not (0 <= args.api_major <= 255 and 0 <= args.api_minor <= 255):
         raise ConfigError("--api-major/--api-minor", "each must be 0..255")
     ca = store.load_ca(args.ca)
+    tls_ca = store.load_tls_ca(args.ca)
     identity = PlatformIdentity.create(ca, os.urandom, api_major=args.api_major, api_minor=args.api_minor)
     store.save_platform(args.state_dir, identity, trusted_ark=ca.ark)
+    paths = store.issue_host_tls(args.state_dir, tls_ca, identity)
     print(f"platform {identity.platform_id[:16]} created in {args.state_dir} "
           f"(API {identity.api_major}.{identity.api_minor}); fleet root {ca.ark.key_id.hex()} trusted")
+    print(f"TLS certificate {paths['cert']} names chip {identity.chip_id[:16]} (mutual TLS is the default)")
+    return 0
+
+
+def cmd_platform_tls_cert(args) -> int:
+    identity = store.load_platform(args.state_dir)
+    ca = store.load_ca(args.ca)
+    if ca.ark.key_id != identity.ark.key_id:
+        raise ConfigError("--ca", "is not this platform's fleet CA (ARK key ids differ)")
+    paths = store.issue_host_tls(args.state_dir, store.load_tls_ca(args.ca), identity)
+    print(f"TLS certificate {paths['cert']} issued for chip {identity.chip_id[:16]}; "
+          f"restart the daemon to use it")
     return 0
 
 
@@ -162,6 +182,7 @@ def _fingerprint(cert: SevCert) -> str:
 def platform_summary(identity: PlatformIdentity, roots: list[AmdCert]) -> dict:
     return {
         "platform_id": identity.platform_id,
+        "chip_id": identity.chip_id,
         "api_version": f"{identity.api_major}.{identity.api_minor}",
         "ark_key_id": identity.ark.key_id.hex(),
         "ask_key_id": identity.ask.key_id.hex(),
@@ -183,6 +204,7 @@ def cmd_platform_show(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"platform     {summary['platform_id']}")
+    print(f"chip         {summary['chip_id']}  (named by this host's TLS certificate)")
     print(f"API version  {summary['api_version']}")
     print(f"owner        {summary['owner']}")
     print(f"ARK key id   {summary['ark_key_id']}  ({summary['ark_bits']}-bit, {summary['root']})")

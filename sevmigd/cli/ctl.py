@@ -365,6 +365,8 @@ def _migrate(client, args) -> int:
               f"downtime {_ms(stats.get('downtime_ms'))}, {stats.get('round', '-')} round(s), "
               f"{_mib(stats.get('transferred'))} transferred, "
               f"{stats.get('private_pages', '-')} private + {stats.get('shared_pages', '-')} shared pages")
+        if stats.get("status") != "completed" and stats.get("error"):
+            print(f"sevmigd: {stats['error']}", file=sys.stderr)  # e.g. a plaintext hand-off to resolve
     return 0 if stats.get("status") == "completed" else 1
 
 

@@ -147,17 +147,21 @@ class LocalDaemon:
 
 def new_fleet_dirs(root: pathlib.Path, names: list[str]) -> dict[str, pathlib.Path]:
     """A fresh fleet CA under root/ca and one platform identity per name under root/<name>/state, each
-    trusting the fleet's ARK (what `sevmigd certs ca init` + `platform init` do on real hosts)."""
+    trusting the fleet's ARK (what `sevmigd ca init` + `platform init` do on real hosts)."""
     from sevmigd import store
     from sevmigd.psp.identity import FleetCA, PlatformIdentity
 
     ca = FleetCA.create(os.urandom, rsa_bits=DEMO_RSA_BITS)
     store.save_ca(root / "ca", ca)
+    tls_ca = store.load_tls_ca(root / "ca")  # the fleet's TLS CA, next to the ARK/ASK
     out = {}
     for name in names:
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
-        store.save_platform(d / "state", PlatformIdentity.create(ca, os.urandom), trusted_ark=ca.ark)
+        identity = PlatformIdentity.create(ca, os.urandom)
+        store.save_platform(d / "state", identity, trusted_ark=ca.ark)
+        # Mutual TLS is the default: a host certificate naming this platform's chip, as `platform init` does.
+        store.issue_host_tls(d / "state", tls_ca, identity)
         out[name] = d
     return out
 
@@ -241,7 +245,8 @@ def _demo(args) -> int:
         t0 = time.monotonic()
         print(f"sevmigd demo: working in {root}", file=out)
         dirs = new_fleet_dirs(root, ["host-a", "host-b"])
-        print("  fleet CA and two platform identities created (ARK -> ASK -> CEK -> PEK -> PDH)", file=out)
+        print("  fleet CA and two platform identities created (ARK -> ASK -> CEK -> PEK -> PDH), each host with a "
+              "TLS certificate naming its platform (mutual TLS, the default)", file=out)
         for name in ("host-a", "host-b"):
             d = LocalDaemon(name, dirs[name])
             daemons.append(d)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import math
 import socket
+import ssl
 from typing import Awaitable, Callable, TypeVar
 
 import trio
@@ -63,6 +64,13 @@ def _stream_error(peer: str, exc: BaseException, peer_timeout_s: float) -> Migra
     peer timeout): nothing was acknowledged, or the peer's window stayed shut, that long -> TIMEOUT, the
     same code as the application's own peer timeout, not a protocol error."""
     cause = exc.__cause__ or exc.__context__
+    reason = getattr(cause, "reason", None) or ""
+    if isinstance(cause, ssl.SSLError) and "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        # TLS 1.3: the server checks our certificate after our side of the handshake completed, so its
+        # refusal arrives as an alert on the first read: the peer does not admit us to its fleet.
+        from sevmigd.daemon.tls import _reason
+
+        return MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"{peer} refused our TLS certificate: {_reason(cause)}")
     if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT:
         return MigrationError(AbortCode.TIMEOUT, f"peer {peer} acknowledged nothing for {peer_timeout_s:g} s "
                                                  f"(TCP_USER_TIMEOUT: {cause.strerror})")
@@ -212,6 +220,20 @@ class Channel:
                                            f"expected {want} from {self.peer}, got {type(msg).__name__}"))
         return msg
 
+    def _tls_refusal(self, exc: BaseException | None = None) -> MigrationError | None:
+        """A TLS server that refuses our client certificate does so after our side of the TLS 1.3 handshake
+        has completed, and closes without a word: so a TLS connection closed before a single byte answered
+        our Hello is that refusal (the destination logs `incoming_tls_failed` with the reason)."""
+        cause = exc.__cause__ or exc.__context__ if exc is not None else None
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
+            return None  # a TLS error with its own reason (e.g. a damaged record), not a silent close
+        if (isinstance(self.stream, trio.SSLStream) and self.bytes_received == 0
+                and str(getattr(self.conn.state, "value", self.conn.state)) == "HELLO_SENT"):
+            return MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                                  f"{self.peer} closed the TLS connection without answering hello: it does not "
+                                  f"accept our TLS certificate (not of its fleet's TLS CA?); see its log")
+        return None
+
     async def _read_loop(self) -> None:
         try:
             while True:
@@ -226,7 +248,8 @@ class Channel:
                 if not data:
                     # EOF: whatever state we were in, the peer is gone (a clean EOF only happens after the
                     # conversation ended, when nobody waits for this outcome any more).
-                    self.fail(_closed_error(self.peer, f"the peer closed the connection (in state {self.conn.state})"))
+                    self.fail(self._tls_refusal() or
+                              _closed_error(self.peer, f"the peer closed the connection (in state {self.conn.state})"))
                     return
                 self.bytes_received += len(data)
                 self.conn.receive_data(data)
@@ -250,7 +273,7 @@ class Channel:
         except RemoteProtocolError as exc:
             self.fail(MigrationError(_abort_code(exc.code), f"{self.peer} broke the protocol: {exc}"))
         except _STREAM_ERRORS as exc:
-            self.fail(_stream_error(self.peer, exc, self.peer_timeout_s))
+            self.fail(self._tls_refusal(exc) or _stream_error(self.peer, exc, self.peer_timeout_s))
         finally:
             self._events_in.close()
             self._reader_done.set()

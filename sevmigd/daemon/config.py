@@ -73,11 +73,16 @@ class MigrationPolicy:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Mutual TLS on the migration channel: all three paths, or none (off)."""
+    """Mutual TLS on the migration channel: all three paths, or none (off: only with insecure_plaintext).
+
+    Without a [tls] table the paths default to STATE_DIR/tls/{cert,key,ca}.pem, which `sevmigd platform
+    init` (or the first `serve` on an empty state dir) writes; `state_dir_default` says so.
+    """
 
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
+    state_dir_default: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -126,6 +131,10 @@ class Config:
     max_queued_outgoing: int = 64
     # Host-wide cap on all outgoing migrations together, shared fairly (0 = only per-migration caps).
     outgoing_bandwidth_mib_s: float = 0.0
+
+    # Migration channel without TLS. Off by default: then no peer proves which platform it is, so the
+    # source never releases its copy on a peer's word (every hand-off ends `uncertain`; PROTOCOL.md §9.7).
+    insecure_plaintext: bool = False
 
     def policy(self, name: str | None) -> MigrationPolicy | None:
         """The named policy (`default_policy` when name is None); ConfigError("policy") when unknown."""
@@ -290,6 +299,7 @@ def _tls(v: Any) -> TlsConfig:
         v = dataclasses.asdict(v)
     if not isinstance(v, dict):
         raise ConfigError("tls", f"expected a table with cert, key, ca; got {v!r}")
+    v = {k: x for k, x in v.items() if k != "state_dir_default"}
     unknown = sorted(set(v) - {"cert", "key", "ca"})
     if unknown:
         raise ConfigError(f"tls.{unknown[0]}", "unknown key (expected cert, key, ca)")
@@ -375,6 +385,7 @@ _VALIDATORS: dict[str, Any] = {
     "max_queued_outgoing": lambda k, v: _int(k, v, 0, 100_000),
     "outgoing_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
     "sev_batch_pages": lambda k, v: _flag(k, v),
+    "insecure_plaintext": lambda k, v: _flag(k, v),
 }
 
 
@@ -444,6 +455,14 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[k] = _VALIDATORS[k](k, v)
     values.setdefault("state_dir", default_state_dir(environ))
     values.setdefault("control", default_control_path(environ))
+    tls = values.get("tls") or TlsConfig()
+    if values.get("insecure_plaintext"):
+        if tls.enabled:
+            raise ConfigError("insecure_plaintext", "true contradicts the [tls] table: choose one")
+    elif not tls.enabled:
+        from sevmigd.store import tls_paths
+
+        values["tls"] = TlsConfig(**tls_paths(values["state_dir"]), state_dir_default=True)
     cfg = Config(**values)
     _check_cross(cfg)
     return cfg

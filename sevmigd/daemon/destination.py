@@ -28,7 +28,7 @@ from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
 from sevmigd.migrate.ram import RamReceiver, as_pfns
 from sevmigd.migrate.stats import MigrationStats
-from sevmigd.migrate.trust import check_peer_platform, platform_files
+from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_files
 from sevmigd.psp.policy import Policy
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
@@ -72,6 +72,8 @@ class IncomingMigration:
         self._failure_handled = False
         self.pending_error: MigrationError | None = None
         self._last_progress = 0.0
+        # Chip ids the source's verified TLS certificate names; None on a plaintext channel.
+        self.peer_platforms: frozenset[str] | None = manager.peer_platforms(stream)
 
     def cancel(self, err: MigrationError) -> bool:
         if self.started:
@@ -137,9 +139,12 @@ class IncomingMigration:
             pid = check_peer_platform(hello.platform, who="source", trusted_roots=d.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
                                       allowed_oca=await self.manager.allowed_oca())
+            # The TLS peer must be the platform whose chain (and so whose PDH) it presents.
+            check_channel_identity(self.peer_platforms, hello.platform, who="source")
         except MigrationError as err:
             return err
-        self.log.info("source_platform_verified", source_platform=pid[:16])
+        self.log.info("source_platform_verified", source_platform=pid[:16],
+                      channel="plaintext" if self.peer_platforms is None else "tls")
         return None
 
     async def _protocol(self, ch: Channel) -> None:
@@ -171,7 +176,17 @@ class IncomingMigration:
         self.log.info("incoming_accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
                       vcpus=hello.vcpus, es=hello.es)
 
+        if self.peer_platforms is None:
+            self.log.warning("plaintext_migration", peer=self.peer,
+                             note="insecure_plaintext: the source's identity is not authenticated")
         start = await ch.receive_expect(m.Start)   # (its policy equals Hello's: the Connection checked)
+        # Start is bound to the chain verified from Hello: RECEIVE_START only sanity-checks the PDH it is
+        # given, so without this a host could show a trusted platform's public chain and its own PDH.
+        if bytes(start.pdh) != bytes(hello.platform["pdh"]):
+            raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                                 "the PDH in start is not the PDH of the chain verified from hello")
+        # Freshness: a session is accepted at most once, plaintext or TLS (daemon/replay.py).
+        await self.manager.claim_session(start.session)
         # As QEMU on KVM: the VM (KVM_SEV_INIT with an ASID of the guest's kind, its memory slot) first,
         # then RECEIVE_START through it; KVM binds the ASID (ACTIVATE) to the new context.
         self.asid = self.daemon.allocate_asid(es=bool(start.policy & Policy.ES))

@@ -388,6 +388,37 @@ class MigrationManager:
             self._oca_cache = (key, await trio.to_thread.run_sync(_read_ocas, key))
         return self._oca_cache[1]
 
+    @property
+    def replay(self):
+        """The daemon's replay record (opened at start by serve(); on first use for daemons that do not
+        serve, e.g. in-process tests)."""
+        if getattr(self.daemon, "replay", None) is None:
+            from sevmigd.daemon.replay import FILE_NAME, ReplayRecord
+
+            self.daemon.replay = ReplayRecord.open(pathlib.Path(self.daemon.config.state_dir) / FILE_NAME)
+        return self.daemon.replay
+
+    async def claim_session(self, session: bytes) -> None:
+        """Refuse a session this destination has accepted before (REPLAYED_SESSION); otherwise record it
+        durably. Must complete before RECEIVE_START (daemon/replay.py)."""
+        from sevmigd.daemon.replay import ReplayRecordError
+
+        record = self.replay
+        digest = record.reserve(session)
+        if digest is None:
+            raise MigrationError(AbortCode.REPLAYED_SESSION,
+                                 "this session was already received once: a replayed migration is refused")
+        try:
+            await trio.to_thread.run_sync(record.persist, digest)
+        except ReplayRecordError as exc:
+            raise MigrationError(AbortCode.INTERNAL_ERROR, f"cannot record the session: {exc}") from None
+
+    def peer_platforms(self, stream) -> frozenset[str] | None:
+        """Chip ids named by the peer's verified TLS certificate; None on a plaintext channel."""
+        from sevmigd.daemon import tls
+
+        return tls.peer_platforms(stream)
+
     async def wrap_client_tls(self, stream, host: str):
         cfg = self.daemon.config
         if not cfg.tls.enabled:

@@ -186,6 +186,7 @@ class Daemon:
         self._inflight_requests = 0
         self._requests_idle = trio.Event()
         self._requests_idle.set()
+        self.replay = None  # daemon/replay.ReplayRecord, opened by serve() (or on first use)
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
         self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
@@ -272,6 +273,64 @@ class Daemon:
             self.metrics.watch_psp(self._psp)  # PSP command counts and latencies, by command
         if self.fw.platform_state is PlatformState.UNINIT:
             self.fw.init()
+
+    def _setup_tls(self) -> None:
+        """Mutual TLS (the default): make sure this host has its certificate, that it names this platform,
+        and build the listener context now so a bad [tls] fails at start. Plaintext only with
+        insecure_plaintext, loudly."""
+        tls_cfg = self.config.tls
+        if not tls_cfg.enabled:
+            self.log.warning("insecure_plaintext",
+                             note="migration channel without TLS: peers are not authenticated as platforms; "
+                                  "outgoing hand-offs end uncertain and need `ctl resolve` (PROTOCOL.md §9.7)")
+            return
+        if tls_cfg.state_dir_default and not os.path.lexists(tls_cfg.cert):
+            self._issue_default_tls()
+        tls.check_own_certificate(tls_cfg, self.identity.chip_id)
+        tls.server_context(tls_cfg)
+
+    def _open_replay_record(self) -> None:
+        """The destination's record of accepted sessions (daemon/replay.py). A damaged one cannot say which
+        sessions were accepted: rotate the PDH (PDH_GEN: every session wrapped to the old one becomes
+        unopenable, so none can be replayed), persist the new identity, start a fresh record."""
+        from sevmigd.daemon import replay
+
+        path = os.path.join(self.config.state_dir, replay.FILE_NAME)
+        try:
+            self.replay = replay.ReplayRecord.open(path)
+            return
+        except replay.ReplayRecordError as exc:
+            self.log.error("replay_record_damaged", path=path, error=exc.message,
+                           action="PDH_GEN, then a fresh record (the damaged file is kept)")
+            error = exc
+        try:
+            self.fw.pdh_gen()
+            store.save_platform(self.config.state_dir, self.fw.identity)
+            self.identity = self.fw.identity
+            rec = replay.ReplayRecord(path)
+            kept = rec.reset()
+        except (replay.ReplayRecordError, store.StoreError, SevmigdError) as exc:
+            raise StartupError(f"replay record {path} is damaged ({error.message}) and could not be replaced: "
+                               f"{exc}") from None
+        self.replay = rec
+        self.log.warning("replay_record_reset", path=path, kept=str(kept) if kept else None,
+                         platform_id=self.platform_id)
+
+    def _issue_default_tls(self) -> None:
+        """No TLS certificate in the state dir. A self-contained state dir (its own fleet CA in STATE/ca,
+        from a first start before TLS was the default) issues one now; otherwise say what to run."""
+        from sevmigd import store
+
+        ca_dir = os.path.join(self.config.state_dir, store.SELF_CONTAINED_CA_DIR)
+        if not store.ca_exists(ca_dir):
+            raise ConfigError("tls.cert", f"{self.config.tls.cert} missing: this host has no TLS certificate "
+                                          f"for the migration channel. Issue one from the fleet CA with "
+                                          f"`sevmigd platform tls-cert --state-dir {self.config.state_dir} "
+                                          f"--ca CA_DIR`, or set insecure_plaintext = true (not recommended)")
+        tls_ca = store.load_tls_ca(ca_dir, rng=self.rng)
+        store.issue_host_tls(self.config.state_dir, tls_ca, self.identity, rng=self.rng)
+        self.log.info("tls_certificate_issued", state_dir=self.config.state_dir,
+                      platform=self.identity.chip_id[:16])
 
     @property
     def platform_id(self) -> str | None:
@@ -442,9 +501,10 @@ class Daemon:
         inherited = systemd.inherited_listeners()
         tcp_inherited = [l for l in inherited if l.socket.family != stdlib_socket.AF_UNIX]
         unix_inherited = [l for l in inherited if l.socket.family == stdlib_socket.AF_UNIX]
-        # A bad [tls] section fails the start, not the first migration. Both read files: worker thread.
-        await trio.to_thread.run_sync(tls.server_context, self.config.tls)
+        # A bad [tls] section fails the start, not the first migration. All read files: worker thread.
         await trio.to_thread.run_sync(self._load_platform)
+        await trio.to_thread.run_sync(self._setup_tls)
+        await trio.to_thread.run_sync(self._open_replay_record)
         with trio.CancelScope() as serve_scope:
             self._serve_scope = serve_scope
             try:

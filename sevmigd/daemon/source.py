@@ -42,7 +42,7 @@ from sevmigd.migrate.planner import Decision, PrecopyPlanner
 from sevmigd.migrate.ram import RamSender
 from sevmigd.migrate.ratelimit import TokenBucket
 from sevmigd.migrate.stats import MigrationStats
-from sevmigd.migrate.trust import check_peer_platform, platform_files
+from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_files
 from sevmigd.psp.policy import Policy
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role
 from sevmigd.wire import messages as m
@@ -95,6 +95,9 @@ class OutgoingMigration:
         self.dirty_log_on = False
         self.paused_by_us = False
         self.committed = False      # "go" may have reached the wire: no resuming on our own any more
+        # Chip ids the destination's verified TLS certificate names; None on a plaintext channel, where no
+        # message from the peer may make us release (Started) or resume after go (Abort): PROTOCOL.md §7.3.
+        self.peer_platforms: frozenset[str] | None = None
         self.completed = False
         self.t_pause: float | None = None
         self.sev = self.host.sev                # SEV commands through KVM (sevmigd.kvm), QEMU's sev.c
@@ -135,6 +138,12 @@ class OutgoingMigration:
                     stream = await self._connect()
                 if self.scope.cancelled_caught or stream is None:
                     raise self.pending_error or MigrationError(AbortCode.CANCELLED, "migration cancelled")
+                self.peer_platforms = self.manager.peer_platforms(stream)
+                if self.peer_platforms is None:
+                    self.log.warning("plaintext_migration", peer=self.stats.peer,
+                                     note="insecure_plaintext: the destination cannot prove which platform "
+                                          "it is; the hand-off will end uncertain (compare session ids, "
+                                          "then `ctl resolve`)")
                 conn = Connection(Role.SOURCE, rng=os.urandom, limits=self.manager.wire_limits())
                 await run_channel(stream, conn, self._protocol, peer=self.stats.peer,
                                   keepalive_interval_s=self.daemon.config.keepalive_interval_s,
@@ -210,6 +219,8 @@ class OutgoingMigration:
                                       trusted_roots=self.daemon.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
                                       allowed_oca=await self.manager.allowed_oca())
+        # Before SEND_START: the TLS peer must be the platform whose PDH the session will be wrapped to.
+        check_channel_identity(self.peer_platforms, reply.platform, who="destination")
         self.log.info("destination_accepted", destination_platform=dest_id[:16])
 
         p = reply.platform
@@ -401,6 +412,9 @@ class OutgoingMigration:
         await ch.receive_expect(m.Ready)
         await ch.send(m.Go(), on_write=self._commit)
         await ch.receive_expect(m.Started)
+        if self.peer_platforms is None:
+            await self._unauthenticated_started(ch)
+            return
         now = trio.current_time()
         self.completed = True
         self.stats.downtime_ms = round((now - self.t_pause) * 1000, 3)
@@ -416,6 +430,27 @@ class OutgoingMigration:
                       downtime_ms=self.stats.downtime_ms, rounds=self.stats.round,
                       transferred=self.stats.transferred, throughput_mbps=self.stats.throughput_mbps,
                       private_pages=self.stats.private_pages, shared_pages=self.stats.shared_pages)
+        await self._push_progress(force=True)
+
+    async def _unauthenticated_started(self, ch: Channel) -> None:
+        """Started over a plaintext channel: it may come from anyone who answered on the address (a fake
+        destination needs only the real one's public chain), so it does not release our copy. The guest
+        stays paused here, the migration is uncertain until the operator compares session ids and runs
+        `ctl resolve` (PROTOCOL.md §7.3 rule 7)."""
+        now = trio.current_time()
+        self.stats.downtime_ms = round((now - self.t_pause) * 1000, 3)
+        self.stats.transferred = ch.bytes_sent
+        self.stats.tick(now)
+        self.stats.status = "uncertain"
+        session = ch.conn.session_id
+        self.stats.fail("UNTRUSTED_PLATFORM",
+                        f"plaintext hand-off: 'started' came over an unauthenticated channel, so guest "
+                        f"{self.hosted.name!r} is kept paused here. If `sevmigd ctl status {self.hosted.name}` "
+                        f"on {self.stats.peer} shows it running with session {session}, run "
+                        f"`sevmigd ctl resolve {self.hosted.name} --discard` here; otherwise `--run-here`.")
+        self.manager.mark_uncertain(self.hosted.name, self)
+        self.log.warning("migration_uncertain", reason="plaintext_started", session_id=session,
+                         total_time_ms=self.stats.total_time_ms, downtime_ms=self.stats.downtime_ms)
         await self._push_progress(force=True)
 
     def _commit(self) -> None:
@@ -450,6 +485,10 @@ class OutgoingMigration:
                 self.log.error("post_handoff_cleanup_failed", error=str(err))
                 return err
             handoff = self.channel.conn.handoff if self.channel is not None else "source"
+            if self.committed and handoff == "source" and self.peer_platforms is None:
+                # Rule 6 needs an Abort authenticated as the destination platform; over plaintext a forged
+                # Abort after go could be hiding a guest that already runs there (PROTOCOL.md §7.3 rule 7).
+                handoff = "uncertain"
             if self.committed and not self.completed and handoff == "source":
                 # The destination aborted in state GO: its authenticated promise that it did not and will
                 # not start the guest (PROTOCOL.md §7.3). The guest is ours again.

@@ -1,4 +1,4 @@
-"""Optional mutual TLS on the migration channel (trio.SSLStream).
+"""Mutual TLS on the migration channel (trio.SSLStream): on by default, off only with insecure_plaintext.
 
 Owns the TLS policy of the daemon-to-daemon channel: which protocol versions, what each side must
 present and what it must chain to, and the handshake under a deadline. Nothing else in sevmigd
@@ -11,13 +11,19 @@ migration statistics travel in the clear, and without TLS anyone who can reach p
 daemon parse frames. Mutual TLS with a fleet TLS CA keeps the clear parts confidential and means only
 fleet members get as far as the Hello.
 
+Identity: every host certificate names the SEV platform it belongs to (a SAN URI
+`urn:sevmigd:platform:<chip id>`, sevmigd.tlsca). `peer_platforms()` reads that name from the verified
+peer certificate; the migration drivers compare it with the chip whose CEK is in the chain the peer
+presents in Hello / Accept, so a fleet member cannot speak for another platform (PROTOCOL.md §9.7).
+`check_own_certificate()` refuses to start a daemon whose own certificate names another chip.
+
 Policy (both directions): TLS >= 1.2, certificate REQUIRED from the peer, verified against the
 configured CA file only (never the system trust store: a public web CA must not admit a host into
 the fleet), our own certificate and key presented. Hostname checking is OFF on the client: daemons
 are addressed by IP or by whatever name the operator typed in `ctl migrate --to`, and certificates
 are issued per host by the fleet CA, so "issued by our CA" is the identity that matters; the
-hostname is still sent as SNI when it is a name. Operators who want per-peer pinning use a
-dedicated CA per trust domain.
+hostname is still sent as SNI when it is a name. Operators who want per-peer pinning use
+`allowed_platforms` or a dedicated CA per trust domain.
 
 This module must never: fall back to plaintext when TLS is configured, load default CA paths,
 accept a key file that other users can read, log, or let an ssl exception escape untyped (everything
@@ -213,6 +219,48 @@ async def wrap_client(stream: trio.abc.Stream, ctx: ssl.SSLContext, server_hostn
     return await _handshake(trio.SSLStream(stream, ctx, server_hostname=sni), timeout, server_hostname)
 
 
+def peer_platforms(stream: object) -> frozenset[str] | None:
+    """The chip ids the verified peer certificate names; None when `stream` is not TLS (plaintext).
+
+    An SSLStream whose peer certificate names no platform gives an empty set: authenticated as a fleet
+    member, but as no platform, which the drivers refuse like a mismatch.
+    """
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    from sevmigd.tlsca import named_platforms
+
+    try:
+        der = stream.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):
+        return frozenset()
+    return named_platforms(der) if der else frozenset()
+
+
+def check_own_certificate(cfg: object, chip: str) -> None:
+    """ConfigError unless our configured certificate names `chip` (this host's chip id): a daemon whose
+    certificate names another platform would be refused by every peer, so say it at start."""
+    paths = tls_settings(cfg)
+    if paths is None:
+        return
+    from cryptography import x509
+
+    from sevmigd.tlsca import PLATFORM_URI_PREFIX, named_platforms
+
+    try:
+        with open(paths["cert"], "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except OSError as exc:
+        raise ConfigError("tls.cert", f"cannot read {paths['cert']}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError("tls.cert", f"{paths['cert']} is not a PEM X.509 certificate") from None
+    named = named_platforms(cert)
+    if chip not in named:
+        what = ", ".join(sorted(c[:16] for c in named)) or "no platform"
+        raise ConfigError("tls.cert", f"{paths['cert']} names {what}, not this host's platform {chip[:16]} "
+                                      f"(a SAN URI {PLATFORM_URI_PREFIX}{chip} is required); issue one with "
+                                      f"`sevmigd platform tls-cert --state-dir DIR --ca CA_DIR`")
+
+
 def peer_subject(ssl_stream: trio.SSLStream) -> str | None:
     """The verified peer certificate's subject CN (or the whole subject), for logs; None if none."""
     cert = ssl_stream.getpeercert()
@@ -226,4 +274,4 @@ def peer_subject(ssl_stream: trio.SSLStream) -> str | None:
 
 
 __all__ = ["TlsError", "tls_settings", "server_context", "client_context", "wrap_server",
-           "wrap_client", "peer_subject", "HANDSHAKE_TIMEOUT_S"]
+           "wrap_client", "peer_subject", "peer_platforms", "check_own_certificate", "HANDSHAKE_TIMEOUT_S"]

@@ -18,6 +18,7 @@ from typing import Sequence
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.certs import AmdCert, SevCert
 from sevmigd.psp.chain import verify_platform_chain
+from sevmigd.psp.identity import chip_id
 from sevmigd.psp.status import SevError
 from sevmigd.wire.errors import AbortCode
 
@@ -60,3 +61,24 @@ def check_peer_platform(platform: dict[str, bytes], *, who: str, trusted_roots: 
         raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
                              f"{who} platform {pid[:16]} has an OCA not in allowed_oca (other owner domain)")
     return pid
+
+
+def check_channel_identity(peer_platforms: frozenset[str] | None, platform: dict[str, bytes], *, who: str) -> None:
+    """The authenticated channel's peer must be the platform whose chain it presented (PROTOCOL.md §9.7).
+
+    `peer_platforms`: the chip ids the peer's verified TLS certificate names, or None on a plaintext channel
+    (nothing to compare: the caller applies plaintext rules instead). The chain's chip is `chip_id` of its
+    CEK; the chain itself has been verified already, and the CEK signs the PEK which signs the PDH, so this
+    one comparison ties the TLS peer to the PDH that SEND_START / RECEIVE_START will use.
+    """
+    if peer_platforms is None:
+        return
+    try:
+        chip = chip_id(SevCert.decode(platform["cek"]))
+    except (SevError, KeyError):
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"{who} platform chain has no usable CEK") from None
+    if chip not in peer_platforms:
+        named = ", ".join(sorted(c[:16] for c in peer_platforms)) or "no platform"
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM,
+                             f"{who}'s TLS certificate names {named}, but the chain it presented is platform "
+                             f"{chip[:16]}: a host may only speak for its own platform")

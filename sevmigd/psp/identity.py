@@ -135,6 +135,18 @@ def _check_rsa_pair(name: str, cert: AmdCert, key: rsa.RSAPrivateKey) -> None:
         raise IdentityError(name, "private key does not match its certificate")
 
 
+def chip_id(cek: SevCert) -> str:
+    """Names a chip: lowercase hex SHA-256 of the CEK certificate's public key field (0x404 bytes).
+
+    The CEK is the chip's own endorsement key (signed by the ASK); it signs the PEK, which signs the PDH.
+    Unlike `platform_id` (a hash of the PEK certificate) it stays the same across PEK_GEN, PDH_GEN and an
+    owner re-signing the PEK, so it is what a host's TLS certificate names (sevmigd.tlsca).
+    """
+    h = hashes.Hash(hashes.SHA256())
+    h.update(cek.pubkey)
+    return h.finalize().hex()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -383,6 +395,11 @@ class PlatformIdentity:
     def amd_certs(self) -> bytes:
         """ASK ‖ ARK, the SEND_START amd_certs layout."""
         return self.ask.encode() + self.ark.encode()
+
+    @property
+    def chip_id(self) -> str:
+        """`chip_id(self.cek)`: what this platform's TLS certificate names."""
+        return chip_id(self.cek)
 
     @property
     def platform_id(self) -> str:

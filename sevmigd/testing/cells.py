@@ -162,6 +162,14 @@ def fault_for(kind: str, phase: str, seed: int, harness: "Harness", src: DaemonP
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
+def proxy_tls_for(src: DaemonProcess, dst: DaemonProcess) -> tuple:
+    """(server_ctx, client_ctx) for a FaultProxy holding both hosts' TLS keys (from their state dirs): it
+    answers `src` as `dst` and connects to `dst` as `src`."""
+    from sevmigd import store
+    from sevmigd.daemon import tls
+    return (tls.server_context(store.tls_paths(dst.state_dir)), tls.client_context(store.tls_paths(src.state_dir)))
+
+
 class Harness:
     """Two daemons and a guest (see the module docstring). `async with Harness(root) as h:`."""
 
@@ -216,6 +224,13 @@ class Harness:
     async def __aexit__(self, *exc) -> None:
         for d in self.daemons:
             await trio.to_thread.run_sync(d.cleanup)
+
+    def proxy_tls(self, src: DaemonProcess, dst: DaemonProcess):
+        """TLS contexts for a fault proxy between `src` and `dst`, or None when the daemons run plaintext.
+        Mutual TLS is the daemons' default, so the matrix runs with it."""
+        if self.config.get("insecure_plaintext"):
+            return None
+        return proxy_tls_for(src, dst)
 
     async def launch(self, d: DaemonProcess) -> None:
         self.launches += 1
@@ -274,7 +289,7 @@ class Harness:
         base_src, base_dst = await inv.baseline(src), await inv.baseline(dst)
         ls, ld = len(src.logs), len(dst.logs)
         fault = fault_for(kind, phase, seed, self, src, dst)
-        proxy = FaultProxy("127.0.0.1", dst.port, [fault])
+        proxy = FaultProxy("127.0.0.1", dst.port, [fault], tls=self.proxy_tls(src, dst))
         outcome: dict = {}
 
         async with trio.open_nursery() as nursery:

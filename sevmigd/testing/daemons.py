@@ -111,12 +111,12 @@ def make_state_dir(state_dir: os.PathLike | str, fleet_ref: FleetRef | None = No
                    trust: Sequence[FleetRef] = ()) -> PlatformIdentity:
     """Write a fresh platform identity issued by `fleet_ref` (default: the shared fleet) into `state_dir`,
     trusting its ARK and the ARKs of the fleets in `trust`. Returns the identity."""
+    from sevmigd.testing.pki import provision
+
     f = _fleet_of(fleet_ref)
-    identity = PlatformIdentity.create(f.ca, os.urandom)
-    store.save_platform(state_dir, identity, trusted_ark=f.ca.ark)
-    for other in trust:
-        store.save_trusted_root(state_dir, _fleet_of(other).ca.ark)
-    return identity
+    # platform, its fleet root trusted, and the TLS identity `platform init` writes (a certificate naming
+    # its chip; the TLS CAs of its fleet and of every trusted fleet)
+    return provision(state_dir, f.ca, trust=[_fleet_of(other).ca for other in trust])
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -30,6 +30,15 @@ offset, by message type and by migration phase. Faults:
 Triggers (first match wins, each fault fires once): `byte_offset` (in `direction`), `msg_type` (its
 `nth` occurrence in `direction`), or `phase` (the `nth` frame of that phase, see `PHASE_TRIGGERS`).
 
+With `tls=(server_ctx, client_ctx)` (mutual TLS is the daemons' default) the proxy holds both hosts' TLS
+keys: it answers the source as the destination and connects to the destination as the source, follows
+the frames inside, and applies transport faults (reset, close, half_close, blackhole, delay, rate, call)
+to the TCP legs as before. A network cannot touch a frame inside TLS, so the frame faults (corrupt,
+truncate, duplicate, replay, reorder, drop_frame) degrade to what TLS makes of them: a damaged TLS record
+(`BAD_RECORD`) on the raw TCP stream towards the receiver, which its TLS layer rejects (after the frame
+itself for duplicate/replay, instead of it otherwise; then EOF for truncate). `inside=True` applies them
+to the frames inside instead (an insider holding both keys: tests of the channel MAC and the PSP).
+
 Every fired fault is recorded with its trio time (`fired_at`), so a test can bound detection time.
 The proxy also captures every byte per direction (for the "no private plaintext on the wire" test).
 Nothing here knows what a migration *should* do: it only breaks things on request.
@@ -58,6 +67,18 @@ QUEUE_LIMIT = 256 << 10
 SOCKET_BUFFER = 256 << 10
 C2S = "c2s"  # source -> destination (the source connects to us)
 S2C = "s2c"
+# A TLS 1.2/1.3 application-data record whose AEAD tag cannot verify: what a flipped, replayed, reordered or
+# lost record looks like to the receiving TLS layer (bad record MAC).
+BAD_RECORD = b"\x17\x03\x03\x00\x20" + bytes(range(0x20))
+# Frame faults that become a damaged TLS record when the proxy speaks TLS.
+FRAME_FAULTS = ("corrupt", "truncate", "duplicate", "replay", "reorder", "drop_frame")
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Bytes for the TCP stream under TLS (the delay line sends them past the TLS layer)."""
+    data: bytes
 
 # Wire type codes (PROTOCOL.md §5, sevmigd.wire.messages.MsgType) by the names used in fault scripts.
 TYPE_NAMES = {1: "hello", 2: "accept", 3: "refuse", 4: "start", 5: "pages", 6: "round_end", 7: "bitmap",
@@ -222,8 +243,13 @@ class FaultProxy:
     """`await nursery.start(proxy.serve)` returns the port; connections go to (target_host, target_port)."""
 
     def __init__(self, target_host: str, target_port: int, faults: list[Fault] | None = None,
-                 *, capture: bool = False, max_capture: int = 64 << 20, host: str = "127.0.0.1"):
+                 *, capture: bool = False, max_capture: int = 64 << 20, host: str = "127.0.0.1",
+                 tls: tuple | None = None, inside: bool = False):
         self.target = (target_host, target_port)
+        self.tls = tls
+        # With TLS: apply frame faults to the frames inside (an insider holding both hosts' keys) instead
+        # of degrading them to a damaged record; tests of the channel MAC and the PSP use it.
+        self.inside = inside
         self.host = host
         self.faults = list(faults or [])
         self.capture = capture
@@ -282,6 +308,18 @@ class FaultProxy:
         except OSError:
             await _abort(client)
             return
+        if self.tls is not None:
+            client = trio.SSLStream(client, self.tls[0], server_side=True)
+            server = trio.SSLStream(server, self.tls[1], server_hostname=None)
+            try:
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client.do_handshake)
+                        nursery.start_soon(server.do_handshake)
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await _abort(client)
+                await _abort(server)
+                return
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
@@ -328,10 +366,16 @@ class FaultProxy:
                     await trio.sleep_forever()
                 if data is None:
                     try:
-                        await dst.send_eof()
+                        # Under TLS a FIN on the TCP stream, without close_notify: what a network does.
+                        await getattr(dst, "transport_stream", dst).send_eof()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
                     return
+                if isinstance(data, _Raw):
+                    await dst.transport_stream.send_all(data.data)
+                    d.pending -= 1
+                    d.drained.set()
+                    continue
                 i = 0
                 while i < len(data):
                     rate = self._rate  # may change at any checkpoint (stop_faults)
@@ -436,6 +480,16 @@ class FaultProxy:
 
     async def _apply(self, f: Fault, d: _Dir, src, dst, frame: bytes, scope, out):
         k = f.kind
+        if self.tls is not None and not self.inside and k in FRAME_FAULTS:
+            f.fired_info += " (inside TLS: a damaged TLS record)"
+            if k in ("duplicate", "replay"):
+                self._send(d, out, frame)
+            d.pending += 1
+            out.send_nowait((_Raw(BAD_RECORD), trio.current_time()))
+            if k == "truncate":
+                out.send_nowait((None, trio.current_time()))
+                await trio.sleep_forever()
+            return
         if k in ("reset", "close"):
             # what was forwarded before the fault leaves first (bounded: the peer may not be reading)
             with trio.move_on_after(1.0):
@@ -516,15 +570,17 @@ def corrupt_frame(frame: bytes, where: str) -> bytes:
 
 
 async def _abort(stream: trio.SocketStream):
-    """Close with RST: SO_LINGER on, timeout 0."""
+    """Close with RST: SO_LINGER on, timeout 0 (on the TCP stream under TLS: no close_notify)."""
+    tcp = getattr(stream, "transport_stream", stream)
     try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-    await _close_quietly(stream)
+    await _close_quietly(tcp)
 
 
 async def _close_quietly(stream):
+    stream = getattr(stream, "transport_stream", stream)  # TLS: close the TCP stream, no close_notify
     try:
         await stream.aclose()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

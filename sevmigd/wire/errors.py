@@ -34,6 +34,7 @@ class AbortCode(enum.IntEnum):
     INTERNAL_ERROR = 12
     FRAME_TOO_LARGE = 13
     GUEST_EXISTS = 14
+    REPLAYED_SESSION = 15
 
 
 class ProtocolError(Exception):
