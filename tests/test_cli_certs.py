@@ -343,3 +343,61 @@ def test_subprocess_verify_exit_codes(tmp_path):
     unusable = run(str(NAPLES))  # no ask.cert in that directory
     assert unusable.returncode == 2 and "--ask" in unusable.stderr
     assert "Traceback" not in ok.stderr + bad.stderr + unusable.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the TLS identity of the migration channel (issued with the platform, names the chip)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ca_init_creates_the_tls_ca_and_platform_init_issues_a_certificate_naming_the_chip(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sevmigd.daemon import tls
+    from sevmigd.errors import ConfigError
+    from sevmigd.tlsca import named_platforms
+    cadir, st = tmp_path / "ca", tmp_path / "st"
+    assert main(["ca", "init", str(cadir), "--rsa-bits", "2048"]) == 0
+    assert "TLS CA" in capsys.readouterr().out
+    assert {"tls-ca.crt", "tls-ca.key"} <= {p.name for p in cadir.iterdir()}
+    assert mode(cadir / "tls-ca.key") == 0o600
+    assert main(["platform", "init", "--state-dir", str(st), "--ca", str(cadir)]) == 0
+    ident = store.load_platform(st)
+    paths = store.tls_paths(st)
+    assert mode(st / "tls") == 0o700 and all(mode(p) == 0o600 for p in paths.values())
+    cert = x509.load_pem_x509_certificate(pathlib.Path(paths["cert"]).read_bytes())
+    ca_cert = x509.load_pem_x509_certificate((cadir / "tls-ca.crt").read_bytes())
+    ca_cert.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    assert named_platforms(cert) == {ident.chip_id}
+    assert pathlib.Path(paths["ca"]).read_bytes() == (cadir / "tls-ca.crt").read_bytes()
+    tls.check_own_certificate(paths, ident.chip_id)  # what serve checks at start
+    # PEK_GEN / PDH_GEN keep the CEK, so the certificate still names the platform
+    assert main(["platform", "pek-gen", "--state-dir", str(st)]) == 0
+    assert main(["platform", "pdh-gen", "--state-dir", str(st)]) == 0
+    rotated = store.load_platform(st)
+    assert rotated.chip_id == ident.chip_id and rotated.platform_id != ident.platform_id
+    tls.check_own_certificate(paths, rotated.chip_id)
+    # a certificate of another platform is refused at start, naming the key
+    other = PlatformIdentity.create(store.load_ca(cadir), rng_from(7))
+    with pytest.raises(ConfigError) as ei:
+        tls.check_own_certificate(paths, other.chip_id)
+    assert ei.value.key == "tls.cert" and "names" in str(ei.value)
+
+
+def test_tls_cert_verb_upgrades_an_old_state_and_ca_dir(tmp_path, ca, ident, capsys):
+    """A CA dir and a state dir made before TLS was the default: `platform tls-cert` creates the CA's TLS CA
+    on first use and issues the host certificate; a foreign fleet CA is refused."""
+    from sevmigd.tlsca import load_cert, named_platforms
+    cadir, st = tmp_path / "old-ca", tmp_path / "old-st"
+    store.save_ca(cadir, ca)
+    store.save_platform(st, ident, trusted_ark=ca.ark)
+    assert not (cadir / "tls-ca.crt").exists() and not (st / "tls").exists()
+    assert main(["platform", "tls-cert", "--state-dir", str(st), "--ca", str(cadir)]) == 0
+    assert (cadir / "tls-ca.crt").exists() and mode(cadir / "tls-ca.key") == 0o600
+    cert = load_cert({"c": pathlib.Path(store.tls_paths(st)["cert"]).read_bytes()}, "c")
+    assert named_platforms(cert) == {ident.chip_id}
+    other = tmp_path / "other-ca"
+    store.save_ca(other, FleetCA.create(rng_from(9), rsa_bits=2048))
+    assert main(["platform", "tls-cert", "--state-dir", str(st), "--ca", str(other)]) == 2
+    assert "not this platform's fleet CA" in capsys.readouterr().err

@@ -45,7 +45,9 @@ def test_defaults_without_any_configuration():
     assert cfg.downtime_limit_ms == 300 and cfg.max_bandwidth_mib_s == 0
     assert (cfg.max_rounds, cfg.max_total_s) == (30, 600)
     assert cfg.psp_min_command_time_us == 0 and cfg.max_unauthenticated == 64
-    assert not cfg.tls.enabled
+    # Mutual TLS is the default, with this host's certificate in the state dir (`platform init` writes it).
+    assert cfg.tls.enabled and cfg.tls.state_dir_default and not cfg.insecure_plaintext
+    assert (cfg.tls.cert, cfg.tls.key, cfg.tls.ca) == tuple(f"{cfg.state_dir}/tls/{n}.pem" for n in ("cert", "key", "ca"))
 
 
 def test_default_paths_follow_systemd_then_xdg(monkeypatch):
@@ -125,6 +127,8 @@ def test_flags_win_over_toml_and_none_means_not_given(tmp_path):
     ('max_unauthenticated = 0', "max_unauthenticated"),
     ('keepalive_interval_s = 20', "keepalive_interval_s"),   # >= peer_timeout_s
     ('tls = "on"', "tls"),
+    ('insecure_plaintext = "yes"', "insecure_plaintext"),
+    ('insecure_plaintext = true\n[tls]\ncert = "/c"\nkey = "/k"\nca = "/a"', "insecure_plaintext"),
     ('[tls]\ncert = "/c"', "tls.key"),
     ('[tls]\ncert = "/c"\nkey = "/k"\nca = "/a"\npin = "x"', "tls.pin"),
     ("maxincoming = 3", "maxincoming"),                         # typo: unknown key
@@ -170,7 +174,7 @@ def test_reloadable_changes_split_keys():
                       environ=ENV)
     apply, ignored = old.reloadable_changes(new)
     assert apply == {"log_level": "debug", "max_incoming": 9}
-    assert ignored == ["state_dir"]
+    assert ignored == ["state_dir", "tls"]  # the default TLS paths live in the state dir
     assert "listen" not in RELOADABLE and "control" not in RELOADABLE and "log_level" in RELOADABLE
 
 

@@ -47,7 +47,9 @@ def sock_dir():
 def make_daemon(sock_dir, **overrides):
     cfg = load_config(None, {"state_dir": os.path.join(sock_dir, "state"),
                              "control": os.path.join(sock_dir, "run", "control.sock"),
-                             "listen": "127.0.0.1:0", **overrides})
+                             "listen": "127.0.0.1:0",
+                             # no migrations here: no TLS identity needed for the injected platform
+                             "insecure_plaintext": True, **overrides})
     return Daemon(cfg, identity=identity(), trusted_roots=[])
 
 

@@ -361,9 +361,8 @@ def test_daemons_migrate_with_memory_deny_write_execute(daemons, tmp_path):
     if probe.returncode == 97:
         pytest.skip("kernel lacks PR_SET_MDWE (Linux >= 6.3)")
     assert probe.stdout.strip() == "1", "W^X must survive execve so that the daemon runs under it"
-    import test_security as ts
     launcher = [sys.executable, "-c", _MDWE_LAUNCHER]
-    a, b = (daemons(name, launcher=launcher, config={"tls": ts._tls_files(tmp_path, name)}) for name in ("a", "b"))
+    a, b = (daemons(name, launcher=launcher) for name in ("a", "b"))  # mutual TLS: the default
     a.execute("launch", name="g1", memory=8 << 20, dirty_rate=1.0)
     assert a.execute("migrate", name="g1", to=b.address, timeout=120)["status"] == "completed"
     assert b.execute("verify", name="g1")["ok"] is True

@@ -42,11 +42,20 @@ def fleet():
     return ca
 
 
-def make_daemon(tmp_path, name, ca, *, min_command_time=0.0, **cfg):
-    identity = PlatformIdentity.create(ca, os.urandom)
+def make_daemon(tmp_path, name, ca, *, min_command_time=0.0, tls_fleet=None, **cfg):
+    """An in-process daemon of fleet `ca`; its TLS certificate comes from `tls_fleet`'s TLS CA (default:
+    its own fleet's)."""
+    from sevmigd import store
+    from sevmigd.daemon.config import TlsConfig
+    from sevmigd.testing.pki import provision, tls_ca_for
+
+    identity = provision(tmp_path / name, ca)  # with its TLS certificate: the drivers speak mutual TLS
+    if tls_fleet is not None:
+        store.issue_host_tls(tmp_path / name, tls_ca_for(tls_fleet), identity)
     fw = Firmware(identity, min_command_time=min_command_time)
     fw.init()
-    base = Config(state_dir=str(tmp_path / name), control=str(tmp_path / f"{name}.sock"))
+    tls = TlsConfig() if cfg.get("insecure_plaintext") else TlsConfig(**store.tls_paths(tmp_path / name))
+    base = Config(state_dir=str(tmp_path / name), control=str(tmp_path / f"{name}.sock"), tls=tls)
     config = dataclasses.replace(base, **cfg)
     return Daemon(config, identity=identity, fw=fw, trusted_roots=[ca.ark])
 
@@ -81,7 +90,15 @@ class Tap:
         self.seen: list[tuple[str, int]] = []
         self.captured = {"s2d": bytearray(), "d2s": bytearray()}
 
-    async def run(self):
+    async def run(self, tls=None):
+        """`tls` = (server_ctx, client_ctx): terminate the source's TLS as the destination and open TLS to
+        the destination as the source (the test holds both hosts' keys), so frames are visible in between."""
+        if tls is not None:
+            self._a = trio.SSLStream(self._a, tls[0], server_side=True)
+            self._b = trio.SSLStream(self._b, tls[1], server_hostname=None)
+            async with trio.open_nursery() as n:
+                n.start_soon(self._a.do_handshake)
+                n.start_soon(self._b.do_handshake)
         async with trio.open_nursery() as n:
             n.start_soon(self._pump, self._a, self._b, "s2d", n.cancel_scope)
             n.start_soon(self._pump, self._b, self._a, "d2s", n.cancel_scope)
@@ -125,7 +142,11 @@ async def run_migration(src, dst, name, *, tap=None, on_progress=None, **kw):
     result = {}
     async with trio.open_nursery() as n:
         if tap is not None:
-            n.start_soon(tap.run)
+            tls = None
+            if src.config.tls.enabled:
+                from sevmigd.daemon import tls as tls_mod
+                tls = (tls_mod.server_context(dst.config), tls_mod.client_context(src.config))
+            n.start_soon(tap.run, tls)
 
         async def dest():
             await dst.migrations.handle_incoming(d_stream, "source")
@@ -261,9 +282,11 @@ async def test_refusals_before_anything_is_sent(pair):
             n.cancel_scope.cancel()
 
 
-async def test_destination_refuses_existing_name_and_untrusted_source(tmp_path, pair):
+async def test_destination_refuses_existing_name_and_untrusted_source(tmp_path, pair, fleet):
     src, dst = pair()
-    stranger = make_daemon(tmp_path, "c", FleetCA.create(os.urandom, rsa_bits=2048))
+    # A host with a TLS certificate of this fleet but an SEV platform of another: TLS lets it in, the
+    # platform chain does not.
+    stranger = make_daemon(tmp_path, "c", FleetCA.create(os.urandom, rsa_bits=2048), tls_fleet=fleet)
     with trio.fail_after(60):
         async with trio.open_nursery() as n:
             await launch(src, n, guest_config("g1", mib=4))

@@ -71,13 +71,23 @@ def pages_frame_has_private(frame: bytes) -> bool:
     return len(u.unpack()) > 0  # enc_pfns column (8 bytes per page)
 
 
+def tls_terminating(src, dst):
+    """(server_ctx, client_ctx) for a proxy that holds both hosts' TLS keys: it answers the source as the
+    destination and connects to the destination as the source (mutual TLS is the default), so it sees and
+    can change the frames inside, and each daemon still sees the other's platform-named certificate."""
+    from sevmigd import store
+    from sevmigd.daemon import tls
+    return (tls.server_context(store.tls_paths(dst.state_dir)), tls.client_context(store.tls_paths(src.state_dir)))
+
+
 class FrameProxy:
     """TCP proxy 127.0.0.1:0 -> target, frame by frame. `hook(direction, mtype, frame)` returns the bytes to
     forward (maybe changed), or None to cut both connections there. Everything forwarded is captured per
-    direction ("s2d", "d2s")."""
+    direction ("s2d", "d2s"). `tls`: see `tls_terminating` (None: a plaintext proxy)."""
 
-    def __init__(self, target_host, target_port, hook=None):
+    def __init__(self, target_host, target_port, hook=None, *, tls=None):
         self.target = (target_host, target_port)
+        self.tls = tls
         self.hook = hook or (lambda d, t, f: f)
         self.captured = {"s2d": bytearray(), "d2s": bytearray()}
         self.seen: list[tuple[str, int]] = []
@@ -91,6 +101,17 @@ class FrameProxy:
 
     async def _handle(self, client):
         upstream = await trio.open_tcp_stream(*self.target)
+        if self.tls is not None:
+            client = trio.SSLStream(client, self.tls[0], server_side=True)
+            upstream = trio.SSLStream(upstream, self.tls[1], server_hostname=None)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(client.do_handshake)
+                    n.start_soon(upstream.do_handshake)
+            except BaseException:
+                await trio.aclose_forcefully(client)
+                await trio.aclose_forcefully(upstream)
+                raise
         async with client, upstream, trio.open_nursery() as n:
             n.start_soon(self._pump, client, upstream, "s2d", n.cancel_scope)
             n.start_soon(self._pump, upstream, client, "d2s", n.cancel_scope)
@@ -111,7 +132,10 @@ class FrameProxy:
                         return
                     self.captured[direction] += out
                     await tx.send_all(out)
-            await tx.send_eof()
+            if hasattr(tx, "send_eof"):
+                await tx.send_eof()
+            else:  # TLS has no half-close
+                await tx.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()
 
@@ -232,7 +256,7 @@ async def test_flipped_ciphertext_byte_is_caught_by_the_psp(daemons):  # noqa: F
             return bytes(b2)
         return frame
 
-    proxy = FrameProxy(b.host, b.port, hook)
+    proxy = FrameProxy(b.host, b.port, hook, tls=tls_terminating(a, b))
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)
@@ -254,7 +278,7 @@ async def test_no_private_plaintext_on_the_wire(daemons):  # noqa: F811
     assert ctl_json_ok.returncode == 0, ctl_json_ok.stderr
     res = a.ctl("guest-write", "g", "0x900000", shared_canary.hex(), "--shared", timeout=CTL_TIMEOUT)
     assert res.returncode == 0, res.stderr
-    proxy = FrameProxy(b.host, b.port)
+    proxy = FrameProxy(b.host, b.port, tls=tls_terminating(a, b))
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)
@@ -263,7 +287,8 @@ async def test_no_private_plaintext_on_the_wire(daemons):  # noqa: F811
     assert res.returncode == 0, res.stderr
     wire = bytes(proxy.captured["s2d"]) + bytes(proxy.captured["d2s"])
     assert len(wire) > 16 << 20
-    assert shared_canary in wire          # the capture sees page contents: shared pages cross in the clear
+    # The (TLS-terminating) capture sees page contents: shared pages travel in the clear inside the channel
+    assert shared_canary in wire
     assert private_canary not in wire     # ... and a private page's plaintext never does
     got = b.ctl("guest-read", "g", "0x800000", "32", timeout=CTL_TIMEOUT)
     assert got.returncode == 0, got.stderr
@@ -291,7 +316,8 @@ async def test_lost_started_is_uncertain_until_one_resolve(daemons):  # noqa: F8
     a, b = daemons(), daemons()
     launch(a, "g", "16M", "--dirty-rate", "2")
     proxy = FrameProxy(b.host, b.port,
-                       lambda d, t, f: None if (d == "d2s" and t == MsgType.STARTED) else f)
+                       lambda d, t, f: None if (d == "d2s" and t == MsgType.STARTED) else f,
+                       tls=tls_terminating(a, b))
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)

@@ -19,7 +19,7 @@ import trio
 
 from sevmigd.testing import invariants as inv
 from sevmigd.testing.cells import (BANDWIDTH_MIB_S, DOWNTIME_LIMIT_MS, STALL_SLACK_S, GUEST_ARGS, GUEST_BYTES,
-                                   GUEST_MEMORY, Harness)
+                                   GUEST_MEMORY, Harness, proxy_tls_for)
 from sevmigd.testing.daemons import ControlError, ControlFailure, Fleet, astart_daemon
 from sevmigd.testing.faultproxy import Fault, FaultProxy
 
@@ -78,7 +78,8 @@ async def test_second_migration_of_the_same_guest_is_refused(harness):
     in_round = trio.Event()
     gate = trio.Event()
     proxy = FaultProxy("127.0.0.1", dst.port, [Fault("call", phase="first_round", nth=2, action=in_round.set),
-                                               Fault("rate", phase="first_round", nth=3, bytes_per_s=4 << 20)])
+                                               Fault("rate", phase="first_round", nth=3, bytes_per_s=4 << 20)],
+                       tls=harness.proxy_tls(src, dst))
     outcome = {}
     with trio.fail_after(120):
         async with trio.open_nursery() as n:
@@ -126,7 +127,7 @@ async def test_default_peer_timeout_applies(tmp_path):
         with trio.fail_after(120):
             await a.call("launch", {"name": "g", "memory": GUEST_MEMORY, **GUEST_ARGS})
             fault = Fault("blackhole", phase="first_round", nth=2)
-            proxy = FaultProxy("127.0.0.1", b.port, [fault])
+            proxy = FaultProxy("127.0.0.1", b.port, [fault], tls=proxy_tls_for(a, b))
             mark = len(a.logs)
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)
@@ -241,7 +242,8 @@ async def test_sev_es_guest_survives_corrupt_vcpu_state(harness, field, trigger)
     with trio.fail_after(120):
         await src.call("launch", {"name": "es", "memory": "8M", "policy": "0x5", "seed": 7, **GUEST_ARGS})
         fault = Fault("corrupt", field=field, **trigger)
-        proxy = FaultProxy("127.0.0.1", dst.port, [fault])
+        # Inside TLS (an insider with both hosts' keys): the corruption must reach the channel MAC / the PSP.
+        proxy = FaultProxy("127.0.0.1", dst.port, [fault], tls=harness.proxy_tls(src, dst), inside=True)
         try:
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)

@@ -134,10 +134,11 @@ def test_self_created_state_is_private(daemons, tmp_path):
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
             assert mode & 0o077 == 0, f"{p} is {mode:04o}"
-        elif p.suffix == ".key":
+        elif p.suffix == ".key" or p.name == "key.pem":
             keys.append(p)
             assert mode == 0o600, f"{p} is {mode:04o}"
-    assert {p.name for p in keys} >= {"cek.key", "oca.key", "pek.key", "pdh.key", "ark.key", "ask.key"}
+    assert {p.name for p in keys} >= {"cek.key", "oca.key", "pek.key", "pdh.key", "ark.key", "ask.key",
+                                      "tls-ca.key", "key.pem"}  # the TLS CA's key and this host's TLS key
     assert d.execute("server-info")
 
 
@@ -150,7 +151,7 @@ def _secret_needles(state_dir: pathlib.Path) -> list[str]:
     import base64
     needles = ["-----BEGIN", "PRIVATE KEY"]
     for p in _walk(state_dir):
-        if p.suffix == ".key" and p.is_file() and not p.is_symlink():
+        if (p.suffix == ".key" or p.name.endswith("key.pem")) and p.is_file() and not p.is_symlink():
             data = p.read_bytes()
             body = data
             if b"-----BEGIN" in data:  # PEM: the base64 body is what could leak
@@ -185,11 +186,13 @@ def _code(exc: ControlError) -> str | None:
 
 
 def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: bytes | None = None,
-                policy: int = 0, es: bool = False):
+                policy: int = 0, es: bool = False, tls=None):
     """Play a source: send one Hello (or `raw` bytes) and return the destination's first message
-    (Accept / Refuse), or None when it closed the connection without one."""
+    (Accept / Refuse), or None when it closed the connection without one. `tls`: an ssl client context
+    (see `_tls_client`); None = plaintext."""
     conn = Connection(Role.SOURCE)
-    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+    raw_sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    with (tls.wrap_socket(raw_sock) if tls is not None else raw_sock) as s:
         s.sendall(raw if raw is not None else conn.send(m.Hello(
             version=1, features=(), platform=platform, guest_name="intruder", memory_bytes=memory_bytes,
             policy=policy, vcpus=1, es=es, migration_id="0123456789abcdef")))
@@ -209,8 +212,17 @@ def _fake_hello(port: int, *, platform: dict, memory_bytes: int = 1 << 20, raw: 
         return ev
 
 
-def _platform_of(fleet_name: str = "fleet") -> dict[str, bytes]:
-    return platform_files(PlatformIdentity.create(fleet(fleet_name).ca, os.urandom))
+def _platform_of(fleet_name: str = "fleet", identity: PlatformIdentity | None = None) -> dict[str, bytes]:
+    return platform_files(identity or PlatformIdentity.create(fleet(fleet_name).ca, os.urandom))
+
+
+def _tls_client(directory: pathlib.Path, identity: PlatformIdentity, fleet_name: str = "fleet"):
+    """An ssl client context as a host of `fleet_name` whose TLS certificate names `identity`'s chip (what
+    `platform init` issues), trusting that fleet's TLS CA."""
+    from sevmigd import store
+    from sevmigd.daemon import tls
+    from sevmigd.testing.pki import tls_ca_for
+    return tls.client_context(store.issue_host_tls(directory, tls_ca_for(fleet(fleet_name).ca), identity))
 
 
 # --------------------------------------------------------------------------------- trust refusals
@@ -222,14 +234,16 @@ def _platform_of(fleet_name: str = "fleet") -> dict[str, bytes]:
     ("cek", 0x500, "CEK"),              # ... in the CEK's signature (signed by the ASK)
     ("ask", 100, "ASK"),                # ... in the ASK's key (signed by the ARK)
 ])
-def test_tampered_chain_is_refused_with_the_failing_link(daemons, cert, offset, link):
+def test_tampered_chain_is_refused_with_the_failing_link(daemons, tmp_path, cert, offset, link):
     d = daemons("dest")
-    plat = _platform_of("fleet")
+    ident = PlatformIdentity.create(fleet("fleet").ca, os.urandom)
+    plat = _platform_of(identity=ident)
     if cert is not None:
         b = bytearray(plat[cert])
         b[offset] ^= 0x01
         plat[cert] = bytes(b)
-    reply = _fake_hello(d.port, platform=plat)
+    # A fleet member (its TLS certificate names its own chip) presenting its chain, tampered or not.
+    reply = _fake_hello(d.port, platform=plat, tls=_tls_client(tmp_path / "tls", ident))
     if cert is None:
         assert isinstance(reply, m.Accept)
         return
@@ -246,7 +260,9 @@ def test_platform_of_another_fleet_is_refused(daemons):
     src.execute("launch", name="g1", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
         src.execute("migrate", name="g1", to=dst.address, timeout=60)
-    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "source platform chain rejected" in str(ei.value)
+    # With mutual TLS (the default) the destination already refuses the other fleet's TLS certificate; the
+    # chain check behind it is tested with a fleet TLS member showing a foreign chain (test_drivers).
+    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "does not accept our TLS certificate" in str(ei.value), ei.value
     assert src.guests() == {"g1": "running"}
     assert "g1" not in dst.guests()
 
@@ -257,7 +273,7 @@ def test_source_refuses_a_destination_of_another_fleet(daemons):
     src.execute("launch", name="g1", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
         src.execute("migrate", name="g1", to=dst.address, timeout=60)
-    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "destination platform chain rejected" in str(ei.value)
+    assert _code(ei.value) == "UNTRUSTED_PLATFORM" and "certificate verify failed" in str(ei.value), ei.value
     assert src.guests() == {"g1": "running"}
     assert "g1" not in dst.guests()
 
@@ -266,17 +282,20 @@ def test_source_refuses_a_destination_of_another_fleet(daemons):
 
 
 @pytest.mark.parametrize("policy,es", [(0x4, False), (0x0, True)])
-def test_hello_whose_es_flag_contradicts_its_policy_is_refused(daemons, policy, es):
+def test_hello_whose_es_flag_contradicts_its_policy_is_refused(daemons, tmp_path, policy, es):
     """A source that announces plain registers for an SEV-ES policy (or VMSAs for a plain one) is refused
     before anything is reserved: the wire then holds VcpuState to the announced kind."""
     d = daemons("dest")
-    reply = _fake_hello(d.port, platform=_platform_of(), policy=policy, es=es)
+    ident = PlatformIdentity.create(fleet("fleet").ca, os.urandom)
+    as_member = _tls_client(tmp_path / "tls", ident)  # a fleet member speaking for its own platform
+    reply = _fake_hello(d.port, platform=_platform_of(identity=ident), policy=policy, es=es, tls=as_member)
     assert isinstance(reply, m.Refuse) and reply.code == AbortCode.PROTOCOL_ERROR, reply
     assert "contradicts policy" in reply.reason
-    assert _fake_hello(d.port, platform=_platform_of(), policy=policy, es=not es).__class__ is m.Accept
+    reply = _fake_hello(d.port, platform=_platform_of(identity=ident), policy=policy, es=not es, tls=as_member)
+    assert reply.__class__ is m.Accept, reply
 
 
-def test_oversized_guest_is_refused(daemons):
+def test_oversized_guest_is_refused(daemons, tmp_path):
     src = daemons("src")
     dst = daemons("dst", config={"max_guest_bytes": "4M"})
     src.execute("launch", name="big", memory=8 << 20)
@@ -289,7 +308,9 @@ def test_oversized_guest_is_refused(daemons):
     assert src.guests() == {"big": "running"}
     assert "big" not in dst.guests()
     # An absurd announced size from a hand-written source is refused the same way, before allocation.
-    reply = _fake_hello(dst.port, platform=_platform_of(), memory_bytes=1 << 42)
+    ident = PlatformIdentity.create(fleet("fleet").ca, os.urandom)
+    reply = _fake_hello(dst.port, platform=_platform_of(identity=ident), memory_bytes=1 << 42,
+                        tls=_tls_client(tmp_path / "tls", ident))
     assert isinstance(reply, m.Refuse) and reply.code == AbortCode.RESOURCE_LIMIT, reply
 
 
@@ -357,23 +378,24 @@ def test_flood_and_garbage_do_not_disturb_a_running_migration(daemons):
 _TLS_CAS: dict[str, object] = {}
 
 
-def _tls_ca(name: str):
-    import test_tls as tt
-    if name not in _TLS_CAS:
-        _TLS_CAS[name] = tt.make_ca(name)
-    return _TLS_CAS[name]
-
-
-def _tls_files(root: pathlib.Path, name: str, ca_name: str = "tls-fleet", trust: str | None = None) -> dict[str, str]:
-    """TLS cert/key/ca for daemon `name`, issued by CA `ca_name`, trusting CA `trust` (default: same)."""
-    import test_tls as tt
-    ca = _tls_ca(ca_name)
-    return tt.write_tls_files(root / f"tls-{name}", ca, tt.make_leaf(ca, name), trust=_tls_ca(trust or ca_name))
+def _reissue_tls(state_dir: pathlib.Path, tls_ca: str, trust: str) -> None:
+    """Give the host of `state_dir` a TLS certificate (naming its chip) from TLS CA `tls_ca` instead of its
+    fleet's, trusting only TLS CA `trust` (names of throwaway TLS CAs; "fleet" is the shared fleet's)."""
+    from sevmigd import store
+    from sevmigd.testing.pki import tls_ca_for
+    from sevmigd.tlsca import TlsCA, cert_pem
+    _TLS_CAS.setdefault("fleet", tls_ca_for(fleet("fleet").ca))
+    for n in (tls_ca, trust):
+        _TLS_CAS.setdefault(n, TlsCA.create(os.urandom, name=n))
+    paths = store.issue_host_tls(state_dir, _TLS_CAS[tls_ca], store.load_platform(state_dir))
+    store.write_atomic(paths["ca"], cert_pem(_TLS_CAS[trust].cert))
 
 
 def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
-    src = daemons("src", config={"tls": _tls_files(tmp_path, "src")})
-    dst = daemons("dst", config={"tls": _tls_files(tmp_path, "dst"), "handshake_timeout_s": 2.0})
+    from sevmigd.testing.daemons import make_state_dir
+    src = daemons("src")  # mutual TLS with the certificates in the state dirs: the default
+    dst = daemons("dst", config={"handshake_timeout_s": 2.0})
+    assert src.execute("server-info")["tls"] is True
     src.execute("launch", name="g1", memory=4 << 20)
     assert src.execute("migrate", name="g1", to=dst.address, timeout=60)["status"] == "completed"
     assert dst.guests() == {"g1": "running"}
@@ -382,7 +404,9 @@ def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
     assert _fake_hello(dst.port, platform=_platform_of()) is None
 
     # A source from another TLS CA that does not trust ours: it refuses the destination itself.
-    rogue = daemons("rogue", config={"tls": _tls_files(tmp_path, "rogue", ca_name="other-tls")})
+    make_state_dir(tmp_path / "rogue-state")
+    _reissue_tls(tmp_path / "rogue-state", "other-tls", trust="other-tls")
+    rogue = daemons("rogue", state_dir=str(tmp_path / "rogue-state"))
     rogue.execute("launch", name="g2", memory=4 << 20)
     with pytest.raises(ControlError) as ei:
         rogue.execute("migrate", name="g2", to=dst.address, timeout=60)
@@ -390,8 +414,9 @@ def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
     assert rogue.guests() == {"g2": "running"}
 
     # A source whose certificate comes from another CA but that trusts ours: the destination refuses it.
-    sneaky = daemons("sneaky", config={"tls": _tls_files(tmp_path, "sneaky", ca_name="other-tls",
-                                                         trust="tls-fleet")})
+    make_state_dir(tmp_path / "sneaky-state")
+    _reissue_tls(tmp_path / "sneaky-state", "other-tls", trust="fleet")
+    sneaky = daemons("sneaky", state_dir=str(tmp_path / "sneaky-state"))
     sneaky.execute("launch", name="g3", memory=4 << 20)
     with pytest.raises(ControlError):
         sneaky.execute("migrate", name="g3", to=dst.address, timeout=60)
@@ -405,6 +430,6 @@ def test_mutual_tls_migration_and_refusals(daemons, tmp_path):
     # Neither daemon logged a private key: platform keys nor TLS keys.
     for d, name in ((src, "src"), (dst, "dst")):
         d.terminate()
-        needles = _secret_needles(tmp_path / name / "state") + _secret_needles(tmp_path / f"tls-{name}")
+        needles = _secret_needles(d.state_dir)  # platform and TLS keys (STATE/tls/key.pem)
         leaked = [n for n in needles if n in d.output()]
         assert not leaked, f"{name}: key material in the log: {leaked[:3]}"

@@ -197,7 +197,8 @@ def test_context_accepts_the_daemon_config(pki, tmp_path):
                              "tls": pki["server"]})
     assert tls.server_context(cfg).verify_mode == ssl.CERT_REQUIRED
     assert tls.client_context(cfg) is not None
-    assert tls.client_context(load_config(None, {"state_dir": str(tmp_path), "control": "/tmp/x.sock"})) is None
+    assert tls.client_context(load_config(None, {"state_dir": str(tmp_path), "control": "/tmp/x.sock",
+                                                 "insecure_plaintext": True})) is None
 
 
 @pytest.mark.parametrize("missing", ["cert", "key", "ca"])
