@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sevmigd.testing.daemons import astart_daemon
 from sevmigd.testing.faultproxy import C2S, Fault, FaultProxy
+from sevmigd.testing.cells import proxy_tls_for
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ async def test_progress_timeout_fires_on_a_stalled_but_connected_destination(tmp
         # 2 kB/s after the second page frame: the connection stays up (keepalives get through, the
         # destination's peer timeout is 30 s), but round 1 stops making progress.
         stall = Fault("rate", C2S, phase="first_round", nth=2, bytes_per_s=2000)
-        proxy = FaultProxy("127.0.0.1", b.port, [stall])
+        proxy = FaultProxy("127.0.0.1", b.port, [stall], tls=proxy_tls_for(a, b))  # frames inside mutual TLS
         with trio.fail_after(90):
             async with trio.open_nursery() as n:
                 port = await n.start(proxy.serve)
