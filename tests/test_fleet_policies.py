@@ -325,3 +325,26 @@ def test_evacuate_dry_run_lists_what_cannot_move_and_bad_input_is_refused(pair):
                        (["--to", "127.0.0.1:0"], "port 0")):
         res = a.ctl("evacuate", *argv)
         assert res.returncode == 2 and word in res.stderr, (argv, res.stderr)
+
+
+def test_fleet_verbs_on_a_daemon_that_is_not_serving_get_typed_errors():
+    """Found by reading the fuzz test's contract: an evacuation asked of a daemon without a nursery is an
+    InvalidState reply, and it leaves no phantom "already running" evacuation behind."""
+    from test_control import _offline_daemon
+
+    from sevmigd.daemon import control
+
+    d = _offline_daemon()
+
+    async def send(obj):
+        pass
+
+    def ask(verb, args):
+        return trio.run(control.process_line, d, json.dumps({"execute": verb, "arguments": args}).encode(), send)
+
+    for _ in range(2):
+        reply = ask("evacuate", {"to": "127.0.0.1:9"})
+        assert reply["error"]["class"] == "InvalidState" and "not serving" in reply["error"]["desc"], reply
+    assert ask("evacuate", {"to": ["127.0.0.1:9"], "dry_run": True})["return"]["guests"] == []
+    assert ask("jobs", {})["return"]["jobs"] == []
+    assert ask("jobs", {"job": "nope"})["error"]["class"] == "InvalidParameter"

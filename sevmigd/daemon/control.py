@@ -645,9 +645,11 @@ async def _evacuate(daemon: Daemon, a: dict, emit: Emit) -> dict:
         snap = evac.snapshot()
         snap["dry_run"] = True
         return snap
-    mgr.evacuation = evac
+    if daemon.nursery is None:
+        raise InvalidState("the daemon is not serving; nothing can be evacuated")
     # The evacuation lives in the daemon's nursery: a ctl that goes away does not stop it.
     daemon.nursery.start_soon(evac.run, name="evacuate")
+    mgr.evacuation = evac
     while True:
         changed = evac.changed  # taken before emitting: a change while we write is not missed
         if evac.done.is_set():
