@@ -36,7 +36,8 @@ import tempfile
 import threading
 import time
 
-from sevmigd.cli.demo import LocalDaemon, new_fleet_dirs
+from sevmigd.cli.demo import new_fleet_dirs, start_local_daemon
+from sevmigd.testing.daemons import DaemonProcess
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -66,16 +67,20 @@ _MEDIAN_KEYS = ("total_time_ms", "wall_ms", "setup_time_ms", "throughput_mb_s", 
                 "cpu_source_us_per_page", "cpu_destination_us_per_page", "cpu_cores_used")
 
 
-def _pair(root: pathlib.Path, tag: str, dirs) -> tuple[LocalDaemon, LocalDaemon]:
-    a = LocalDaemon(f"{tag}-a", dirs["a"])
-    b = LocalDaemon(f"{tag}-b", dirs["b"])
-    a.start()
+def _pair(root: pathlib.Path, tag: str, dirs) -> tuple[DaemonProcess, DaemonProcess]:
+    a = start_local_daemon(f"{tag}-a", dirs["a"])
     try:
-        b.start()
+        b = start_local_daemon(f"{tag}-b", dirs["b"])
     except BaseException:
-        a.stop()
+        _stop(a)
         raise
     return a, b
+
+
+def _stop(*daemons: DaemonProcess) -> None:
+    for d in daemons:
+        d.stop()
+        d.cleanup()
 
 
 def _fresh_dirs(root: pathlib.Path, tag: str, ca_root: pathlib.Path) -> dict:
@@ -107,14 +112,14 @@ def _cpu_s(pid: int) -> float | None:
         return None
 
 
-def _one_run(a: LocalDaemon, b: LocalDaemon, name: str, launch: dict, *, verify: bool = True) -> dict:
+def _one_run(a: DaemonProcess, b: DaemonProcess, name: str, launch: dict, *, verify: bool = True) -> dict:
     """Launch `name` on a, migrate it to b, verify it there, stop it; figures of this one migration."""
     t0 = time.monotonic()
     a.execute("launch", {"name": name, **launch}, timeout=CONTROL_TIMEOUT_S)
     launch_ms = (time.monotonic() - t0) * 1000
     cpu0 = (_cpu_s(a.pid), _cpu_s(b.pid))
     t0 = time.monotonic()
-    stats = a.execute("migrate", {"name": name, "to": b.listen}, timeout=None)
+    stats = a.execute("migrate", {"name": name, "to": b.address}, timeout=None)
     wall = time.monotonic() - t0
     cpu1 = (_cpu_s(a.pid), _cpu_s(b.pid))
     cpu = [c1 - c0 if c0 is not None and c1 is not None else None for c0, c1 in zip(cpu0, cpu1)]
@@ -168,7 +173,7 @@ def _median(runs: list[dict], key: str):
     return round(m, 3) if isinstance(m, float) else m
 
 
-def _summarise(runs: list[dict], memory: int, a: LocalDaemon, b: LocalDaemon, warmup: int) -> dict:
+def _summarise(runs: list[dict], memory: int, a: DaemonProcess, b: DaemonProcess, warmup: int) -> dict:
     out: dict = {"guest_mib": memory / MiB, "runs": len(runs), "warmup_runs": warmup}
     for k in _MEDIAN_KEYS:
         out[k] = _median(runs, k)
@@ -192,8 +197,7 @@ def _scenario(root, tag, base, *, memory: int, launch: dict, runs: int, warmup: 
         measured = [_one_run(a, b, f"run{i}", args) for i in range(runs)]
         return _summarise(measured, memory, a, b, warmup)
     finally:
-        a.stop()
-        b.stop()
+        _stop(a, b)
 
 
 def _concurrent(root, tag, base, *, memory: int, n: int, runs: int, warmup: int) -> dict:
@@ -214,7 +218,7 @@ def _concurrent(root, tag, base, *, memory: int, n: int, runs: int, warmup: int)
 
             def go(name):
                 try:
-                    results[name] = a.execute("migrate", {"name": name, "to": b.listen}, timeout=None)
+                    results[name] = a.execute("migrate", {"name": name, "to": b.address}, timeout=None)
                 except Exception as exc:  # noqa: BLE001 - reported in the figures
                     errors.append(f"{name}: {exc}")
 
@@ -249,8 +253,7 @@ def _concurrent(root, tag, base, *, memory: int, n: int, runs: int, warmup: int)
                 "completed": completed, "errors": errors, "peak_rss_source_mib": a.peak_rss_mib(),
                 "peak_rss_destination_mib": b.peak_rss_mib()}
     finally:
-        a.stop()
-        b.stop()
+        _stop(a, b)
 
 
 def _scale(root, tag, base, *, memory: int, warm_memory: int, runs: int) -> dict:
@@ -285,8 +288,7 @@ def _scale(root, tag, base, *, memory: int, warm_memory: int, runs: int) -> dict
             round(sum(syncs + bitmaps) / 1000 / sum(r.get("seconds") or 0 for r in rounds[:len(syncs)]), 5)
             if syncs and rounds[:len(syncs)] else None)
     finally:
-        a.stop()
-        b.stop()
+        _stop(a, b)
     if not out.get("dirty_sync_ms_per_round"):
         # The source does not (yet) time its dirty-log syncs: replay each round's dirty-page count on a
         # guest of the same size in this process, with the very HostView calls the source makes.

@@ -10,7 +10,7 @@ Everything it started is stopped and the directory removed on every exit path (s
 unless `--keep` asks to keep the directory (logs) for a look. Exit 0 when the migration completed and the
 guest verified on the destination.
 
-`LocalDaemon` / `start_local_daemon` / `new_fleet_dirs` are reused by `sevmigd.bench.migration`.
+`start_local_daemon` / `new_fleet_dirs` are reused by `sevmigd.bench.migration`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from typing import TYPE_CHECKING
+
 from sevmigd.errors import SevmigdError
+
+if TYPE_CHECKING:
+    from sevmigd.testing.daemons import DaemonProcess
 
 # Waiting for a daemon to come up (identity load, first RSA use) on a slow, shared machine.
 READY_TIMEOUT_S = 60.0
@@ -41,108 +44,23 @@ class DemoError(SevmigdError):
     """The demo could not run or the migration failed (the message says which step)."""
 
 
-class LocalDaemon:
-    """A `sevmigd serve` subprocess on loopback whose JSON log goes to `log_path` (and is parsed for the
-    `ready` line that carries the bound address)."""
+def start_local_daemon(name: str, root: pathlib.Path, *, state_dir: pathlib.Path | None = None,
+                       config: dict | None = None) -> DaemonProcess:
+    """`sevmigd serve` on 127.0.0.1 (a free port) with the platform in `state_dir` (default root/state),
+    its output also in root/daemon.log; returns once it is ready (the harness of sevmigd.testing.daemons:
+    the tests, the fault matrix, the demo and the benchmark start daemons the same way)."""
+    from sevmigd.testing.daemons import DaemonProcess, DaemonStartError
 
-    def __init__(self, name: str, root: pathlib.Path, *, config: dict | None = None):
-        self.name = name
-        self.root = root
-        self.state_dir = root / "state"
-        # sun_path is limited to 107 bytes: keep the socket short, in its own private dir
-        self.sock_dir = pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-demo-", dir="/tmp"))
-        self.control = str(self.sock_dir / "control.sock")
-        self.log_path = root / "daemon.log"
-        self.config = config or {}
-        self.proc: subprocess.Popen | None = None
-        self.listen: str | None = None
-        self._ready = threading.Event()
-        self._exited = threading.Event()
-        self._reader: threading.Thread | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "sevmigd", "serve", "--state-dir", str(self.state_dir),
-               "--control", self.control, "--listen", "127.0.0.1:0", "--log-format", "json",
-               "--log-level", "info"]
-        if self.config:
-            cfg = self.root / "sevmigd.toml"
-            cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
-            cmd += ["--config", str(cfg)]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC",
-                            "WATCHDOG_PID", "STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
-        env["PYTHONUNBUFFERED"] = "1"
-        # own session: a Ctrl-C in the terminal reaches us, and we stop the daemons in order
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(READY_TIMEOUT_S) or self.listen is None:
-            raise DemoError(f"daemon {self.name} did not become ready within {READY_TIMEOUT_S:g} s; "
-                            f"its log: {self.log_path}\n{self.tail()}")
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "a") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                if not self._ready.is_set():
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(obj, dict) and obj.get("event") == "ready":
-                        self.listen = obj.get("listen")
-                        self._ready.set()
-        self._exited.set()
-        self._ready.set()  # wake a waiter: the daemon is gone
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            return "".join(self.log_path.read_text().splitlines(keepends=True)[-n:])
-        except OSError:
-            return ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def client(self, timeout: float | None = 120.0):
-        from sevmigd.daemon.client import ControlClient
-
-        return ControlClient(self.control, timeout=timeout)
-
-    def execute(self, verb: str, args: dict | None = None, *, on_event=None, timeout: float | None = 120.0) -> dict:
-        with self.client(timeout) as c:
-            return c.execute(verb, args, on_event=on_event)
-
-    def peak_rss_mib(self) -> float | None:
-        """VmHWM of the daemon process (peak resident set), MiB."""
-        try:
-            for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except (OSError, ValueError, AssertionError):
-            return None
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if needed; remove the socket dir. Safe to call twice."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(STOP_TIMEOUT_S)
-            except ProcessLookupError:
-                pass
-        if self._reader is not None:
-            self._reader.join(5)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+    d = DaemonProcess(root, name, state_dir=state_dir or root / "state", config=config, log_level="info",
+                      log_file=root / "daemon.log")
+    try:
+        d.spawn()
+        d.wait_ready(READY_TIMEOUT_S)
+    except DaemonStartError as exc:
+        d.stop(STOP_TIMEOUT_S)
+        d.cleanup()
+        raise DemoError(f"daemon {name} did not become ready: {exc}") from None
+    return d
 
 
 def new_fleet_dirs(root: pathlib.Path, names: list[str]) -> dict[str, pathlib.Path]:
@@ -239,7 +157,7 @@ def _demo(args) -> int:
     except ValueError:
         raise ConfigError("--policy", f"not a hex number: {args.policy!r}") from None
     root = pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-demo-"))
-    daemons: list[LocalDaemon] = []
+    daemons: list[DaemonProcess] = []
     out = sys.stderr
     try:
         t0 = time.monotonic()
@@ -248,10 +166,9 @@ def _demo(args) -> int:
         print("  fleet CA and two platform identities created (ARK -> ASK -> CEK -> PEK -> PDH), each host with a "
               "TLS certificate naming its platform (mutual TLS, the default)", file=out)
         for name in ("host-a", "host-b"):
-            d = LocalDaemon(name, dirs[name])
+            d = start_local_daemon(name, dirs[name])
             daemons.append(d)
-            d.start()
-            print(f"  {name}: sevmigd serve pid {d.pid}, migration listener {d.listen}", file=out)
+            print(f"  {name}: sevmigd serve pid {d.pid}, migration listener {d.address}", file=out)
         a, b = daemons
         st = a.execute("launch", {"name": "demo-guest", "memory": memory, "policy": policy,
                                   "dirty_rate": args.dirty_rate, "shared_fraction": args.shared_fraction,
@@ -259,10 +176,10 @@ def _demo(args) -> int:
         print(f"  host-a: guest demo-guest launched: {memory >> 20} MiB, policy {st.get('policy')}, "
               f"{st.get('private_pages')} private + {st.get('shared_pages')} shared pages, "
               f"workload {args.dirty_rate:g} MiB/s", file=out)
-        print(f"  migrating demo-guest host-a -> host-b ({b.listen}), guest running:", file=out)
+        print(f"  migrating demo-guest host-a -> host-b ({b.address}), guest running:", file=out)
         progress = _Progress(out)
         try:
-            stats = a.execute("migrate", {"name": "demo-guest", "to": b.listen}, on_event=progress, timeout=None)
+            stats = a.execute("migrate", {"name": "demo-guest", "to": b.address}, on_event=progress, timeout=None)
         finally:
             progress.finish()
         verify = b.execute("verify", {"name": "demo-guest"})
@@ -305,14 +222,15 @@ def _demo(args) -> int:
         return 130
     except SevmigdError:
         for d in daemons:
-            print(f"--- last lines of {d.name}'s log ---\n{d.tail()}", file=out)
+            print(f"--- last lines of {d.name}'s log ---\n{d.output(15)}", file=out)
         raise
     finally:
         # Ctrl-C during cleanup must not leave daemons behind: ignore it until we are done.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for d in reversed(daemons):
-                d.stop()
+                d.stop(STOP_TIMEOUT_S)
+                d.cleanup()
             if args.keep:
                 print(f"sevmigd demo: kept {root}", file=out)
             else:

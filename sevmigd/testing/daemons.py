@@ -1,4 +1,5 @@
-"""Real `sevmigd serve` subprocesses: the one launcher of the tests, the fault matrix and `make faults`.
+"""Real `sevmigd serve` subprocesses: the one launcher of the tests, the fault matrix (`make faults`), the
+demo (`make demo`) and the migration benchmark.
 
 What it gives you (the pytest fixtures that wrap it are in tests/conftest.py):
 
@@ -21,7 +22,9 @@ What it gives you (the pytest fixtures that wrap it are in tests/conftest.py):
   `await call(verb, ...)` from trio code without threads, `ctl(*argv)` / `ctl_json(*argv)` / `await actl(*argv)` run
   `sevmigd ctl` as a user does. Lifecycle: `terminate()` (SIGTERM, exit status), `send_signal`, `kill()`
   (a crashed host), `kill_nowait()`, `freeze()` / `thaw()` (SIGSTOP/SIGCONT, a hung host), `restart()`
-  (same state dir and migration port), `cleanup()` (always safe). Probes: `open_fds()`, `rss_bytes()`.
+  (same state dir and migration port), `stop()` (SIGTERM, SIGKILL after a deadline, never raises),
+  `cleanup()` (always safe). Probes: `open_fds()`, `rss_bytes()`, `peak_rss_mib()`. `log_file=` also
+  appends everything the daemon prints to a file.
   `BackgroundMigration(src, name, to)`: a `migrate` request running in a thread while the test acts.
 * `call_control(path, verb, args)`: the async control client, sharing its protocol code with
   ControlClient. Errors are the client's: `ControlError` (an error reply), `DaemonNotRunning`,
@@ -211,7 +214,8 @@ class DaemonProcess:
     def __init__(self, root: os.PathLike | str, name: str = "d", *, state_dir: os.PathLike | str | None = None,
                  listen: str | None = "127.0.0.1:0", control: str | None = None, config: Mapping | None = None,
                  args: Sequence[str] = (), env: Mapping[str, str] | None = None, launcher: Sequence[str] = (),
-                 log_level: str = "debug", notify: bool = False, owns_root: bool = False):
+                 log_level: str = "debug", notify: bool = False, owns_root: bool = False,
+                 log_file: os.PathLike | str | None = None):
         if log_level not in ("debug", "info"):
             raise ValueError("readiness is detected from the info-level 'ready' log line: use debug or info")
         self.root = pathlib.Path(root)
@@ -231,6 +235,7 @@ class DaemonProcess:
         self.launcher = list(launcher)
         self.log_level = log_level
         self._owns_root = owns_root
+        self._log_file = open(log_file, "a") if log_file is not None else None
         self.proc: subprocess.Popen | None = None
         self.ready: dict | None = None
         self.address: str | None = None   # HOST:PORT the listener is bound to (pass it as `migrate --to`)
@@ -310,6 +315,20 @@ class DaemonProcess:
         self.spawn()
         await trio.to_thread.run_sync(self.wait_ready)
 
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """A graceful stop that never raises: SIGTERM (after SIGCONT), SIGKILL if it has not exited within
+        `timeout`. Returns the exit status (None if never started)."""
+        if self.proc is None:
+            return None
+        self.thaw()
+        self.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._join()
+        return self.proc.returncode
+
     def send_signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -363,6 +382,9 @@ class DaemonProcess:
         if self._notify is not None:
             self._notify.close()
             self._notify = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
         if self._owns_root:
@@ -404,6 +426,7 @@ class DaemonProcess:
             now = time.monotonic()
             with self._cond:
                 self.raw_stdout.append(line)
+                self._copy_to_log(line)
                 try:
                     obj = json.loads(line)
                 except ValueError:
@@ -422,7 +445,13 @@ class DaemonProcess:
         for line in proc.stderr:
             with self._cond:
                 self.raw_stderr.append(line)
+                self._copy_to_log(line)
                 self._cond.notify_all()
+
+    def _copy_to_log(self, line: str) -> None:
+        if self._log_file is not None:
+            self._log_file.write(line)
+            self._log_file.flush()
 
     def _read_notify(self) -> None:
         while (sock := self._notify) is not None:
@@ -545,6 +574,17 @@ class DaemonProcess:
             return len(os.listdir(f"/proc/{self.pid}/fd"))
         except (OSError, AssertionError):
             return None
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the daemon process (its peak resident set), MiB."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except (OSError, AssertionError):
+            return None
+        return None
 
     def rss_bytes(self) -> int | None:
         try:
