@@ -415,8 +415,6 @@ class MigrationManager:
 
     def peer_platforms(self, stream) -> frozenset[str] | None:
         """Chip ids named by the peer's verified TLS certificate; None on a plaintext channel."""
-        from sevmigd.daemon import tls
-
         return tls.peer_platforms(stream)
 
     async def wrap_client_tls(self, stream, host: str):
@@ -424,7 +422,7 @@ class MigrationManager:
         if not cfg.tls.enabled:
             return stream
         try:
-            ctx = tls.client_context(cfg)
+            ctx = await trio.to_thread.run_sync(tls.client_context, cfg)   # reads the key and certificates
             return await tls.wrap_client(stream, ctx, host, timeout=cfg.handshake_timeout_s)
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with the destination failed: {exc}") from None
@@ -434,7 +432,7 @@ class MigrationManager:
         if not cfg.tls.enabled:
             return stream
         try:
-            ctx = tls.server_context(cfg)
+            ctx = await trio.to_thread.run_sync(tls.server_context, cfg)   # reads the key and certificates
             return await tls.wrap_server(stream, ctx, timeout=cfg.handshake_timeout_s, peer=peer)
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with {peer} failed: {exc}") from None
