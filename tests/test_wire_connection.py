@@ -428,10 +428,10 @@ def test_source_abort_crossing_accept_is_understood():
 # ------------------------------------------------------------------------------------------ versioning
 def test_extension_frames_are_skipped_and_unknown_types_rejected():
     src, dst = pair(until=State.PRECOPY)
-    from sevmigd.wire import channel
+    from sevmigd.wire import integrity
     for mtype, ok in ((0x40, True), (0x7F, True), (20, False)):
         body_wo = array_header(4) + uint(mtype) + uint(src._send_seq) + bin_header(1) + b"x"
-        mac = channel.new_mac(src._send_key)
+        mac = integrity.new_mac(src._send_key)
         mac.update(body_wo)
         body = body_wo + b"\xc4\x20" + mac.digest()
         src._send_seq += 1
@@ -443,7 +443,7 @@ def test_extension_frames_are_skipped_and_unknown_types_rejected():
     # and after skipping, the sequence continues
     src2, dst2 = pair(until=State.PRECOPY)
     body_wo = array_header(3) + uint(0x41) + uint(src2._send_seq)
-    mac = channel.new_mac(src2._send_key)
+    mac = integrity.new_mac(src2._send_key)
     mac.update(body_wo)
     body = body_wo + b"\xc4\x20" + mac.digest()
     src2._send_seq += 1
@@ -455,12 +455,12 @@ def test_extension_frames_are_skipped_and_unknown_types_rejected():
 def test_later_hello_version_interoperates_at_version_1():
     """A v2 source may append Hello fields; a v1 destination decodes the v1 part and answers v1."""
     import msgpack
-    from sevmigd.wire import channel, negotiate_version
+    from sevmigd.wire import integrity, negotiate_version
     from sevmigd.wire.messages import fields_of
     hello = sample_hello()
     fields = fields_of(hello)
     fields[0] = 2
-    share = channel.KeyShare(fixed_rng("v2")).public
+    share = integrity.KeyShare(fixed_rng("v2")).public
     body = msgpack.packb([1, 0, "sevmigd", *fields, share, 1 << 24, "future-field", None], use_bin_type=True)
     dst = Connection(D, rng=fixed_rng(3))
     dst.receive_data(PREFIX.pack(len(body)) + body)
@@ -508,8 +508,8 @@ def test_last_element_must_be_the_mac_or_nil():
 
 
 def _key_share_public():
-    from sevmigd.wire import channel
-    return channel.KeyShare(fixed_rng("k")).public
+    from sevmigd.wire import integrity
+    return integrity.KeyShare(fixed_rng("k")).public
 
 
 @pytest.mark.parametrize("name", ["bitmap", "vcpu_state", "start", "go"])
@@ -623,7 +623,7 @@ def test_every_message_after_the_end_is_illegal(end, mtype):
 def test_non_minimal_integer_encodings_are_accepted_negative_ones_refused():
     """PROTOCOL.md §4: receivers accept any valid encoding of a value of the right type (here type, seq and
     round as int 8 / uint 64), and refuse a negative value where an unsigned one is required."""
-    from sevmigd.wire import channel
+    from sevmigd.wire import integrity
     src, dst = pair(until=State.PRECOPY)
     for seq_enc, ok in ((b"\xd0" + bytes([src._send_seq]), True),
                         (b"\xcf" + (src._send_seq + 1).to_bytes(8, "big"), True),

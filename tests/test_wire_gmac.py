@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sevmigd.wire import NEED_DATA, SUPPORTED_FEATURES, State, channel
+from sevmigd.wire import NEED_DATA, SUPPORTED_FEATURES, State, integrity
 from sevmigd.wire import messages as m
 from sevmigd.wire.connection import encode_body
 from sevmigd.wire.errors import AbortCode, RemoteProtocolError
@@ -16,7 +16,7 @@ from sevmigd.wire.limits import PAGE_SIZE, SEV_HDR_SIZE
 from sevmigd.wire.messages import MsgType
 from sevmigd.wire.testing import pair, sample_hello, script, transfer
 
-G = channel.FEATURE_GMAC
+G = integrity.FEATURE_GMAC
 
 
 def _pages_frame(src, shared_byte=0x5A):
@@ -37,14 +37,14 @@ def test_gmac_only_when_both_list_it(hello_f, accept_f, want):
         transfer(a, b, make())
         if src.state == "PRECOPY":
             break
-    kind = channel.GmacKey if want else channel.MacKey
+    kind = integrity.GmacKey if want else integrity.MacKey
     assert isinstance(src._send_key, kind) and isinstance(dst._recv_key, kind)
     assert src.features == dst.features == (frozenset({G}) if want else frozenset())
 
 
 def test_gmac_conversation_runs_to_the_end():
     src, dst = pair(until=State.DONE, features=(G,))
-    assert isinstance(src._send_key, channel.GmacKey) and src._send_key != src._recv_key
+    assert isinstance(src._send_key, integrity.GmacKey) and src._send_key != src._recv_key
 
 
 def test_gmac_frame_has_tag_and_zero_padding_and_verifies():
@@ -80,7 +80,7 @@ def test_gmac_replay_and_wrong_key_are_refused():
     assert ei.value.code == AbortCode.INTEGRITY_FAILURE
     # a frame MACed with the HMAC recipe under the same key bytes does not verify in GMAC mode
     src2, dst2 = pair(until=State.PRECOPY, features=(G,))
-    body = encode_body(MsgType.KEEPALIVE, [], seq=src2._send_seq, key=channel.MacKey(src2._send_key.raw))
+    body = encode_body(MsgType.KEEPALIVE, [], seq=src2._send_seq, key=integrity.MacKey(src2._send_key.raw))
     dst2.receive_data(PREFIX.pack(len(body)) + body)
     with pytest.raises(RemoteProtocolError) as ei:
         dst2.next_event()
@@ -88,9 +88,9 @@ def test_gmac_replay_and_wrong_key_are_refused():
 
 
 def test_gmac_tag_depends_on_seq_and_key():
-    k = channel.GmacKey(bytes(range(32)))
+    k = integrity.GmacKey(bytes(range(32)))
     tags = set()
-    for key, seq in ((k, 1), (k, 2), (channel.GmacKey(bytes(32)), 1)):
+    for key, seq in ((k, 1), (k, 2), (integrity.GmacKey(bytes(32)), 1)):
         h = key.start(seq)
         h.update(b"same content")
         tags.add(key.finish(h))
@@ -98,7 +98,7 @@ def test_gmac_tag_depends_on_seq_and_key():
     with pytest.raises(ValueError):
         k.start(None)
     with pytest.raises(TypeError):
-        channel.new_mac(k)
+        integrity.new_mac(k)
     assert "GmacKey(...)" == repr(k)
 
 

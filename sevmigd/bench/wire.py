@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from sevmigd.wire import NEED_DATA, State
-from sevmigd.wire.channel import FEATURE_GMAC, GmacKey
+from sevmigd.wire.integrity import FEATURE_GMAC, GmacKey
 from sevmigd.wire.limits import PAGE_SIZE, SEV_HDR_SIZE
 from sevmigd.wire.testing import pair, sample_hello
 

@@ -45,7 +45,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import channel
+from . import integrity
 from .errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import (MAC_PREFIX, NIL, PREFIX, FrameBuffer, FramingError, Reader, array_header, bin_header,
                       pack, strict_unpack, uint)
@@ -62,7 +62,7 @@ MIN_PROTOCOL_VERSION = 1
 # Hello and Accept list it; unknown names are ignored.
 # "mac-aes-gmac" (§9.6): the frame MAC is AES-256-GMAC instead of HMAC-SHA256 (shared pages' plaintext is
 # MACed ~20x cheaper).
-SUPPORTED_FEATURES: tuple[str, ...] = (channel.FEATURE_GMAC,)
+SUPPORTED_FEATURES: tuple[str, ...] = (integrity.FEATURE_GMAC,)
 # Rounds are numbered from 0 (the first full pass over guest memory) and consecutively after that.
 FIRST_ROUND = 0
 
@@ -73,7 +73,7 @@ KEEPALIVE_INTERVAL_S = 1.0
 # a slow firmware command on the peer while still noticing a dead host quickly).
 PEER_DEAD_TIMEOUT_S = 10.0
 
-_MAC_TAIL = len(MAC_PREFIX) + channel.MAC_SIZE  # 34 bytes: c4 20 + HMAC-SHA256
+_MAC_TAIL = len(MAC_PREFIX) + integrity.MAC_SIZE  # 34 bytes: c4 20 + HMAC-SHA256
 # A fixed X25519 scalar for the receive-time key-share check: small-order points give an all-zero result
 # for *every* scalar, so one trial exchange detects them without touching the rng.
 _PROBE_SCALAR = bytes(range(1, 33))
@@ -179,12 +179,12 @@ class Connection:
         self._abort_sent_after_error = False
         self._send_seq = 0
         self._recv_seq = 0
-        self._share: channel.KeyShare | None = None
+        self._share: integrity.KeyShare | None = None
         self._peer_share: bytes | None = None
         self._hello_frame: bytes | None = None
-        self._keys: channel.ChannelKeys | None = None
-        self._send_key: channel.MacKey | None = None
-        self._recv_key: channel.MacKey | None = None
+        self._keys: integrity.ChannelKeys | None = None
+        self._send_key: integrity.MacKey | None = None
+        self._recv_key: integrity.MacKey | None = None
         self._peer_max_frame = MIN_MAX_FRAME
         self.hello: Hello | None = None      # the Hello of this conversation (sent or received)
         self.accept: Accept | None = None    # the Accept of this conversation (sent or received)
@@ -422,13 +422,13 @@ class Connection:
             self.accept = msg
             self.version = msg.version
             self.features = frozenset(self.hello.features) & frozenset(msg.features)
-            transcript = channel.transcript_hash(self._hello_frame, frame)
+            transcript = integrity.transcript_hash(self._hello_frame, frame)
             try:
-                self._keys = channel.derive_keys(self._share, self._peer_share, transcript)
-            except channel.KeyShareError as e:
+                self._keys = integrity.derive_keys(self._share, self._peer_share, transcript)
+            except integrity.KeyShareError as e:
                 cls = RemoteProtocolError if sender is not self.role else LocalProtocolError
                 raise cls(AbortCode.INTEGRITY_FAILURE, f"key exchange failed: {e}") from None
-            s2d, d2s = channel.frame_keys(self._keys, self.features)
+            s2d, d2s = integrity.frame_keys(self._keys, self.features)
             self._send_key, self._recv_key = (s2d, d2s) if self.role is Role.SOURCE else (d2s, s2d)
         elif t is Pages:
             self._round_open = True
@@ -474,7 +474,7 @@ class Connection:
             msg = check(msg, L, self.limits)
             extras = ()
             if mtype in (MsgType.HELLO, MsgType.ACCEPT):
-                share = channel.KeyShare(self._rng)
+                share = integrity.KeyShare(self._rng)
                 extras = (share.public, self.limits.max_frame)
             self._guard(self.role, msg, L, extras)
             frame = self._encode(mtype, wire_fields(msg, extras))
@@ -580,7 +580,7 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
         raise R(AbortCode.INTEGRITY_FAILURE,
                 f"sequence number {seq}, expected {expected_seq}: replayed, reordered or lost frame")
     # ---- channel MAC (before anything else of the frame is believed)
-    has_mac = len(body) >= _MAC_TAIL and body[-_MAC_TAIL:-channel.MAC_SIZE] == MAC_PREFIX
+    has_mac = len(body) >= _MAC_TAIL and body[-_MAC_TAIL:-integrity.MAC_SIZE] == MAC_PREFIX
     has_nil = body[-1:] == NIL
     pages_cols = None
     if key is None:
@@ -592,10 +592,10 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
             covered = memoryview(body)[:pages_cols[-1]]
         else:
             covered = memoryview(body)[:-_MAC_TAIL]
-        mk = channel.mac_key(key)
+        mk = integrity.mac_key(key)
         h = mk.start(seq)
         h.update(covered)
-        if not channel.mac_equal(mk.finish(h), body[-channel.MAC_SIZE:]):
+        if not integrity.mac_equal(mk.finish(h), body[-integrity.MAC_SIZE:]):
             raise R(AbortCode.INTEGRITY_FAILURE, "channel MAC mismatch: frame altered or forged")
     elif not (has_nil and mtype == MsgType.ABORT and unauth_abort_ok):
         raise R(AbortCode.INTEGRITY_FAILURE, "frame without channel MAC after the handshake")
@@ -619,7 +619,7 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
         raise R(AbortCode.PROTOCOL_ERROR, "frame body is not an array")
     tail = obj[-1]
     if not ((tail is None and not (key is not None and has_mac))
-            or (key is not None and has_mac and type(tail) is bytes and len(tail) == channel.MAC_SIZE)):
+            or (key is not None and has_mac and type(tail) is bytes and len(tail) == integrity.MAC_SIZE)):
         raise R(AbortCode.PROTOCOL_ERROR, "the last element of a frame must be its MAC (bin 8 of 32) or nil")
     if (mtype == MsgType.HELLO and len(obj) > want and obj[2] == MAGIC and type(obj[3]) is int
             and obj[3] > PROTOCOL_VERSION):
@@ -637,14 +637,14 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
 
 
 def _check_extras(share, max_frame, err):
-    if not isinstance(share, bytes) or len(share) != channel.KEY_SHARE_SIZE:
+    if not isinstance(share, bytes) or len(share) != integrity.KEY_SHARE_SIZE:
         raise err(AbortCode.PROTOCOL_ERROR, "key_share must be 32 bytes (X25519)")
     if isinstance(max_frame, bool) or not isinstance(max_frame, int) or not (MIN_MAX_FRAME <= max_frame <= MAX_MAX_FRAME):
         raise err(AbortCode.PROTOCOL_ERROR, f"max_frame must be within [{MIN_MAX_FRAME}, {MAX_MAX_FRAME}]")
     if err is RemoteProtocolError:
         try:
-            channel.KeyShare(lambda n: _PROBE_SCALAR).exchange(share)
-        except channel.KeyShareError as e:
+            integrity.KeyShare(lambda n: _PROBE_SCALAR).exchange(share)
+        except integrity.KeyShareError as e:
             raise err(AbortCode.INTEGRITY_FAILURE, f"unusable key_share: {e}") from None
 
 
@@ -656,7 +656,7 @@ def _parse_pages(rd: Reader, n: int):
     for name in ("enc_pfns", "enc_headers", "shr_pfns", "shr_data", "enc_data"):
         cols.append(rd.bin(name))
     _mac_off, mac_len = rd.bin("mac")
-    if mac_len != channel.MAC_SIZE or rd.pos != rd.end:
+    if mac_len != integrity.MAC_SIZE or rd.pos != rd.end:
         raise RemoteProtocolError(AbortCode.PROTOCOL_ERROR, "Pages must end with its 32-byte MAC")
     cols.append(cols[5][0])  # the MAC covers the body up to the first byte of enc_data's payload
     return cols
@@ -691,7 +691,7 @@ def encode_body(mtype: MsgType, fields: list, *, seq: int, key: bytes | None) ->
     body_wo_mac = array_header(n) + head[len(array_header(n - 1)):]  # same array, one element more
     if key is None:
         return body_wo_mac + NIL
-    mk = channel.mac_key(key)
+    mk = integrity.mac_key(key)
     h = mk.start(seq)
     h.update(body_wo_mac)
     return body_wo_mac + MAC_PREFIX + mk.finish(h)
@@ -711,7 +711,7 @@ def encode_pages_body_parts(round: int, ep: np.ndarray, enc_headers, enc_data, s
     if key is None:  # only reachable through testing.forge (Pages is illegal before the keys exist)
         tail = NIL
     else:
-        mk = channel.mac_key(key)
+        mk = integrity.mac_key(key)
         h = mk.start(seq)
         for p in pieces:
             h.update(p)

@@ -116,7 +116,7 @@ def pair(*, hello: m.Hello | None = None, until: State = State.IDLE, limits: Lim
 def forge(sender: Connection, msg) -> bytes:
     """Encode `msg` as `sender`'s next frame (its seq and channel key) *without* any state or content
     check, so tests can deliver messages that are illegal in the receiver's state. Advances sender's seq."""
-    from . import channel
+    from . import integrity
     from .connection import _pfn_column
     from .messages import TYPE_OF, MsgType, wire_fields
 
@@ -126,5 +126,5 @@ def forge(sender: Connection, msg) -> bytes:
     mtype = TYPE_OF[type(msg)]
     extras = []
     if mtype in (MsgType.HELLO, MsgType.ACCEPT):
-        extras = [channel.KeyShare(fixed_rng("forge")).public, sender.limits.max_frame]
+        extras = [integrity.KeyShare(fixed_rng("forge")).public, sender.limits.max_frame]
     return sender._encode(mtype, wire_fields(msg, extras))
