@@ -460,11 +460,9 @@ def _jobs(client, args) -> int:
     rows = [("JOB", "GUEST", "TO", "STATE", "ROUND", "IN SYNC", "TRANSFERRED", "DOWNTIME", "POLICY", "ERROR")]
     for j in r["jobs"]:
         st = j.get("stats") or {}
-        total, rem = st.get("total") or 0, st.get("remaining") or 0
-        insync = 100.0 if j["state"] == "completed" else (100.0 * max(total - rem, 0) / total if total else None)
         state = j["state"] + (f" ({j['queue_position']})" if j.get("queue_position") else "")
         rows.append((j["job"], j["guest"], j["to"], state, st.get("round") or "-",
-                     _pct(insync) if st else "-", _mib(st.get("transferred")) if st else "-",
+                     _pct(j.get("in_sync_percent")), _mib(st.get("transferred")) if st else "-",
                      _ms(st.get("downtime_ms")), j.get("policy") or "-", (j.get("error") or "")[:60]))
     for line in _table(rows):
         print(line)

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from sevmigd.daemon.config import split_host_port
+from sevmigd.daemon.migration import in_sync_percent
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.migrate.errors import MigrationError
 
@@ -51,12 +52,8 @@ class Row:
             d["job"] = job.id
             st = job.stats()
             if st is not None:
-                total = st.get("total") or 0
-                rem = st.get("remaining") or 0
                 d["round"] = st.get("round")
-                # share of guest memory in sync: round 1's bulk pass, then what is not dirty again
-                d["percent"] = 100.0 if st.get("status") == "completed" else (
-                    round(100.0 * max(total - rem, 0) / total, 1) if total else None)
+                d["percent"] = in_sync_percent(st)
                 d["downtime_ms"] = st.get("downtime_ms")
                 d["transferred"] = st.get("transferred")
                 d["total_time_ms"] = st.get("total_time_ms")

@@ -56,6 +56,17 @@ HISTORY = 32
 JOB_STATES = ("queued", "running", "completed", "failed", "cancelled", "uncertain")
 
 
+def in_sync_percent(stats: dict | None) -> float | None:
+    """How much of the guest's memory is in sync on the destination, as `ctl jobs` and the evacuation
+    table show it: round 1's bulk pass, then what is not dirty again; 100 once completed."""
+    if not stats or not stats.get("total"):
+        return None
+    if stats.get("status") == "completed":
+        return 100.0
+    total, rem = stats["total"], stats.get("remaining") or 0
+    return round(100.0 * max(total - rem, 0) / total, 1)
+
+
 @dataclass
 class Job:
     """One requested outgoing migration, from the request to its end (`ctl jobs`, `migrate --detach`).
@@ -99,6 +110,7 @@ class Job:
         if st is not None:
             st = {k: v for k, v in st.items() if k != "rounds"}
         return {"job": self.id, "guest": self.guest, "to": self.to, "state": self.state,
+                "in_sync_percent": in_sync_percent(st),
                 "policy": self.policy.name if self.policy is not None else None, "queue_position": queue_position,
                 "submitted_at": round(self.submitted_at, 3),
                 "started_at": None if self.started_at is None else round(self.started_at, 3),
