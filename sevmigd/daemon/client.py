@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from sevmigd.errors import SevmigdError
 
@@ -58,7 +57,7 @@ class ConnectionLost(ControlFailure):
 
 def encode_request(verb: str, args: dict | None, req_id: int) -> bytes:
     """One request line (JSON + newline), as the daemon's control protocol wants it."""
-    request: dict[str, Any] = {"execute": verb, "id": req_id}
+    request: dict[str, object] = {"execute": verb, "id": req_id}
     if args:
         request["arguments"] = args
     return json.dumps(request).encode() + b"\n"

@@ -19,8 +19,8 @@ import ipaddress
 import os
 import pathlib
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sevmigd.errors import ConfigError
 from sevmigd.migrate.planner import COMPLETION_ACTIONS
@@ -161,9 +161,9 @@ class Config:
     def listen_port(self) -> int:
         return split_host_port(self.listen, key="listen")[1]
 
-    def reloadable_changes(self, new: Config) -> tuple[dict[str, Any], list[str]]:
+    def reloadable_changes(self, new: Config) -> tuple[dict[str, object], list[str]]:
         """(changes SIGHUP applies, names of changed keys that need a restart)."""
-        apply: dict[str, Any] = {}
+        apply: dict[str, object] = {}
         ignored: list[str] = []
         for f in dataclasses.fields(self):
             old_v, new_v = getattr(self, f.name), getattr(new, f.name)
@@ -213,7 +213,7 @@ def default_control_path(environ: dict[str, str] | None = None) -> str:
 # ----------------------------------------------------------------------------------- validation
 
 
-def split_host_port(text: Any, *, key: str = "listen") -> tuple[str, int]:
+def split_host_port(text: object, *, key: str = "listen") -> tuple[str, int]:
     """'127.0.0.1:4446', '[::1]:4446', 'host.example:4446', ':4446' (all addresses) -> (host, port)."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
@@ -244,7 +244,7 @@ def split_host_port(text: Any, *, key: str = "listen") -> tuple[str, int]:
 
 
 
-def _str(key: str, v: Any, *, choices: tuple[str, ...] | None = None, nonempty: bool = True) -> str:
+def _str(key: str, v: object, *, choices: tuple[str, ...] | None = None, nonempty: bool = True) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, f"expected a string, got {v!r}")
     if nonempty and not v.strip():
@@ -257,7 +257,7 @@ def _str(key: str, v: Any, *, choices: tuple[str, ...] | None = None, nonempty: 
     return v
 
 
-def _opt_str_list(key: str, v: Any) -> tuple[str, ...] | None:
+def _opt_str_list(key: str, v: object) -> tuple[str, ...] | None:
     if v is None:
         return None
     if isinstance(v, str):
@@ -272,7 +272,7 @@ def _opt_str_list(key: str, v: Any) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def _platform_ids(key: str, v: Any) -> tuple[str, ...] | None:
+def _platform_ids(key: str, v: object) -> tuple[str, ...] | None:
     ids = _opt_str_list(key, v)
     if ids is None:
         return None
@@ -285,14 +285,14 @@ def _platform_ids(key: str, v: Any) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def _path(key: str, v: Any) -> str:
+def _path(key: str, v: object) -> str:
     s = _str(key, v)
     if "\0" in s:
         raise ConfigError(key, "path contains a NUL byte")
     return os.path.expanduser(s)
 
 
-def _tls(v: Any) -> TlsConfig:
+def _tls(v: object) -> TlsConfig:
     if v is None:
         return TlsConfig()
     if isinstance(v, TlsConfig):
@@ -324,7 +324,7 @@ POLICY_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 
 
 
-def _policies(key: str, v: Any) -> tuple[MigrationPolicy, ...]:
+def _policies(key: str, v: object) -> tuple[MigrationPolicy, ...]:
     """`[policies.NAME]` tables -> MigrationPolicy tuple (sorted by name); every key checked."""
     if v is None:
         return ()
@@ -347,7 +347,7 @@ def _policies(key: str, v: Any) -> tuple[MigrationPolicy, ...]:
     return tuple(out)
 
 
-def _opt_listen(key: str, v: Any) -> str | None:
+def _opt_listen(key: str, v: object) -> str | None:
     if v is None:
         return None
     split_host_port(v, key=key)
@@ -355,7 +355,7 @@ def _opt_listen(key: str, v: Any) -> str | None:
 
 
 # key -> validator(key, raw value) -> validated value
-_VALIDATORS: dict[str, Any] = {
+_VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "state_dir": _path,
     "control": _path,
     "listen": lambda k, v: (split_host_port(v, key=k), v.strip())[1],
@@ -389,13 +389,13 @@ _VALIDATORS: dict[str, Any] = {
 }
 
 
-def _flag(key: str, v: Any) -> bool:
+def _flag(key: str, v: object) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(key, f"expected true or false, got {v!r}")
     return v
 
 
-def _positive_size(key: str, v: Any) -> int:
+def _positive_size(key: str, v: object) -> int:
     if isinstance(v, bool):
         raise ConfigError(key, f"expected a size such as 64G, got {v!r}")
     n = parse_size(v, key=key)
@@ -419,7 +419,7 @@ def _check_cross(cfg: Config) -> None:
                           "would look stalled")
 
 
-def read_toml(path: str) -> dict[str, Any]:
+def read_toml(path: str) -> dict[str, object]:
     """Parse the TOML file; unreadable or malformed -> ConfigError naming the file (and line)."""
     try:
         with open(path, "rb") as f:
@@ -432,10 +432,10 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path}: invalid TOML: {exc}") from None
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, *,
+def load_config(path: str | None = None, overrides: dict[str, object] | None = None, *,
                 environ: dict[str, str] | None = None) -> Config:
     """Defaults <- TOML file at `path` (when given) <- `overrides` (None values are "not given")."""
-    raw: dict[str, Any] = {}
+    raw: dict[str, object] = {}
     if path is not None:
         data = read_toml(path)
         for k in data:
@@ -447,7 +447,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(k, "unknown configuration key")
         if v is not None:
             raw[k] = v
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for k, v in raw.items():
         if v is None and k not in ("control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls",
                                    "metrics_listen", "default_policy", "policies"):
@@ -468,7 +468,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return cfg
 
 
-def config_as_dict(cfg: Config) -> dict[str, Any]:
+def config_as_dict(cfg: Config) -> dict[str, object]:
     """JSON-able view (for `server-info` and logs); contains paths, never key material."""
     d = dataclasses.asdict(cfg)
     for k, v in d.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +29,9 @@ from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.migration import in_sync_percent
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.migrate.errors import MigrationError
+
+if TYPE_CHECKING:  # the migration manager runs evacuations; this module only names its types
+    from sevmigd.daemon.migration import Job, MigrationManager
 
 # How often the live table is refreshed for the ctl client (progress events), at most.
 SNAPSHOT_INTERVAL_S = 0.5
@@ -41,10 +44,10 @@ class Row:
     state: str                 # planned | queued | migrating | done | failed | left
     to: str | None = None
     reason: str | None = None
-    job: Any = None
+    job: Job | None = None
 
     def as_dict(self) -> dict:
-        d: dict[str, Any] = {"guest": self.guest, "state": self.state, "to": self.to, "reason": self.reason,
+        d: dict[str, object] = {"guest": self.guest, "state": self.state, "to": self.to, "reason": self.reason,
                              "job": None, "round": None, "percent": None, "downtime_ms": None,
                              "transferred": None, "total_time_ms": None}
         job = self.job
@@ -60,7 +63,7 @@ class Row:
         return d
 
 
-def parse_targets(raw: Any) -> list[tuple[str, int]]:
+def parse_targets(raw: object) -> list[tuple[str, int]]:
     """["host:port", ...] (or one comma-separated string) -> [(host, port)]; ConfigError("to") otherwise."""
     if isinstance(raw, str):
         raw = [t for t in raw.split(",") if t.strip()]
@@ -84,7 +87,7 @@ def _fmt(host: str, port: int) -> str:
 class Evacuation:
     """One evacuation of this host (see the module docstring)."""
 
-    def __init__(self, manager: Any, targets: list[tuple[str, int]], *, max_parallel: int = 1,
+    def __init__(self, manager: MigrationManager, targets: list[tuple[str, int]], *, max_parallel: int = 1,
                  policy: str | None = None):
         if max_parallel < 1:
             raise ConfigError("max_parallel", f"must be >= 1, got {max_parallel}")

@@ -22,7 +22,7 @@ task catches, logs, answers 500 and goes on).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the daemon and its migration manager import this module; it
     from sevmigd.daemon.migration import MigrationManager
     from sevmigd.daemon.psprunner import PspRunner
     from sevmigd.daemon.server import Daemon
+    from sevmigd.migrate.stats import MigrationStats
     from sevmigd.psp.status import SevStatus
 # PSP command latency buckets: the emulated PSP answers single commands in 10s of microseconds and a
 # 1 MiB SEND_UPDATE_DATA batch in milliseconds; a real PSP takes 100s of microseconds per command.
@@ -90,7 +91,7 @@ class DaemonMetrics:
 
     # -- events --------------------------------------------------------------------------------------
 
-    def migration_finished(self, stats: Any) -> None:
+    def migration_finished(self, stats: MigrationStats | dict) -> None:
         """Count a finished migration (MigrationStats or its dict) by its final status."""
         d = stats if isinstance(stats, dict) else stats.to_dict()
         role = d.get("role") if d.get("role") in ROLES else "source"
@@ -207,7 +208,7 @@ async def _send_response(stream: trio.abc.SendStream, status: str, ctype: str, b
     await stream.send_all(head if head_only else head + body)
 
 
-def _num(v: Any) -> float | None:
+def _num(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
