@@ -61,6 +61,7 @@ def test_import_makes_the_platform_owned_by_the_oca(ca, owners):
     # A new PDH, signed by the PEK; the CEK (and so GET_ID) unchanged.
     assert after.pdh.pubkey != before.pdh.pubkey
     assert after.cek == before.cek and after.get_id() == before.get_id()
+    assert after.chip_id == before.chip_id and after.platform_id != before.platform_id   # TLS name kept
     verify_platform_chain(after.ark, after.ask, after.cek, after.oca, after.pek, after.pdh, trusted_arks=[ca.ark])
     assert fw.platform_status().externally_owned
 
@@ -134,7 +135,7 @@ def test_platform_reset_returns_to_self_owned_keeping_the_cek(ca, owners):
     fw.platform_reset()
     fresh = fw.identity
     assert not fresh.externally_owned and fresh.oca_private is not None
-    assert fresh.cek == owned.cek
+    assert fresh.cek == owned.cek and fresh.chip_id == owned.chip_id
     assert fresh.oca != owned.oca and fresh.pek.pubkey != owned.pek.pubkey and fresh.pdh.pubkey != owned.pdh.pubkey
     verify_platform_chain(fresh.ark, fresh.ask, fresh.cek, fresh.oca, fresh.pek, fresh.pdh, trusted_arks=[ca.ark])
     fw.init()
