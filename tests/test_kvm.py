@@ -475,3 +475,13 @@ def test_user_memory_faults():
     user.unmap(a)
     with pytest.raises(UserFault):
         user.read(a, 1)
+
+
+def test_releasing_a_vm_unmaps_its_memory_slot_so_the_ram_is_freed(fleet):
+    _, ia, _ = fleet
+    fw = Firmware(ia, rng=random.Random(8).randbytes)
+    fw.init()
+    vm = SevVm.launch(fw, GuestConfig("f", 1 * MiB), asid=1, rng=random.Random(1).randbytes)
+    ram = vm._ram.buf
+    vm.release()
+    assert ram.closed                         # no view of the memory slot kept the mapping alive

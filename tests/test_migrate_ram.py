@@ -126,3 +126,17 @@ def test_receiver_builds_both_bitmaps(fw, vm):
         assert np.array_equal(dst.host._enc, bits)                                    # the VMM's
     finally:
         dst.release()
+
+
+def test_a_fresh_window_serves_the_next_batches(vm):
+    host = CountingHost(vm.host)
+    now = [0.0]
+    ram = RamSender(host, batch_pages=100, clock=lambda: now[0])
+    ram.start()
+    ram.next_batch()
+    ram.next_batch()
+    assert host.windows == [(0, min(ram_mod.WINDOW_PAGES, vm.npages))]    # one read for both batches
+    now[0] += ram_mod.WINDOW_MAX_AGE_S + 0.01                               # too old now: read again
+    b = ram.next_batch()
+    assert len(host.windows) == 2 and host.windows[1][0] == 200
+    assert np.array_equal(np.sort(np.concatenate([b.enc, b.shr])), np.arange(200, 300, dtype=PFN))

@@ -398,6 +398,7 @@ class SevVm:
         self._kernel = None
         if self.handle is not None:
             _teardown(self._fw, self.handle)
+        self.kvm.release()          # the memory slot's mapping first: it is a view of the RAM
         self._ram.release()
 
     # ------------------------------------------------------------------ state

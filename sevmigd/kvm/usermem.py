@@ -49,6 +49,7 @@ class UserMemory:
         i = bisect.bisect_left(self._starts, addr)
         if i == len(self._starts) or self._starts[i] != addr:
             raise UserFault(f"no mapping starts at {addr:#x}")
+        self._views[i].release()     # munmap: the buffer's owner may free it now
         del self._starts[i], self._views[i]
 
     def view(self, addr: int, length: int) -> memoryview:

@@ -136,6 +136,13 @@ class KvmVm:
         self.slot_uaddr = self.user.map(buf)
         return self.slot_uaddr
 
+    def release(self) -> None:
+        """The VM is destroyed: its memory slot is unmapped (the guest's RAM may be freed now)."""
+        if self._slot_buf is not None:
+            self.user.unmap(self.slot_uaddr)
+            self._slot_buf = None
+            self._vmsa = None
+
     def gpa_to_uaddr(self, gpa: int) -> int:
         return self.slot_uaddr + gpa
 
