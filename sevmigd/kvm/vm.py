@@ -35,7 +35,8 @@ wrap-around, the VMM the rest, and the guest gets `run->hypercall.ret`.
 Extensions beyond upstream KVM, named so and kept beside the faithful commands:
 * `send_update_data_batch` / `receive_update_data_batch`: N whole pages per call, byte-identical to
   N single SEND/RECEIVE_UPDATE_DATA commands (tests/test_kvm.py). Precedent: Hygon's CSV (an SEV
-  derivative) batches up to 4094 pages per command (KVM_CSV_COMMAND_BATCH in Hygon's kernel tree).
+  derivative) batches SEND/RECEIVE_UPDATE_DATA, up to 4094 pages per command, through a ring buffer
+  (`csv_command_batch`, `struct kvm_csv_command_batch` in Hygon's arch/x86/kvm/svm/csv.c).
   The engine uses them by default: one crossing into the PSP per 1 MiB instead of per 4 KiB.
 * `send_update_vmsa` / `receive_update_vmsa`: `KVM_SEV_SEND_UPDATE_VMSA` / `RECEIVE_UPDATE_VMSA` exist
   in enum sev_cmd_id but upstream KVM returns -EINVAL for them (it cannot migrate SEV-ES guests); the
