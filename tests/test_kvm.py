@@ -252,25 +252,28 @@ def test_batch_extension_is_byte_identical_to_single_pages(src):
     sev.send_cancel()
 
 
-def incoming(fleet, fw_dst, policy, npages, *, asid=9):
-    return SevVm.incoming(fw_dst, name="in", memory_bytes=npages * PAGE, policy=policy, handle=None, asid=asid)
-
-
-@pytest.mark.parametrize("path", ["single", "batch"])
-def test_a_guest_migrates_through_the_kvm_layer(src, fleet, path):
-    """SEND_START .. RECEIVE_FINISH through ioctls (or the batch extension); the guest runs on."""
+def receiving(src, fleet):
+    """SEND_START on the source, an incoming VM (ASID 9) on a second platform: -> (sev, policy, session,
+    the destination SevVm, its SevGuest, the source platform's identity)."""
     fw, vm, rng, ib = src
     _, ia, _ = fleet
     fw_b = Firmware(ib, rng=random.Random(9).randbytes)
     fw_b.init()
     sev, policy, session = started(src)
-    dst = incoming(fleet, fw_b, policy, vm.npages)
-    dsev = dst.host.sev
+    dst = SevVm.incoming(fw_b, name="in", memory_bytes=vm.npages * PAGE, policy=policy, handle=None, asid=9)
+    return sev, policy, session, dst, dst.host.sev, ia
+
+
+@pytest.mark.parametrize("path", ["single", "batch"])
+def test_a_guest_migrates_through_the_kvm_layer(src, fleet, path):
+    """SEND_START .. RECEIVE_FINISH through ioctls (or the batch extension); the guest runs on."""
+    vm = src[1]
+    sev, policy, session, dst, dsev, ia = receiving(src, fleet)
     with pytest.raises(KvmError) as ei:                   # a /dev/sev fd that is not /dev/sev
         SevGuest(dst.kvm, sev_fd=42).receive_start(policy=policy, pdh_cert=ia.pdh.encode(), session=session)
     assert ei.value.errno == u.EBADF
     dst.received(dsev.receive_start(policy=policy, pdh_cert=ia.pdh.encode(), session=session))
-    assert dst.sev_state == "RUPDATE" and fw_b.guest_status(dst.handle).asid == 9
+    assert dst.sev_state == "RUPDATE" and dst.kvm.asid == 9 and dst.handle
     bits = vm.host.page_enc_bitmap()
     priv = np.flatnonzero(bits).astype(np.uint64)
     shr = np.flatnonzero(~bits).astype(np.uint64)
@@ -293,13 +296,7 @@ def test_a_guest_migrates_through_the_kvm_layer(src, fleet, path):
 
 
 def test_receive_update_data_checks(src, fleet):
-    fw, vm, rng, ib = src
-    _, ia, _ = fleet
-    fw_b = Firmware(ib, rng=random.Random(9).randbytes)
-    fw_b.init()
-    sev, policy, session = started(src)
-    dst = incoming(fleet, fw_b, policy, vm.npages)
-    dsev = dst.host.sev
+    sev, policy, session, dst, dsev, ia = receiving(src, fleet)
     dst.received(dsev.receive_start(policy=policy, pdh_cert=ia.pdh.encode(), session=session))
     hdr, data = sev.send_update_data(3)
     user, kvm = dst.kvm.user, dst.kvm

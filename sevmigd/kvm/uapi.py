@@ -211,16 +211,9 @@ class KvmSevReceiveStart(_Struct):
 
 
 @dataclass
-class KvmSevReceiveUpdateData(_Struct):
-    """struct kvm_sev_receive_update_data = 48 bytes (same layout as the send struct)."""
-
-    hdr_uaddr: int = 0
-    hdr_len: int = 0
-    guest_uaddr: int = 0
-    guest_len: int = 0
-    trans_uaddr: int = 0
-    trans_len: int = 0
-    FORMAT: ClassVar[str] = "<QI4xQI4xQI4x"
+class KvmSevReceiveUpdateData(KvmSevSendUpdateData):
+    """struct kvm_sev_receive_update_data = 48 bytes: the kernel declares it with the same members and
+    layout as kvm_sev_send_update_data (nothing is written back)."""
 
 
 @dataclass
