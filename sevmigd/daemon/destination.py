@@ -2,12 +2,15 @@
 
 Owns the incoming protocol run over a `Channel`: the handshake limits (max_incoming, max_guest_bytes, a
 guest of that name already here -> GUEST_EXISTS, the source chain verified against our trusted roots and
-allowed_platforms / allowed_oca) decided **before any memory is reserved**; RECEIVE_START; the incoming
-guest (`SevVm.incoming`, registered with state `incoming`); every Pages batch applied as it arrives
-(private pages through RECEIVE_UPDATE_DATA, shared pages stored as they are, the page-encryption bitmap
-built as pages arrive and set from the final Bitmap); vCPU state (registers, or the SEV-ES VMSA through
-RECEIVE_UPDATE_VMSA); RECEIVE_FINISH -> Ready; and on Go only: start the guest, register it running,
-start its vCPU task, answer Started.
+allowed_platforms / allowed_oca) decided **before any memory is reserved**; the incoming VM (`SevVm.incoming`:
+KVM_SEV_INIT with an ASID of the guest's kind, its memory slot), then RECEIVE_START through it (KVM binds
+the ASID), registered with state `incoming`; every Pages batch applied as it arrives (private pages
+through RECEIVE_UPDATE_DATA, shared pages stored as they are by migrate/ram.py); the page-encryption
+bitmap written once from the final Bitmap, into KVM's bitmap and the VMM's, so the guest continues with
+either hypercall dialect; vCPU state (registers, or the SEV-ES VMSAs through RECEIVE_UPDATE_VMSA);
+RECEIVE_FINISH -> Ready; and on Go only: start the guest, register it running, start its vCPU task,
+answer Started. Every SEV command goes through `sevmigd.kvm` (`SevGuest`), as QEMU's target/i386/sev.c
+issues it to /dev/kvm; `sev_batch_pages` picks the batch extension or one ioctl per page.
 
 It must never start a guest without "go", and never keep a partial one: any failure or end of stream
 before "go" DECOMMISSIONs the context and drops the guest (shielded). It never sees a private page's

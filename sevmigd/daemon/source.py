@@ -7,6 +7,12 @@ convergence as the pure planner decides it (QEMU's rule, auto-converge, give-up)
 last dirty pages, final page-encryption bitmap, vCPU state or the SEV-ES VMSA through SEND_UPDATE_VMSA),
 and the hand-off: Ready -> Go -> Started -> SEND_FINISH -> release.
 
+Which pages go in which round, and how (private or shared), is migrate/ram.py's (QEMU's ram.c): the
+driver asks it for the next batch and nothing else. Every SEV command goes through `sevmigd.kvm`
+(`SevGuest`: KVM_MEMORY_ENCRYPT_OP with the kernel's structs, as QEMU's target/i386/sev.c; `SevDevice`
+for PDH_CERT_EXPORT), with `sev_batch_pages` choosing the batch extension (default) or one
+SEND_UPDATE_DATA ioctl per page.
+
 SEND_FINISH comes after "started", not before "go": the PSP context stays in SUPDATE until the hand-off
 is known, so every way it can go wrong (go lost, the destination renouncing in GO, an uncertain hand-off
 resolved in favour of the source) ends with SEND_CANCEL (SUPDATE -> RUNNING) and a guest that can be
