@@ -145,6 +145,9 @@ async def test_malformed_requests_get_typed_errors_and_the_connection_survives(s
     ("launch", {"name": "g", "memory": "4M", "policy": "zz"}, "policy"),
     ("launch", {"name": "g", "memory": "4M", "migration_control": 1}, "migration_control"),
     ("launch", {"name": "g", "memory": "4M", "prefill": "yes"}, "prefill"),
+    ("launch", {"name": "g", "memory": "4M", "hypercall": "vmcall"}, "hypercall"),
+    ("launch", {"name": "g", "memory": "4M", "hypercall": 12}, "hypercall"),
+    ("reboot", {}, "name"),
     ("launch", {"name": "g", "memory": 4097 * 1024}, "memory"),
     ("launch", {"name": "g", "memory": "4M", "image": "relative/path"}, "image"),
     ("launch", {"name": "g", "memory": "4M", "image": "/nonexistent/image"}, "image"),
@@ -166,7 +169,7 @@ async def test_bad_arguments_are_invalid_parameter_naming_the_key(served, verb, 
 async def test_unknown_guest(served):
     with trio.fail_after(TIMEOUT):
         c = await connect(served)
-        for verb, args in [("status", {}), ("verify", {}), ("stop", {}), ("cancel", {}),
+        for verb, args in [("status", {}), ("verify", {}), ("stop", {}), ("cancel", {}), ("reboot", {}),
                            ("guest-read", {"gpa": 0, "length": 1}), ("migrate", {"to": "127.0.0.1:1"})]:
             r = await c.call(verb, {"name": "ghost", **args})
             assert err_class(r) == "GuestNotFound", (verb, r)
