@@ -121,6 +121,8 @@ class Channel:
         self._send_lock = trio.Lock()
         self._events_in, self._events_out = trio.open_memory_channel(EVENT_BUFFER)
         self._cancel: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._deferred_failure: MigrationError | None = None
         self._reader_done = trio.Event()
         self._last_send = trio.current_time()
         self._broken = False
@@ -137,6 +139,24 @@ class Channel:
         if self._cancel is not None:
             self._cancel.cancel()
         return self.failure
+
+    def fail_between_frames(self, err: MigrationError) -> MigrationError:
+        """`fail(err)` for a failure of our own choosing (an operator's cancel), delivered so the peer can
+        read our reason: a frame already going onto the wire is finished first, at most
+        ABORT_SEND_TIMEOUT_S, and the Abort follows it. Cancelling a write halfway would leave the stream
+        unusable (a plain socket mid-frame; a TLS stream, which trio then marks broken), so the peer would
+        see a truncated conversation (PROTOCOL_ERROR) instead of CANCELLED."""
+        if self.failure is not None or self._nursery is None or not self._send_lock.locked():
+            return self.fail(err)
+        if self._deferred_failure is None:
+            self._deferred_failure = err
+            self._nursery.start_soon(self._fail_after, err, ABORT_SEND_TIMEOUT_S)
+        return self._deferred_failure
+
+    async def _fail_after(self, err: MigrationError, seconds: float) -> None:
+        """The bound of `fail_between_frames`: a write that does not finish in time is cut after all."""
+        await trio.sleep(seconds)
+        self.fail(err)
 
     def forbid_abort(self) -> None:
         """From now on never send Abort (the destination started the guest: an Abort in state GO would
@@ -166,9 +186,13 @@ class Channel:
         self._last_send = trio.current_time()
         self.bytes_sent += len(data)
         self.frames_sent += 1
+        if self._deferred_failure is not None:
+            self.fail(self._deferred_failure)  # the frame is whole on the wire: now the Abort may follow
         return len(data)
 
     def _check(self) -> None:
+        if self.failure is None and self._deferred_failure is not None:
+            self.fail(self._deferred_failure)
         if self.failure is not None:
             raise self.failure
 
@@ -345,6 +369,7 @@ async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[
     try:
         async with trio.open_nursery() as nursery:
             ch._cancel = nursery.cancel_scope
+            ch._nursery = nursery
             if on_open is not None:
                 on_open(ch)
             nursery.start_soon(ch._read_loop)

@@ -125,7 +125,7 @@ class OutgoingMigration:
         if self.pending_error is None:
             self.pending_error = err
         if self.channel is not None:
-            self.channel.fail(err)
+            self.channel.fail_between_frames(err)
         else:
             self.scope.cancel()
         return True
