@@ -209,7 +209,7 @@ class IncomingMigration:
         self.stats.setup_time_ms = round((trio.current_time() - self.stats.started_at) * 1000, 3)
         failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
-            if POPULATE_INCOMING and hasattr(self.vm.host, "populate_ram"):
+            if POPULATE_INCOMING:
                 nursery.start_soon(self._populate)
             try:
                 await self._receive_loop(ch)
@@ -374,7 +374,7 @@ class IncomingMigration:
                 self.vm.release()
             except Exception:  # noqa: BLE001
                 self.log.exception("release_failed")
-        if self.hosted is None and self.asid is not None and hasattr(self.daemon, "release_asid"):
+        if self.hosted is None and self.asid is not None:
             self.daemon.release_asid(self.asid)
 
     async def _push_progress(self, *, force: bool = False) -> None:
