@@ -430,22 +430,21 @@ class MigrationManager:
         return tls.peer_platforms(stream)
 
     async def wrap_client_tls(self, stream, host: str):
-        cfg = self.daemon.config
-        if not cfg.tls.enabled:
+        contexts = self.daemon.tls_contexts()
+        if contexts is None:   # insecure_plaintext
             return stream
         try:
-            ctx = await trio.to_thread.run_sync(tls.client_context, cfg)   # reads the key and certificates
-            return await tls.wrap_client(stream, ctx, host, timeout=cfg.handshake_timeout_s)
+            return await tls.wrap_client(stream, contexts.client, host, timeout=self.daemon.config.handshake_timeout_s)
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with the destination failed: {exc}") from None
 
     async def _wrap_server_tls(self, stream, peer: str):
-        cfg = self.daemon.config
-        if not cfg.tls.enabled:
+        contexts = self.daemon.tls_contexts()
+        if contexts is None:   # insecure_plaintext
             return stream
         try:
-            ctx = await trio.to_thread.run_sync(tls.server_context, cfg)   # reads the key and certificates
-            return await tls.wrap_server(stream, ctx, timeout=cfg.handshake_timeout_s, peer=peer)
+            return await tls.wrap_server(stream, contexts.server, timeout=self.daemon.config.handshake_timeout_s,
+                                         peer=peer)
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with {peer} failed: {exc}") from None
 

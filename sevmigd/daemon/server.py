@@ -22,16 +22,18 @@ import dataclasses
 import os
 import signal
 import socket as stdlib_socket
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 import structlog
 import trio
 
 from sevmigd import __version__, store
 from sevmigd.daemon import control, systemd, tls
-from sevmigd.daemon.config import Config, load_config, split_host_port
+from sevmigd.daemon.config import Config, TlsConfig, load_config, split_host_port
 from sevmigd.daemon.errors import (
     DaemonError,
     GuestExists,
@@ -190,7 +192,8 @@ class Daemon:
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
         self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
-        self.step_watch: StepWatch | None = None   # installed by run() when slow_step_warn_ms is set
+        self.step_watch: StepWatch | None = None
+        self._tls: TlsContexts | None = None       # tls_contexts()   # installed by run() when slow_step_warn_ms is set
 
     # ------------------------------------------------------------------ pinned small helpers
     @property
@@ -287,7 +290,15 @@ class Daemon:
         if tls_cfg.state_dir_default and not os.path.lexists(tls_cfg.cert):
             self._issue_default_tls()
         tls.check_own_certificate(tls_cfg, self.identity.chip_id)
-        tls.server_context(tls_cfg)
+        self._tls = _build_tls_contexts(tls_cfg)
+
+    def tls_contexts(self) -> TlsContexts | None:
+        """The (server, client) contexts of mutual TLS, None with insecure_plaintext. Built once from the
+        [tls] files: serve() builds them at start in a worker thread (the files need a restart to change,
+        like the [tls] keys); a daemon that does not serve (in-process tests) on first use."""
+        if self._tls is None and self.config.tls.enabled:
+            self._tls = _build_tls_contexts(self.config.tls)
+        return self._tls
 
     def _open_replay_record(self) -> None:
         """The destination's record of accepted sessions (daemon/replay.py). A damaged one cannot say which
@@ -709,6 +720,18 @@ def _peer_of(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown"
     return _fmt_addr(str(addr[0]), int(addr[1]))
+
+
+class TlsContexts(NamedTuple):
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+def _build_tls_contexts(tls_cfg: TlsConfig) -> TlsContexts:
+    """Both TLS contexts of this host (reads the key and certificate files)."""
+    server, client = tls.server_context(tls_cfg), tls.client_context(tls_cfg)
+    assert server is not None and client is not None  # TLS is enabled: tls_settings gave paths
+    return TlsContexts(server, client)
 
 
 def _read_trusted_roots(config: Config) -> list[AmdCert]:
