@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypeVar
 
 from sevmigd.errors import ConfigError
 
@@ -17,17 +18,14 @@ from sevmigd.errors import ConfigError
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+N = TypeVar("N", int, float)
 
 
 def check_int(key: str, v: object, lo: int | None = None, hi: int | None = None) -> int:
     """`v` as an integer within [lo, hi] (a bool is not an integer here)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(key, f"expected an integer, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {v}")
-    return v
+    return _in_range(key, v, lo, hi)
 
 
 def check_number(key: str, v: object, lo: float | None = None, hi: float | None = None, *,
@@ -40,11 +38,15 @@ def check_number(key: str, v: object, lo: float | None = None, hi: float | None 
         raise ConfigError(key, f"must be a finite number, got {f}")
     if positive and f <= 0:
         raise ConfigError(key, f"must be > 0, got {f}")
-    if lo is not None and f < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {f}")
-    if hi is not None and f > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {f}")
-    return f
+    return _in_range(key, f, lo, hi)
+
+
+def _in_range(key: str, v: N, lo: N | None, hi: N | None) -> N:
+    if lo is not None and v < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v}")
+    return v
 
 
 def check_bool(key: str, v: object) -> bool:
