@@ -9,12 +9,20 @@ the code doing the work and merged into every line logged inside that task.
 This module must never let a secret out: a last-line-of-defence processor drops fields whose name
 says they hold key material or page contents, and replaces any raw `bytes` value by its length. The
 first line of defence is still not passing such values to a logger at all.
+
+Exceptions (`exc_info=True`, `log.exception`) are rendered here, by `_render_exception`, as Python's
+plain traceback text: file, line, function and the exception's own message, **never frame locals**.
+structlog's default dict traceback (and rich/better-exceptions renderers) show every frame's locals,
+which put raw control request lines, guest image bytes and a `Start` repr with its session blob into the
+log, around the redaction filter. Code that logs a failure caused by untrusted input uses
+`exception_summary(exc)` instead, which omits the message too (it may quote the input).
 """
 
 from __future__ import annotations
 
 import logging as _stdlib_logging
 import sys
+import traceback
 from typing import Any, TextIO
 
 import structlog
@@ -48,6 +56,41 @@ def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str,
     return event_dict
 
 
+# Frames kept from the innermost end of a logged traceback (the failure is there; a deep trio stack is not).
+TRACEBACK_FRAMES = 30
+
+
+def _render_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Replace `exc_info` by `exception`: traceback text without locals (see the module docstring)."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if isinstance(exc_info, BaseException):
+        exc = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = sys.exc_info()[1]
+    if exc is None:
+        return event_dict
+    try:
+        text = "".join(traceback.TracebackException.from_exception(
+            exc, limit=-TRACEBACK_FRAMES, capture_locals=False).format())
+    except Exception:  # noqa: BLE001 - a logging aid must never fail the log call
+        text = type(exc).__name__
+    event_dict["exception"] = text
+    return event_dict
+
+
+def exception_summary(exc: BaseException) -> dict[str, Any]:
+    """Log fields for a failure whose message may quote untrusted input (a control request, a frame):
+    the exception type and where it was raised (file:line function, innermost last), no message and no
+    locals."""
+    frames = traceback.extract_tb(exc.__traceback__, limit=-TRACEBACK_FRAMES)
+    return {"error_type": type(exc).__name__,
+            "where": [f"{'/'.join(f.filename.split('/')[-2:])}:{f.lineno} {f.name}" for f in frames]}
+
+
 def _resolve_format(fmt: str, stream: TextIO) -> str:
     if fmt == "auto":
         try:
@@ -73,15 +116,15 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO 
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _render_exception,
         _redact,
     ]
     if used == "json":
-        processors += [
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ]
+        processors += [structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=_supports_color(out))]
+        # exc_info is already rendered (no locals); plain_traceback only prints that text.
+        processors += [structlog.dev.ConsoleRenderer(colors=_supports_color(out),
+                                                     exception_formatter=structlog.dev.plain_traceback)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -103,4 +146,4 @@ def get_logger(**initial: Any) -> Any:
     return structlog.get_logger("sevmigd").bind(**initial)
 
 
-__all__ = ["configure_logging", "get_logger", "REDACTED_FIELDS"]
+__all__ = ["configure_logging", "get_logger", "exception_summary", "REDACTED_FIELDS"]
