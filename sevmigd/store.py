@@ -58,6 +58,10 @@ FILE_MODE = 0o600
 # Exported public certificates are meant to be copied to other hosts: world-readable is fine.
 PUBLIC_FILE_MODE = 0o644
 
+# Identity files are certificates (0x824 bytes), AMD certificates (< 8 KiB) and PEM keys (< 4 KiB): a
+# larger file is not one of ours, and reading it whole could exhaust memory.
+MAX_STORED_FILE_BYTES = 1 << 20
+
 PLATFORM_LINK = "platform"
 PLATFORM_GEN_PREFIX = "platform-"
 TRUSTED_DIR = "trusted"
@@ -152,40 +156,66 @@ def _check_dir(path: Path, *, private: bool = False) -> None:
 
 
 def read_file(path: os.PathLike | str, *, secret: bool) -> bytes:
-    """Read a regular file (no symlink). Secret files must be 0600-like (no group/other bits);
-    any file must not be writable by group/other (someone else could swap a certificate)."""
-    path = Path(path)
+    """Read a regular file (no symlink for secrets). Secret files must be 0600-like (no group/other
+    bits); any file must not be writable by group/other (someone else could swap a certificate).
+
+    The open is non-blocking and the type is checked on the open descriptor (fstat) before any read: a
+    FIFO, a device or a directory in place of an identity file is a StoreError naming it, never a hang
+    (opening a FIFO without O_NONBLOCK waits for a writer, uninterruptibly by SIGTERM's handler)."""
+    return _read_regular(Path(path), secret=secret, check_modes=True)
+
+
+def read_regular_file(path: os.PathLike | str) -> bytes:
+    """A public input file named by the configuration (a trusted root, an allowed OCA): the same
+    non-blocking, regular-files-only, size-capped read as `read_file`, without the mode rules."""
+    return _read_regular(Path(path), secret=False, check_modes=False)
+
+
+def _read_regular(path: Path, *, secret: bool, check_modes: bool) -> bytes:
     try:
         # A private key is never read through a symlink; a public certificate may be (e.g. a trusted
         # root linked into STATE_DIR/trusted/).
-        fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW if secret else 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | (os.O_NOFOLLOW if secret else 0))
     except FileNotFoundError:
         raise StoreError(path, "missing") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno == errno.ELOOP and secret:
             raise StoreError(path, "is a symlink; private keys must be regular files") from None
-    except OSError as exc:
         raise StoreError(path, f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise StoreError(path, "is not a regular file")
+            raise StoreError(path, f"is not a regular file (it is {_file_kind(st.st_mode)})")
         mode = stat.S_IMODE(st.st_mode)
-        if secret and mode & 0o077:
+        if check_modes and secret and mode & 0o077:
             raise StoreError(path, f"private key has mode {mode:04o}, must be 0600 (chmod 600 '{path}')")
-        if mode & 0o022:
+        if check_modes and mode & 0o022:
             raise StoreError(path, f"mode {mode:04o} lets other users modify it (chmod go-w '{path}')")
+        if st.st_size > MAX_STORED_FILE_BYTES:
+            raise StoreError(path, f"is {st.st_size} bytes; identity files are at most {MAX_STORED_FILE_BYTES}")
         chunks = []
+        total = 0
         while True:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 break
+            total += len(chunk)
+            if total > MAX_STORED_FILE_BYTES:  # grew while we read it
+                raise StoreError(path, f"is larger than {MAX_STORED_FILE_BYTES} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as exc:
         raise StoreError(path, f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _read_set(directory: Path, names: Iterable[str]) -> dict[str, bytes]:

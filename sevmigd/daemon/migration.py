@@ -22,7 +22,6 @@ It must never: leave a guest running twice or nowhere by its own decision, or ho
 from __future__ import annotations
 
 import collections
-import pathlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -496,10 +495,11 @@ class MigrationManager:
 
 
 def _read_ocas(paths: tuple[str, ...]) -> list[bytes]:
+    from sevmigd import store
     out = []
     for p in paths:
         try:
-            out.append(pathlib.Path(p).read_bytes())
-        except OSError as exc:
-            raise MigrationError(AbortCode.INTERNAL_ERROR, f"allowed_oca: cannot read {p}: {exc.strerror or exc}") from None
+            out.append(store.read_regular_file(p))  # non-blocking open: a FIFO is an error, not a stuck thread
+        except store.StoreError as exc:
+            raise MigrationError(AbortCode.INTERNAL_ERROR, f"allowed_oca: cannot read {exc}") from None
     return out
