@@ -13,13 +13,17 @@ asked `guest-read` for.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import math
 import os
+import stat
 import sys
 import time
 from typing import Any
 
 from sevmigd.errors import ConfigError
+from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES
 from sevmigd.kvm.uapi import HYPERCALL_DIALECTS
 from sevmigd.units import parse_gpa, parse_size
 
@@ -40,12 +44,17 @@ def register(sub) -> None:
     v.add_argument("--policy", default="0", metavar="HEX",
                    help="SEV guest policy (hex), default 0, chosen by the host and bound by nobody (kept for "
                         "tests and compatibility; the real launch is --owner-session)")
-    v.add_argument("--image", metavar="FILE", help="initial image measured at launch")
-    v.add_argument("--dirty-rate", type=float, default=0.0, metavar="MIB_S", help="workload dirty rate")
-    v.add_argument("--working-set", type=float, default=None, metavar="MIB", help="pages the workload touches")
-    v.add_argument("--shared-fraction", type=float, default=0.0, metavar="F",
+    v.add_argument("--image", metavar="FILE",
+                   help="initial image measured at launch: a regular file of at most 8 MiB, read by ctl "
+                        "with your rights and sent to the daemon")
+    v.add_argument("--dirty-rate", type=_bounded(0.0, MAX_DIRTY_RATE_MIB_S, "--dirty-rate"), default=0.0,
+                   metavar="MIB_S", help=f"workload dirty rate, 0..{MAX_DIRTY_RATE_MIB_S:g} MiB/s")
+    v.add_argument("--working-set", type=_bounded(1e-6, float(1 << 40), "--working-set"), default=None, metavar="MIB",
+                   help="pages the workload touches")
+    v.add_argument("--shared-fraction", type=_bounded(0.0, 1.0, "--shared-fraction"), default=0.0, metavar="F",
                    help="fraction of pages the guest keeps shared (0..1)")
-    v.add_argument("--flip-rate", type=float, default=0.0, metavar="N", help="private<->shared flips per s")
+    v.add_argument("--flip-rate", type=_bounded(0.0, MAX_FLIP_RATE, "--flip-rate"), default=0.0, metavar="N",
+                   help=f"private<->shared flips per s, 0..{MAX_FLIP_RATE:g}")
     v.add_argument("--seed", type=int, default=0, metavar="N", help="workload seed")
     v.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     v.add_argument("--prefill", action="store_true",
@@ -188,6 +197,53 @@ def _mib(n: Any) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def read_image(path: str, *, limit: int) -> bytes:
+    """The `--image` file's bytes, read here with the caller's rights (the daemon never opens a path a
+    client names). Only a regular file of at most `limit` bytes; opened non-blocking so a FIFO or a
+    device is refused at once (ConfigError naming the file), never waited on or read endlessly."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError("--image", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("--image", f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise ConfigError("--image", f"{path} is {st.st_size} bytes; at most {limit} (the guest's memory "
+                                         f"and {MAX_IMAGE_BYTES} bytes)")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ConfigError("--image", f"{path} grew beyond {limit} bytes while being read")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError("--image", f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if not data:
+        raise ConfigError("--image", f"{path} is empty")
+    return data
+
+
+def _bounded(lo: float, hi: float, what: str):
+    """argparse type: a finite number in [lo, hi], with an error naming the bounds."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be from {lo:g} to {hi:g}, got {text}")
+        return v
+    return parse
+
+
 def _launch(client, args) -> int:
     try:
         policy = int(args.policy, 16)
@@ -210,7 +266,7 @@ def _launch(client, args) -> int:
     if args.working_set is not None:
         req["working_set"] = args.working_set
     if args.image is not None:
-        req["image"] = os.path.abspath(args.image)
+        req["image_b64"] = base64.b64encode(read_image(args.image, limit=min(req["memory"], MAX_IMAGE_BYTES))).decode()
     if args.owner_session is not None:
         from sevmigd.cli import owner as _owner
         req.update(_owner.launch_request(args.owner_session, policy_given=args.policy != "0", policy=policy))

@@ -12,18 +12,28 @@ error reply naming what was wrong, never a crash and never a dropped connection 
 line, after which the stream cannot be resynchronised, so we reply and close). Each connection is its
 own task, so a slow or idle client holds up nobody.
 
-This module must never: put guest data (guest-write payloads, guest-read results) or keys into a log
-line, or let a control client's disconnect cancel a migration it started (migrations run in the
+Hostile input (issue 11): a request line is bounded before it is parsed: its length (MAX_LINE_BYTES),
+its JSON nesting depth (at most MAX_JSON_CONTAINERS '[' / '{' bytes, counted before parsing, so a
+line of 100 KB of `[` never reaches the recursive parser), its text (UTF-8 only), its numbers (integers
+of at most MAX_INT_DIGITS digits, finite floats, no NaN/Infinity). Any exception while serving one
+request, whatever it is, becomes a typed `InternalError` reply and a log line naming the exception type
+and where it was raised, never the request's text, arguments or the exception message (which may quote
+them). A connection's own failure ends that connection only. The daemon never opens a path a client
+names: `launch` takes the image bytes (`image_b64`), read by `sevmigd ctl` with the caller's own rights.
+
+This module must never: put guest data (guest-write payloads, guest-read results, images) or keys into
+a log line, or let a control client's disconnect cancel a migration it started (migrations run in the
 daemon's nursery; the connection only watches).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
 import math
 import os
-import re
 import socket as stdlib_socket
 import stat
 from collections.abc import Awaitable, Callable
@@ -38,7 +48,9 @@ import trio
 from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.evacuate import Evacuation, parse_targets
 from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
+from sevmigd.daemon.logging import exception_summary
 from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES, check_guest_name
 from sevmigd.guest.vm import HYPERCALLS, GuestConfig
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.status import SevError
@@ -55,9 +67,19 @@ Json = object
 # Sends one event to the client of the request being served: emit(event_name, data).
 Emit = Callable[[str, dict], Awaitable[None]]
 
-# A request line is at most 1 MiB: the largest legitimate one is a guest-write of MAX_IO_BYTES (hex
-# doubles it) plus a little JSON; anything bigger is a broken or hostile client.
-MAX_LINE_BYTES = 1 << 20
+# A request line is at most 12 MiB: the largest legitimate one is a launch with a MAX_IMAGE_BYTES image
+# in base64 (~10.7 MiB) plus a little JSON; anything bigger is a broken or hostile client. Whoever can
+# connect is the daemon's user or a control_group member, so this bounds mistakes more than attacks.
+MAX_LINE_BYTES = 12 << 20
+# Requests nest 2 deep ({"arguments": {...}}) and carry no arrays. A line may contain at most this many
+# '[' / '{' bytes (strings included: an IPv6 "to" has one): that bounds the nesting depth before parsing,
+# far below Python's recursion limit, whatever the line holds.
+MAX_JSON_CONTAINERS = 64
+# Integers in requests are sizes, addresses, seeds (u64: 20 digits) and ids; 40 digits is ample. Longer
+# digit strings are refused before int() (10^5 digits would cost quadratic time to convert).
+MAX_INT_DIGITS = 40
+# An error reply's desc is at most this long: it may quote what the client sent (a 100 KB verb name).
+MAX_DESC_CHARS = 1024
 # guest-write / guest-read move at most 256 KiB per request (512 KiB of hex in one line); the agent is
 # a debugging/verification tool, not a bulk data path.
 MAX_IO_BYTES = 256 << 10
@@ -72,8 +94,6 @@ PROGRESS_BUFFER = 64
 PROBE_TIMEOUT_S = 1.0
 # sun_path is 108 bytes on Linux including the terminating NUL.
 MAX_UNIX_PATH = 107
-# Guest names: what a user types and a log line or systemd STATUS can show unquoted.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Guest RAM bounds as the guest API pins them: whole pages, at least 1 MiB.
 MIN_GUEST_BYTES = 1 << 20
 
@@ -173,7 +193,15 @@ def _encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
+def _shown(v: object, limit: int = 64) -> str:
+    """A client-supplied value inside an error text: escaped (ascii) and cut to `limit` characters."""
+    text = ascii(v)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
 def error_reply(cls: str, desc: str, req_id: Json = None, **extra: Json) -> dict:
+    if len(desc) > MAX_DESC_CHARS:
+        desc = desc[:MAX_DESC_CHARS] + "..."
     err: dict[str, Json] = {"class": cls, "desc": desc}
     err.update(extra)
     reply: dict[str, Json] = {"error": err}
@@ -203,57 +231,127 @@ class _Conn:
 
 
 async def handle_connection(daemon: Daemon, stream: trio.abc.Stream) -> None:
-    """Read request lines, answer each in order; end on EOF, an oversize line or a broken socket."""
+    """Read request lines, answer each in order; end on EOF, an oversize line or a broken socket.
+    Whatever happens in here ends this connection at worst, never the daemon (its nursery)."""
+    try:
+        await _serve_connection(daemon, stream)
+    except Exception as exc:  # noqa: BLE001 - the outermost loop of one control connection
+        _log.error("control_connection_failed", **exception_summary(exc))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_connection(daemon: Daemon, stream: trio.abc.Stream) -> None:
     conn = _Conn(stream)
     buf = bytearray()
     scanned = 0
-    try:
-        while not conn.gone:
-            nl = buf.find(b"\n", scanned)
-            if nl < 0:
-                if len(buf) > MAX_LINE_BYTES:
-                    await conn.send(error_reply("InvalidRequest",
-                                                f"request line longer than {MAX_LINE_BYTES} bytes"))
-                    return
-                scanned = len(buf)
-                try:
-                    data = await stream.receive_some(RECV_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                buf += data
-                continue
-            line = bytes(buf[:nl])
-            del buf[:nl + 1]
-            scanned = 0
-            if len(line) > MAX_LINE_BYTES:
-                await conn.send(error_reply("InvalidRequest", f"request line longer than {MAX_LINE_BYTES} bytes"))
+    while not conn.gone:
+        nl = buf.find(b"\n", scanned)
+        if nl < 0:
+            if len(buf) > MAX_LINE_BYTES:
+                await conn.send(error_reply("InvalidRequest",
+                                            f"request line longer than {MAX_LINE_BYTES} bytes"))
                 return
-            if not line.strip():
-                continue
-            daemon.request_started()
+            scanned = len(buf)
+            try:
+                data = await stream.receive_some(RECV_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            buf += data
+            continue
+        line = bytes(buf[:nl])
+        del buf[:nl + 1]
+        scanned = 0
+        if len(line) > MAX_LINE_BYTES:
+            await conn.send(error_reply("InvalidRequest", f"request line longer than {MAX_LINE_BYTES} bytes"))
+            return
+        if not line.strip():
+            continue
+        daemon.request_started()
+        try:
             try:
                 reply = await process_line(daemon, line, conn.send)
-                await conn.send(reply)
-            finally:
-                daemon.request_finished()
-    finally:
-        await trio.aclose_forcefully(stream)
+            except Exception as exc:  # noqa: BLE001 - one request's failure is its reply
+                _log.error("control_request_failed", **exception_summary(exc))
+                reply = error_reply("InternalError", f"internal error: {type(exc).__name__}")
+            await conn.send(reply)
+        finally:
+            daemon.request_finished()
+
+
+class RequestParseError(ValueError):
+    """A request line that is not acceptable JSON (reply class ParseError)."""
+
+
+def json_containers(line: bytes) -> int:
+    """How many arrays/objects a JSON text can open: its '[' and '{' bytes, counted in C (bytes.count),
+    strings included. An upper bound of the nesting depth (depth <= containers) that costs a few
+    milliseconds on the largest line we accept, so no line ever reaches the recursive parser deeper
+    than MAX_JSON_CONTAINERS."""
+    return line.count(b"[") + line.count(b"{")
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise RequestParseError(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > 64:
+        raise RequestParseError(f"a number of {len(text)} characters (at most 64)")
+    v = float(text)
+    if not math.isfinite(v):
+        raise RequestParseError(f"a number out of range ({text[:32]})")
+    return v
+
+
+def _parse_constant(name: str) -> Json:
+    raise RequestParseError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
+
+def parse_request(line: bytes) -> Json:
+    """Bytes of one request line -> the decoded JSON value, or RequestParseError saying what is wrong
+    (never quoting the line: error texts go back to the client and may be logged)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestParseError(f"the request is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    containers = json_containers(line)
+    if containers > MAX_JSON_CONTAINERS:
+        raise RequestParseError(f"{containers} '[' or '{{' in one request (at most {MAX_JSON_CONTAINERS}: "
+                                "requests nest 2 deep and carry no arrays)")
+    try:
+        return _DECODER.decode(text)
+    except RequestParseError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise RequestParseError(f"invalid JSON: {exc.msg} (offset {exc.pos})") from None
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise RequestParseError(f"invalid JSON ({type(exc).__name__})") from None
 
 
 async def process_line(daemon: Daemon, line: bytes, send: Callable[[dict], Awaitable[None]]) -> dict:
     """One request line -> its reply (events, if any, go through `send` first)."""
     try:
-        req = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_reply("ParseError", f"invalid JSON: {exc}")
+        req = parse_request(line)
+    except RequestParseError as exc:
+        return error_reply("ParseError", str(exc))
     if not isinstance(req, dict):
         return error_reply("InvalidRequest", 'a request is a JSON object {"execute": VERB, "arguments": {...}}')
     req_id = req.get("id")
+    if not (req_id is None or isinstance(req_id, (str, int)) and not isinstance(req_id, bool)) or \
+            isinstance(req_id, str) and len(req_id) > 256:
+        return error_reply("InvalidRequest", '"id" must be a string of at most 256 characters or an integer')
     extra = sorted(set(req) - {"execute", "arguments", "id"})
     if extra:
-        return error_reply("InvalidRequest", f"unknown request member {extra[0]!r}", req_id)
+        return error_reply("InvalidRequest", f"unknown request member {_shown(extra[0])}", req_id)
     verb = req.get("execute")
     if not isinstance(verb, str):
         return error_reply("InvalidRequest", '"execute" must name a verb (a string)', req_id)
@@ -264,7 +362,7 @@ async def process_line(daemon: Daemon, line: bytes, send: Callable[[dict], Await
         return error_reply("InvalidRequest", '"arguments" must be a JSON object', req_id)
     command = COMMANDS.get(verb)
     if command is None:
-        return error_reply("CommandNotFound", f"unknown verb {verb!r} (known: {', '.join(sorted(COMMANDS))})",
+        return error_reply("CommandNotFound", f"unknown verb {_shown(verb)} (known: {', '.join(sorted(COMMANDS))})",
                            req_id)
 
     async def emit(event: str, data: dict) -> None:
@@ -287,8 +385,9 @@ async def process_line(daemon: Daemon, line: bytes, send: Callable[[dict], Await
             extra_fields["status"] = exc.status.name
         return error_reply(error_class(exc), str(exc) or type(exc).__name__, req_id, **extra_fields)
     except Exception as exc:  # the control loop is an outermost loop: report, log, keep serving
-        _log.error("control_request_failed", verb=verb, exc_info=True)
-        return error_reply("InternalError", f"internal error in {verb}: {type(exc).__name__}: {exc}", req_id)
+        # Neither the message nor the locals: both may quote the request (arguments, image bytes).
+        _log.error("control_request_failed", verb=verb, **exception_summary(exc))
+        return error_reply("InternalError", f"internal error in {verb}: {type(exc).__name__}", req_id)
     reply: dict[str, Json] = {"return": _jsonable(result if result is not None else {})}
     if req_id is not None:
         reply["id"] = req_id
@@ -326,11 +425,7 @@ def _req_str(key: str, v: Json) -> str:
 
 
 def _name(key: str, v: Json) -> str:
-    v = _req_str(key, v)
-    if not NAME_RE.match(v):
-        raise ConfigError(key, "guest names are 1-64 characters: letters, digits, '_', '.', '-' "
-                               f"(starting with a letter or digit); got {v!r}")
-    return v
+    return check_guest_name(_req_str(key, v), key)
 
 
 
@@ -359,6 +454,19 @@ def _policy(key: str, v: Json) -> int:
         except ValueError:
             raise ConfigError(key, f"not a hex policy: {v!r}") from None
     return _int(key, v, 0, 0xFFFFFFFF)
+
+
+def _image_b64(key: str, v: Json) -> bytes:
+    v = _req_str(key, v)
+    if len(v) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+        raise ConfigError(key, f"images are at most {MAX_IMAGE_BYTES} bytes")
+    try:
+        data = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(key, "expected base64 (RFC 4648, with padding)") from None
+    if not data:
+        raise ConfigError(key, "empty image")
+    return data
 
 
 def _hexdata(key: str, v: Json) -> bytes:
@@ -393,7 +501,8 @@ class Command:
     def parse(self, raw: dict) -> dict:
         unknown = sorted(set(raw) - set(self.args))
         if unknown:
-            raise ConfigError(unknown[0], f"unknown argument (expected: {', '.join(self.args) or 'none'})")
+            key = unknown[0] if len(unknown[0]) <= 64 and unknown[0].isprintable() else _shown(unknown[0])
+            raise ConfigError(key, f"unknown argument (expected: {', '.join(self.args) or 'none'})")
         out: dict[str, object] = {}
         for key, spec in self.args.items():
             if key not in raw:
@@ -421,12 +530,9 @@ async def _launch(daemon: Daemon, a: dict, emit: Emit) -> dict:
     memory = a["memory"]
     if memory % PAGE_SIZE or memory < MIN_GUEST_BYTES:
         raise ConfigError("memory", f"must be a whole number of 4 KiB pages and at least 1 MiB, got {memory}")
-    image = None
-    if a["image"] is not None:
-        path = a["image"]
-        if not os.path.isabs(path):
-            raise ConfigError("image", f"must be an absolute path (the daemon's cwd is not yours): {path!r}")
-        image = await trio.to_thread.run_sync(_read_image, path, memory)
+    image = a["image_b64"]
+    if image is not None and len(image) > memory:
+        raise ConfigError("image_b64", f"the image is {len(image)} bytes, larger than the guest's memory ({memory})")
     ws = a["working_set"]
     gcfg = GuestConfig(
         name=a["name"], memory_bytes=memory, policy=a["policy"], image=image,
@@ -444,21 +550,6 @@ async def _launch_finish(daemon: Daemon, a: dict, emit: Emit) -> dict:
     except ValueError as exc:   # the packet's shape (the PSP's own refusals arrive as SevError)
         raise ConfigError("secret_packet_hex", str(exc)) from None
     return daemon.guest_status(hosted)
-
-
-def _read_image(path: str, memory: int) -> bytes:
-    """A guest image file, at most `memory` bytes (blocking: run in a worker thread)."""
-    try:
-        size = os.path.getsize(path)
-        if size > memory:
-            raise ConfigError("image", f"{path} is {size} bytes, larger than the guest's memory ({memory})")
-        with open(path, "rb") as f:
-            image = f.read(memory + 1)
-    except OSError as exc:
-        raise ConfigError("image", f"cannot read {path}: {exc.strerror}") from None
-    if len(image) > memory:
-        raise ConfigError("image", f"{path} is larger than the guest's memory ({memory})")
-    return image
 
 
 async def _list(daemon: Daemon, a: dict, emit: Emit) -> dict:
@@ -680,11 +771,11 @@ COMMANDS: dict[str, Command] = {
         "name": _NAME,
         "memory": Arg(_size, required=True),
         "policy": Arg(_policy, default=0),
-        "image": Arg(_opt(_req_str)),
-        "dirty_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
-        "working_set": Arg(_opt(lambda k, v: _num(k, v, 1e-9))),
+        "image_b64": Arg(_opt(_image_b64)),
+        "dirty_rate": Arg(lambda k, v: _num(k, v, 0.0, MAX_DIRTY_RATE_MIB_S), default=0.0),
+        "working_set": Arg(_opt(lambda k, v: _num(k, v, 1e-9, 1 << 40))),
         "shared_fraction": Arg(lambda k, v: _num(k, v, 0.0, 1.0), default=0.0),
-        "flip_rate": Arg(lambda k, v: _num(k, v, 0.0), default=0.0),
+        "flip_rate": Arg(lambda k, v: _num(k, v, 0.0, MAX_FLIP_RATE), default=0.0),
         "seed": Arg(lambda k, v: _int(k, v, 0, (1 << 64) - 1), default=0),
         "migration_control": Arg(_bool, default=True),
         "vcpus": Arg(lambda k, v: _int(k, v, 1, 64), default=1),
@@ -735,5 +826,6 @@ COMMANDS: dict[str, Command] = {
     "server-info": Command(_server_info, {}),
 }
 
-__all__ = ["bind_control_socket", "serve_control", "handle_connection", "process_line", "COMMANDS",
-           "MAX_LINE_BYTES", "MAX_IO_BYTES", "error_reply"]
+__all__ = ["bind_control_socket", "serve_control", "handle_connection", "process_line", "parse_request",
+           "json_containers", "RequestParseError", "COMMANDS", "MAX_LINE_BYTES", "MAX_IO_BYTES",
+           "MAX_JSON_CONTAINERS", "error_reply"]

@@ -89,18 +89,19 @@ class GuestConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first bad field."""
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError("name", "must be a non-empty string")
+        from sevmigd.guest.limits import check_guest_name
+        check_guest_name(self.name, "name")
         _check_memory(self.memory_bytes)
         _check_policy(self.policy)
         if self.image is not None:
             if not isinstance(self.image, (bytes, bytearray)) or not self.image or len(self.image) % 16:
                 raise ConfigError("image", "must be non-empty bytes, a multiple of 16 long "
                                            "(LAUNCH_UPDATE_DATA measures 16-byte blocks)")
-        for key in ("dirty_rate_mib_s", "flip_rate"):
+        from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE
+        for key, top in (("dirty_rate_mib_s", MAX_DIRTY_RATE_MIB_S), ("flip_rate", MAX_FLIP_RATE)):
             v = getattr(self, key)
-            if not _real(v) or v < 0:
-                raise ConfigError(key, "must be a finite number >= 0")
+            if not _real(v) or not 0 <= v <= top:
+                raise ConfigError(key, f"must be a finite number from 0 to {top:g}")
         if self.working_set_mib is not None and (not _real(self.working_set_mib) or self.working_set_mib <= 0):
             raise ConfigError("working_set_mib", "must be a finite number > 0 or None (whole RAM)")
         if not _real(self.shared_fraction) or not 0 <= self.shared_fraction <= 1:
@@ -140,6 +141,14 @@ def secret_area(page: bytes) -> bytes:
 def secret_page_gpa(image_len: int) -> int:
     """The launch secret page (see guest/secret.py): the first page after the image."""
     return -(-image_len // PAGE_SIZE) * PAGE_SIZE
+
+
+def check_incoming(*, memory_bytes, policy, vcpus) -> None:
+    """What `SevVm.incoming` would refuse (ConfigError naming the field), for the destination to check
+    at Hello, before anything is reserved or allocated."""
+    _check_memory(memory_bytes)
+    _check_policy(policy)
+    _check_vcpus(vcpus, policy)
 
 
 def _real(v) -> bool:
