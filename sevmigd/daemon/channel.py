@@ -81,7 +81,9 @@ def tune_tcp(stream: trio.abc.Stream, *, peer_timeout_s: float, keepalive_interv
     """Kernel-level liveness on TCP streams: unacknowledged data for longer than the peer timeout
     fails the socket (TCP_USER_TIMEOUT), and an idle connection is probed (SO_KEEPALIVE) so a vanished
     host is noticed even when neither side has anything to send. No-op for other streams."""
-    inner = getattr(stream, "transport_stream", stream)  # trio.SSLStream wraps the TCP stream
+    inner = stream  # trio.SSLStream (and the listener's WatchedStream) wrap the TCP stream
+    while not isinstance(inner, trio.SocketStream) and hasattr(inner, "transport_stream"):
+        inner = inner.transport_stream
     if not isinstance(inner, trio.SocketStream):
         return
     try:

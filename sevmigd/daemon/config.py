@@ -45,6 +45,7 @@ RELOADABLE = frozenset({
     "max_bandwidth_mib_s", "max_rounds", "max_total_s", "max_unauthenticated",
     # fleet operation (issue 12)
     "policies", "default_policy", "max_queued_outgoing", "outgoing_bandwidth_mib_s",
+    "start_timeout_s", "stall_timeout_s", "max_incoming_bytes",
 })
 
 
@@ -131,6 +132,13 @@ class Config:
     max_queued_outgoing: int = 64
     # Host-wide cap on all outgoing migrations together, shared fairly (0 = only per-migration caps).
     outgoing_bandwidth_mib_s: float = 0.0
+    # Incoming sessions (issue 11): after Accept the source must send Start within start_timeout_s, and
+    # after Start something other than keepalives at least every stall_timeout_s; keepalives alone never
+    # keep a session (and the guest name it reserves) alive.
+    start_timeout_s: float = 30.0
+    stall_timeout_s: float = 60.0
+    # Guest RAM of all migrations being received at once; None = the host's physical memory.
+    max_incoming_bytes: int | None = None
 
     # Migration channel without TLS. Off by default: then no peer proves which platform it is, so the
     # source never releases its copy on a peer's word (every hand-off ends `uncertain`; PROTOCOL.md §9.7).
@@ -386,6 +394,9 @@ _VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "outgoing_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
     "sev_batch_pages": lambda k, v: _flag(k, v),
     "insecure_plaintext": lambda k, v: _flag(k, v),
+    "start_timeout_s": lambda k, v: _float(k, v, positive=True),
+    "stall_timeout_s": lambda k, v: _float(k, v, positive=True),
+    "max_incoming_bytes": lambda k, v: None if v is None else _positive_size(k, v),
 }
 
 
@@ -450,7 +461,7 @@ def load_config(path: str | None = None, overrides: dict[str, object] | None = N
     values: dict[str, object] = {}
     for k, v in raw.items():
         if v is None and k not in ("control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls",
-                                   "metrics_listen", "default_policy", "policies"):
+                                   "metrics_listen", "default_policy", "policies", "max_incoming_bytes"):
             raise ConfigError(k, "must not be empty")
         values[k] = _VALIDATORS[k](k, v)
     values.setdefault("state_dir", default_state_dir(environ))

@@ -25,6 +25,10 @@ import structlog
 import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
+from sevmigd.daemon.slots import hello_accepted
+from sevmigd.errors import ConfigError
+from sevmigd.guest.limits import guest_name_problem
+from sevmigd.guest.vm import check_incoming
 from sevmigd.kvm import KvmError, SevGuest
 from sevmigd.units import PAGE_SIZE
 from sevmigd.migrate.errors import MigrationError
@@ -40,10 +44,19 @@ from sevmigd.wire.limits import SEV_HDR_SIZE
 
 from sevmigd.daemon.source import PROGRESS_INTERVAL_S
 
-# Prefault the incoming guest's RAM from a worker thread while its pages arrive (see _populate). Measured
-# here (512 MiB private guest, 6 runs each, shared 2-core box): median 5.04 s with, 5.12 s without; the
-# guest layer measured 3.1-3.7 -> 2.0-2.7 us per page applied on a quieter machine.
-POPULATE_INCOMING = True
+# No prefault of the incoming guest's RAM (issue 11): memory is committed as pages arrive, so a peer
+# that announces a large guest and then sends nothing (or little) costs the host nothing beyond what it
+# sent. The prefault measured 5.04 s against 5.12 s for a 512 MiB private guest (6 runs, shared 2-core
+# box), within noise, and it committed the whole announced size right after Start.
+POPULATE_INCOMING = False
+
+
+def physical_memory_bytes() -> int | None:
+    """The host's RAM (sysconf), the default budget of memory being received; None when unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class IncomingMigration:
@@ -71,6 +84,7 @@ class IncomingMigration:
         self.npages = 0
         self.pages_received = 0
         self.refused = False
+        self.memory_bytes = 0  # announced in Hello; counts against max_incoming_bytes while reserved
         self._populate_stop = False
         self._failure_handled = False
         self.pending_error: MigrationError | None = None
@@ -112,6 +126,17 @@ class IncomingMigration:
 
     # -- handshake ------------------------------------------------------------------------------------------
 
+    def _name_refusal(self, hello: m.Hello) -> MigrationError | None:
+        """The one guest-name rule (sevmigd.guest.limits), as for `launch`: a name outside it is a
+        malformed Hello field (PROTOCOL.md §5.1), refused before anything is looked up or reserved."""
+        problem = guest_name_problem(hello.guest_name)
+        if problem is not None:
+            return MigrationError(AbortCode.PROTOCOL_ERROR, f"guest_name: {problem}")
+        problem = guest_name_problem(hello.migration_id)
+        if problem is not None:
+            return MigrationError(AbortCode.PROTOCOL_ERROR, f"migration_id: {problem.replace('guest names', 'ids')}")
+        return None
+
     async def _refusal(self, hello: m.Hello) -> MigrationError | None:
         """Why we will not take this guest, or None. Decided before anything is reserved."""
         cfg = self.daemon.config
@@ -122,10 +147,6 @@ class IncomingMigration:
             return MigrationError(AbortCode.VERSION_MISMATCH,
                                   f"protocol version {hello.version} not supported "
                                   f"(this daemon speaks {self.manager.protocol_version})")
-        if len(self.manager.incoming) >= cfg.max_incoming:
-            return MigrationError(AbortCode.RESOURCE_LIMIT,
-                                  f"destination already receives {len(self.manager.incoming)} guests "
-                                  f"(max_incoming = {cfg.max_incoming})")
         if hello.memory_bytes > cfg.max_guest_bytes:
             return MigrationError(AbortCode.RESOURCE_LIMIT,
                                   f"guest of {hello.memory_bytes} bytes exceeds max_guest_bytes = {cfg.max_guest_bytes}")
@@ -133,11 +154,13 @@ class IncomingMigration:
             # The Connection holds VcpuState to Hello's `es` (registers or one VMSA per vCPU); this holds
             # `es` to the policy the firmware will enforce.
             return MigrationError(AbortCode.PROTOCOL_ERROR, f"es={hello.es} contradicts policy {hello.policy:#x}")
-        existing = d.guests.get(hello.guest_name)
-        if hello.guest_name in self.manager.incoming or (
-                existing is not None and existing.state not in self.manager.REPLACEABLE_STATES):
-            return MigrationError(AbortCode.GUEST_EXISTS,
-                                  f"a guest named {hello.guest_name!r} already exists on the destination")
+        try:  # what the guest layer would refuse after RECEIVE_START (vCPUs, a size below its minimum)
+            check_incoming(memory_bytes=hello.memory_bytes, policy=hello.policy, vcpus=hello.vcpus)
+        except ConfigError as exc:
+            return MigrationError(AbortCode.RESOURCE_LIMIT, f"this destination cannot host the guest: {exc}")
+        refusal = self._capacity_refusal(hello)
+        if refusal is not None:
+            return refusal
         try:
             pid = check_peer_platform(hello.platform, who="source", trusted_roots=d.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,
@@ -150,6 +173,30 @@ class IncomingMigration:
                       channel="plaintext" if self.peer_platforms is None else "tls")
         return None
 
+    def _capacity_refusal(self, hello: m.Hello) -> MigrationError | None:
+        """What other sessions hold (slots, the memory budget, the name). Synchronous: checked again
+        right before the name is reserved, with no checkpoint in between, because `_refusal` awaits
+        (the allowed OCAs are read in a thread) and another Hello may have been accepted meanwhile."""
+        cfg = self.daemon.config
+        if len(self.manager.incoming) >= cfg.max_incoming:
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"destination already receives {len(self.manager.incoming)} guests "
+                                  f"(max_incoming = {cfg.max_incoming})")
+        budget = cfg.max_incoming_bytes if cfg.max_incoming_bytes is not None else physical_memory_bytes()
+        receiving = sum(mig.memory_bytes for mig in self.manager.incoming.values())
+        if budget is not None and receiving + hello.memory_bytes > budget:
+            which = "max_incoming_bytes" if cfg.max_incoming_bytes is not None else \
+                "max_incoming_bytes (default: this host's memory)"
+            return MigrationError(AbortCode.RESOURCE_LIMIT,
+                                  f"guest of {hello.memory_bytes} bytes with {receiving} bytes already being "
+                                  f"received exceeds {which} = {budget}")
+        existing = self.daemon.guests.get(hello.guest_name)
+        if hello.guest_name in self.manager.incoming or (
+                existing is not None and existing.state not in self.manager.REPLACEABLE_STATES):
+            return MigrationError(AbortCode.GUEST_EXISTS,
+                                  f"a guest named {hello.guest_name!r} already exists on the destination")
+        return None
+
     async def _protocol(self, ch: Channel) -> None:
         cfg = self.daemon.config
         hello = None
@@ -157,13 +204,16 @@ class IncomingMigration:
             hello = await ch.receive_expect(m.Hello)
         if hello is None:
             raise MigrationError(AbortCode.TIMEOUT, f"no hello from {self.peer} within {cfg.handshake_timeout_s:g} s")
-        self.id = hello.migration_id
-        self.name = hello.guest_name
-        self.stats = MigrationStats(hello.migration_id, "destination", self.peer, hello.guest_name,
+        # Until the name rule has passed, the peer's strings are logged escaped (ascii()), never as they are.
+        name_ok = guest_name_problem(hello.guest_name) is None
+        self.id = hello.migration_id if guest_name_problem(hello.migration_id) is None else ascii(hello.migration_id[:80])
+        self.name = hello.guest_name if name_ok else None
+        shown = hello.guest_name if name_ok else ascii(hello.guest_name[:80])
+        self.stats = MigrationStats(self.id, "destination", self.peer, shown,
                                     total=hello.memory_bytes, started_at=self.stats.started_at)
-        self.log = self.log.bind(migration_id=self.id, guest=self.name)
-        structlog.contextvars.bind_contextvars(migration_id=self.id, guest=self.name)
-        refusal = await self._refusal(hello)
+        self.log = self.log.bind(migration_id=self.id, guest=shown)
+        structlog.contextvars.bind_contextvars(migration_id=self.id, guest=shown)
+        refusal = self._name_refusal(hello) or await self._refusal(hello) or self._capacity_refusal(hello)
         if refusal is not None:
             self.log.warning("incoming_refused", code=refusal.code.name, reason=str(refusal))
             self.refused = True
@@ -173,16 +223,29 @@ class IncomingMigration:
         # Reserve the name (no checkpoint since the checks above), then answer.
         self.manager.incoming[self.name] = self
         self.reserved = True
+        self.memory_bytes = hello.memory_bytes
+        hello_accepted()  # a session now: no longer evictable as a pre-Hello connection
         await ch.send(m.Accept(version=negotiate_version(hello.version), features=SUPPORTED_FEATURES,
                                platform=platform_files(self.daemon.sev_device.identity)))
         ch.start_keepalives()
+        sid = getattr(ch.conn, "session_id", None)
+        if sid:
+            self.stats.session_id = sid
+            self.log = self.log.bind(session_id=sid)
         self.log.info("incoming_accepted", memory_bytes=hello.memory_bytes, policy=hex(hello.policy),
                       vcpus=hello.vcpus, es=hello.es)
 
         if self.peer_platforms is None:
             self.log.warning("plaintext_migration", peer=self.peer,
                              note="insecure_plaintext: the source's identity is not authenticated")
-        start = await ch.receive_expect(m.Start)   # (its policy equals Hello's: the Connection checked)
+        # Start within start_timeout_s of Accept; keepalives do not count (they would let a peer hold a
+        # slot and the guest's name forever). The reservation ends with the session.
+        start = None
+        with trio.move_on_after(cfg.start_timeout_s):
+            start = await ch.receive_expect(m.Start)   # (its policy equals Hello's: the Connection checked)
+        if start is None:
+            raise MigrationError(AbortCode.TIMEOUT, f"no start from {self.peer} within start_timeout_s = "
+                                                    f"{cfg.start_timeout_s:g} s of accept (keepalives do not count)")
         # Start is bound to the chain verified from Hello: RECEIVE_START only sanity-checks the PDH it is
         # given, so without this a host could show a trusted platform's public chain and its own PDH.
         if bytes(start.pdh) != bytes(hello.platform["pdh"]):
@@ -231,8 +294,14 @@ class IncomingMigration:
     # -- pages ------------------------------------------------------------------------------------------------
 
     async def _receive_loop(self, ch: Channel) -> None:
+        stall = self.daemon.config.stall_timeout_s
         while True:
-            msg = await ch.receive()
+            msg = None
+            with trio.move_on_after(stall):
+                msg = await ch.receive()
+            if msg is None:
+                raise MigrationError(AbortCode.TIMEOUT, f"nothing but keepalives from {self.peer} for "
+                                                        f"stall_timeout_s = {stall:g} s")
             if isinstance(msg, m.Pages):
                 await self._apply_pages(msg)
             elif isinstance(msg, m.RoundEnd):

@@ -43,12 +43,13 @@ from sevmigd.daemon.errors import (
     ShuttingDown,
     StartupError,
 )
-from sevmigd.daemon.logging import configure_logging
+from sevmigd.daemon.logging import configure_logging, exception_summary
 from sevmigd.daemon.loopwatch import StepWatch
 from sevmigd.daemon.malloc import release_free_heap
 from sevmigd.daemon.migration import MigrationManager
 from sevmigd.daemon.metrics import DaemonMetrics
 from sevmigd.daemon.psprunner import PspRunner
+from sevmigd.daemon.slots import PreHelloSlots, WatchedStream
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.guest.vm import GuestConfig, SevVm
 from sevmigd.kvm.asid import AsidExhausted, AsidSpace, firmware_flush
@@ -73,8 +74,9 @@ VCPU_MAX_SLICE_S = 0.100
 SHUTDOWN_MIGRATIONS_S = 20.0
 # After migrations have settled at shutdown, control requests get this long to send their replies.
 CONTROL_DRAIN_S = 2.0
-# Beyond max_incoming + max_unauthenticated concurrent migration connections we accept-and-close
-# instead of queueing, so a connection flood cannot pin memory or file descriptors.
+# At most max_unauthenticated migration connections wait for their Hello to be accepted; a new one
+# beyond that evicts the stalest waiting one (sevmigd.daemon.slots), so a flood of idle connections can
+# neither pin memory and descriptors nor refuse a real source.
 
 _log = structlog.get_logger("sevmigd")
 
@@ -185,6 +187,7 @@ class Daemon:
         self._listener_scope = trio.CancelScope()
         self._serve_scope: trio.CancelScope | None = None
         self._incoming_connections = 0
+        self._pre_hello = PreHelloSlots()
         self._inflight_requests = 0
         self._requests_idle = trio.Event()
         self._requests_idle.set()
@@ -575,20 +578,27 @@ class Daemon:
 
     async def _incoming_connection(self, stream: trio.abc.Stream) -> None:
         peer = _peer_of(stream)
-        cap = self.config.max_incoming + self.config.max_unauthenticated
-        if self.shutting_down or self._incoming_connections >= cap:
-            self.log.warning("incoming_refused", peer=peer,
-                             reason="shutting down" if self.shutting_down else f"more than {cap} connections")
+        if self.shutting_down:
+            self.log.warning("incoming_refused", peer=peer, reason="shutting down")
             await trio.aclose_forcefully(stream)
             return
+        cap = self.config.max_unauthenticated
+        slot, evicted = self._pre_hello.admit(peer, cap)
+        for victim in evicted:
+            self.log.warning("incoming_evicted", peer=victim.peer, idle=not victim.active,
+                             reason=f"more than {cap} connections waiting for their hello (max_unauthenticated)")
         self._incoming_connections += 1
+        token = self._pre_hello.bind(slot)
         try:
             # TLS (when configured) is wrapped by migrations.handle_incoming itself, under its handshake
             # timeout; the context built at startup only makes a bad [tls] section fail early.
-            await self.migrations.handle_incoming(stream, peer)
-        except Exception:  # one connection's failure is logged and contained in its task
-            self.log.error("incoming_connection_failed", peer=peer, exc_info=True)
+            with slot.scope:
+                await self.migrations.handle_incoming(WatchedStream(stream, slot), peer)
+        except Exception as exc:  # one connection's failure is logged and contained in its task
+            self.log.error("incoming_connection_failed", peer=peer, **exception_summary(exc))
         finally:
+            self._pre_hello.unbind(token)
+            slot.release()
             self._incoming_connections -= 1
             await trio.aclose_forcefully(stream)
 
@@ -742,10 +752,9 @@ def _read_trusted_roots(config: Config) -> list[AmdCert]:
     for i, path in enumerate(config.trusted_roots):
         key = f"trusted_roots[{i}]"
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+            data = store.read_regular_file(path)  # non-blocking open: a FIFO is an error, not a stuck thread
+        except store.StoreError as exc:
+            raise ConfigError(key, f"cannot read {exc}") from None
         try:
             roots.append(AmdCert.decode(data))
         except SevError as exc:

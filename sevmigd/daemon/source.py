@@ -197,6 +197,14 @@ class OutgoingMigration:
 
     # -- the protocol -------------------------------------------------------------------------------------
 
+    def _bind_session(self, ch: Channel) -> None:
+        """The channel's session_id (known once Accept is in) goes on every later log line and into
+        the figures (`status`, `migrate --json`): operators compare it with the destination's."""
+        sid = getattr(ch.conn, "session_id", None)
+        if sid:
+            self.stats.session_id = sid
+            self.log = self.log.bind(session_id=sid)
+
     async def _protocol(self, ch: Channel) -> None:
         cfg = self.daemon.config
         vm = self.vm
@@ -221,6 +229,7 @@ class OutgoingMigration:
             ch.fail(err, tell_peer=False)
             raise err
         ch.start_keepalives()
+        self._bind_session(ch)
         dest_id = check_peer_platform(reply.platform, who="destination",
                                       trusted_roots=self.daemon.trusted_roots,
                                       allowed_platforms=cfg.allowed_platforms,

@@ -45,6 +45,9 @@ class MigrationStats:
     forced_completion: bool = False  # the completion timeout forced the stop-and-copy (force-complete)
     started_at: float = 0.0        # daemon clock at start (not exported)
     rounds: list[dict] = field(default_factory=list)  # one summary per finished round
+    # The channel's handshake id (PROTOCOL.md §9.2): equal in both daemons' figures and logs iff they saw
+    # the same handshake (no one in the middle). None until Accept.
+    session_id: str | None = None
 
     def enter_round(self, wire_round: int) -> int:
         """The migration is in round `wire_round` as the wire numbers it (from 0, PROTOCOL.md); statistics
