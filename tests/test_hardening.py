@@ -682,7 +682,8 @@ def _run_as_nobody(fn) -> tuple[int, str]:
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:  # noqa: BLE001
-            os.write(2, f"child: {type(exc).__name__}: {exc}\n".encode())
+            import traceback
+            os.write(2, f"child: {type(exc).__name__}: {exc}\n{traceback.format_exc()}".encode())
             rc = 99
         os._exit(rc)
     os.close(w)
@@ -760,7 +761,13 @@ def nobody_dir():
 @root
 @needs_root
 def test_unreadable_identity_file_is_a_one_line_error(nobody_dir):
-    """Attack 11a: a key file its user cannot read: one line naming the file (no UnboundLocalError)."""
+    """Attack 11a: a key file its user cannot read: one line naming the file (no UnboundLocalError),
+    from `platform show` and from `serve`."""
+    # The children run as nobody, who may not read this Python's installation: what they import lazily
+    # is imported here first.
+    import pickle  # noqa: F401 - numpy imports it lazily
+    import sevmigd.cli.serve  # noqa: F401
+    import sevmigd.daemon.server  # noqa: F401
     from sevmigd import store
     from sevmigd.cli import main
     state = nobody_dir / "state"
@@ -772,6 +779,12 @@ def test_unreadable_identity_file_is_a_one_line_error(nobody_dir):
     os.chown(key, 0, 0)  # root's now, mode 0600: nobody cannot read it
     rc, err = _run_as_nobody(lambda: main(["platform", "show", "--state-dir", str(state)]))
     assert rc == 1 and err.strip().count("\n") == 0 and str(key) in err and "Permission denied" in err, (rc, err)
+    rc, err = _run_as_nobody(lambda: main(["serve", "--state-dir", str(state), "--control",
+                                           str(nobody_dir / "c.sock"), "--listen", "127.0.0.1:0",
+                                           "--log-format", "json"]))
+    lines = [ln for ln in err.splitlines() if not ln.startswith("{")]  # stdout's JSON log lines share the pipe
+    assert rc == 1 and len(lines) == 1 and str(key) in lines[0] and "Permission denied" in lines[0], (rc, err)
+    assert "Traceback" not in err
 
     def read() -> int:
         try:
