@@ -2,7 +2,7 @@
 
 A task step is what a task runs between two checkpoints; everything of a daemon (vCPUs, migrations,
 keepalives, control requests) waits while one runs. The watch times every step. First it is shown to see
-a blocking step; then real daemons run what used to block (first-start platform creation, an image read,
+a blocking step; then real daemons run what used to block (first-start platform creation, a 1 MiB image,
 reloads, the control socket's start-up probe) and a live migration with control requests beside it, and
 their longest step must stay under STEP_BOUND_MS.
 
@@ -14,6 +14,7 @@ blocking call: creating the platform in the loop took 3-5 s, a connect probe to 
 
 from __future__ import annotations
 
+import base64
 import signal
 import time
 from types import SimpleNamespace
@@ -87,8 +88,9 @@ def test_daemons_never_block_their_event_loop(daemons, tmp_path):
     src = daemons("src", config=WATCH)
     dst = daemons("dst", config=WATCH)
     image = tmp_path / "image.bin"
-    image.write_bytes(bytes(range(256)) * 4096)                    # 1 MiB, read by the daemon at launch
-    src.execute("launch", name="g", memory="64M", dirty_rate=4.0, image=str(image))
+    image.write_bytes(bytes(range(256)) * 4096)                    # 1 MiB, sent in the request as ctl does
+    src.execute("launch", name="g", memory="64M", dirty_rate=4.0,
+                image_b64=base64.b64encode(image.read_bytes()).decode())
     mig = BackgroundMigration(src, "g", dst.address, max_bandwidth_mib_s=32)  # ~2 s of pre-copy
     mig.wait_moving()
     requests = 0
