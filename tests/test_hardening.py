@@ -820,7 +820,7 @@ def test_workload_knobs_bounded_at_the_cli(daemon, flag, value):
 def test_workload_knobs_bounded_at_the_socket_and_the_socket_stays_responsive(daemon):
     """Attack 13: knobs above their bounds are InvalidParameter naming the bound; guests at the
     heaviest allowed workload leave the control socket answering within a generous bound."""
-    from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE
+    from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE
     for key, v in (("dirty_rate", 1e12), ("flip_rate", 1e6), ("dirty_rate", MAX_DIRTY_RATE_MIB_S * 1.01)):
         with pytest.raises(ControlError) as ei:
             launch(daemon, "k", "4M", **{key: v})

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from sevmigd.errors import ConfigError
-from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES
+from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES
 from sevmigd.kvm.uapi import HYPERCALL_DIALECTS
 from sevmigd.units import parse_gpa, parse_size
 

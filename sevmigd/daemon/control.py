@@ -50,7 +50,7 @@ from sevmigd.daemon.evacuate import Evacuation, parse_targets
 from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
 from sevmigd.daemon.logging import exception_summary
 from sevmigd.errors import ConfigError, SevmigdError
-from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES, check_guest_name
+from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES, check_guest_name
 from sevmigd.guest.vm import HYPERCALLS, GuestConfig
 from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.status import SevError

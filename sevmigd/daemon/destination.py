@@ -26,9 +26,7 @@ import trio
 
 from sevmigd.daemon.channel import Channel, run_channel
 from sevmigd.daemon.slots import hello_accepted
-from sevmigd.errors import ConfigError
-from sevmigd.guest.limits import guest_name_problem
-from sevmigd.guest.vm import check_incoming
+from sevmigd.limits import guest_name_problem
 from sevmigd.kvm import KvmError, SevGuest
 from sevmigd.units import PAGE_SIZE
 from sevmigd.migrate.errors import MigrationError
@@ -127,7 +125,7 @@ class IncomingMigration:
     # -- handshake ------------------------------------------------------------------------------------------
 
     def _name_refusal(self, hello: m.Hello) -> MigrationError | None:
-        """The one guest-name rule (sevmigd.guest.limits), as for `launch`: a name outside it is a
+        """The one guest-name rule (sevmigd.limits), as for `launch`: a name outside it is a
         malformed Hello field (PROTOCOL.md §5.1), refused before anything is looked up or reserved."""
         problem = guest_name_problem(hello.guest_name)
         if problem is not None:
@@ -154,10 +152,11 @@ class IncomingMigration:
             # The Connection holds VcpuState to Hello's `es` (registers or one VMSA per vCPU); this holds
             # `es` to the policy the firmware will enforce.
             return MigrationError(AbortCode.PROTOCOL_ERROR, f"es={hello.es} contradicts policy {hello.policy:#x}")
-        try:  # what the guest layer would refuse after RECEIVE_START (vCPUs, a size below its minimum)
-            check_incoming(memory_bytes=hello.memory_bytes, policy=hello.policy, vcpus=hello.vcpus)
-        except ConfigError as exc:
-            return MigrationError(AbortCode.RESOURCE_LIMIT, f"this destination cannot host the guest: {exc}")
+        # What the guest layer would refuse after RECEIVE_START (vCPUs, a size below its minimum).
+        problem = self.manager.incoming_guest_problem(memory_bytes=hello.memory_bytes, policy=hello.policy,
+                                                      vcpus=hello.vcpus)
+        if problem is not None:
+            return MigrationError(AbortCode.RESOURCE_LIMIT, f"this destination cannot host the guest: {problem}")
         refusal = self._capacity_refusal(hello)
         if refusal is not None:
             return refusal

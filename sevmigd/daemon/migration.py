@@ -447,6 +447,17 @@ class MigrationManager:
         except tls.TlsError as exc:
             raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, f"TLS with {peer} failed: {exc}") from None
 
+    def incoming_guest_problem(self, *, memory_bytes: int, policy: int, vcpus: int) -> str | None:
+        """Why the guest layer could not host an incoming guest of that shape (SevVm.incoming would refuse
+        it), or None: checked at Hello, before anything is reserved or allocated."""
+        from sevmigd.guest.vm import check_incoming
+
+        try:
+            check_incoming(memory_bytes=memory_bytes, policy=policy, vcpus=vcpus)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def new_incoming_vm(self, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
                         vcpus: int):
         from sevmigd.guest.vm import SevVm

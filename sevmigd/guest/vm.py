@@ -89,7 +89,7 @@ class GuestConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first bad field."""
-        from sevmigd.guest.limits import check_guest_name
+        from sevmigd.limits import check_guest_name
         check_guest_name(self.name, "name")
         _check_memory(self.memory_bytes)
         _check_policy(self.policy)
@@ -97,7 +97,7 @@ class GuestConfig:
             if not isinstance(self.image, (bytes, bytearray)) or not self.image or len(self.image) % 16:
                 raise ConfigError("image", "must be non-empty bytes, a multiple of 16 long "
                                            "(LAUNCH_UPDATE_DATA measures 16-byte blocks)")
-        from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE
+        from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE
         for key, top in (("dirty_rate_mib_s", MAX_DIRTY_RATE_MIB_S), ("flip_rate", MAX_FLIP_RATE)):
             v = getattr(self, key)
             if not _real(v) or not 0 <= v <= top:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Bounds of the knobs (refused at launch, see there): in sevmigd.guest.limits, where the CLI reads them too.
-from sevmigd.guest.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE  # noqa: F401
+# Bounds of the knobs (refused at launch, see there): in sevmigd.limits, where the CLI reads them too.
+from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE  # noqa: F401
 from sevmigd.units import PAGE_SIZE
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 #: Fixed-point scale of the fractional carries kept in registers (u64 registers, so no floats).

@@ -1,7 +1,8 @@
 """What a guest may be asked to be: the one guest-name rule and the bounds of the launch knobs.
 
-Kept free of numpy and of the daemon so that `sevmigd ctl` can check its arguments with the same
-numbers as the daemon before it connects.
+A top-level pure module (no numpy, no daemon, no guest internals) so that `sevmigd ctl`, the control
+socket, the guest layer and the migration drivers (which reach the guest only through kvm) all apply the
+same rule and numbers.
 
 The name rule applies to guests launched here and to guests arriving by migration.
 
