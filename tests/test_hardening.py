@@ -85,26 +85,65 @@ def launch(d, name: str, memory: str = "4M", **kw) -> dict:
     return d.execute("launch", {"name": name, "memory": memory, **kw})
 
 
-def platform_files_of_fleet():
-    """A public chain of a platform of the shared fleet (trusted by every test daemon): what any
-    host of the fleet can show, no private key needed."""
-    from sevmigd.migrate.trust import platform_files
-    from sevmigd.psp.identity import PlatformIdentity
-    return platform_files(PlatformIdentity.create(fleet().ca, os.urandom))
+class FleetMember:
+    """A host of the shared fleet as an attacker may be one: a platform identity (public chain trusted
+    by every test daemon) and the TLS client identity `platform init` issues for it (mutual TLS is the
+    default), so the attacks below reach the Hello checks, deadlines and slots they are about."""
+
+    _tls_dirs: list = []
+
+    def __init__(self):
+        import tempfile
+
+        from sevmigd import store
+        from sevmigd.daemon import tls
+        from sevmigd.migrate.trust import platform_files
+        from sevmigd.psp.identity import PlatformIdentity
+        from sevmigd.testing.pki import tls_ca_for
+        self.identity = PlatformIdentity.create(fleet().ca, os.urandom)
+        self.platform = platform_files(self.identity)
+        d = tempfile.mkdtemp(prefix="sevmigd-member-")
+        FleetMember._tls_dirs.append(d)
+        self.tls = tls.client_context(store.issue_host_tls(pathlib.Path(d), tls_ca_for(fleet().ca), self.identity))
+
+
+_member: FleetMember | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_member_tls_dirs():
+    yield
+    import shutil
+    for d in FleetMember._tls_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fleet_member() -> FleetMember:
+    global _member
+    if _member is None:
+        _member = FleetMember()
+    return _member
 
 
 class FakeSource:
-    """Plays a source on a real TCP connection: Hello, then whatever the test wants."""
+    """Plays a source on a real TCP connection (mutual TLS as a fleet member): Hello, then whatever the
+    test wants."""
 
     def __init__(self, port: int, *, name: str = "intruder", memory_bytes: int = 4 << 20, vcpus: int = 1,
-                 platform: dict | None = None, migration_id: str = "0123456789abcdef"):
+                 member: FleetMember | None = None, migration_id: str = "0123456789abcdef"):
         from sevmigd.wire import Connection, Role
         from sevmigd.wire import messages as m
+        member = member or fleet_member()
         self.m = m
         self.conn = Connection(Role.SOURCE)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        try:
+            self.sock = member.tls.wrap_socket(raw)
+        except BaseException:
+            raw.close()
+            raise
         self.sock.sendall(self.conn.send(m.Hello(
-            version=1, features=(), platform=platform or platform_files_of_fleet(), guest_name=name,
+            version=1, features=(), platform=member.platform, guest_name=name,
             memory_bytes=memory_bytes, policy=0, vcpus=vcpus, es=False, migration_id=migration_id)))
 
     def next_message(self, timeout: float = IO_TIMEOUT):
@@ -424,18 +463,16 @@ def send_real_start(fs: FakeSource, accept, identity) -> None:
 def test_keepalives_after_start_do_not_keep_a_session():
     """Attack 7a, after Start: a source that sends a valid Start and then only keepalives is dropped
     at stall_timeout_s with TIMEOUT (default 60 s; 2 s here), and its partial guest is discarded."""
-    from sevmigd.psp.identity import PlatformIdentity
     from sevmigd.wire import AbortCode
     from sevmigd.wire import messages as m
     dst = start_daemon(config={"stall_timeout_s": 2.0, "keepalive_interval_s": 0.2, "peer_timeout_s": 1.0})
     try:
-        identity = PlatformIdentity.create(fleet().ca, os.urandom)
-        from sevmigd.migrate.trust import platform_files
-        fs = FakeSource(dst.port, name="stall", platform=platform_files(identity))
+        member = fleet_member()
+        fs = FakeSource(dst.port, name="stall", member=member)
         try:
             accept = fs.next_message()
             assert isinstance(accept, m.Accept)
-            send_real_start(fs, accept, identity)
+            send_real_start(fs, accept, member.identity)
             took, last = fs.keepalives_until_closed(interval=0.2)
         finally:
             fs.close()
@@ -462,7 +499,7 @@ class Flood:
         self.idle_target = idle
         self.threads = [threading.Thread(target=self._idle, daemon=True)]
         self.threads += [threading.Thread(target=self._squat, args=(i,), daemon=True) for i in range(squatters)]
-        self.platform = platform_files_of_fleet()
+        self.member = fleet_member()
         for t in self.threads:
             t.start()
 
@@ -483,7 +520,7 @@ class Flood:
         from sevmigd.wire import messages as m
         while not self.stop.is_set():
             try:
-                fs = FakeSource(self.port, name=f"squat{i}", platform=self.platform)
+                fs = FakeSource(self.port, name=f"squat{i}", member=self.member)
             except OSError:
                 continue
             try:
