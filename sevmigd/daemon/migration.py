@@ -22,6 +22,7 @@ It must never: leave a guest running twice or nowhere by its own decision, or ho
 from __future__ import annotations
 
 import collections
+import pathlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
