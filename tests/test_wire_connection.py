@@ -661,3 +661,19 @@ def test_receive_data_misuse_is_a_local_error():
     dst.receive_data(buf)
     buf[:] = bytes(len(buf))  # the caller reuses its buffer: we copied it
     assert isinstance(dst.next_event(), m.Hello)
+
+
+def test_send_pages_parts_is_the_frame_in_pieces_without_copying_the_page_columns():
+    """Scatter-gather writes (issue 16): the pieces concatenate to exactly the frame send_pages makes, and
+    the page columns are the caller's own buffers (not copies), whichever columns are empty."""
+    for ne, ns in ((2, 1), (2, 0), (0, 3), (0, 0)):
+        a, _ = pair(until=State.PRECOPY)
+        b, _ = pair(until=State.PRECOPY)
+        enc_data, shr_data = bytes(range(256)) * 16 * ne, b"\x5a" * (PAGE_SIZE * ns)
+        args = (0, np.arange(ne, dtype="<u8"), bytes(ne * SEV_HDR_SIZE), enc_data,
+                np.arange(10, 10 + ns, dtype="<u8"), shr_data)
+        parts = a.send_pages_parts(*args)
+        assert b"".join(parts) == b.send_pages(*args)
+        assert (enc_data in parts) == bool(ne) and (shr_data in parts) == bool(ns)
+        assert any(p is enc_data for p in parts) == bool(ne)
+        assert any(p is shr_data for p in parts) == bool(ns)

@@ -171,9 +171,15 @@ class Channel:
 
     # -- sending -----------------------------------------------------------------------------------
 
-    async def _write(self, data: bytes) -> int:
+    async def _write(self, data: bytes, parts: list | None = None) -> int:
+        """Write one frame: `data`, or the pieces `parts` one after the other (scatter-gather: a Pages
+        frame's page columns go from the caller's buffers to the stream, never joined into one copy)."""
         try:
-            await self.stream.send_all(data)
+            if parts is None:
+                await self.stream.send_all(data)
+            else:
+                for piece in parts:
+                    await self.stream.send_all(piece)
         except trio.Cancelled:
             # A frame may be half on the wire: nothing more can follow it on this stream (no Abort).
             self._broken = True
@@ -185,12 +191,13 @@ class Channel:
             with trio.move_on_after(ABORT_LINGER_S):
                 await self._reader_done.wait()
             raise self.fail(_stream_error(self.peer, exc, self.peer_timeout_s)) from None
+        n = len(data) if parts is None else sum(memoryview(p).nbytes for p in parts)
         self._last_send = trio.current_time()
-        self.bytes_sent += len(data)
+        self.bytes_sent += n
         self.frames_sent += 1
         if self._deferred_failure is not None:
             self.fail(self._deferred_failure)  # the frame is whole on the wire: now the Abort may follow
-        return len(data)
+        return n
 
     def _check(self) -> None:
         if self.failure is None and self._deferred_failure is not None:
@@ -215,8 +222,8 @@ class Channel:
         """One Pages frame through the Connection's fast path; returns the bytes put on the wire."""
         async with self._send_lock:
             self._check()
-            data = self.conn.send_pages(round, enc_pfns, enc_headers, enc_data, shr_pfns, shr_data)
-            return await self._write(data)
+            parts = self.conn.send_pages_parts(round, enc_pfns, enc_headers, enc_data, shr_pfns, shr_data)
+            return await self._write(b"", parts)
 
     # -- receiving ---------------------------------------------------------------------------------
 

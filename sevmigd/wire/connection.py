@@ -502,6 +502,12 @@ class Connection:
     def send_pages(self, round: int, enc_pfns, enc_headers: bytes, enc_data: bytes, shr_pfns,
                    shr_data: bytes) -> bytes:
         """Fast path for a Pages frame: columns go to the wire as one bin each, no per-page objects."""
+        return b"".join(self.send_pages_parts(round, enc_pfns, enc_headers, enc_data, shr_pfns, shr_data))
+
+    def send_pages_parts(self, round: int, enc_pfns, enc_headers, enc_data, shr_pfns, shr_data) -> list:
+        """`send_pages` as the frame's pieces in order, for a scatter-gather write: the small ones joined,
+        the two page columns (`shr_data`, `enc_data`) as the caller's own buffers, never copied into a
+        joined frame (1 MiB per batch). Their concatenation is exactly `send_pages`'s frame."""
         L = LocalProtocolError
         if self._error is not None:
             self._raise_sticky()
@@ -526,19 +532,31 @@ class Connection:
             msg = Pages(round=round, enc_pfns=ep, enc_headers=enc_headers, enc_data=enc_data,
                         shr_pfns=sp, shr_data=shr_data)
             self._guard(self.role, msg, L)
-            frame = self._encode_pages(round, ep, enc_headers, enc_data, sp, shr_data)
+            parts = self._encode_pages_parts(round, ep, enc_headers, enc_data, sp, shr_data)
             self._apply(self.role, msg, new_state)
-            return frame
+            return parts
         except ProtocolError as e:
             self._fail(e)
 
     def _encode_pages(self, round: int, ep: np.ndarray, enc_headers, enc_data, sp: np.ndarray, shr_data) -> bytes:
+        return b"".join(self._encode_pages_parts(round, ep, enc_headers, enc_data, sp, shr_data))
+
+    def _encode_pages_parts(self, round: int, ep: np.ndarray, enc_headers, enc_data, sp: np.ndarray,
+                            shr_data) -> list:
         pieces, size = encode_pages_body_parts(round, ep, enc_headers, enc_data, sp, shr_data,
                                                seq=self._send_seq, key=self._send_key)
         self._check_send_size(size)
-        frame = b"".join([PREFIX.pack(size), *pieces])
         self._send_seq += 1
-        return frame
+        # pieces: head, ep, bin_hdr, enc_headers, bin_hdr, sp, bin_hdr, shr_data, bin_hdr, enc_data, tail
+        small = b"".join([PREFIX.pack(size), *pieces[:7]])
+        parts = [small]
+        for big, after in ((pieces[7], pieces[8]), (pieces[9], pieces[10])):
+            if _nbytes(big):
+                parts.append(big)
+                parts.append(after)
+            else:
+                parts[-1] += after      # a few bytes: joined to the small piece before
+        return parts
 
 
 _U64LE = np.dtype("<u8")
