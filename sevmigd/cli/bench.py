@@ -15,7 +15,7 @@ import time
 import traceback
 
 # Order matters only for the printout: micro-benchmarks first, the long migration runs last.
-SECTIONS = ("psp", "guest", "wire", "qemu", "migration")
+SECTIONS = ("psp", "guest", "wire", "workers", "qemu", "migration")
 
 
 def register(sub) -> None:
