@@ -92,10 +92,11 @@ def _source_run(src, h, hello, batches, workers: int, record: list | None = None
 
     def emit(pf, out):
         hdrs, data = out
-        frame = cs.send_pages(cs.round, pf, hdrs, data, empty, b"")
-        sink.tx.sendall(frame)
+        parts = cs.send_pages_parts(cs.round, pf, hdrs, data, empty, b"")
+        for piece in parts:           # scatter-gather, as the daemon's channel writes a Pages frame
+            sink.tx.sendall(piece)
         if record is not None:
-            record.append((pf, frame))
+            record.append((pf, b"".join(parts)))
 
     if workers <= 1:
         for pf in batches:
