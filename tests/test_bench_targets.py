@@ -61,7 +61,7 @@ def test_targets_from_the_figures_the_sections_produce():
 
 def test_missing_figures_are_listed_not_dropped():
     got = evaluate_targets({"psp": {"skipped": "x"}, "qemu": {"skipped": "no qemu"}, "migration": {}})
-    assert len(got) == 9 and all(v == "n/a" and m == "no figure" for _t, m, v in got)
+    assert len(got) == 13 and all(v == "n/a" and m == "no figure" for _t, m, v in got)
 
 
 def test_quick_sizes_compare_by_throughput():
@@ -86,3 +86,15 @@ def test_a_run_reports_its_client_side_wall_time():
     runs = [dict(_run(t), wall_ms=t + 10.0) for t in (2000, 2100, 2200)]
     out = mig._summarise(runs, 1 << 30, _FakeDaemon(1), _FakeDaemon(1), 1)
     assert out["wall_ms"] == 2110.0
+
+
+def test_plaintext_and_worker_targets_read_their_own_figures():
+    res = _results()
+    res["migration"]["shared_idle_plaintext"] = _scenario([1100, 1150, 1200])
+    res["workers"] = {"source_alone_to_counting_sink": {"speedup_2_over_1": 1.25},
+                      "destination_alone_recorded_stream": {"speedup_2_over_1": 1.8}}
+    got = {t: (m, v) for t, m, v in evaluate_targets(res)}
+    assert got["shared 1 GiB within 1.2x of QEMU, plaintext like QEMU (issue 16)"] == ("1.15x", "met")
+    assert got["private 1 GiB within 3.6x of QEMU, plaintext like QEMU (issue 16)"] == ("no figure", "n/a")
+    assert got["source alone to counting sink: 2 workers >= 1.7x one (issue 16)"] == ("1.25x", "missed")
+    assert got["destination alone recorded stream: 2 workers >= 1.7x one (issue 16)"] == ("1.80x", "met")

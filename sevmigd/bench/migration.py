@@ -12,6 +12,9 @@ destination verifies it (in-guest ledger over every page), then stops it):
 * `mixed_idle`: the same guest idle;
 * `private_idle`: 1 GiB, 100 % private, idle (bounded by the emulated PSP's SEND/RECEIVE_UPDATE_DATA);
 * `shared_idle`: 1 GiB, 100 % shared, idle (no PSP work: the wire and the daemon alone);
+* `private_idle_plaintext`, `shared_idle_plaintext`: the same two over a plaintext channel
+  (`insecure_plaintext = true`), the transport of QEMU's default peer; every other scenario runs with the
+  daemons' default, mutual TLS (each scenario says which in `transport`);
 * `concurrent_4`: four 256 MiB private guests migrated at once vs one alone (aggregate / single);
 * `scale_8g`: an 8 GiB guest, 75 % private, dirtying 32 MiB/s over 256 MiB: total time, per-round time,
   pages and dirty pages, and the dirty-log + bitmap cost per round when the source reports it
@@ -58,7 +61,11 @@ TIMING = ("wall_ms: client-side wall time from the migrate control call to its r
           "has started the guest), the way the QEMU peer is timed; total_time_ms: the source daemon's own "
           "clock, connect to 'started'")
 
-SCENARIOS = ("dirty_32", "mixed_idle", "private_idle", "shared_idle", "concurrent_4", "scale_8g")
+SCENARIOS = ("dirty_32", "mixed_idle", "private_idle", "shared_idle", "private_idle_plaintext",
+             "shared_idle_plaintext", "concurrent_4", "scale_8g")
+#: The migration channel of each scenario: the daemons' default, or plaintext like QEMU's default peer.
+TLS = "mutual TLS (the default)"
+PLAINTEXT = "plaintext (insecure_plaintext = true), like QEMU's default"
 
 # Numeric figures of one migration that are reported as medians over the runs.
 _MEDIAN_KEYS = ("total_time_ms", "wall_ms", "setup_time_ms", "throughput_mb_s", "wire_mbps", "downtime_ms",
@@ -67,10 +74,10 @@ _MEDIAN_KEYS = ("total_time_ms", "wall_ms", "setup_time_ms", "throughput_mb_s", 
                 "cpu_source_us_per_page", "cpu_destination_us_per_page", "cpu_cores_used")
 
 
-def _pair(root: pathlib.Path, tag: str, dirs) -> tuple[DaemonProcess, DaemonProcess]:
-    a = start_local_daemon(f"{tag}-a", dirs["a"])
+def _pair(root: pathlib.Path, tag: str, dirs, config: dict | None = None) -> tuple[DaemonProcess, DaemonProcess]:
+    a = start_local_daemon(f"{tag}-a", dirs["a"], config=config)
     try:
-        b = start_local_daemon(f"{tag}-b", dirs["b"])
+        b = start_local_daemon(f"{tag}-b", dirs["b"], config=config)
     except BaseException:
         _stop(a)
         raise
@@ -188,14 +195,17 @@ def _summarise(runs: list[dict], memory: int, a: DaemonProcess, b: DaemonProcess
     return out
 
 
-def _scenario(root, tag, base, *, memory: int, launch: dict, runs: int, warmup: int) -> dict:
-    a, b = _pair(root, tag, _fresh_dirs(root, tag, base))
+def _scenario(root, tag, base, *, memory: int, launch: dict, runs: int, warmup: int,
+              plaintext: bool = False) -> dict:
+    a, b = _pair(root, tag, _fresh_dirs(root, tag, base), {"insecure_plaintext": True} if plaintext else None)
     try:
         args = {"memory": memory, "seed": 5, "prefill": True, **launch}
         for i in range(warmup):
             _one_run(a, b, f"warm{i}", args, verify=False)
         measured = [_one_run(a, b, f"run{i}", args) for i in range(runs)]
-        return _summarise(measured, memory, a, b, warmup)
+        out = _summarise(measured, memory, a, b, warmup)
+        out["transport"] = PLAINTEXT if plaintext else TLS
+        return out
     finally:
         _stop(a, b)
 
@@ -359,15 +369,17 @@ def run(quick: bool = False, size: int | None = None, only: str | None = None, r
         new_fleet_dirs(base, ["a", "b"])
         common = dict(root=root, base=base, runs=runs, warmup=warmup)
 
-        def scen(name, **launch):
+        def scen(name, plaintext=False, **launch):
             return _scenario(common["root"], name, common["base"], memory=size, launch=launch,
-                             runs=runs, warmup=warmup)
+                             runs=runs, warmup=warmup, plaintext=plaintext)
 
         table = {
             "dirty_32": lambda: scen("dirty_32", shared_fraction=0.25, dirty_rate=32.0, working_set=ws),
             "mixed_idle": lambda: scen("mixed_idle", shared_fraction=0.25),
             "private_idle": lambda: scen("private_idle", shared_fraction=0.0),
             "shared_idle": lambda: scen("shared_idle", shared_fraction=1.0),
+            "private_idle_plaintext": lambda: scen("private_idle_plaintext", shared_fraction=0.0, plaintext=True),
+            "shared_idle_plaintext": lambda: scen("shared_idle_plaintext", shared_fraction=1.0, plaintext=True),
             "concurrent_4": lambda: _concurrent(root, "concurrent_4", base, memory=max(size // 4, 32 * MiB), n=4,
                                                 runs=runs, warmup=warmup),
             "scale_8g": lambda: _scale(root, "scale_8g", base, memory=512 * MiB if quick else SCALE_SIZE,

@@ -33,7 +33,7 @@ import numpy as np
 
 from sevmigd.migrate.pages import BATCH_PAGES
 from sevmigd.wire import NEED_DATA, State
-from sevmigd.wire.channel import FEATURE_GMAC
+from sevmigd.wire.integrity import FEATURE_GMAC
 from sevmigd.wire.limits import PAGE_SIZE
 from sevmigd.wire.testing import pair, sample_hello
 
