@@ -131,6 +131,7 @@ def test_flags_win_over_toml_and_none_means_not_given(tmp_path):
     ('insecure_plaintext = true\n[tls]\ncert = "/c"\nkey = "/k"\nca = "/a"', "insecure_plaintext"),
     ('[tls]\ncert = "/c"', "tls.key"),
     ('[tls]\ncert = "/c"\nkey = "/k"\nca = "/a"\npin = "x"', "tls.pin"),
+    ('[tls]\ncert = "/c"\nkey = "/k"\nca = "/a"\nstate_dir_default = true', "tls.state_dir_default"),
     ("maxincoming = 3", "maxincoming"),                         # typo: unknown key
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):

@@ -304,10 +304,9 @@ def _tls(v: object) -> TlsConfig:
     if v is None:
         return TlsConfig()
     if isinstance(v, TlsConfig):
-        v = dataclasses.asdict(v)
+        v = {"cert": v.cert, "key": v.key, "ca": v.ca}  # (state_dir_default is decided in load_config)
     if not isinstance(v, dict):
         raise ConfigError("tls", f"expected a table with cert, key, ca; got {v!r}")
-    v = {k: x for k, x in v.items() if k != "state_dir_default"}
     unknown = sorted(set(v) - {"cert", "key", "ca"})
     if unknown:
         raise ConfigError(f"tls.{unknown[0]}", "unknown key (expected cert, key, ca)")
