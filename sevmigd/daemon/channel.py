@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from sevmigd.migrate.errors import MigrationError
-from sevmigd.wire import CLOSED, NEED_DATA, Connection
+from sevmigd.wire import CLOSED, NEED_DATA, Connection, Role
 from sevmigd.wire import messages as m
 from sevmigd.wire.errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 
@@ -411,7 +411,7 @@ async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[
                 nursery.cancel_scope.cancel()
     finally:
         if ok:
-            await _graceful_close(stream)
+            await _graceful_close(stream, spoke_last=conn.role is Role.DESTINATION)
         else:
             if ch.failure is None:
                 # Cancelled from outside (daemon shutdown) or a bug: the peer still deserves a reason.
@@ -429,16 +429,24 @@ async def run_channel(stream: trio.abc.Stream, conn: Connection, body: Callable[
     return result
 
 
-async def _graceful_close(stream: trio.abc.Stream) -> None:
+async def _graceful_close(stream: trio.abc.Stream, *, spoke_last: bool = True) -> None:
     """Half-close, wait briefly for the peer's close, then close: our last frame must not be lost to
-    an RST caused by closing with unread bytes (keepalives) in our receive queue."""
+    an RST caused by closing with unread bytes (keepalives) in our receive queue.
+
+    TLS has no half-close (trio.SSLStream has no send_eof). Then only the side that sent the last frame
+    (`spoke_last`: the destination, whose Started ends a migration) waits for the peer to close first; the
+    other closes at once, so neither waits out the linger for the other. Closing the destination first
+    could reset the connection before the source has read Started: an uncertain hand-off for nothing."""
     with trio.CancelScope(shield=True):
         with trio.move_on_after(ABORT_LINGER_S):
             try:
-                await stream.send_eof()
-                while await stream.receive_some(RECEIVE_SIZE):
-                    pass
-            except (AttributeError, NotImplementedError, *_STREAM_ERRORS, OSError):
+                send_eof = getattr(stream, "send_eof", None)
+                if send_eof is not None:
+                    await send_eof()
+                if send_eof is not None or spoke_last:
+                    while await stream.receive_some(RECEIVE_SIZE):
+                        pass
+            except (NotImplementedError, *_STREAM_ERRORS, OSError):
                 pass
         await trio.aclose_forcefully(stream)
 
