@@ -32,6 +32,8 @@ import trio
 from sevmigd.daemon import tls
 from sevmigd.daemon.config import MigrationPolicy
 from sevmigd.daemon.destination import IncomingMigration
+from sevmigd.daemon.replay import FILE_NAME as REPLAY_FILE
+from sevmigd.daemon.replay import ReplayRecord, ReplayRecordError
 from sevmigd.daemon.source import OutgoingMigration, new_migration_id
 from sevmigd.errors import ConfigError
 from sevmigd.migrate.errors import MigrationError
@@ -404,17 +406,13 @@ class MigrationManager:
     def replay(self):
         """The daemon's replay record (opened at start by serve(); on first use for daemons that do not
         serve, e.g. in-process tests)."""
-        if getattr(self.daemon, "replay", None) is None:
-            from sevmigd.daemon.replay import FILE_NAME, ReplayRecord
-
-            self.daemon.replay = ReplayRecord.open(pathlib.Path(self.daemon.config.state_dir) / FILE_NAME)
+        if self.daemon.replay is None:
+            self.daemon.replay = ReplayRecord.open(pathlib.Path(self.daemon.config.state_dir) / REPLAY_FILE)
         return self.daemon.replay
 
     async def claim_session(self, session: bytes) -> None:
         """Refuse a session this destination has accepted before (REPLAYED_SESSION); otherwise record it
         durably. Must complete before RECEIVE_START (daemon/replay.py)."""
-        from sevmigd.daemon.replay import ReplayRecordError
-
         record = self.replay
         digest = record.reserve(session)
         if digest is None:

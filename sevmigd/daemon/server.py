@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from sevmigd import __version__, store
-from sevmigd.daemon import control, systemd, tls
+from sevmigd.daemon import control, replay, systemd, tls
 from sevmigd.daemon.config import Config, TlsConfig, load_config, split_host_port
 from sevmigd.daemon.errors import (
     DaemonError,
@@ -191,7 +191,7 @@ class Daemon:
         self._inflight_requests = 0
         self._requests_idle = trio.Event()
         self._requests_idle.set()
-        self.replay = None  # daemon/replay.ReplayRecord, opened by serve() (or on first use)
+        self.replay: replay.ReplayRecord | None = None  # opened by serve() (or on first use)
         self._control_inode: tuple[int, int] | None = None
         self.platform_created = False
         self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
@@ -307,8 +307,6 @@ class Daemon:
         """The destination's record of accepted sessions (daemon/replay.py). A damaged one cannot say which
         sessions were accepted: rotate the PDH (PDH_GEN: every session wrapped to the old one becomes
         unopenable, so none can be replayed), persist the new identity, start a fresh record."""
-        from sevmigd.daemon import replay
-
         path = os.path.join(self.config.state_dir, replay.FILE_NAME)
         try:
             self.replay = replay.ReplayRecord.open(path)
