@@ -309,8 +309,12 @@ class FaultProxy:
             await _abort(client)
             return
         if self.tls is not None:
-            client = trio.SSLStream(client, self.tls[0], server_side=True)
-            server = trio.SSLStream(server, self.tls[1], server_hostname=None)
+            # https_compatible: a TCP FIN without close_notify (a daemon that closes with
+            # aclose_forcefully) is an EOF like any network's, so the frames already queued for the other
+            # side (e.g. the destination's last Started) are still delivered before the FIN, not dropped
+            # by a BrokenResourceError that cancels both directions.
+            client = trio.SSLStream(client, self.tls[0], server_side=True, https_compatible=True)
+            server = trio.SSLStream(server, self.tls[1], server_hostname=None, https_compatible=True)
             try:
                 with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
                     async with trio.open_nursery() as nursery:
