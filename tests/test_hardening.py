@@ -24,6 +24,7 @@ import time
 import pytest
 
 from sevmigd.daemon.client import ControlError
+from test_security_attacks import Peer
 from sevmigd.testing.daemons import fleet, make_state_dir, start_daemon
 
 IO_TIMEOUT = 60
@@ -125,45 +126,29 @@ def fleet_member() -> FleetMember:
     return _member
 
 
-class FakeSource:
+class FakeSource(Peer):
     """Plays a source on a real TCP connection (mutual TLS as a fleet member): Hello, then whatever the
-    test wants."""
+    test wants. A scripted `Peer` of the attack tests (tests/test_security_attacks.py)."""
 
     def __init__(self, port: int, *, name: str = "intruder", memory_bytes: int = 4 << 20, vcpus: int = 1,
                  member: FleetMember | None = None, migration_id: str = "0123456789abcdef"):
-        from sevmigd.wire import Connection, Role
+        from sevmigd.wire import Role
         from sevmigd.wire import messages as m
         member = member or fleet_member()
         self.m = m
-        self.conn = Connection(Role.SOURCE)
         raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         try:
-            self.sock = member.tls.wrap_socket(raw)
+            super().__init__(member.tls.wrap_socket(raw), Role.SOURCE)
         except BaseException:
             raw.close()
             raise
-        self.sock.sendall(self.conn.send(m.Hello(
-            version=1, features=(), platform=member.platform, guest_name=name,
-            memory_bytes=memory_bytes, policy=0, vcpus=vcpus, es=False, migration_id=migration_id)))
+        self.send(m.Hello(version=1, features=(), platform=member.platform, guest_name=name,
+                          memory_bytes=memory_bytes, policy=0, vcpus=vcpus, es=False, migration_id=migration_id))
 
     def next_message(self, timeout: float = IO_TIMEOUT):
-        """The next message from the destination (None at EOF/reset/protocol error)."""
-        from sevmigd.wire import NEED_DATA, RemoteProtocolError
+        """The next message from the destination other than Keepalive (None at EOF/reset/protocol error)."""
         self.sock.settimeout(timeout)
-        while True:
-            try:
-                ev = self.conn.next_event()
-            except RemoteProtocolError:
-                return None
-            if ev is not NEED_DATA:
-                return ev
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                return None
-            if not data:
-                return None
-            self.conn.receive_data(data)
+        return self.receive()
 
     def keepalives_until_closed(self, interval: float = 0.2, limit: float = IO_TIMEOUT) -> tuple[float, object]:
         """Send only keepalives (paced by a receive timeout, not a sleep) until the destination closes
@@ -192,9 +177,6 @@ class FakeSource:
             except ProtocolError:
                 break
         return time.monotonic() - start, last
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # ------------------------------------------------------------------------- 5. the control socket
@@ -457,7 +439,7 @@ def send_real_start(fs: FakeSource, accept, identity) -> None:
     policy, session = fw.send_start(vm.handle, pdh_cert=p["pdh"], plat_certs=p["pek"] + p["oca"] + p["cek"],
                                     amd_certs=p["ask"] + p["ark"])
     pdh, _ = fw.pdh_cert_export()
-    fs.sock.sendall(fs.conn.send(fs.m.Start(policy=policy, pdh=pdh, session=session)))
+    fs.send(fs.m.Start(policy=policy, pdh=pdh, session=session))
 
 
 def test_keepalives_after_start_do_not_keep_a_session():
