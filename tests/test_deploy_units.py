@@ -242,7 +242,7 @@ def test_example_config_documents_every_key_with_its_default(tmp_path):
     default = load_config(None, {}, environ=env)
     # Keys whose default is "unset" are shown with an example value instead.
     examples = {"control_group", "trusted_roots", "allowed_platforms", "allowed_oca", "tls",
-                "metrics_listen", "default_policy", "policies"}
+                "metrics_listen", "default_policy", "policies", "max_incoming_bytes"}
     differ = [f.name for f in dataclasses.fields(Config)
               if f.name not in examples and getattr(full, f.name) != getattr(default, f.name)]
     assert not differ, f"example values differ from the defaults for {differ}"
