@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sevmigd.daemon import tls
 from sevmigd.errors import ConfigError
+from sevmigd.tlsca import TlsCA
 
 IO_TIMEOUT = 10
 
@@ -35,20 +36,9 @@ def _name(cn: str) -> x509.Name:
 
 
 def make_ca(cn: str = "sevmigd test fleet CA"):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
+    """A throwaway TLS CA: (key, certificate), made the way `sevmigd ca init` makes the fleet's."""
+    ca = TlsCA.create(os.urandom, name=cn)
+    return ca.key, ca.cert
 
 
 def make_leaf(ca, cn: str, *, expired: bool = False):
