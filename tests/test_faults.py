@@ -136,6 +136,9 @@ async def test_default_peer_timeout_applies(tmp_path):
                                              "max_bandwidth_mib_s": BANDWIDTH_MIB_S})
                 proxy.stop_faults()
                 n.cancel_scope.cancel()
+            # The daemon logs the failure before it answers the control call, but this process reads its
+            # log in another thread: wait for the line rather than race that thread.
+            await trio.to_thread.run_sync(lambda: a.wait_for_log("migration_failed", 10.0, mark))
             rec = inv.failure_log(a, mark)
             assert rec is not None and rec.get("code") == "TIMEOUT", rec
             # Not before: the last frame from the destination came at most one keepalive interval (default
