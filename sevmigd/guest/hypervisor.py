@@ -235,10 +235,10 @@ class HostView:
         run.ret = 0
 
     # ---------------------------------------------------------------- raw DRAM
-    def populate_ram(self, stop=None) -> bool:
+    def populate_ram(self, stop=None, start: int = 0, end: int | None = None) -> bool:
         """Prefault the guest's RAM (GuestRam.populate): a migration destination runs this in a worker
         thread while it applies pages. Host-side and content-free: it only makes pages resident."""
-        return self._ram.populate(stop)
+        return self._ram.populate(stop, start, end)
 
     def read_raw_pages(self, pfns) -> bytes:
         """DRAM contents: ciphertext for private pages, plaintext for shared ones."""
