@@ -31,9 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sevmigd.errors import SevmigdError
 from sevmigd.psp.certs import SevCert
-from sevmigd.psp.identity import chip_id
+from sevmigd.psp.identity import IdentityError, chip_id, derive_ec_key
 
 Rng = Callable[[int], bytes]
 
@@ -48,21 +47,12 @@ HOST_DAYS = 730
 # Backdating absorbs clock skew between the issuing host and its peers.
 BACKDATE = datetime.timedelta(hours=1)
 
-_P256_N = int("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", 16)
-
-
-class TlsIdentityError(SevmigdError):
+class TlsIdentityError(IdentityError):
     """TLS CA or host certificate material that is missing, undecodable or inconsistent; `name` is the file."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"{name}: {message}")
-        self.name = name
-        self.message = message
 
 
 def _p256_key(rng: Rng) -> ec.EllipticCurvePrivateKey:
-    scalar = int.from_bytes(rng(48), "big") % (_P256_N - 1) + 1
-    return ec.derive_private_key(scalar, ec.SECP256R1())
+    return derive_ec_key(rng, ec.SECP256R1())
 
 
 def _serial(rng: Rng) -> int:

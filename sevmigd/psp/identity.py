@@ -74,10 +74,21 @@ class IdentityError(SevmigdError):
         self.message = message
 
 
+_P256_N = int("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", 16)
+_CURVE_ORDERS = {"secp384r1": _P384_N, "secp256r1": _P256_N}
+
+
+def derive_ec_key(rng: Rng, curve: ec.EllipticCurve) -> ec.EllipticCurvePrivateKey:
+    """A private key on `curve` (P-384 or P-256) from rng bytes: key size + 16 bytes reduced into
+    [1, n-1] (bias < 2**-128), so the same rng stream gives the same key."""
+    n = _CURVE_ORDERS[curve.name]
+    scalar = int.from_bytes(rng(curve.key_size // 8 + 16), "big") % (n - 1) + 1
+    return ec.derive_private_key(scalar, curve)
+
+
 def derive_p384_key(rng: Rng) -> ec.EllipticCurvePrivateKey:
-    """A P-384 private key from rng bytes: 64 bytes reduced into [1, n-1] (bias < 2**-128)."""
-    scalar = int.from_bytes(rng(64), "big") % (_P384_N - 1) + 1
-    return ec.derive_private_key(scalar, ec.SECP384R1())
+    """A P-384 private key from rng bytes (the firmware's keys: CEK, OCA, PEK, PDH)."""
+    return derive_ec_key(rng, ec.SECP384R1())
 
 
 def _key_pem(key) -> bytes:
