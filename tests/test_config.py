@@ -17,6 +17,7 @@ from sevmigd.daemon.config import (
     RELOADABLE,
     Config,
     default_control_path,
+    default_runtime_dir,
     default_state_dir,
     load_config,
     split_host_port,
@@ -62,6 +63,18 @@ def test_default_paths_follow_systemd_then_xdg(monkeypatch):
         assert default_state_dir({"HOME": "/h", "XDG_STATE_HOME": "/x"}) == "/x/sevmigd"
     else:
         assert default_control_path(ENV) == "/run/sevmigd/control.sock"
+
+
+def test_runtime_dir_is_systemds_else_named_after_the_control_socket(tmp_path):
+    assert default_runtime_dir("/x/control.sock", {"RUNTIME_DIRECTORY": "/run/sevmigd:/run/o"}) == "/run/sevmigd"
+    assert default_runtime_dir("/tmp/a.sock", {}) == "/tmp/a.run"
+    # two daemons with two control sockets get two runtime directories; an explicit key wins
+    a = load_config(None, overrides={"control": str(tmp_path / "a.sock")}, environ={"HOME": str(tmp_path)})
+    b = load_config(None, overrides={"control": str(tmp_path / "b.sock")}, environ={"HOME": str(tmp_path)})
+    assert (a.runtime_dir, b.runtime_dir) == (str(tmp_path / "a.run"), str(tmp_path / "b.run"))
+    c = load_config(None, overrides={"control": str(tmp_path / "a.sock"), "runtime_dir": str(tmp_path / "r")},
+                    environ={"HOME": str(tmp_path)})
+    assert c.runtime_dir == str(tmp_path / "r")
 
 
 def test_toml_values_are_loaded(tmp_path):

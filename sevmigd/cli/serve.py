@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="platform identity and trusted roots")
     p.add_argument("--listen", metavar="HOST:PORT", help="migration listener (port 0: any free port)")
     p.add_argument("--control", metavar="PATH", help="control socket path")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="per-boot state: VMM sockets, PSP contexts (default: $RUNTIME_DIRECTORY, else "
+                        "the control path with .run for .sock)")
     p.add_argument("--log-level", metavar="L", help="debug, info, warning, error, critical")
     p.add_argument("--log-format", metavar="F", help="auto (default), json or console")
     p.set_defaults(func=serve_main)
@@ -37,6 +40,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "state_dir": args.state_dir,
         "listen": args.listen,
         "control": args.control,
+        "runtime_dir": args.runtime_dir,
         "log_level": args.log_level,
         "log_format": args.log_format,
     }

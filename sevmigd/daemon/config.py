@@ -96,6 +96,9 @@ class Config:
 
     state_dir: str
     control: str
+    # Per-boot state that outlives one daemon process but not the host: the VMM processes' sockets,
+    # the PSP's per-guest contexts, in-flight migration records. Default: default_runtime_dir().
+    runtime_dir: str = ""
     listen: str = DEFAULT_LISTEN
     control_group: str | None = None
     log_level: str = "info"
@@ -185,6 +188,16 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------- defaults
+
+
+def default_runtime_dir(control: str, environ: dict[str, str] | None = None) -> str:
+    """$RUNTIME_DIRECTORY (systemd RuntimeDirectory=, first entry), else a directory named after the
+    control socket (`/tmp/a.sock` -> `/tmp/a.run`), so that two daemons with two control sockets on one
+    host never share one (the daemon also locks it)."""
+    env = os.environ if environ is None else environ
+    if env.get("RUNTIME_DIRECTORY"):
+        return env["RUNTIME_DIRECTORY"].split(":")[0]
+    return os.path.splitext(control)[0] + ".run"
 
 
 def _is_root() -> bool:
@@ -365,6 +378,7 @@ def _opt_listen(key: str, v: object) -> str | None:
 _VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "state_dir": _path,
     "control": _path,
+    "runtime_dir": _path,
     "listen": lambda k, v: (split_host_port(v, key=k), v.strip())[1],
     "control_group": lambda k, v: None if v is None else _str(k, v),
     "log_level": lambda k, v: _str(k, v, choices=LOG_LEVELS),
@@ -465,6 +479,7 @@ def load_config(path: str | None = None, overrides: dict[str, object] | None = N
         values[k] = _VALIDATORS[k](k, v)
     values.setdefault("state_dir", default_state_dir(environ))
     values.setdefault("control", default_control_path(environ))
+    values.setdefault("runtime_dir", default_runtime_dir(values["control"], environ))
     tls = values.get("tls") or TlsConfig()
     if values.get("insecure_plaintext"):
         if tls.enabled:
@@ -488,4 +503,5 @@ def config_as_dict(cfg: Config) -> dict[str, object]:
 
 
 __all__ = ["Config", "TlsConfig", "MigrationPolicy", "COMPLETION_ACTIONS", "load_config", "default_state_dir", "default_control_path",
+           "default_runtime_dir",
            "split_host_port", "config_as_dict", "RELOADABLE", "KEYS", "DEFAULT_PORT", "DEFAULT_LISTEN"]

@@ -265,6 +265,8 @@ class DaemonProcess:
     def command(self) -> list[str]:
         cmd = [*self.launcher, sys.executable, "-m", "sevmigd", "serve", "--state-dir", str(self.state_dir),
                "--control", self.control, "--log-format", "json", "--log-level", self.log_level]
+        if self._sock_dir is not None:   # short, private, kept across restart(): VMM sockets live there
+            cmd += ["--runtime-dir", os.path.join(self._sock_dir, "run")]
         if self.listen_arg is not None:
             cmd += ["--listen", self.listen_arg]
         if self.config:
