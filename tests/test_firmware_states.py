@@ -116,7 +116,10 @@ def test_every_command_is_covered():
                 "platform_reset", "platform_status", "pek_csr", "pek_cert_import", "get_id",
                 "df_flush"}
     extras = {"map_guest_memory", "memory_engine", "launch_digest", "take_pacing_debt", "platform_state",
-              "guest_count", "wbinvd"}
+              "guest_count", "wbinvd",
+              # persistence (issue 17): tests/test_psp_persist.py
+              "export_guest", "import_guest", "key_slot", "export_flush_state", "import_flush_state",
+              "take_changes", "changes_pending", "has_guest", "handles", "asids_awaiting_flush"}
     assert names == set(COMMANDS) | state_independent | platform | extras
 
 

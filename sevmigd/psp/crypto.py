@@ -318,6 +318,11 @@ class TransportKeys:
         """The TIK (LAUNCH_MEASURE needs it); never print it."""
         return self._tik
 
+    @property
+    def tek(self) -> bytes:
+        """The TEK (the PSP's sealed context export needs it); never print it."""
+        return self._tek
+
     # single packets --------------------------------------------------------------------------------
     def keystream(self, iv: bytes, length: int) -> bytes:
         blocks = -(-length // 16)

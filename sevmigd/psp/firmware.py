@@ -39,6 +39,14 @@ Emulation extras, where real hardware has wiring instead of commands:
   the policy's API version and reserved bits are still checked (reference §6).
 * Batch forms ``send_update_data_batch`` / ``receive_update_data_batch`` do the state checks once and
   the per-packet checks per packet, and produce the same bytes as N single commands.
+* Persistence (issue 17): the PSP keeps its guest contexts across a restart of the host software, so
+  ``export_guest(handle)`` seals a context (sevmigd.psp.seal, under the ``sealing_key`` of this runtime
+  directory) and ``import_guest(blob)`` re-creates it with the same handle, state, keys, ASID binding,
+  measurement and open channel; ``export_flush_state`` / ``import_flush_state`` do the same for the ASIDs
+  awaiting DF_FLUSH. ``take_changes()`` tells the daemon's store which contexts a command changed (the
+  per-page commands change none). ``key_slot(handle)`` is the VEK sealed for the VMM process (the CPU),
+  opened by ``sevmigd.psp.keyslot``. The launch digest is kept as the measured bytes (hashlib exports no
+  midstate), hashed at LAUNCH_MEASURE.
 * Pacing: with ``min_command_time`` > 0 each command adds ``max(0, min - elapsed)`` seconds (a batch of N
   pages: ``N * min - elapsed``) to a debt that the daemon awaits (``take_pacing_debt()``); the firmware
   itself never sleeps.
@@ -57,7 +65,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import chain, crypto
+import msgpack
+
+from . import chain, crypto, seal
 from .certs import SEV_CERT_SIZE, SevCert, Usage, sev_signer, verify_sev_cert
 from .memengine import PAGE_SIZE, VEK_SIZE, MemoryEngine
 from .policy import RESERVED_MASK, Policy, policy_api
@@ -158,10 +168,45 @@ def vmsa_is_valid(vmsa: bytes) -> bool:
     return len(vmsa) == VMSA_SIZE and not any(bytes(vmsa[VMSA_RESERVED_OFFSET:]))
 
 
+def key_slot_binding(handle: int, asid: int) -> bytes:
+    """The clear binding of a key slot blob: handle u16 ‖ ASID u16 (LE), authenticated by the seal."""
+    return struct.pack("<HH", handle, asid)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_bytes(v, n: int) -> bool:
+    return v is None or (isinstance(v, bytes) and len(v) == n)
+
+
+def _decode_context(plain: bytes) -> dict:
+    """The fields of a sealed guest context, checked; SealError("damaged") for anything else (a blob that
+    authenticates was made by export_guest, so this guards against another version's layout)."""
+    try:
+        c = msgpack.unpackb(plain)
+        ok = (isinstance(c, dict) and _is_int(c["handle"]) and 1 <= c["handle"] <= MAX_HANDLES
+              and _is_int(c["policy"]) and 0 <= c["policy"] <= 0xFFFFFFFF
+              and _is_int(c["state"]) and c["state"] in GuestState._value2member_map_
+              and isinstance(c["active"], bool) and _is_int(c["asid"])
+              and (1 <= c["asid"] <= MAX_ASID if c["active"] else c["asid"] == 0)
+              and isinstance(c["vek"], bytes) and len(c["vek"]) == VEK_SIZE
+              and _opt_bytes(c["tek"], crypto.KEY_SIZE) and _opt_bytes(c["tik"], crypto.KEY_SIZE)
+              and (c["tek"] is None) == (c["tik"] is None)
+              and isinstance(c["measured"], bytes)
+              and _opt_bytes(c["final_digest"], 32) and _opt_bytes(c["measure"], 32))
+    except Exception:
+        ok = False
+    if not ok:
+        raise seal.SealError(SevStatus.SECURE_DATA_INVALID, "damaged", "not a guest context")
+    return c
+
+
 class _Guest:
     """One guest context. Holds keys: never printed."""
 
-    __slots__ = ("handle", "policy", "state", "asid", "active", "vek", "engine", "channel", "digest",
+    __slots__ = ("handle", "policy", "state", "asid", "active", "vek", "engine", "channel", "measured",
                  "final_digest", "measure", "ram", "ram_view", "vmsa")
 
     def __init__(self, handle: int, policy: int, vek: bytes, engine: MemoryEngine):
@@ -173,7 +218,10 @@ class _Guest:
         self.vek = vek
         self.engine = engine
         self.channel: crypto.TransportKeys | None = None
-        self.digest = hashlib.sha256()
+        # What LAUNCH_UPDATE_DATA/_VMSA measured so far (the launch digest is its SHA-256): kept as bytes,
+        # not as a running hashlib state, because hashlib cannot export a midstate and a context exported
+        # in LUPDATE must continue byte-exact (export_guest). Emptied by LAUNCH_MEASURE.
+        self.measured = bytearray()
         self.final_digest: bytes | None = None
         self.measure: bytes | None = None
         self.ram = None
@@ -221,8 +269,13 @@ class Firmware:
 
     def __init__(self, identity, *, rng: Rng = os.urandom, api_major: int | None = None,
                  api_minor: int | None = None, build: int = 25, es_initialized: bool = True,
-                 min_command_time: float = 0.0, clock: Callable[[], float] | None = None):
+                 min_command_time: float = 0.0, clock: Callable[[], float] | None = None,
+                 sealing_key: bytes | None = None):
         self.identity = identity
+        # The key of every blob this PSP seals (export_guest, key_slot, export_flush_state): one per
+        # runtime directory, kept by the daemon's store (sevmigd.daemon.pspstate). Without one, a random
+        # key is drawn at the first seal (blobs then only open in this Firmware).
+        self._sealing_key = None if sealing_key is None else seal.check_key(sealing_key)
         self._rng = rng
         self.api_major = identity.api_major if api_major is None else api_major
         self.api_minor = identity.api_minor if api_minor is None else api_minor
@@ -237,6 +290,11 @@ class Firmware:
         self._asids_unflushed: set[int] = set()   # DEACTIVATEd since the last DF_FLUSH
         self._wbinvd_needed = False               # a DEACTIVATE happened since the last WBINVD
         self.df_flush_count = 0
+        # Persistence bookkeeping (take_changes): handles whose context a command changed (created,
+        # state, ASID binding, channel, measurement, decommissioned) and whether the ASID flush state did.
+        # The per-page commands (SEND/RECEIVE_UPDATE_DATA, LAUNCH_SECRET, DBG_*) change neither.
+        self._changed: set[int] = set()
+        self._flush_changed = False
 
     def __repr__(self) -> str:
         return (f"<Firmware {self._state.name} api={self.api_major}.{self.api_minor} build={self.build} "
@@ -353,6 +411,8 @@ class Firmware:
     @_command()
     def shutdown(self) -> None:
         """SHUTDOWN: any state → UNINIT; every guest context is destroyed."""
+        self._changed.update(self._guests)
+        self._flush_changed = True
         self._guests.clear()
         self._asids.clear()
         self._asids_unflushed.clear()
@@ -462,6 +522,7 @@ class Firmware:
         g.asid = asid
         g.active = True
         self._asids[asid] = handle
+        self._changed.add(handle)
 
     @_command()
     def deactivate(self, handle: int) -> None:
@@ -472,11 +533,15 @@ class Firmware:
             self._asids.pop(g.asid, None)
             self._asids_unflushed.add(g.asid)
             self._wbinvd_needed = True
+            self._flush_changed = True
+            self._changed.add(handle)
         g.active = False
         g.asid = 0
 
     def wbinvd(self) -> None:
         """Emulation extra: the host executed WBINVD on every core (what DF_FLUSH requires)."""
+        if self._wbinvd_needed:
+            self._flush_changed = True
         self._wbinvd_needed = False
 
     @_command()
@@ -487,6 +552,7 @@ class Firmware:
             raise SevError(SevStatus.WBINVD_REQUIRED, "WBINVD on all cores is required before DF_FLUSH")
         self._asids_unflushed.clear()
         self.df_flush_count += 1
+        self._flush_changed = True
 
     @_command()
     def decommission(self, handle: int) -> None:
@@ -497,6 +563,7 @@ class Firmware:
             raise SevError(SevStatus.ACTIVE, f"guest {handle} is still active: DEACTIVATE first")
         g.channel = None
         del self._guests[handle]
+        self._changed.add(handle)
         if not self._guests:
             self._state = PlatformState.INIT
 
@@ -527,7 +594,128 @@ class Firmware:
     def launch_digest(self, handle: int) -> bytes:
         """Emulation extra: the SHA-256 launch digest (final after LAUNCH_MEASURE, running before)."""
         g = self._guest(handle)
-        return g.final_digest if g.final_digest is not None else g.digest.copy().digest()
+        return g.final_digest if g.final_digest is not None else hashlib.sha256(g.measured).digest()
+
+    # ------------------------------------------------------------------------------------------------
+    # persistence (emulation extras: the PSP's state outlives the host software driving it)
+    # ------------------------------------------------------------------------------------------------
+    def _key(self) -> bytes:
+        if self._sealing_key is None:
+            self._sealing_key = seal.check_key(self._rand(seal.SEALING_KEY_SIZE))
+        return self._sealing_key
+
+    @property
+    def changes_pending(self) -> bool:
+        """A command changed a guest context or the ASID flush state since the last `take_changes()`."""
+        return bool(self._changed) or self._flush_changed
+
+    def take_changes(self) -> tuple[frozenset[int], bool]:
+        """(handles whose context changed, whether the ASID flush state changed) since the last call;
+        resets both. A handle no longer live was decommissioned (or the platform shut down)."""
+        handles, flush = frozenset(self._changed), self._flush_changed
+        self._changed.clear()
+        self._flush_changed = False
+        return handles, flush
+
+    def has_guest(self, handle: int) -> bool:
+        return handle in self._guests
+
+    @property
+    def handles(self) -> tuple[int, ...]:
+        """The live guest handles, ascending."""
+        return tuple(sorted(self._guests))
+
+    def export_guest(self, handle: int) -> bytes:
+        """The guest context `handle`, sealed (Kind.GUEST_CONTEXT, bound to the handle): state, policy,
+        ASID binding, VEK, the measurement so far (LUPDATE) or the final digest and MEASURE, and the
+        TEK/TIK of an open LAUNCH/SEND/RECEIVE channel. Not the memory mapping (`map_guest_memory` again
+        after `import_guest`). Platform WORKING, a live handle (INVALID_GUEST)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        ch = g.channel
+        body = {
+            "handle": g.handle, "policy": g.policy, "state": int(g.state), "asid": g.asid, "active": g.active,
+            "vek": g.vek, "tek": None if ch is None else ch.tek, "tik": None if ch is None else ch.tik,
+            "measured": bytes(g.measured), "final_digest": g.final_digest, "measure": g.measure,
+        }
+        return seal.seal(self._key(), seal.Kind.GUEST_CONTEXT, msgpack.packb(body), self._rng,
+                         binding=struct.pack("<H", g.handle))
+
+    def import_guest(self, blob: bytes) -> int:
+        """Re-create a guest context from `export_guest`'s blob (sealed under this PSP's sealing key) with
+        its handle, state, keys and ASID binding; returns the handle. Platform INIT or WORKING (then
+        WORKING). SealError (a SevError) for a damaged or foreign blob and for one that conflicts with the
+        firmware's state: its handle is live (INVALID_GUEST), its ASID is bound to another guest
+        (ASID_OWNED) or awaits a DF_FLUSH (DF_FLUSH_REQUIRED)."""
+        self._need_platform(PlatformState.INIT, PlatformState.WORKING)
+        _binding, plain = seal.open_blob(self._key(), blob, seal.Kind.GUEST_CONTEXT)
+        c = _decode_context(plain)
+        if struct.pack("<H", c["handle"]) != _binding:
+            raise seal.SealError(SevStatus.SECURE_DATA_INVALID, "damaged", "handle does not match its binding")
+        handle, asid = c["handle"], c["asid"]
+        if handle in self._guests:
+            raise seal.SealError(SevStatus.INVALID_GUEST, "conflict", f"handle {handle} is in use")
+        if c["active"]:
+            if asid in self._asids:
+                raise seal.SealError(SevStatus.ASID_OWNED, "conflict", f"ASID {asid} is bound to another guest")
+            if asid in self._asids_unflushed:
+                raise seal.SealError(SevStatus.DF_FLUSH_REQUIRED, "conflict", f"ASID {asid} awaits a DF_FLUSH")
+        if c["policy"] & Policy.ES and not self.es_initialized:
+            raise SevError(SevStatus.UNSUPPORTED, "SEV-ES guest on a platform without SEV-ES")
+        g = _Guest(handle, c["policy"], c["vek"], MemoryEngine(c["vek"]))
+        g.state = GuestState(c["state"])
+        g.asid, g.active = asid, c["active"]
+        if c["tek"] is not None:
+            g.channel = crypto.TransportKeys(c["tek"], c["tik"])
+        g.measured = bytearray(c["measured"])
+        g.final_digest, g.measure = c["final_digest"], c["measure"]
+        self._guests[handle] = g
+        if g.active:
+            self._asids[asid] = handle
+        self._state = PlatformState.WORKING
+        return handle
+
+    def key_slot(self, handle: int) -> bytes:
+        """The guest's VEK as the CPU's memory controller holds it: sealed (Kind.KEY_SLOT) and bound to the
+        handle and the ASID it is ACTIVATEd on, for the VMM process to open (`sevmigd.psp.keyslot`). Host
+        code passes the blob on and never opens it. A live, activated guest (INVALID_GUEST, INACTIVE)."""
+        self._need_platform(PlatformState.WORKING)
+        g = self._guest(handle)
+        self._need_active(g)
+        return seal.seal(self._key(), seal.Kind.KEY_SLOT, g.vek, self._rng,
+                         binding=key_slot_binding(g.handle, g.asid))
+
+    def export_flush_state(self) -> bytes:
+        """The ASID flush state, sealed (Kind.FLUSH_STATE): the ASIDs DEACTIVATEd since the last DF_FLUSH,
+        whether a WBINVD is due, the flush count."""
+        body = {"unflushed": sorted(self._asids_unflushed), "wbinvd": self._wbinvd_needed,
+                "df_flush_count": self.df_flush_count}
+        return seal.seal(self._key(), seal.Kind.FLUSH_STATE, msgpack.packb(body), self._rng)
+
+    def import_flush_state(self, blob: bytes) -> None:
+        """Restore `export_flush_state()`'s blob (before `import_guest`: an ACTIVATE waits for its flush
+        across a restart). SealError for a damaged or foreign blob, or an ASID bound to a live guest."""
+        _b, plain = seal.open_blob(self._key(), blob, seal.Kind.FLUSH_STATE)
+        try:
+            body = msgpack.unpackb(plain)
+            unflushed = body["unflushed"]
+            wbinvd, count = body["wbinvd"], body["df_flush_count"]
+            ok = (isinstance(unflushed, list) and all(_is_int(a) and 1 <= a <= MAX_ASID for a in unflushed)
+                  and isinstance(wbinvd, bool) and _is_int(count) and count >= 0)
+        except Exception:
+            ok = False
+        if not ok:
+            raise seal.SealError(SevStatus.SECURE_DATA_INVALID, "damaged", "not an ASID flush state")
+        if any(a in self._asids for a in unflushed):
+            raise seal.SealError(SevStatus.ASID_OWNED, "conflict", "an unflushed ASID is bound to a live guest")
+        self._asids_unflushed.update(unflushed)
+        self._wbinvd_needed = self._wbinvd_needed or wbinvd
+        self.df_flush_count = max(self.df_flush_count, count)
+
+    @property
+    def asids_awaiting_flush(self) -> frozenset[int]:
+        """ASIDs DEACTIVATEd since the last DF_FLUSH (an ACTIVATE on one fails with DF_FLUSH_REQUIRED)."""
+        return frozenset(self._asids_unflushed)
 
     # ------------------------------------------------------------------------------------------------
     # launch
@@ -550,6 +738,7 @@ class Firmware:
         g.channel = channel if channel is not None else crypto.TransportKeys(bytes(16), bytes(16))
         g.state = GuestState.LUPDATE
         self._guests[g.handle] = g
+        self._changed.add(g.handle)
         self._state = PlatformState.WORKING
         return g.handle
 
@@ -566,7 +755,8 @@ class Firmware:
             raise SevError(SevStatus.INVALID_LENGTH, "length must be a non-zero multiple of 16")
         self._need_ram(g, paddr, length)
         plain = bytes(memoryview(g.ram)[paddr:paddr + length])
-        g.digest.update(plain)
+        g.measured += plain
+        self._changed.add(handle)
         g.engine.write(g.ram, paddr, plain)
 
     @_command()
@@ -580,7 +770,8 @@ class Firmware:
         self._need_es(g)
         page = self._need_vmsa(g, vcpu)
         plain = bytes(page)
-        g.digest.update(plain)
+        g.measured += plain
+        self._changed.add(handle)
         page[:] = g.engine.encrypt(vmsa_paddr(vcpu), plain)
 
     @_command()
@@ -591,13 +782,15 @@ class Firmware:
         self._need_state(g, GuestState.LUPDATE)
         if measure_len < MEASURE_LEN:
             raise SevError(SevStatus.INVALID_LENGTH, "measurement buffer too small", measure_len=MEASURE_LEN)
-        digest = g.digest.digest()
+        digest = hashlib.sha256(g.measured).digest()
         mnonce = self._rand(16)
         measure = crypto.launch_measure(g.channel.tik, api_major=self.api_major, api_minor=self.api_minor,
                                         build=self.build, policy=g.policy, digest=digest, mnonce=mnonce)
         g.final_digest = digest
         g.measure = measure
+        g.measured = bytearray()
         g.state = GuestState.LSECRET
+        self._changed.add(handle)
         return measure, mnonce
 
     @_command()
@@ -661,6 +854,7 @@ class Firmware:
         session = crypto.build_session(z, tek=tek, tik=tik, nonce=nonce, wrap_iv=wrap_iv, policy=policy)
         g.channel = crypto.TransportKeys(tek, tik)
         g.state = GuestState.SUPDATE
+        self._changed.add(handle)
         return policy, session
 
     def _send_checks(self, handle: int, hdr_len: int, vmsa: bool) -> _Guest:
@@ -765,6 +959,7 @@ class Firmware:
         g.channel = channel
         g.state = GuestState.RUPDATE
         self._guests[g.handle] = g
+        self._changed.add(g.handle)
         self._state = PlatformState.WORKING
         return g.handle
 
@@ -870,6 +1065,7 @@ class Firmware:
         self._need_state(g, need)
         g.channel = None
         g.state = new_state
+        self._changed.add(handle)
 
     def _dbg_checks(self, handle: int, paddr: int, length: int) -> _Guest:
         self._need_platform(PlatformState.WORKING)
