@@ -8,7 +8,8 @@ STAMP   := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py builds the optional compiled PSP page loop (sevmigd/psp/_accel.c); a changed C file reinstalls.
+$(STAMP): pyproject.toml setup.py sevmigd/psp/_accel.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

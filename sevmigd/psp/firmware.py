@@ -47,6 +47,10 @@ Emulation extras, where real hardware has wiring instead of commands:
   per-page commands change none). ``key_slot(handle)`` is the VEK sealed for the VMM process (the CPU),
   opened by ``sevmigd.psp.keyslot``. The launch digest is kept as the measured bytes (hashlib exports no
   midstate), hashed at LAUNCH_MEASURE.
+* The batch forms run the compiled page loop (`sevmigd.psp.accel`, byte-identical) when it was built,
+  else the pure-Python one; ``accel=False`` forces the pure path. With ``workers`` > 1 one batch command
+  is split into page ranges run by several threads at once, like a PSP feeding its CCP's queues: still
+  one command at a time, with the result of the ranges run in order (see accel.py).
 * Pacing: with ``min_command_time`` > 0 each command adds ``max(0, min - elapsed)`` seconds (a batch of N
   pages: ``N * min - elapsed``) to a debt that the daemon awaits (``take_pacing_debt()``); the firmware
   itself never sleeps.
@@ -67,7 +71,7 @@ import numpy as np
 
 import msgpack
 
-from . import chain, crypto, seal
+from . import accel as psp_accel, chain, crypto, seal
 from .certs import SEV_CERT_SIZE, SevCert, Usage, sev_signer, verify_sev_cert
 from .memengine import PAGE_SIZE, VEK_SIZE, MemoryEngine
 from .policy import RESERVED_MASK, Policy, policy_api
@@ -270,7 +274,7 @@ class Firmware:
     def __init__(self, identity, *, rng: Rng = os.urandom, api_major: int | None = None,
                  api_minor: int | None = None, build: int = 25, es_initialized: bool = True,
                  min_command_time: float = 0.0, clock: Callable[[], float] | None = None,
-                 sealing_key: bytes | None = None):
+                 sealing_key: bytes | None = None, accel: bool | None = None, workers: int = 1):
         self.identity = identity
         # The key of every blob this PSP seals (export_guest, key_slot, export_flush_state): one per
         # runtime directory, kept by the daemon's store (sevmigd.daemon.pspstate). Without one, a random
@@ -284,6 +288,10 @@ class Firmware:
         self._min_command_time = float(min_command_time)
         self._clock = clock if clock is not None else time.monotonic
         self._pacing_debt = 0.0
+        # The batch page loop: compiled when built and not switched off (None: SEVMIGD_PSP_PURE decides),
+        # split over `workers` threads (psp/accel.py). Both give the bytes of the pure path.
+        self.accel = psp_accel.enabled() if accel is None else bool(accel) and psp_accel.AVAILABLE
+        self.workers = max(1, int(workers))
         self._state = PlatformState.UNINIT
         self._guests: dict[int, _Guest] = {}
         self._asids: dict[int, int] = {}   # asid -> handle
@@ -911,6 +919,9 @@ class Firmware:
             ivs = b"".join([rng(16) for _ in range(p.size)])
         if len(ivs) != 16 * p.size:
             raise SevError(SevStatus.HWERROR_PLATFORM, "RNG returned the wrong number of bytes")
+        if self.accel:
+            tek, tik = g.channel.tek, g.channel.tik
+            return psp_accel.send_pages(g.vek, tek, tik, crypto.CTX_UPDATE, g.ram, p, ivs, self.workers)
         # Decrypt under the VEK straight into the output buffer, then AES-CTR it there in place.
         out = crypto._uninit(p.size * PAGE_SIZE)
         g.engine.read_pages_into(g.ram, p, out)
@@ -1021,13 +1032,23 @@ class Firmware:
         if comp.size:
             good = int(comp[0])
             fail = SevError(SevStatus.UNSUPPORTED, "compressed packets are not supported")
-        ok = g.channel.verify_batch(headers, ciphertext, PAGE_SIZE, ctx=crypto.CTX_UPDATE, stop_at=good)
-        if ok < good:
-            good = ok
-            fail = SevError(SevStatus.BAD_MEASUREMENT, f"packet {ok} MAC does not verify")
-        if good:
-            plain = g.channel.decrypt_batch(headers, ciphertext, PAGE_SIZE, good)
-            g.engine.write_pages(g.ram, p[:good], plain)
+        if self.accel:
+            # verify, decrypt and write in one compiled pass; nothing after the first bad MAC is written
+            tek, tik = g.channel.tek, g.channel.tik
+            ok = psp_accel.receive_pages(g.vek, tek, tik, crypto.CTX_UPDATE, g.ram, p[:good],
+                                         headers[:good * HDR_LEN], ciphertext[:good * PAGE_SIZE],
+                                         self.workers) if good else 0
+            if ok < good:
+                good = ok
+                fail = SevError(SevStatus.BAD_MEASUREMENT, f"packet {ok} MAC does not verify")
+        else:
+            ok = g.channel.verify_batch(headers, ciphertext, PAGE_SIZE, ctx=crypto.CTX_UPDATE, stop_at=good)
+            if ok < good:
+                good = ok
+                fail = SevError(SevStatus.BAD_MEASUREMENT, f"packet {ok} MAC does not verify")
+            if good:
+                plain = g.channel.decrypt_batch(headers, ciphertext, PAGE_SIZE, good)
+                g.engine.write_pages(g.ram, p[:good], plain)
         if fail is not None:
             fail.index = good
             raise fail
