@@ -12,7 +12,10 @@ callable that issues firmware command(s) named `command` in the SEV API's spelli
   the SEV status, which is a MigrationError with AbortCode FIRMWARE_ERROR for the drivers and the
   "FirmwareError" class for control clients;
 * observers (`runner.observers.append(fn)`) hear `fn(command, seconds, status)` after every command
-  (status None on success), e.g. to count and time commands for metrics.
+  (status None on success), e.g. to count and time commands for metrics;
+* with a `store` (sevmigd.daemon.pspstate.PspStore), the contexts a command changed are saved before
+  `run` returns or raises, still under the lock (a result is acted on only once it is durable; the
+  per-page commands change nothing and cost one `store.pending()` test).
 
 It must never run two firmware commands at once or swallow a firmware error.
 """
@@ -51,6 +54,8 @@ class PspRunner:
         self.fw = fw
         self.in_thread = PSP_IN_THREAD if in_thread is None else in_thread
         self.observers: list[PspObserver] = []
+        #: The PSP's persistent state (PspStore: `pending()`, `async save()`), None when not persisted.
+        self.store = None
         self._lock = trio.Lock()
 
     async def run(self, command: str, fn: Callable[[], T], *, where: str | Callable[[SevError], str] = "",
@@ -68,12 +73,27 @@ class PspRunner:
                     result = fn()
             except (SevError, KvmError) as exc:   # KvmError: a command through sevmigd.kvm
                 self._observe(command, t0, exc.status)
+                await self._persist()             # a failed sequence may have changed contexts before
                 raise FirmwareCommandError(command, exc, where(exc) if callable(where) else where) from None
+            except BaseException:
+                await self._persist()
+                raise
             self._observe(command, t0, None)
+            await self._persist()
             debt = self.fw.take_pacing_debt()
         if debt > 0:
             await trio.sleep(debt)
         return result
+
+    async def _persist(self) -> None:
+        store = self.store
+        if store is not None and store.pending():
+            await store.save()
+
+    async def persist_now(self) -> None:
+        """Save what changed outside `run` (firmware calls made directly), with no command running."""
+        async with self._lock:
+            await self._persist()
 
     def _observe(self, command: str, t0: float, status: SevStatus | None) -> None:
         seconds = time.perf_counter() - t0

@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from sevmigd import __version__, store
-from sevmigd.daemon import control, replay, systemd, tls
+from sevmigd.daemon import control, pspstate, replay, systemd, tls
 from sevmigd.daemon.config import Config, TlsConfig, load_config, split_host_port
 from sevmigd.daemon.errors import (
     DaemonError,
@@ -196,6 +196,9 @@ class Daemon:
         self.platform_created = False
         self.metrics = DaemonMetrics(self, GUEST_STATES)  # per-daemon registry (issue 12)
         self.step_watch: StepWatch | None = None
+        # The PSP's persistent state in RUNTIME/psp (issue 17), when the daemon made its own Firmware.
+        self.psp_store: pspstate.PspStore | None = None
+        self.psp_restored: pspstate.RestoreReport | None = None
         self._tls: TlsContexts | None = None       # tls_contexts()   # installed by run() when slow_step_warn_ms is set
 
     # ------------------------------------------------------------------ pinned small helpers
@@ -272,13 +275,23 @@ class Daemon:
         if not self.trusted_roots and not self._roots_injected:
             self.trusted_roots = _read_trusted_roots(self.config)
         if self.fw is None:
-            self.fw = Firmware(self.identity, rng=self.rng,
+            # The PSP's contexts outlive this process (RUNTIME/psp, daemon/pspstate.py): the sealing key of
+            # this runtime directory, then every context and the ASID state restored, before guests are
+            # re-adopted. An injected Firmware (tests) is not persisted.
+            runtime = self.config.runtime_dir
+            key = pspstate.load_or_create_sealing_key(runtime, self.rng) if runtime else None
+            self.fw = Firmware(self.identity, rng=self.rng, sealing_key=key,
                                min_command_time=self.config.psp_min_command_time_us / 1e6)
             self._psp = PspRunner(self.fw)
+            if runtime:
+                self.psp_store = pspstate.PspStore(runtime, self.fw, self.asids)
         if self._psp is not None:
             self.metrics.watch_psp(self._psp)  # PSP command counts and latencies, by command
         if self.fw.platform_state is PlatformState.UNINIT:
             self.fw.init()
+        if self.psp_store is not None and self._psp.store is None:
+            self.psp_restored = self.psp_store.restore()
+            self._psp.store = self.psp_store
 
     def _setup_tls(self) -> None:
         """Mutual TLS (the default): make sure this host has its certificate, that it names this platform,
@@ -480,8 +493,27 @@ class Daemon:
             "log_level": self.config.log_level,
             "metrics": self.metrics.address,
             "outgoing_queue": len(self.migrations.queue),
+            "psp_state": self._psp_state_info(),
             **self.resource_counts(),
             **(self.step_watch.figures() if self.step_watch is not None else {}),
+        }
+
+    def _psp_state_info(self) -> dict[str, object] | None:
+        """The PSP's contexts (GUEST_STATUS of every live handle) and its store (RUNTIME/psp): what was
+        restored at start, which files were damaged, failed saves. No key or context content."""
+        if self.fw is None:
+            return None
+        contexts = []
+        for h in self.fw.handles:
+            st = self.fw.guest_status(h)
+            contexts.append({"handle": h, "state": st.state.name, "asid": st.asid, "policy": f"{st.policy:#x}"})
+        store, restored = self.psp_store, self.psp_restored
+        return {
+            "contexts": contexts,
+            "dir": str(store.dir) if store is not None else None,
+            "restored": list(restored.handles) if restored is not None else [],
+            "damaged": [{"path": p, "error": e} for p, e in restored.damaged] if restored is not None else [],
+            "save_errors": store.save_errors if store is not None else 0,
         }
 
     def resource_counts(self) -> dict[str, int | None]:
@@ -545,6 +577,8 @@ class Daemon:
                     systemd.ready(status=self.status_text())
                     nursery.start_soon(systemd.status_task, self.status_text)
                     nursery.start_soon(systemd.watchdog_task)
+                    if self.psp_store is not None:
+                        await nursery.start(self.psp_store.watch, self._psp)
                     self.log.info("ready", listen=self.listen_address, control=self.control_path,
                                   metrics=self.metrics.address,
                                   platform_id=self.platform_id, state_dir=self.config.state_dir,
@@ -658,6 +692,8 @@ class Daemon:
                 self.fw.shutdown()
             except SevError:
                 self.log.warning("firmware_shutdown_failed", exc_info=True)
+        if self.psp_store is not None:
+            await self.psp.persist_now()       # what the shutdown released is forgotten on disk too
 
     def _cleanup_control_socket(self) -> None:
         """Remove our control socket file, but only if it is still the one we bound."""

@@ -44,6 +44,9 @@ class AsidSpace:
         self._used: set[int] = set()
         self._reclaim: set[int] = set()
         self.flushes = 0
+        #: Bumped by every change of the in-use or reclaim sets: the daemon's PSP store persists the
+        #: space's state when it moved (sevmigd.daemon.pspstate).
+        self.generation = 0
 
     def range(self, es: bool) -> range:
         """ASIDs a guest of this kind may use (sev_asid_new's min_asid .. max_asid)."""
@@ -57,6 +60,7 @@ class AsidSpace:
             asid = next((a for a in r if a not in self._used and a not in self._reclaim), None)
             if asid is not None:
                 self._used.add(asid)
+                self.generation += 1
                 return asid
             if attempt == 0 and not self._recycle(r):
                 break
@@ -65,14 +69,24 @@ class AsidSpace:
 
     def claim(self, asid: int) -> None:
         """Count `asid` as in use (a guest whose ASID was chosen elsewhere, e.g. injected by a test)."""
+        if asid not in self._used or asid in self._reclaim:
+            self.generation += 1
         self._used.add(asid)
         self._reclaim.discard(asid)
+
+    def restore(self, in_use, awaiting_flush) -> None:
+        """The state a restarted daemon finds (sevmigd.daemon.pspstate): `in_use` claimed, `awaiting_flush`
+        back in the reclaim set, so an ASID freed before the restart is reused only after a flush."""
+        self._used = {a for a in in_use}
+        self._reclaim = {a for a in awaiting_flush if a not in self._used}
+        self.generation += 1
 
     def free(self, asid: int | None) -> None:
         """The guest is gone (DEACTIVATEd): its ASID waits in the reclaim set for the next flush."""
         if asid in self._used:
             self._used.discard(asid)
             self._reclaim.add(asid)
+            self.generation += 1
 
     def _recycle(self, r: range) -> bool:
         """sev_flush_asids + __sev_recycle_asids: nothing to reclaim in `r` -> no flush, False."""
@@ -80,7 +94,8 @@ class AsidSpace:
             return False
         self._flush()
         self.flushes += 1
-        self._reclaim.clear()       # the flush covers every reclaimed ASID, SEV and SEV-ES alike
+        self._reclaim.clear()
+        self.generation += 1       # the flush covers every reclaimed ASID, SEV and SEV-ES alike
         return True
 
     @property
@@ -95,6 +110,7 @@ class AsidSpace:
         """Platform shut down: no guest, nothing to flush (SHUTDOWN ends every context)."""
         self._used.clear()
         self._reclaim.clear()
+        self.generation += 1
 
 
 def firmware_flush(fw) -> Callable[[], None]:
