@@ -61,7 +61,22 @@ def test_targets_from_the_figures_the_sections_produce():
 
 def test_missing_figures_are_listed_not_dropped():
     got = evaluate_targets({"psp": {"skipped": "x"}, "qemu": {"skipped": "no qemu"}, "migration": {}})
-    assert len(got) == 13 and all(v == "n/a" and m == "no figure" for _t, m, v in got)
+    assert len(got) == 17 and all(v == "n/a" and m == "no figure" for _t, m, v in got)
+
+
+def test_issue_16_per_side_targets_against_each_sides_crypto_floor():
+    res = _results()
+    res["psp"].update(crypto_limit_source_us_per_page=6.0, crypto_limit_destination_us_per_page=5.0,
+                      send_update_data_batch_us_per_page=4.5, receive_update_data_batch_us_per_page=8.0)
+    res["migration"]["private_idle_plaintext"] = {"cpu_source_us_per_page": 9.0,
+                                                  "cpu_destination_us_per_page": 12.0}
+    got = {t: (m, v) for t, m, v in evaluate_targets(res)}
+    assert got["source PSP batch per page <= 1.5x its crypto floor (issue 16)"] == ("0.75x (4.50 of 6.00 us)", "met")
+    assert got["destination PSP batch per page <= 1.5x its crypto floor (issue 16)"][1] == "missed"
+    m, v = got["source daemon CPU per private page <= 1.5x its crypto floor (issue 16)"]
+    assert v == "met" and m.startswith("1.50x") and "private_idle_plaintext" in m
+    m, v = got["destination daemon CPU per private page <= 1.5x its crypto floor (issue 16)"]
+    assert v == "missed" and m.startswith("2.40x")
 
 
 def test_quick_sizes_compare_by_throughput():

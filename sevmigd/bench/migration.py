@@ -24,7 +24,7 @@ destination verifies it (in-guest ledger over every page), then stops it):
 Per scenario: total time, throughput (MB/s of guest memory, 10^6 B/s, and Mbit/s on the wire), downtime and
 expected downtime, rounds, bytes on the wire per guest byte, private/shared pages, peak RSS of both
 daemons, launch time, and whether every destination verify passed. `python -m sevmigd.bench.migration
-[--quick] [--only a,b]`.
+[--quick] [--only a,b] [--set KEY=VALUE ...]` (`--set` gives every daemon a config key, e.g. psp_workers=1).
 """
 
 from __future__ import annotations
@@ -74,7 +74,13 @@ _MEDIAN_KEYS = ("total_time_ms", "wall_ms", "setup_time_ms", "throughput_mb_s", 
                 "cpu_source_us_per_page", "cpu_destination_us_per_page", "cpu_cores_used")
 
 
+#: Daemon config keys every scenario's daemons get (`--set KEY=VALUE`, e.g. psp_workers=1 for an A/B run).
+EXTRA_CONFIG: dict = {}
+
+
 def _pair(root: pathlib.Path, tag: str, dirs, config: dict | None = None) -> tuple[DaemonProcess, DaemonProcess]:
+    if EXTRA_CONFIG:
+        config = {**EXTRA_CONFIG, **(config or {})}
     a = start_local_daemon(f"{tag}-a", dirs["a"], config=config)
     try:
         b = start_local_daemon(f"{tag}-b", dirs["b"], config=config)
@@ -407,6 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     only = None
     if "--only" in argv:
         only = argv[argv.index("--only") + 1]
+    for i, arg in enumerate(argv):
+        if arg == "--set" and i + 1 < len(argv):      # --set KEY=VALUE (an int, a float or a string)
+            key, _, value = argv[i + 1].partition("=")
+            for conv in (int, float):
+                try:
+                    value = conv(value)
+                    break
+                except ValueError:
+                    pass
+            EXTRA_CONFIG[key] = value
     print(json.dumps(run(quick="--quick" in argv, only=only), indent=2))
     return 0
 

@@ -4,14 +4,22 @@
   batch, the daemon's page path without the daemon: SEND_UPDATE_DATA (the firmware batch), the Pages
   frame (the wire codec, GMAC channel MAC as negotiated by the daemons), written to a loopback socket
   whose other end a thread drains into a reused buffer (`recv_into`) and counts.
-  - 1 worker: each batch in turn on one thread (the daemon's inline path);
-  - 2 workers: the daemon's two-deep pipeline, the next batch's SEND_UPDATE_DATA in a worker thread while
-    this thread encodes and writes the current one.
+  - 1 worker: the firmware with one engine (`Firmware.workers = 1`), each batch in turn on one thread
+    (the daemon's inline path);
+  - 2 workers: the firmware with two engines (`workers = 2`: each batch split into two page ranges on two
+    threads, the daemon's `psp_workers = 2`), and the next batch's SEND_UPDATE_DATA started while this
+    thread encodes and writes the current one (a two-deep pipeline).
 * **Destination alone, fed a recorded stream**: the frames the source produced, recorded once, fed in
   socket-read-sized chunks to the wire codec (decode, channel MAC), each batch applied with
   RECEIVE_UPDATE_DATA (the firmware batch) into guest memory.
-  - 1 worker: decode and apply in turn on one thread;
-  - 2 workers: the firmware batch in a worker thread while this thread decodes the next frame.
+  - 1 worker: one engine, decode and apply in turn on one thread;
+  - 2 workers: two engines, and the firmware batch in a worker thread while this thread decodes the next
+    frame.
+
+With the compiled page loop (psp/accel.py) the firmware batch runs with the GIL released, so the engines
+and the wire work run on different cores; with the pure-Python path (`SEVMIGD_PSP_PURE=1`) the firmware
+has one engine whatever `workers` says and the Python between crypto calls holds the GIL. `psp_path` in
+the figures says which ran.
 
 Figures: wall time (perf_counter) per run, the speedup of 2 workers over 1 (median of the per-repeat
 ratios, each pair run back to back), and the process CPU per page. Threads share one interpreter: the
@@ -32,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from sevmigd.migrate.pages import BATCH_PAGES
+from sevmigd.psp.accel import describe
 from sevmigd.wire import NEED_DATA, State
 from sevmigd.wire.integrity import FEATURE_GMAC
 from sevmigd.wire.limits import PAGE_SIZE
@@ -98,6 +107,7 @@ def _source_run(src, h, hello, batches, workers: int, record: list | None = None
         if record is not None:
             record.append((pf, b"".join(parts)))
 
+    src.workers = workers
     if workers <= 1:
         for pf in batches:
             emit(pf, src.send_update_data_batch(h, pf))
@@ -133,6 +143,7 @@ def _destination_run(dst, dh, hello, frames: list, workers: int) -> tuple[float,
     def apply(ev):
         dst.receive_update_data_batch(dh, ev.enc_pfns, ev.enc_headers, ev.enc_data)
 
+    dst.workers = workers
     if workers <= 1:
         for parts in chunks:
             apply(decode(parts))
@@ -180,10 +191,12 @@ def run(quick: bool = False) -> dict:
     return {
         "guest_pages": pages, "batch_pages": BATCH_PAGES, "repeats": repeats,
         "cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+        "psp_path": describe(src.accel),
         "source_alone_to_counting_sink": _figures(s_runs, pages),
         "destination_alone_recorded_stream": _figures(d_runs, pages),
-        "method": "in-process page path of each side (firmware batch + wire codec + loopback socket), "
-                  "threads: 2 workers = the firmware batch in a worker thread beside the wire work",
+        "method": "in-process page path of each side (firmware batch + wire codec + loopback socket); "
+                  "2 workers = two PSP engines (page ranges on two threads) and the firmware batch "
+                  "pipelined beside the wire work",
     }
 
 

@@ -112,6 +112,19 @@ def evaluate_targets(results: dict) -> list[tuple[str, str, str]]:
         _ratio_to_qemu(results, "private_idle_plaintext"), x, lambda r: r <= 3.6)
     add("shared 1 GiB within 1.2x of QEMU, plaintext like QEMU (issue 16)",
         _ratio_to_qemu(results, "shared_idle_plaintext"), x, lambda r: r <= 1.2)
+    # Issue 16: each side's PSP batch and each daemon's CPU per private page against that side's floor.
+    for side, batch, floor in (("source", "send_update_data_batch", "source"),
+                               ("destination", "receive_update_data_batch", "destination")):
+        fl = _get(results, f"psp.crypto_limit_{floor}_us_per_page")
+        b = _get(results, f"psp.{batch}_us_per_page")
+        add(f"{side} PSP batch per page <= 1.5x its crypto floor (issue 16)", b / fl if b and fl else None,
+            lambda r, b=b, fl=fl: f"{r:.2f}x ({b:.2f} of {fl:.2f} us)", lambda r: r <= 1.5)
+        sc = "private_idle_plaintext" if _get(results, f"migration.private_idle_plaintext.cpu_{side}_us_per_page") \
+            else "private_idle"
+        cpu = _get(results, f"migration.{sc}.cpu_{side}_us_per_page")
+        add(f"{side} daemon CPU per private page <= 1.5x its crypto floor (issue 16)",
+            cpu / fl if cpu and fl else None,
+            lambda r, cpu=cpu, fl=fl, sc=sc: f"{r:.2f}x ({cpu:.2f} of {fl:.2f} us, {sc})", lambda r: r <= 1.5)
     for side in ("source_alone_to_counting_sink", "destination_alone_recorded_stream"):
         add(f"{side.replace('_', ' ')}: 2 workers >= 1.7x one (issue 16)",
             _get(results, f"workers.{side}.speedup_2_over_1"), x, lambda r: r >= 1.7)

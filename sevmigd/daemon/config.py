@@ -121,6 +121,9 @@ class Config:
     max_rounds: int = 30
     max_total_s: float = 600.0
     psp_min_command_time_us: int = 0
+    # Threads one SEND/RECEIVE_UPDATE_DATA batch is split over (page ranges, like the PSP's CCP queues;
+    # psp/accel.py). Used only by the compiled page loop, which releases the GIL; the pure path runs one.
+    psp_workers: int = 2
     slow_step_warn_ms: float = 0.0      # 0 = off; else watch the event loop (daemon/loopwatch.py)
     tls: TlsConfig = field(default_factory=TlsConfig)
     max_unauthenticated: int = 64
@@ -397,6 +400,7 @@ _VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "max_rounds": lambda k, v: _int(k, v, 1, 100_000),
     "max_total_s": lambda k, v: _float(k, v, positive=True),
     "psp_min_command_time_us": lambda k, v: _int(k, v, 0, 10_000_000),
+    "psp_workers": lambda k, v: _int(k, v, 1, 64),
     "slow_step_warn_ms": lambda k, v: _float(k, v, 0.0),
     "tls": lambda k, v: _tls(v),
     "max_unauthenticated": lambda k, v: _int(k, v, 1, 65536),

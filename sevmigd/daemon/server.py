@@ -281,7 +281,8 @@ class Daemon:
             runtime = self.config.runtime_dir
             key = pspstate.load_or_create_sealing_key(runtime, self.rng) if runtime else None
             self.fw = Firmware(self.identity, rng=self.rng, sealing_key=key,
-                               min_command_time=self.config.psp_min_command_time_us / 1e6)
+                               min_command_time=self.config.psp_min_command_time_us / 1e6,
+                               workers=self.config.psp_workers)
             self._psp = PspRunner(self.fw)
             if runtime:
                 self.psp_store = pspstate.PspStore(runtime, self.fw, self.asids)
