@@ -150,21 +150,32 @@ class FakeSource(Peer):
         self.sock.settimeout(timeout)
         return self.receive()
 
-    def keepalives_until_closed(self, interval: float = 0.2, limit: float = IO_TIMEOUT) -> tuple[float, object]:
-        """Send only keepalives (paced by a receive timeout, not a sleep) until the destination closes
-        or aborts; returns (seconds it took, the last message received: an Abort or None)."""
+    def keepalives_until_closed(self, interval: float = 0.2, limit: float = IO_TIMEOUT,
+                                since: float | None = None) -> tuple[float, object]:
+        """Send a keepalive every `interval` until the destination aborts or closes; returns (seconds
+        since `since` (default: now), the last message received: an Abort, or None at a silent close).
+
+        Paced by our own clock through the receive timeout (not a sleep), never by what arrives: the
+        destination's keepalives come as often as ours are due, and a receive timeout restarted by each of
+        them may never expire, leaving a peer that sends nothing. `longest_keepalive_gap` is the longest
+        time between two of ours (a test that needs them to arrive within a window checks it)."""
         from sevmigd.wire import NEED_DATA, ProtocolError
-        start = time.monotonic()
+        start = time.monotonic() if since is None else since
         last = None
-        self.sock.settimeout(interval)
-        while time.monotonic() - start < limit:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
+        due = sent_at = time.monotonic()
+        self.longest_keepalive_gap = 0.0
+        while (now := time.monotonic()) - start < limit:
+            if now >= due:
                 try:
                     self.sock.sendall(self.conn.send(self.m.Keepalive()))
                 except (OSError, Exception):  # noqa: BLE001 - closed under us: the loop sees EOF next
                     pass
+                self.longest_keepalive_gap = max(self.longest_keepalive_gap, now - sent_at)
+                sent_at, due = now, now + interval
+            self.sock.settimeout(max(due - time.monotonic(), 0.001))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 break
@@ -173,8 +184,11 @@ class FakeSource(Peer):
             try:
                 self.conn.receive_data(data)
                 while (ev := self.conn.next_event()) is not NEED_DATA:
-                    last = ev
+                    if not isinstance(ev, self.m.Keepalive):
+                        last = ev
             except ProtocolError:
+                break
+            if isinstance(last, self.m.Abort):
                 break
         return time.monotonic() - start, last
 
@@ -402,6 +416,15 @@ def test_incoming_guest_names_follow_the_launch_rule(daemon):
 # ---------------------------------------------------------------------- 7. deadlines and fair slots
 
 
+# The deadlines under test are seconds, the peer timeout stays at its default (10 s): these tests are
+# about start_timeout_s and stall_timeout_s, and a 1 s peer timeout also dropped the attacker (silently,
+# without the Abort the tests read) whenever this process or the daemon was descheduled for a second on
+# a loaded machine. The attacker sends keepalives all along (FakeSource.keepalives_until_closed), so a
+# daemon that counted them as progress would keep the session to the end of the test's limit.
+START_TIMEOUT_S = 5.0   # long enough for a refused migrate on a loaded machine to land inside it
+STALL_TIMEOUT_S = 3.0   # the attacker's keepalives (every 0.2 s) must each come well inside it
+
+
 @pytest.mark.slow
 def test_hello_then_only_keepalives_is_dropped_and_the_name_released(daemons):
     """Attack 7a: a peer that sends a good Hello and then only keepalives holds its slot and the guest
@@ -409,20 +432,31 @@ def test_hello_then_only_keepalives_is_dropped_and_the_name_released(daemons):
     from sevmigd.wire import AbortCode
     from sevmigd.wire import messages as m
     src = daemons()
-    dst = daemons(config={"start_timeout_s": 2.0, "keepalive_interval_s": 0.2, "peer_timeout_s": 1.0})
+    dst = daemons(config={"start_timeout_s": START_TIMEOUT_S, "keepalive_interval_s": 0.2})
     launch(src, "squat", "4M")
     squatter = FakeSource(dst.port, name="squat")
+    held: dict = {}
     try:
         assert isinstance(squatter.next_message(), m.Accept)
-        # While the squatter holds the name, a real migration of it is refused.
-        with pytest.raises(ControlError) as ei:
-            src.execute("migrate", {"name": "squat", "to": dst.address})
-        assert ei.value.reply["error"].get("code") == "GUEST_EXISTS"
-        took, last = squatter.keepalives_until_closed(interval=0.2)
+        accepted = time.monotonic()
+        # The squatter keeps its keepalives going from Accept on, while the real source tries the name.
+        t = threading.Thread(target=lambda: held.update(
+            zip(("took", "last"), squatter.keepalives_until_closed(interval=0.2, since=accepted))))
+        t.start()
+        try:
+            # While the squatter holds the name, a real migration of it is refused.
+            with pytest.raises(ControlError) as ei:
+                src.execute("migrate", {"name": "squat", "to": dst.address})
+            refused_after = time.monotonic() - accepted
+        finally:
+            t.join(IO_TIMEOUT + 30)
     finally:
         squatter.close()
-    assert 1.5 <= took < 30, took
-    assert isinstance(last, m.Abort) and last.code == AbortCode.TIMEOUT and "start_timeout_s" in last.reason
+    assert ei.value.reply["error"].get("code") == "GUEST_EXISTS", (refused_after, ei.value.reply)
+    took, last = held["took"], held["last"]
+    assert START_TIMEOUT_S - 1.0 <= took < START_TIMEOUT_S + 25, took
+    assert squatter.longest_keepalive_gap < START_TIMEOUT_S / 2, squatter.longest_keepalive_gap
+    assert isinstance(last, m.Abort) and last.code == AbortCode.TIMEOUT and "start_timeout_s" in last.reason, last
     assert src.execute("migrate", {"name": "squat", "to": dst.address})["status"] == "completed"
     assert guests(dst) == {"squat": "running"}
 
@@ -444,10 +478,10 @@ def send_real_start(fs: FakeSource, accept, identity) -> None:
 
 def test_keepalives_after_start_do_not_keep_a_session():
     """Attack 7a, after Start: a source that sends a valid Start and then only keepalives is dropped
-    at stall_timeout_s with TIMEOUT (default 60 s; 2 s here), and its partial guest is discarded."""
+    at stall_timeout_s with TIMEOUT (default 60 s; 3 s here), and its partial guest is discarded."""
     from sevmigd.wire import AbortCode
     from sevmigd.wire import messages as m
-    dst = start_daemon(config={"stall_timeout_s": 2.0, "keepalive_interval_s": 0.2, "peer_timeout_s": 1.0})
+    dst = start_daemon(config={"stall_timeout_s": STALL_TIMEOUT_S, "keepalive_interval_s": 0.2})
     try:
         member = fleet_member()
         fs = FakeSource(dst.port, name="stall", member=member)
@@ -460,7 +494,10 @@ def test_keepalives_after_start_do_not_keep_a_session():
             fs.close()
         assert isinstance(last, m.Abort) and last.code == AbortCode.TIMEOUT, last
         assert "stall_timeout_s" in last.reason, last.reason
-        assert 1.5 <= took < 30
+        # The stall clock starts after RECEIVE_START, which follows our Start: never before it.
+        assert STALL_TIMEOUT_S - 0.25 <= took < STALL_TIMEOUT_S + 25, took
+        # Kept alive all along: every keepalive well inside the stall window, so only the rule ended it.
+        assert fs.longest_keepalive_gap < STALL_TIMEOUT_S / 2, fs.longest_keepalive_gap
         assert dst.wait_for_log("incoming_failed")["code"] == "TIMEOUT"
         assert any(e.get("event") == "incoming_accepted" for e in dst.logs)
         assert guests(dst) == {}
@@ -528,8 +565,10 @@ def test_idle_flood_and_squatters_do_not_starve_a_real_migration(daemons):
     max_unauthenticated) and squatters Hello-and-keepalive, a real migration is accepted and completes;
     the flood evicted itself, not the real source."""
     src = daemons()
-    dst = daemons(config={"max_unauthenticated": 8, "max_incoming": 3, "start_timeout_s": 1.0,
-                                 "handshake_timeout_s": 30.0, "keepalive_interval_s": 0.2, "peer_timeout_s": 2.0})
+    # start_timeout_s also bounds the real source's Accept -> Start (chain check, SEND_START) and the peer
+    # timeout its silences, under the flood on a loaded machine: seconds, not the 1-2 s they were.
+    dst = daemons(config={"max_unauthenticated": 8, "max_incoming": 3, "start_timeout_s": START_TIMEOUT_S,
+                          "handshake_timeout_s": 30.0, "keepalive_interval_s": 0.2})
     launch(src, "g1", "16M", dirty_rate=1.0)
     flood = Flood(dst.port, idle=40, squatters=2)
     try:
@@ -836,6 +875,9 @@ def test_workload_knobs_bounded_at_the_cli(daemon, flag, value):
     assert res.returncode == 2 and flag in res.stderr and "Traceback" not in res.stderr, res
 
 
+REPLY_BOUND_S = 10.0
+
+
 def test_workload_knobs_bounded_at_the_socket_and_the_socket_stays_responsive(daemon):
     """Attack 13: knobs above their bounds are InvalidParameter naming the bound; guests at the
     heaviest allowed workload leave the control socket answering within a generous bound."""
@@ -852,5 +894,9 @@ def test_workload_knobs_bounded_at_the_socket_and_the_socket_stays_responsive(da
         t0 = time.monotonic()
         daemon.execute("server-info")
         worst = max(worst, time.monotonic() - t0)
-    assert worst < 2.0, f"a control reply took {worst:.2f} s under the heaviest allowed workload"
+    # Each reply waits behind both hot guests' vCPU steps (up to VCPU_MAX_SLICE_S of workload each), which
+    # preemption stretches: 1.0-1.7 s per reply measured with five other test runs on the 2-core box, so
+    # 2 s did not hold beside a benchmark. What this must catch is a socket that waits for the workload
+    # to end (a vCPU loop that never yields), not a slow machine.
+    assert worst < REPLY_BOUND_S, f"a control reply took {worst:.2f} s under the heaviest allowed workload"
     assert guests(daemon) == {"hot0": "running", "hot1": "running"}
