@@ -7,8 +7,8 @@ A representative subset of the fault matrix (`make faults` runs all of it: every
 (a fresh migration succeeds), the fault detected in bounded time with a clear error, nothing leaked.
 
 The daemons are shared by the module (each cell ends with a fault-free migration, so cells alternate
-direction); they use peer_timeout_s = 2 s. `test_default_peer_timeout_applies` shows the default 10 s
-with a daemon pair of default configuration.
+direction); they use peer_timeout_s = 3 s (cells.PEER_TIMEOUT_S). `test_default_peer_timeout_applies`
+shows the default 10 s with a daemon pair of default configuration.
 """
 
 from __future__ import annotations

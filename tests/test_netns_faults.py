@@ -6,7 +6,7 @@ same five invariants as the proxy matrix are checked (sevmigd/testing/invariants
 restored, and a fresh migration must succeed.
 
 Needs root, iproute2, nftables and tc (`.ci/run` installs them); skipped with the reason otherwise.
-The daemons use peer_timeout_s = 2 s; cells alternate direction, so every fault acts on the side that
+The daemons use peer_timeout_s = 3 s (cells.PEER_TIMEOUT_S); cells alternate direction, so every fault acts on the side that
 is the source of that cell.
 """
 
