@@ -14,7 +14,8 @@ setup(
             "sevmigd.psp._accel",
             sources=["sevmigd/psp/_accel.c"],
             libraries=["crypto"],
-            extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wno-unused-parameter"],
+            extra_compile_args=["-O3", "-std=c99", "-pthread", "-Wall", "-Wno-unused-parameter"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ],

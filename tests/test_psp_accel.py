@@ -79,14 +79,6 @@ def test_the_environment_variable_forces_the_pure_path(ident_a, monkeypatch):
     assert Firmware(ident_a, accel=False).accel is False
 
 
-def test_ranges_cover_the_batch_in_order():
-    for n in (0, 1, 31, 32, 63, 64, 65, 256, 1000):
-        for w in (1, 2, 3, 8):
-            r = accel.ranges(n, w)
-            assert [i for s, e in r for i in range(s, e)] == list(range(n))
-            assert len(r) <= w and (len(r) <= 1 or min(e - s for s, e in r) >= accel.MIN_RANGE_PAGES)
-
-
 # --- golden vector ----------------------------------------------------------------------------------------
 
 @compiled
@@ -293,7 +285,7 @@ def test_a_batch_releases_the_gil():
         moved = 0
         for _ in range(50):                        # the other thread must also get a core (loaded machine)
             before = count[0]
-            _accel.send_pages(vek, tek, tik, crypto.CTX_UPDATE, ram, pfns, ivs, hdrs, out)
+            _accel.send_pages(vek, tek, tik, crypto.CTX_UPDATE, ram, pfns, ivs, hdrs, out, 1)
             moved = count[0] - before
             if moved:
                 break

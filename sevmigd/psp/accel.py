@@ -17,14 +17,15 @@ Which path runs:
 
 Parallel engines (`workers` > 1): the emulated PSP stays one device that runs one command at a time (the
 daemon's PspRunner serialises commands). Inside one SEND/RECEIVE_UPDATE_DATA batch, like a PSP that feeds
-its CCP's several queues, the pages are split into contiguous ranges, one per worker; the calling thread
-runs the first range, a small process-wide pool the others, and the command returns when all are done.
-The command's result is the same as one range after the other:
-* SEND: each range writes its own slice of the headers and the ciphertext; IVs were drawn before.
+its CCP's several queues, the pages are split into contiguous ranges of at least 32 pages, one per
+engine; the calling thread runs the first range and threads the C side creates for the call run the
+others (no Python and no GIL on them), and the command returns when all are done. The result is that of
+the ranges run one after the other:
+* SEND: each range writes its own slice of the headers and the ciphertext; the IVs were drawn before.
 * RECEIVE: pages are written only after every MAC before them verified. The ranges first verify in
   parallel (all MACs computed in full); then the pages before the first bad packet are decrypted and
-  written, again in parallel. When a page number repeats in the batch ("later packets win"), the ranges
-  could race on it, so such a batch runs in one range.
+  written, again in parallel. When a page number does not strictly increase through the batch (a repeat:
+  "later packets win"), ranges could race on it, so such a batch runs as one range.
 
 Must never: hold a key past the call (the C side cleanses its contexts), run with the pure path's
 semantics differing (the tests compare both), or let a pool thread outlive an error silently (`result()`
@@ -34,8 +35,6 @@ re-raises in the caller).
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -50,12 +49,9 @@ except ImportError:          # not built (no compiler / no OpenSSL headers at in
 #: Environment variable that forces the pure-Python path ("1"), e.g. for A/B benchmarks.
 ENV_PURE = "SEVMIGD_PSP_PURE"
 AVAILABLE = _accel is not None
-#: A range smaller than this is not worth a thread hand-off (~20-50 µs against ~3 µs of crypto per page).
+#: The C side's smallest range (MIN_RANGE_PAGES in _accel.c): a thread costs ~10-30 µs to start and
+#: join against ~4 µs of crypto per page.
 MIN_RANGE_PAGES = 32
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 
 
 def forced_pure() -> bool:
@@ -78,97 +74,26 @@ def describe(active: bool | None = None) -> str:
     return "pure-Python (the compiled accelerator was not built: no C compiler or OpenSSL headers at install)"
 
 
-def _executor(extra: int) -> ThreadPoolExecutor:
-    """The process-wide pool of the PSP's extra engines, grown to `extra` threads on demand."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < extra:
-            # A bigger pool replaces a smaller one; the old one is left to idle (not shut down: another
-            # thread may be submitting to it right now). Sizes only grow, so this happens once or twice.
-            _pool = ThreadPoolExecutor(max_workers=extra, thread_name_prefix="psp-engine")
-            _pool_size = extra
-        return _pool
-
-
-def ranges(n: int, workers: int) -> list[tuple[int, int]]:
-    """[start, stop) page ranges, at most `workers` of them and none under MIN_RANGE_PAGES (except a
-    whole batch smaller than that), contiguous and in order."""
-    k = max(1, min(workers, n // MIN_RANGE_PAGES))
-    if n <= 0:
-        return []
-    step, extra = divmod(n, k)
-    out, s = [], 0
-    for i in range(k):
-        e = s + step + (1 if i < extra else 0)
-        out.append((s, e))
-        s = e
-    return out
-
-
-def _parallel(calls: list) -> list:
-    """Run zero-argument callables: the first on this thread, the rest on the pool; results in order."""
-    if len(calls) == 1:
-        return [calls[0]()]
-    pool = _executor(len(calls) - 1)
-    futs = [pool.submit(c) for c in calls[1:]]
-    first_exc = None
-    try:
-        first = calls[0]()
-    except BaseException as exc:      # still wait for the others: they write into our buffers
-        first_exc = exc
-    rest = [f.result() for f in futs] if first_exc is None else [f.exception() for f in futs]
-    if first_exc is not None:
-        raise first_exc
-    return [first, *rest]
-
-
 def _pfns(pfns) -> np.ndarray:
     return np.ascontiguousarray(pfns, dtype=np.int64)
 
 
 def send_pages(vek: bytes, tek: bytes, tik: bytes, ctx: int, ram, pfns, ivs: bytes, workers: int = 1):
     """SEND_UPDATE_DATA of whole pages `pfns` (each inside `ram`, checked by the caller) with IV i for
-    page i -> (headers bytes, ciphertext buffer), byte-identical to the pure batch."""
+    page i, on `workers` engines -> (headers bytes, ciphertext buffer), byte-identical to the pure batch."""
     p = _pfns(pfns)
-    n = p.size
-    headers = bytearray(n * HEADER_SIZE)
-    data = _uninit(n * PAGE_SIZE)
-    hv = memoryview(headers)
-    iv = memoryview(ivs)
-
-    def job(s: int, e: int):
-        return lambda: _accel.send_pages(vek, tek, tik, ctx, ram, p[s:e], iv[16 * s:16 * e],
-                                         hv[HEADER_SIZE * s:HEADER_SIZE * e], data[PAGE_SIZE * s:PAGE_SIZE * e])
-
-    _parallel([job(s, e) for s, e in ranges(n, workers)])
+    headers = bytearray(p.size * HEADER_SIZE)
+    data = _uninit(p.size * PAGE_SIZE)
+    _accel.send_pages(vek, tek, tik, ctx, ram, p, ivs, headers, data, workers)
     return bytes(headers), data
 
 
 def receive_pages(vek: bytes, tek: bytes, tik: bytes, ctx: int, ram, pfns, headers, data, workers: int = 1) -> int:
-    """RECEIVE_UPDATE_DATA of whole pages: verify each packet's MAC, decrypt, write under the VEK. Returns
-    how many leading packets were applied (== len(pfns) when all verify); none after the first bad one."""
-    p = _pfns(pfns)
-    n = p.size
-    hv = memoryview(headers).cast("B")
-    dv = memoryview(data).cast("B")
-    parts = ranges(n, workers)
-    if len(parts) > 1 and not bool((np.diff(p) > 0).all()):
-        parts = [(0, n)]                 # a repeated page: one range keeps "later packets win" exact
-
-    def job(s: int, e: int, mode: int):
-        return lambda: _accel.receive_pages(vek, tek, tik, ctx, ram, p[s:e], hv[HEADER_SIZE * s:HEADER_SIZE * e],
-                                            dv[PAGE_SIZE * s:PAGE_SIZE * e], mode)
-
-    if len(parts) == 1:
-        return _accel.receive_pages(vek, tek, tik, ctx, ram, p, hv, dv, 0)
-    good = n
-    for (s, e), ok in zip(parts, _parallel([job(s, e, 1) for s, e in parts])):
-        if s + ok < e:
-            good = s + ok
-            break
-    if good:
-        _parallel([job(s, e, 2) for s, e in ranges(good, workers)])
-    return good
+    """RECEIVE_UPDATE_DATA of whole pages on `workers` engines: verify each packet's MAC, decrypt, write
+    under the VEK. Returns how many leading packets were applied (== len(pfns) when all verify); nothing
+    at or after the first bad one is written."""
+    return _accel.receive_pages(vek, tek, tik, ctx, ram, _pfns(pfns), memoryview(headers).cast("B"),
+                                memoryview(data).cast("B"), workers)
 
 
 def seal_packets(tek: bytes, tik: bytes, ctx: int, ivs: bytes, plaintext, packet_len: int):
@@ -188,5 +113,5 @@ def open_packets(tek: bytes, tik: bytes, ctx: int, headers, ciphertext, packet_l
     return good, bytes(out[:good * packet_len])
 
 
-__all__ = ["AVAILABLE", "ENV_PURE", "enabled", "forced_pure", "describe", "ranges", "send_pages",
+__all__ = ["AVAILABLE", "ENV_PURE", "enabled", "forced_pure", "describe", "send_pages",
            "receive_pages", "seal_packets", "open_packets"]
