@@ -223,10 +223,17 @@ static int need_len(buf_t *b, Py_ssize_t want, const char *name)
 #define NBUF 8
 #define RELEASE_ALL(arr) do { int _i; for (_i = 0; _i < NBUF; _i++) rel(&(arr)[_i]); } while (0)
 
-static PyObject *crypto_failure(void)
+/* The common tail of every entry point: buffers released, then `result` (NULL: the error already set),
+ * or RuntimeError when OpenSSL failed inside (rc != 0). */
+static PyObject *finish(buf_t *b, int rc, PyObject *result)
 {
-    PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed inside the PSP accelerator");
-    return NULL;
+    RELEASE_ALL(b);
+    if (rc && result) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed inside the PSP accelerator");
+        return NULL;
+    }
+    return result;
 }
 
 /* ----------------------------------------------------------------------------------------------------- */
@@ -427,12 +434,10 @@ static PyObject *send_pages(PyObject *self, PyObject *args)
         rc = run_jobs(jobs, split(n, workers, jobs, &bt, 0, send_range));
         Py_END_ALLOW_THREADS
     }
-    RELEASE_ALL(b);
-    if (rc) return crypto_failure();
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    return finish(b, rc, Py_None);
 fail:
-    RELEASE_ALL(b);
-    return NULL;
+    return finish(b, 0, NULL);
 }
 
 /* ----------------------------------------------------------------------------------------------------- */
@@ -495,12 +500,9 @@ static PyObject *receive_pages(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    RELEASE_ALL(b);
-    if (rc) return crypto_failure();
-    return PyLong_FromSsize_t(good);
+    return finish(b, rc, PyLong_FromSsize_t(good));
 fail:
-    RELEASE_ALL(b);
-    return NULL;
+    return finish(b, 0, NULL);
 }
 
 /* ----------------------------------------------------------------------------------------------------- */
@@ -549,12 +551,10 @@ static PyObject *seal_packets(PyObject *self, PyObject *args)
         keys_free(&k);
     }
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b);
-    if (rc) return crypto_failure();
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    return finish(b, rc, Py_None);
 fail:
-    RELEASE_ALL(b);
-    return NULL;
+    return finish(b, 0, NULL);
 }
 
 static PyObject *open_packets(PyObject *self, PyObject *args)
@@ -595,12 +595,9 @@ static PyObject *open_packets(PyObject *self, PyObject *args)
         keys_free(&k);
     }
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b);
-    if (rc) return crypto_failure();
-    return PyLong_FromSsize_t(good);
+    return finish(b, rc, PyLong_FromSsize_t(good));
 fail:
-    RELEASE_ALL(b);
-    return NULL;
+    return finish(b, 0, NULL);
 }
 
 static PyMethodDef methods[] = {
