@@ -338,3 +338,20 @@ def test_the_build_without_a_compiler_does_not_fail(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not list((tmp_path).rglob("_accel*.so"))
     assert "_accel" in out.stderr + out.stdout     # setuptools says which extension it skipped
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_daemons_psp_gets_psp_workers_from_its_config(tmp_path, workers):
+    """`psp_workers` reaches the firmware the daemon builds (the daemon's own PSP, not an injected one)."""
+    from sevmigd.daemon.config import Config, TlsConfig
+    from sevmigd.daemon.server import Daemon
+    from sevmigd.psp.identity import FleetCA
+    from sevmigd.testing.pki import provision
+
+    ca = FleetCA.create(seeded(7), rsa_bits=2048)
+    identity = provision(tmp_path / "h", ca)
+    config = Config(state_dir=str(tmp_path / "h"), control=str(tmp_path / "h.sock"), tls=TlsConfig(),
+                    insecure_plaintext=True, psp_workers=workers)
+    d = Daemon(config, identity=identity, trusted_roots=[ca.ark])
+    d._load_platform()
+    assert d.fw.workers == workers and d.fw.accel is accel.enabled()
