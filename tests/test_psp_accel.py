@@ -29,9 +29,11 @@ from test_firmware import launch, raises, seeded, start_migration
 
 ROOT = Path(__file__).resolve().parent.parent
 DERIVED = json.loads((ROOT / "tests/data/sev-vectors/send_receive_derived.json").read_text())
-PAGES = 96                 # enough for three ranges of MIN_RANGE_PAGES
+PAGES = 96                 # enough for three ranges of MIN_RANGE_PAGES (asserted below)
 FUZZ = int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", "0")) or 40
 HDR = crypto.HEADER_SIZE
+
+assert PAGES >= 3 * accel.MIN_RANGE_PAGES   # so that workers=2 and 3 really split the batches below
 
 compiled = pytest.mark.skipif(not accel.AVAILABLE, reason=accel.describe(False))
 

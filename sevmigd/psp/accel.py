@@ -27,9 +27,9 @@ the ranges run one after the other:
   written, again in parallel. When a page number does not strictly increase through the batch (a repeat:
   "later packets win"), ranges could race on it, so such a batch runs as one range.
 
-Must never: hold a key past the call (the C side cleanses its contexts), run with the pure path's
-semantics differing (the tests compare both), or let a pool thread outlive an error silently (`result()`
-re-raises in the caller).
+Must never: hold a key past the call (the C side cleanses its contexts and scratch pages), differ from
+the pure path in any byte or error (the tests compare both), or leave an engine thread running after the
+command returned (the C side joins every thread it starts).
 """
 
 from __future__ import annotations
