@@ -121,6 +121,19 @@ async def test_damaged_foreign_and_misnamed_files_are_reported_not_fatal(ident_a
     assert Host(ident_a, run, 2).report.damaged == []                                # and reported once
 
 
+def test_a_damaged_sealing_key_is_set_aside_and_replaced(ident_a, tmp_path):
+    run = tmp_path / "run"
+    key = pspstate.load_or_create_sealing_key(run, seeded(8))
+    assert pspstate.load_or_create_sealing_key(run, seeded(9)) == key == pspstate.read_sealing_key(run)
+    path = pspstate.psp_dir(run) / "sealing.key"
+    os.chmod(path, 0o644)                                 # others could have read it: not used
+    new = pspstate.load_or_create_sealing_key(run, seeded(9))
+    assert new != key and len(new) == 32
+    assert [n for n in files(run) if n.startswith("sealing.key.damaged-")]
+    path.write_bytes(b"short")
+    assert pspstate.load_or_create_sealing_key(run, seeded(10)) not in (key, new)
+
+
 async def test_lost_asid_record_means_every_free_asid_awaits_a_flush(ident_a, tmp_path):
     run = tmp_path / "run"
     a = Host(ident_a, run, 4)

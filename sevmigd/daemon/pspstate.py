@@ -53,7 +53,7 @@ from sevmigd.kvm.asid import AsidSpace
 from sevmigd.psp import seal
 from sevmigd.psp.firmware import MAX_ASID, Firmware
 from sevmigd.psp.status import SevError
-from sevmigd.store import StoreError, write_atomic
+from sevmigd.store import StoreError, read_file, write_atomic
 
 PSP_DIR = "psp"
 KEY_FILE = "sealing.key"
@@ -99,50 +99,49 @@ def _ensure_dir(path: Path) -> None:
         raise PspStateError(path, f"cannot use: {exc.strerror}") from None
 
 
-def _read_file(path: Path) -> bytes:
-    """A regular file's bytes (no symlink followed); PspStateError otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise PspStateError(path, f"cannot open: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PspStateError(path, "is not a regular file")
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.fchmod(fd, FILE_MODE)
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise PspStateError(path, f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
 def read_sealing_key(runtime_dir: os.PathLike | str) -> bytes:
     """The PSP sealing key of this runtime directory (what a VMM needs to open its key slot). Blocking.
-    PspStateError when it is missing or not a 32-byte owner-only file."""
+    StoreError when it is missing, not a regular owner-only (0600) file, or not 32 bytes."""
     path = psp_dir(runtime_dir) / KEY_FILE
-    key = _read_file(path)
+    key = read_file(path, secret=True)
     if len(key) != seal.SEALING_KEY_SIZE:
         raise PspStateError(path, f"a sealing key is {seal.SEALING_KEY_SIZE} bytes, this file has {len(key)}")
     return key
 
 
 def load_or_create_sealing_key(runtime_dir: os.PathLike | str, rng=os.urandom) -> bytes:
-    """The sealing key, made (from `rng`) at the first start of this runtime directory. Blocking."""
+    """The sealing key, made (from `rng`) at the first start of this runtime directory. Blocking.
+
+    A key file that cannot be used (wrong size or type, readable by others) is set aside as
+    `sealing.key.damaged-<unix time>` and a new key made, loudly: the contexts sealed under the old key
+    then fail to restore as "foreign" and are reported one by one, and the daemon serves on (the replay
+    record's precedent: a damaged file never keeps the host from running guests)."""
     d = psp_dir(runtime_dir)
     _ensure_dir(d)
-    if not os.path.lexists(d / KEY_FILE):
-        key = bytes(rng(seal.SEALING_KEY_SIZE))
+    path = d / KEY_FILE
+    if os.path.lexists(path):
         try:
-            write_atomic(d / KEY_FILE, key, FILE_MODE)
+            return read_sealing_key(runtime_dir)
         except StoreError as exc:
-            raise PspStateError(d / KEY_FILE, exc.message) from None
-        _log.info("psp_sealing_key_created", path=str(d / KEY_FILE))
+            kept = _set_aside(path)
+            _log.error("psp_sealing_key_damaged", path=str(path), error=exc.message, kept=str(kept),
+                       action="a new sealing key: contexts sealed under the old one will not restore")
+    try:
+        write_atomic(path, bytes(rng(seal.SEALING_KEY_SIZE)), FILE_MODE)
+    except StoreError as exc:
+        raise PspStateError(path, exc.message) from None
+    _log.info("psp_sealing_key_created", path=str(path))
     return read_sealing_key(runtime_dir)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to `<name>.damaged-<unix time>` (kept for inspection); PspStateError if impossible."""
+    kept = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    try:
+        os.replace(path, kept)
+    except OSError as exc:
+        raise PspStateError(path, f"cannot move the damaged file aside: {exc.strerror}") from None
+    return kept
 
 
 @dataclass
@@ -269,14 +268,14 @@ class PspStore:
         path = self.dir / ASID_FILE
         if os.path.lexists(path):
             try:
-                rec = msgpack.unpackb(_read_file(path))
+                rec = msgpack.unpackb(read_file(path, secret=True))
                 in_use, awaiting = rec["in_use"], rec["awaiting_flush"]
                 if (rec.get("version") != ASID_RECORD_VERSION or not _asid_list(in_use)
                         or not _asid_list(awaiting)):
                     raise ValueError("not an ASID record")
                 self.fw.import_flush_state(rec["psp"])
                 saved_in_use, saved_awaiting = set(in_use), set(awaiting)
-            except (PspStateError, SevError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            except (StoreError, SevError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
                 self._damaged(report, path, exc)
         for name in sorted(os.listdir(self.dir)):
             m = _CONTEXT_RE.match(name)
@@ -284,12 +283,12 @@ class PspStore:
                 continue
             path = self.dir / name
             try:
-                blob = _read_file(path)
+                blob = read_file(path, secret=True)
                 handle = int(m.group(1))
                 if handle != _bound_handle(blob):
                     raise PspStateError(path, "holds another handle's context")
                 report.handles.append(self.fw.import_guest(blob))
-            except (PspStateError, SevError) as exc:
+            except (StoreError, SevError) as exc:
                 self._damaged(report, path, exc)
         in_use = {self.fw.guest_status(h).asid for h in report.handles} - {0}
         if saved_awaiting is None and report.handles or saved_awaiting is None and report.damaged:
@@ -310,12 +309,11 @@ class PspStore:
         of the same handle does not overwrite it, and the next start does not report it again)."""
         reason = exc.message if isinstance(exc, (StoreError, SevError)) else f"{type(exc).__name__}: {exc}"
         report.damaged.append((str(path), reason))
-        kept = path.with_name(f"{path.name}.damaged-{int(time.time())}")
         try:
-            os.replace(path, kept)
-        except OSError as exc2:
+            kept = _set_aside(path)
+        except PspStateError as exc2:
             kept = path
-            _log.warning("psp_state_set_aside_failed", path=str(path), error=exc2.strerror)
+            _log.warning("psp_state_set_aside_failed", path=str(path), error=exc2.message)
         _log.error("psp_state_damaged", path=str(path), error=reason, kept=str(kept), action="not restored")
 
 
