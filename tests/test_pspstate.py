@@ -214,6 +214,8 @@ def test_daemon_restart_restores_the_psp_and_a_new_runtime_dir_forgets(daemon):
     assert after["contexts"] == before["contexts"][1:]
     assert after["restored"] == [2] and after["damaged"] == []
     assert daemon.ctl_json("server-info")["psp_guests"] == 1
+    human = daemon.ctl("server-info").stdout
+    assert "contexts 2:RUNNING/asid " in human and "restored 1" in human
     with open(os.path.join(before["dir"], "sealing.key"), "rb") as f:
         key = f.read()
     assert key.hex() not in daemon.output() and repr(key) not in daemon.output()

@@ -494,8 +494,21 @@ def _server_info(client, args) -> int:
         _print_json(info)
         return 0
     for k, v in info.items():
+        if k == "psp_state" and isinstance(v, dict):
+            v = _psp_state_line(v)
         print(f"{k + ':':17} {v}")
     return 0
+
+
+def _psp_state_line(p: dict) -> str:
+    """server-info's psp_state in one line: each PSP handle's GUEST_STATUS, what the start restored."""
+    ctxs = " ".join(f"{c['handle']}:{c['state']}/asid {c['asid']}" for c in p.get("contexts") or []) or "none"
+    line = f"contexts {ctxs}; restored {len(p.get('restored') or [])}"
+    if p.get("damaged"):
+        line += f"; DAMAGED {', '.join(d['path'] for d in p['damaged'])}"
+    if p.get("save_errors"):
+        line += f"; save errors {p['save_errors']}"
+    return line
 
 
 def _pct(v: Any) -> str:
