@@ -114,14 +114,9 @@ def _resolve_group(group: str) -> int:
         raise ConfigError("control_group", f"no such group: {group!r}") from None
 
 
-async def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.SocketListener, tuple[int, int]]:
-    """Bind the control socket at `path`: parent dir created 0700 (0750 + group with control_group)
-    when missing; refuse when another daemon answers there; remove a stale socket file; bind under
-    umask 0o177 so the socket is never connectable by others, then chmod 0600 (0660 + chgrp).
-    Returns (listener, (st_dev, st_ino)) so shutdown removes only the socket it bound."""
-    if len(os.fsencode(path)) > MAX_UNIX_PATH:
-        raise ConfigError("control", f"socket path is {len(os.fsencode(path))} bytes; Unix sockets allow "
-                                     f"at most {MAX_UNIX_PATH}: {path}")
+def ensure_control_dir(path: str, group: str | None = None) -> None:
+    """The control socket's directory, created 0700 (0750 + group with control_group) when missing. Also
+    called before the runtime directory is made (its default lives beside the socket)."""
     gid = _resolve_group(group) if group else None
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -132,6 +127,18 @@ async def bind_control_socket(path: str, group: str | None = None) -> tuple[trio
                 os.chown(parent, -1, gid)
         except OSError as exc:
             raise StartupError(f"cannot create control socket directory {parent}: {exc.strerror}") from None
+
+
+async def bind_control_socket(path: str, group: str | None = None) -> tuple[trio.SocketListener, tuple[int, int]]:
+    """Bind the control socket at `path`: parent dir created 0700 (0750 + group with control_group)
+    when missing; refuse when another daemon answers there; remove a stale socket file; bind under
+    umask 0o177 so the socket is never connectable by others, then chmod 0600 (0660 + chgrp).
+    Returns (listener, (st_dev, st_ino)) so shutdown removes only the socket it bound."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ConfigError("control", f"socket path is {len(os.fsencode(path))} bytes; Unix sockets allow "
+                                     f"at most {MAX_UNIX_PATH}: {path}")
+    ensure_control_dir(path, group)
+    gid = _resolve_group(group) if group else None
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -81,8 +81,12 @@ def context_file(handle: int) -> str:
 
 
 def _ensure_dir(path: Path) -> None:
-    """`path` (and its parent, the runtime dir) as owner-only directories; no symlinks."""
-    for d in (path.parent, path):
+    """`path` (RUNTIME/psp) as an owner-only directory, created with any missing parent (0700 too); no
+    symlink in its place."""
+    missing = [path]
+    while not os.path.lexists(missing[-1].parent) and missing[-1].parent != missing[-1]:
+        missing.append(missing[-1].parent)     # parents we create are owner-only as well
+    for d in reversed(missing):
         try:
             os.mkdir(d, DIR_MODE)
         except FileExistsError:

@@ -279,6 +279,8 @@ class Daemon:
             # this runtime directory, then every context and the ASID state restored, before guests are
             # re-adopted. An injected Firmware (tests) is not persisted.
             runtime = self.config.runtime_dir
+            if runtime:   # its default lives beside the control socket: that directory's modes come first
+                control.ensure_control_dir(self.config.control, self.config.control_group)
             key = pspstate.load_or_create_sealing_key(runtime, self.rng) if runtime else None
             self.fw = Firmware(self.identity, rng=self.rng, sealing_key=key,
                                min_command_time=self.config.psp_min_command_time_us / 1e6,
