@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -94,6 +95,9 @@ def test_packed_bytes_equal_a_c_clients(cls):
     ours = cls(**values).pack()
     assert ours == bytes(c)                          # padding included: zero in both
     assert cls.unpack(bytes(c)) == cls(**values)
+    assert cls.unpack(memoryview(bytearray(c))) == cls(**values)   # what UserMemory.view hands out
+    with pytest.raises(struct.error):
+        cls.unpack(bytes(c)[:-1])                    # exactly size() bytes, as copy_from_user of the struct
 
 
 def test_ioctl_numbers_and_command_ids():

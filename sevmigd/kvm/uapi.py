@@ -33,7 +33,9 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from dataclasses import astuple, dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import ClassVar
 
 from sevmigd.units import PAGE_SHIFT, PAGE_SIZE  # noqa: F401 (re-exported)
@@ -132,15 +134,29 @@ class _Struct:
     FORMAT: ClassVar[str]
 
     @classmethod
+    def _codec(cls) -> tuple[struct.Struct, Callable]:
+        """The compiled FORMAT and a getter of the field values in order, made once per class: every
+        ioctl of the one-page path packs and unpacks several structs, and `dataclasses.astuple` (a deep
+        copy of each field) cost about a third of such an ioctl."""
+        codec = cls.__dict__.get("_CODEC")
+        if codec is None:
+            names = [f.name for f in fields(cls)]
+            codec = (struct.Struct(cls.FORMAT), attrgetter(*names))   # (every struct has 2+ fields)
+            setattr(cls, "_CODEC", codec)
+        return codec
+
+    @classmethod
     def size(cls) -> int:
-        return struct.calcsize(cls.FORMAT)
+        return cls._codec()[0].size
 
     def pack(self) -> bytes:
-        return struct.pack(self.FORMAT, *astuple(self))
+        codec, values = self._codec()
+        return codec.pack(*values(self))
 
     @classmethod
     def unpack(cls, data) -> "_Struct":
-        return cls(*struct.unpack(cls.FORMAT, bytes(data)))
+        """From exactly size() bytes (any bytes-like object), else struct.error."""
+        return cls(*cls._codec()[0].unpack(data))
 
     @classmethod
     def offsets(cls) -> dict[str, int]:
