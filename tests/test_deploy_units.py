@@ -132,6 +132,16 @@ def test_service_runs_as_dedicated_user_with_private_dirs():
     assert one(s, "UMask") == "0077"
 
 
+def test_guests_outlive_a_service_restart():
+    """Issue 17: stop/restart signals only the daemon (its VMM processes run on), systemd keeps the runtime
+    directory (VMM sockets, PSP contexts) across restarts, and an OOM kill of one VMM does not stop the
+    service."""
+    s = parse_unit(SERVICE)["Service"]
+    assert one(s, "KillMode") == "process"
+    assert one(s, "RuntimeDirectoryPreserve") == "yes"
+    assert one(s, "OOMPolicy") == "continue"
+
+
 @pytest.mark.parametrize("key,value", [
     ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
     ("PrivateDevices", "yes"), ("ProtectKernelTunables", "yes"), ("ProtectKernelModules", "yes"),

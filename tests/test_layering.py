@@ -17,7 +17,13 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "sevmigd"
 PURE = ("psp", "guest", "wire", "migrate", "kvm", "owner")
 FORBIDDEN_IN_PURE = ("trio", "socket", "subprocess", "structlog", "asyncio", "selectors",
                      "sevmigd.daemon", "sevmigd.cli", "sevmigd.store")
-HOST_SIDE = [PKG / "guest" / "hypervisor.py", PKG / "kvm", PKG / "migrate", PKG / "wire", PKG / "daemon"]
+HOST_SIDE = [PKG / "guest" / "hypervisor.py", PKG / "guest" / "shared.py", PKG / "kvm", PKG / "migrate",
+             PKG / "wire", PKG / "daemon"]
+# The VMM process (issue 17, sevmigd/vmm/): its protocol codec (both sides) and its guest runtime (guest
+# side: it opens the key slot) are pure like the layers above; process.py is its I/O edge.
+PURE_FILES = (PKG / "vmm" / "protocol.py", PKG / "vmm" / "runtime.py")
+#: What only the VMM process may import: its guest runtime and its main (they hold the guest's key).
+VMM_GUEST_SIDE = ("sevmigd.vmm.runtime", "sevmigd.vmm.process")
 
 
 def _modules(root: pathlib.Path):
@@ -51,6 +57,30 @@ def test_pure_layers_do_no_io(layer):
         if hits:
             bad[str(path.relative_to(PKG))] = hits
     assert not bad, f"pure layer imports I/O or daemon modules: {bad}"
+
+
+def test_vmm_codec_and_guest_runtime_do_no_io():
+    bad = {}
+    for path in PURE_FILES:
+        tree = ast.parse(path.read_text())
+        hits = _hits(_imports(path), FORBIDDEN_IN_PURE)
+        if any(isinstance(n, (ast.Await, ast.AsyncFunctionDef)) for n in ast.walk(tree)):
+            hits.append("await")
+        if hits:
+            bad[str(path.relative_to(PKG))] = hits
+    assert not bad, f"VMM codec / guest runtime does I/O: {bad}"
+
+
+def test_host_side_never_imports_the_vmm_guest_runtime():
+    """The daemon talks to a VMM through sevmigd.vmm.protocol only; the VMM's guest runtime (which opens
+    the key slot into a memory engine) and its process main stay on the guest side of the boundary."""
+    bad = {}
+    for root in HOST_SIDE:
+        for path in _modules(root):
+            hits = _hits(_imports(path), VMM_GUEST_SIDE)
+            if hits:
+                bad[str(path.relative_to(PKG))] = hits
+    assert not bad, f"host-side code imports the VMM's guest side: {bad}"
 
 
 def test_pure_layers_have_no_await():

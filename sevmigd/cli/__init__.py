@@ -15,7 +15,7 @@ from sevmigd import __version__
 from sevmigd.errors import ConfigError, SevmigdError
 
 # Verb groups, in the order `sevmigd --help` lists them.
-_GROUPS = ("serve", "ctl", "certs", "ownership", "owner", "demo", "bench")
+_GROUPS = ("serve", "ctl", "certs", "ownership", "owner", "demo", "bench", "vmm")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,9 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
+#: Where guests' vCPUs and RAM live: "process" = one `sevmigd vmm` process per guest (QEMU's role; the
+#: guests outlive the daemon, issue 17), "inline" = inside the daemon (unit tests, fallback).
+VMM_MODES = ("process", "inline")
 
 # Keys that SIGHUP re-reads and applies to a running daemon. Everything else (sockets, state dir,
 # TLS material bound into listeners) needs a restart; the daemon logs which changed keys it ignored.
@@ -165,6 +168,8 @@ class Config:
     # packets); false = one KVM_SEV_SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA ioctl per page, as upstream
     # KVM and QEMU do it (sevmigd.kvm).
     sev_batch_pages: bool = True
+    # Guests in VMM processes that outlive the daemon ("process") or inside it ("inline"); VMM_MODES.
+    vmm: str = "inline"
 
     # -- derived, for the server -------------------------------------------------------------
     @property
@@ -410,6 +415,7 @@ _VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "max_queued_outgoing": lambda k, v: _int(k, v, 0, 100_000),
     "outgoing_bandwidth_mib_s": lambda k, v: _float(k, v, 0.0),
     "sev_batch_pages": lambda k, v: _flag(k, v),
+    "vmm": lambda k, v: _str(k, v, choices=VMM_MODES),
     "insecure_plaintext": lambda k, v: _flag(k, v),
     "start_timeout_s": lambda k, v: _float(k, v, positive=True),
     "stall_timeout_s": lambda k, v: _float(k, v, positive=True),

@@ -529,7 +529,7 @@ def _guest(daemon: Daemon, name: str) -> HostedGuest:
 
 
 def _require_vm_live(hosted: HostedGuest, verb: str) -> None:
-    if hosted.state in ("migrated", "incoming", "stopped"):
+    if hosted.state in ("migrated", "incoming", "stopped", "crashed", "incompatible", "orphaned"):
         raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; {verb} needs a guest running here")
 
 
@@ -588,7 +588,7 @@ async def _status(daemon: Daemon, a: dict, emit: Emit) -> dict:
 async def _verify(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     _require_vm_live(hosted, "verify")
-    report = hosted.vm.verify()
+    report = await hosted.guest_call(hosted.vm.verify)
     mismatches = [int(p) for p in report.mismatches]
     return {"name": hosted.name, "ok": bool(report.ok), "pages_checked": int(report.pages_checked),
             "mismatches": mismatches[:1024], "mismatch_count": len(mismatches)}
@@ -600,7 +600,7 @@ async def _reboot(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     if hosted.state != "running":
         raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; reboot needs a running guest")
-    hosted.vm.reboot()
+    await hosted.guest_call(hosted.vm.reboot)
     return daemon.guest_status(hosted)
 
 
@@ -627,7 +627,7 @@ async def _guest_write(daemon: Daemon, a: dict, emit: Emit) -> dict:
     data = a["data_hex"]
     _check_range(hosted, a["gpa"], len(data))
     try:
-        hosted.vm.agent.write(a["gpa"], data, shared=a["shared"])
+        await hosted.guest_call(lambda: hosted.vm.agent.write(a["gpa"], data, shared=a["shared"]))
     except ValueError as exc:  # the guest agent refusing our (user-supplied) range/alignment
         raise ConfigError("gpa", str(exc)) from None
     return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "shared": a["shared"]}
@@ -638,7 +638,7 @@ async def _guest_read(daemon: Daemon, a: dict, emit: Emit) -> dict:
     _require_vm_live(hosted, "guest-read")
     _check_range(hosted, a["gpa"], a["length"])
     try:
-        data = hosted.vm.agent.read(a["gpa"], a["length"])
+        data = await hosted.guest_call(lambda: hosted.vm.agent.read(a["gpa"], a["length"]))
     except ValueError as exc:
         raise ConfigError("gpa", str(exc)) from None
     return {"name": hosted.name, "gpa": a["gpa"], "length": len(data), "data_hex": bytes(data).hex()}
@@ -647,7 +647,8 @@ async def _guest_read(daemon: Daemon, a: dict, emit: Emit) -> dict:
 async def _guest_secret(daemon: Daemon, a: dict, emit: Emit) -> dict:
     hosted = _guest(daemon, a["name"])
     _require_vm_live(hosted, "guest-secret")
-    entries = hosted.vm.agent.launch_secret()   # the guest answering (in-guest agent), not the host
+    # the guest answering (in-guest agent), not the host
+    entries = await hosted.guest_call(hosted.vm.agent.launch_secret)
     return {"name": hosted.name, "entries": None if entries is None else
             [{"guid": str(g), "data_hex": bytes(d).hex()} for g, d in entries]}
 

@@ -257,7 +257,7 @@ class IncomingMigration:
         # As QEMU on KVM: the VM (KVM_SEV_INIT with an ASID of the guest's kind, its memory slot) first,
         # then RECEIVE_START through it; KVM binds the ASID (ACTIVATE) to the new context.
         self.asid = self.daemon.allocate_asid(es=bool(start.policy & Policy.ES))
-        self.vm = self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
+        self.vm = await self.manager.new_incoming_vm(name=self.name, memory_bytes=hello.memory_bytes,
                                                policy=start.policy, handle=None, asid=self.asid,
                                                vcpus=hello.vcpus)
         self.sev = self.vm.host.sev

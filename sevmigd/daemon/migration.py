@@ -457,10 +457,17 @@ class MigrationManager:
             return str(exc)
         return None
 
-    def new_incoming_vm(self, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
-                        vcpus: int):
+    async def new_incoming_vm(self, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
+                              vcpus: int):
+        """The destination's guest, vCPUs paused: in a new VMM process (vmm = "process"; `handle` must be
+        None: RECEIVE_START goes through vm.host.sev) or in this daemon."""
         from sevmigd.guest.vm import SevVm
 
+        if self.daemon.vmm_mode == "process" and handle is None:
+            from sevmigd.daemon import vmmhost
+
+            return await vmmhost.incoming_vm(self.daemon, name=name, memory_bytes=memory_bytes, policy=policy,
+                                             asid=asid, vcpus=vcpus)
         return SevVm.incoming(self.daemon.fw, name=name, memory_bytes=memory_bytes, policy=policy,
                               handle=handle, asid=asid, vcpus=vcpus)
 
@@ -471,7 +478,9 @@ class MigrationManager:
             if old.state not in self.REPLACEABLE_STATES:
                 raise MigrationError(AbortCode.GUEST_EXISTS, f"a guest named {name!r} appeared meanwhile")
             self.daemon.remove_guest(name)
-        return self.daemon.add_guest(name, vm, "incoming")
+        hosted = self.daemon.add_guest(name, vm, "incoming")
+        self.daemon.watch_vmm(hosted)
+        return hosted
 
     def start_guest(self, hosted) -> None:
         """The incoming guest starts: running state, vCPU task in the daemon's guest nursery."""

@@ -26,13 +26,13 @@ import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import structlog
 import trio
 
 from sevmigd import __version__, store
-from sevmigd.daemon import control, pspstate, replay, systemd, tls
+from sevmigd.daemon import control, pspstate, replay, systemd, tls, vmmhost
 from sevmigd.daemon.config import Config, TlsConfig, load_config, split_host_port
 from sevmigd.daemon.errors import (
     DaemonError,
@@ -51,6 +51,7 @@ from sevmigd.daemon.metrics import DaemonMetrics
 from sevmigd.daemon.psprunner import PspRunner
 from sevmigd.daemon.slots import PreHelloSlots, WatchedStream
 from sevmigd.errors import ConfigError, SevmigdError
+from sevmigd.guest.vcpu import VCPU_MAX_SLICE_S, VCPU_TICK_S
 from sevmigd.guest.vm import GuestConfig, SevVm
 from sevmigd.kvm.asid import AsidExhausted, AsidSpace, firmware_flush
 from sevmigd.kvm.sev import SevDevice
@@ -61,14 +62,13 @@ from sevmigd.psp.identity import PlatformIdentity
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError
 
-GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped", "launching")
+GUEST_STATES = ("running", "paused", "migrating", "migrated", "incoming", "stopped", "launching",
+                # a guest's VMM process died (exit status / reason in `error`); never resumed by itself
+                "crashed",
+                # a VMM found at start that this daemon does not drive (another VMM protocol version; no
+                # PSP context; never started): reported with the reason and left running
+                "incompatible", "orphaned")
 
-# vCPU scheduling quantum. 10 ms is the Linux CFS default latency order of magnitude and fine enough
-# that a guest's dirty rate looks continuous to a migration round (rounds last 100s of ms).
-VCPU_TICK_S = 0.010
-# A vCPU task that was starved (event loop busy launching another guest) does not get to replay all
-# the time it missed in one go: like a descheduled vCPU, the lost wall time is simply lost.
-VCPU_MAX_SLICE_S = 0.100
 # Bounded graceful shutdown: migrations get this long to abort or finish cleanly after SIGTERM, well
 # inside systemd's TimeoutStopSec (60 s in our unit) so the final cleanup still runs.
 SHUTDOWN_MIGRATIONS_S = 20.0
@@ -79,6 +79,7 @@ CONTROL_DRAIN_S = 2.0
 # neither pin memory and descriptors nor refuse a real source.
 
 _log = structlog.get_logger("sevmigd")
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------- hosted guests
@@ -104,13 +105,37 @@ class HostedGuest:
         self._vcpu_scope: trio.CancelScope | None = None
 
     @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, new: str) -> None:
+        # A crashed guest stays crashed (a migration that was under way when its VMM died must not roll it
+        # back to "running"); only `stop` ends it.
+        if getattr(self, "_state", None) == "crashed" and new != "stopped":
+            return
+        self._state = new
+
+    @property
     def vcpus_running(self) -> bool:
         return self._vcpu_scope is not None
 
+    @property
+    def in_vmm(self) -> bool:
+        """The guest's vCPUs run in a VMM process (vmm = "process"), not in this daemon."""
+        return isinstance(self.vm, vmmhost.ProcessVm)
+
+    async def guest_call(self, fn: Callable[[], T]) -> T:
+        """Run a guest operation (verify, agent, reboot): inline here; for a VMM-process guest in a worker
+        thread, since it is a request the VMM answers (the event loop keeps serving meanwhile)."""
+        if isinstance(self.vm, (vmmhost.ProcessVm, vmmhost.DetachedVm)):
+            return await trio.to_thread.run_sync(fn)
+        return fn()
+
     def start_vcpus(self, nursery: trio.Nursery | None = None) -> None:
         """Start the vCPU task (idempotent): vm.run(dt) every VCPU_TICK_S in `nursery` (default: the
-        daemon's)."""
-        if self._vcpu_scope is not None:
+        daemon's). A VMM-process guest's vCPUs run in its VMM (as long as the state area says so)."""
+        if self._vcpu_scope is not None or self.in_vmm:
             return
         nursery = nursery if nursery is not None else self.daemon.nursery
         if nursery is None:
@@ -125,6 +150,8 @@ class HostedGuest:
         scope, self._vcpu_scope = self._vcpu_scope, None
         if scope is not None:
             scope.cancel()
+        if self.in_vmm and not self.vm.released:
+            self.vm.host._st.request_pause()   # the VMM stops at its next tick; release() quits it
 
     async def _vcpu_loop(self, scope: trio.CancelScope) -> None:
         with scope, structlog.contextvars.bound_contextvars(guest=self.name):
@@ -227,6 +254,13 @@ class Daemon:
         """The guest behind `asid` is gone (DEACTIVATEd): the ASID waits for the next flush."""
         self.asids.free(asid)
 
+    def add_unadopted(self, name: str, vm, state: str, reason: str) -> HostedGuest:
+        """List a VMM this daemon reports but does not drive (`incompatible`, `orphaned`, `crashed`)."""
+        hosted = HostedGuest(self, name, vm, state)
+        hosted.error = reason
+        self.guests[name] = hosted
+        return hosted
+
     def add_guest(self, name: str, vm: SevVm, state: str) -> HostedGuest:
         """Register a guest (its ASID, vm.asid, counts as used). GuestExists when the name is taken.
         Does not start vCPUs: call `hosted.start_vcpus()` when the guest should run."""
@@ -236,6 +270,19 @@ class Daemon:
         self.asids.claim(vm.asid)
         self.guests[name] = hosted
         return hosted
+
+    @property
+    def vmm_mode(self) -> str:
+        """Where new guests run: config `vmm`, except that VMM processes need the PSP's persisted sealing key
+        (they open their key slots with it): a daemon with an injected firmware (in-process tests) or no
+        runtime directory runs its guests inline."""
+        return "process" if self.config.vmm == "process" and self.psp_store is not None else "inline"
+
+    def watch_vmm(self, hosted: HostedGuest) -> None:
+        """A VMM-process guest: watch its process (vmmhost.watch: an exit nobody asked for = crashed)."""
+        vm = hosted.vm
+        if isinstance(vm, vmmhost.ProcessVm) and vm.vmm is not None and self.nursery is not None:
+            self.nursery.start_soon(vmmhost.watch, self, hosted, vm.vmm, name=f"vmm:{hosted.name}")
 
     def start_guest(self, hosted: HostedGuest) -> None:
         """Mark a registered guest running and start its vCPU task (e.g. an incoming guest after "go")."""
@@ -375,14 +422,17 @@ class Daemon:
             raise ResourceLimit(f"memory {gcfg.memory_bytes} bytes exceeds max_guest_bytes "
                                 f"({self.config.max_guest_bytes})")
         asid = self.allocate_asid(es=bool(gcfg.policy & Policy.ES))
+        # An owner-bound launch stops measured (LSECRET): the guest owner checks the measurement
+        # and answers with a secret before `finish_launch` boots it (state "launching" till then).
+        owner = gcfg.owner_session is not None
         try:
-            launcher = self._vm_launcher or SevVm.launch
-            fw = self.fw
-            # An owner-bound launch stops measured (LSECRET): the guest owner checks the measurement
-            # and answers with a secret before `finish_launch` boots it (state "launching" till then).
-            owner = gcfg.owner_session is not None
-            kw = {"finish": False} if owner else {}
-            vm = await self.psp.run("LAUNCH", lambda: launcher(fw, gcfg, asid=asid, rng=self.rng, **kw))
+            if self.vmm_mode == "process" and self._vm_launcher is None:
+                vm = await vmmhost.launch_guest(self, gcfg, asid, finish=not owner)
+            else:
+                launcher = self._vm_launcher or SevVm.launch
+                fw = self.fw
+                kw = {"finish": False} if owner else {}
+                vm = await self.psp.run("LAUNCH", lambda: launcher(fw, gcfg, asid=asid, rng=self.rng, **kw))
         except BaseException:
             self.release_asid(asid)
             raise
@@ -399,6 +449,7 @@ class Daemon:
             self.remove_guest(gcfg.name)
             vm.release()
             raise
+        self.watch_vmm(hosted)
         release_free_heap()  # a launch (prefill) frees MiBs of transient buffers: out of the RSS now
         self.log.info("guest_launched", guest=gcfg.name, memory_bytes=gcfg.memory_bytes,
                       policy=f"{gcfg.policy:#x}", asid=asid)
@@ -425,6 +476,17 @@ class Daemon:
         hosted = self.get_guest(name)
         if hosted.state in ("migrating", "incoming"):
             raise InvalidState(f"guest {name!r} is {hosted.state}; cancel the migration first")
+        if isinstance(hosted.vm, vmmhost.DetachedVm):
+            # never killed by us: its VMM speaks another protocol or has no PSP context here
+            raise InvalidState(f"guest {name!r} is {hosted.state} ({hosted.error}); this daemon does not "
+                               f"drive its VMM (pid {hosted.vm.vmm.pid if hosted.vm.vmm else '?'}) and leaves it "
+                               f"running")
+        if hosted.state == "crashed" or getattr(hosted.vm, "released", False):
+            if self.guests.get(name) is hosted:
+                self.remove_guest(name)
+            self.log.info("guest_stopped", guest=name, was=hosted.state)
+            hosted.state = "stopped"
+            return hosted
         hosted.stop_vcpus()
         try:
             await self.psp.run("DECOMMISSION", hosted.vm.release)
@@ -465,6 +527,8 @@ class Daemon:
             "asid": safe(lambda: int(vm.asid)),
             "migration": hosted.migration.to_dict() if hosted.migration is not None else None,
             "error": hosted.error,
+            # vmm = "process": the VMM's pid and how much the vCPUs ran (runs, seconds of guest time)
+            "vmm": safe(lambda: vm.status()) if hasattr(vm, "status") else None,
         }
 
     def _launch_measure(self, vm: SevVm) -> dict[str, object] | None:
@@ -549,6 +613,7 @@ class Daemon:
         tcp_inherited = [l for l in inherited if l.socket.family != stdlib_socket.AF_UNIX]
         unix_inherited = [l for l in inherited if l.socket.family == stdlib_socket.AF_UNIX]
         # A bad [tls] section fails the start, not the first migration. All read files: worker thread.
+        await trio.to_thread.run_sync(self._lock_runtime_dir)
         await trio.to_thread.run_sync(self._load_platform)
         await trio.to_thread.run_sync(self._setup_tls)
         await trio.to_thread.run_sync(self._open_replay_record)
@@ -572,6 +637,8 @@ class Daemon:
                                 await trio.aclose_forcefully(listener)
                             raise
                         self.control_path = self.config.control
+                    # Guests whose VMMs outlived the previous daemon: listed before anyone can ask.
+                    await vmmhost.adopt_all(self)
                     await nursery.start(self._serve_migration_listeners, listeners)
                     await nursery.start(control.serve_control, self, control_listener)
                     if self.config.metrics_listen is not None:
@@ -594,6 +661,7 @@ class Daemon:
             finally:
                 self._cleanup_control_socket()
                 self.nursery = None
+                self._unlock_runtime_dir()
                 self._stopped.set()
         self.log.info("stopped", forced=serve_scope.cancelled_caught)
 
@@ -678,16 +746,28 @@ class Daemon:
         with trio.move_on_after(CONTROL_DRAIN_S):
             while self._inflight_requests:
                 await self._requests_idle.wait()
-        live = [g.name for g in self.guests.values() if g.state in ("running", "paused", "migrating")]
+        live = [g.name for g in self.guests.values() if g.state in ("running", "paused", "migrating")
+                and not isinstance(g.vm, vmmhost.ProcessVm)]
         if live:
             self.log.warning("guests_stopped_by_shutdown", guests=live)
+        kept = []
         for hosted in list(self.guests.values()):
+            if isinstance(hosted.vm, (vmmhost.ProcessVm, vmmhost.DetachedVm)):
+                # Its VMM runs on and the next daemon adopts it; the PSP keeps its context (pspstate).
+                if isinstance(hosted.vm, vmmhost.ProcessVm) and not hosted.vm.released:
+                    hosted.vm.detach()
+                    kept.append(hosted.name)
+                continue
             hosted.stop_vcpus()
             try:
                 hosted.vm.release()
             except Exception:
                 self.log.warning("guest_release_failed", guest=hosted.name, exc_info=True)
             hosted.state = "stopped"
+        if kept:
+            self.log.info("guests_left_running", guests=kept, note="their VMM processes run on; the next "
+                                                                   "daemon on this runtime directory adopts them")
+            return   # the PSP's contexts stay as they are for the next daemon (a host keeps its PSP)
         if self._asid_space is not None:
             self._asid_space.clear()
         if self.fw is not None:
@@ -697,6 +777,43 @@ class Daemon:
                 self.log.warning("firmware_shutdown_failed", exc_info=True)
         if self.psp_store is not None:
             await self.psp.persist_now()       # what the shutdown released is forgotten on disk too
+
+    def _lock_runtime_dir(self) -> None:
+        """RUNTIME/lock (flock, held while we serve): two daemons never share a runtime directory (its
+        VMMs, PSP contexts and migration records). Blocking: serve() runs it in a worker thread."""
+        import fcntl
+
+        rdir = self.config.runtime_dir
+        control.ensure_control_dir(self.config.control, self.config.control_group)
+        missing = []
+        d = os.path.abspath(rdir)
+        while not os.path.exists(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(missing):   # every directory we create is owner-only, like the control socket's
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+        path = os.path.join(rdir, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise StartupError(f"another sevmigd daemon is already serving runtime directory {rdir} "
+                               f"(pid {holder} holds {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._runtime_lock = fd
+
+    def _unlock_runtime_dir(self) -> None:
+        fd, self._runtime_lock = getattr(self, "_runtime_lock", None), None
+        if fd is not None:
+            os.close(fd)   # closing the descriptor drops the flock
 
     def _cleanup_control_socket(self) -> None:
         """Remove our control socket file, but only if it is still the one we bound."""

@@ -39,7 +39,8 @@ from ..kvm import uapi
 from ..kvm.sev import SevGuest
 from ..kvm.vm import KvmVm
 from .memory import PAGE_SIZE, GuestRam, as_pfns
-from .vcpu import check_regs
+from .shared import LocalState, StateArea
+from .vcpu import check_regs, decode_vmsa, encode_vmsa
 
 # Hypercall/MSR numbers: the uAPI's (the guest side keeps its own copy, like kvm_para.h shared by guest
 # and host; tests/test_guest_hypervisor.py checks they agree).
@@ -68,7 +69,7 @@ class HostView:
     """What the hypervisor sees and controls of one guest."""
 
     def __init__(self, ram: GuestRam, *, policy: int, handle: int, vcpu_regs: list[dict[str, int]],
-                 es: bool, kvm: KvmVm | None = None):
+                 es: bool, kvm: KvmVm | None = None, state: StateArea | None = None):
         self._ram = ram
         self.npages = ram.npages
         self.memory_bytes = ram.memory_bytes
@@ -93,12 +94,19 @@ class HostView:
         if kvm.ioctl(uapi.KVM_ENABLE_CAP, cap) != 0:
             raise SevmigdError("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) failed")
         kvm.user.unmap(cap)
-        self._enc = np.ones(self.npages, dtype=bool)    # the VMM's own bitmap (MAP_GPA_RANGE exits)
-        self._own_bitmap = False                        # a MAP_GPA_RANGE exit was handled since boot
-        self._msr = 0
-        self._msr_seen = False
-        self.paused = False
-        self.throttle_pct = 0
+        # Run state: the VMM's own bitmap (MAP_GPA_RANGE exits), whether an exit was handled since boot,
+        # the MSR, pause and throttle. In this object (inline guests) or in the state area the VMM process
+        # shares with the daemon (guest/shared.py), where both sides see the same cells.
+        self._st = state if state is not None else LocalState(self.npages)
+        self._enc = self._st.vmm_enc
+
+    @property
+    def paused(self) -> bool:
+        return self._st.paused
+
+    @property
+    def throttle_pct(self) -> int:
+        return self._st.throttle_pct
 
     @property
     def hypercalls(self) -> int:
@@ -108,20 +116,20 @@ class HostView:
     # ---------------------------------------------------------------- migration control MSR
     @property
     def migration_control(self) -> int:
-        return self._msr
+        return self._st.msr
 
     @property
     def migration_control_supported(self) -> bool:
         """True once the guest kernel has opted in (written KVM_MIGRATION_READY) since its boot."""
-        return self._msr_seen
+        return self._st.msr_seen
 
     def wrmsr(self, msr: int, value: int) -> None:
         """Guest WRMSR intercepted by the MSR filter (guest -> host exit)."""
         if msr != MSR_KVM_MIGRATION_CONTROL:
             raise UnknownMsr(f"WRMSR 0x{msr:x} not handled")
-        self._msr = int(value) & KVM_MIGRATION_READY
-        if self._msr:
-            self._msr_seen = True
+        self._st.msr = int(value) & KVM_MIGRATION_READY
+        if self._st.msr:
+            self._st.msr_seen = True
 
     @property
     def is_es(self) -> bool:
@@ -129,16 +137,17 @@ class HostView:
 
     # ---------------------------------------------------------------- run control
     def pause(self) -> None:
-        self.paused = True
+        """Stop the vCPUs; with a VMM process, returns once it acknowledged (guest/shared.py)."""
+        self._st.pause()
 
     def resume(self) -> None:
-        self.paused = False
+        self._st.resume()
 
     def set_throttle(self, pct: int) -> None:
         """Take `pct` % of vCPU time away (auto-converge); 0 = full speed, at most 99."""
         if isinstance(pct, bool) or not isinstance(pct, numbers.Integral) or not 0 <= pct <= 99:
             raise ConfigError("throttle", "must be an integer percentage 0..99")
-        self.throttle_pct = int(pct)
+        self._st.throttle_pct = int(pct)
 
     # ---------------------------------------------------------------- dirty log
     def enable_dirty_log(self) -> None:
@@ -161,14 +170,14 @@ class HostView:
     @property
     def page_enc_source(self) -> str:
         """Where the encryption status comes from now: "vmm" (MAP_GPA_RANGE exits) or "kvm" (the RFC's)."""
-        return "vmm" if self._own_bitmap else "kvm"
+        return "vmm" if self._st.own_bitmap else "kvm"
 
     def page_enc_window(self, start_gfn: int, num_pages: int) -> np.ndarray:
         """Encryption status of gfns [start_gfn, start_gfn + num_pages) (bool, True = private): a window
         of the VMM's bitmap, or KVM_GET_PAGE_ENC_BITMAP of that window (see the module docstring)."""
         if not 0 <= start_gfn <= start_gfn + num_pages <= self.npages:
             raise ValueError(f"window {start_gfn}+{num_pages} outside guest memory (0..{self.npages - 1})")
-        if self._own_bitmap:
+        if self._st.own_bitmap:
             return self._enc[start_gfn:start_gfn + num_pages].copy()
         return self.sev.get_page_enc_bitmap(start_gfn, num_pages)
 
@@ -213,7 +222,7 @@ class HostView:
         no longer the answer until the next MAP_GPA_RANGE exit."""
         self._enc[:] = True
         self.sev.reset_page_enc_bitmap()
-        self._own_bitmap = False
+        self._st.own_bitmap = False
 
     def handle_hypercall(self, nr: int, a0: int, a1: int, a2: int) -> int:
         """A guest's VMMCALL as KVM delivers it (for callers that play the guest): KVM handles
@@ -231,7 +240,7 @@ class HostView:
             return
         first = gpa // PAGE_SIZE
         self._enc[first:first + npages] = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
-        self._own_bitmap = True
+        self._st.own_bitmap = True
         run.ret = 0
 
     # ---------------------------------------------------------------- raw DRAM
@@ -252,11 +261,18 @@ class HostView:
     def get_vcpu_state(self) -> list[dict[str, int]]:
         if self._es:
             raise VcpuStateProtected("SEV-ES guest: registers are in the encrypted VMSA (SEND_UPDATE_VMSA)")
+        if self._st.shared_regs:   # a VMM process: its vCPUs leave their registers in the state area
+            return [decode_vmsa(bytes(page), i) for i, page in enumerate(self._st.vmsa)]
         return copy.deepcopy(self._regs)
 
     def set_vcpu_state(self, regs: list[dict[str, int]]) -> None:
         if self._es:
             raise VcpuStateProtected("SEV-ES guest: registers are set through RECEIVE_UPDATE_VMSA")
+        if self._st.shared_regs:
+            check_regs(regs, len(self._st.vmsa))
+            for i, (page, r) in enumerate(zip(self._st.vmsa, regs)):
+                page[:] = encode_vmsa(r, i)
+            return
         check_regs(regs, len(self._regs))
         for mine, theirs in zip(self._regs, regs):
             mine.clear()
@@ -265,5 +281,5 @@ class HostView:
     # ---------------------------------------------------------------- reboot (VMM side)
     def _reset_for_reboot(self) -> None:
         self.reset_page_enc_bitmap()
-        self._msr = 0
-        self._msr_seen = False
+        self._st.msr = 0
+        self._st.msr_seen = False

@@ -90,7 +90,9 @@ class DirtyLog:
 class GuestRam:
     """The guest's physical memory: `memory_bytes` of raw DRAM, guest-physical address = offset."""
 
-    def __init__(self, memory_bytes: int, *, populate: bool = False):
+    def __init__(self, memory_bytes: int, *, populate: bool = False, fd: int | None = None, dirty=None):
+        """`fd`: map that file (a VMM process's RAM memfd, MAP_SHARED: the daemon and the VMM see the same
+        pages) instead of anonymous memory; `dirty`: the dirty log to feed (default a DirtyLog of its own)."""
         if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
             raise ValueError("memory size must be a positive multiple of 4096")
         self.memory_bytes = memory_bytes
@@ -100,15 +102,16 @@ class GuestRam:
         # the whole mapping in at once, in the kernel, during mmap(): measured on the dev VM 1.2 us per
         # page there against 2.5-3 us per page for first-touch faults while pages are applied. CPython
         # releases the GIL around mmap(), so a caller may do this in a worker thread.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS if fd is None else mmap.MAP_SHARED
         if populate:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
-        self.buf = mmap.mmap(-1, memory_bytes, flags=flags)
+        self.buf = mmap.mmap(-1 if fd is None else fd, memory_bytes, flags=flags,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         ref = ctypes.c_char.from_buffer(self.buf)   # the mapping's address, for populate(); no export kept
         self._addr: int | None = ctypes.addressof(ref)
         del ref
         self.pages = np.frombuffer(self.buf, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
-        self.dirty = DirtyLog()
+        self.dirty = DirtyLog() if dirty is None else dirty
 
     # raw access (no dirty marking: callers decide whether a write is the guest's)
     def read_raw(self, pfns: np.ndarray) -> bytes:

@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import struct
 
+# vCPU scheduling quantum. 10 ms is the Linux CFS default latency order of magnitude and fine enough
+# that a guest's dirty rate looks continuous to a migration round (rounds last 100s of ms).
+VCPU_TICK_S = 0.010
+# A vCPU task that was starved (its event loop busy, e.g. launching another guest) does not get to replay all
+# the time it missed in one go: like a descheduled vCPU, the lost wall time is simply lost.
+VCPU_MAX_SLICE_S = 0.100
+
 #: Architectural registers saved for every vCPU (the subset a KVM_GET_REGS/SREGS user sees first).
 ARCH_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",

@@ -39,6 +39,7 @@ from .hypervisor import HostView
 from .kernel import GuestKernel, GuestPanic
 from .ledger import Layout
 from .memory import PAGE_SIZE, GuestRam
+from .shared import StateArea
 
 assert vc.VMSA_REGS_LIMIT == VMSA_RESERVED_OFFSET, "VMSA layout out of step with the firmware"
 
@@ -183,7 +184,7 @@ class SevVm:
 
     def __init__(self, fw, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
                  vcpus: int, ram: GuestRam, vmsa: list[bytearray] | None, launch_digest: bytes,
-                 measurement: bytes | None, mnonce: bytes | None = None):
+                 measurement: bytes | None, mnonce: bytes | None = None, state: StateArea | None = None):
         self._fw = fw
         self.name = name
         self.memory_bytes = memory_bytes
@@ -200,15 +201,18 @@ class SevVm:
         self._vmsa_saved: list[bytes | None] = [None] * vcpus   # last plaintext written per VMSA page
         self._es = bool(policy & Policy.ES)
         self._regs = [vc.reset_state(i) for i in range(vcpus)]
+        # `state`: the run state shared with the other side of a VMM process (guest/shared.py): bitmaps,
+        # pause, MSR, the non-ES registers; None keeps it all in this process (inline guests).
+        self._state = state
         # The VM fd: the guest's RAM is its memory slot; hypercalls and MSR writes exit through it.
-        self.kvm = KvmVm(fw, npages=self.npages)
+        self.kvm = KvmVm(fw, npages=self.npages, enc=None if state is None else state.kvm_enc)
         self.kvm.set_user_memory_region(ram.buf, vmsa=vmsa)
         if handle is not None:
             self.kvm.attach_sev(handle=handle, asid=asid, es=self._es)
         else:
             self.kvm.sev_init(asid=asid, es=self._es)   # RECEIVE_START (through self.kvm) binds it
         self.host = HostView(ram, policy=policy, handle=handle or 0, vcpu_regs=self._regs, es=self._es,
-                             kvm=self.kvm)
+                             kvm=self.kvm, state=state)
         self.agent = GuestAgent(self)
         self._kernel: GuestKernel | None = None
         self._released = False
@@ -217,18 +221,21 @@ class SevVm:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def launch(cls, fw, config: GuestConfig, *, asid: int, rng, finish: bool = True) -> "SevVm":
+    def launch(cls, fw, config: GuestConfig, *, asid: int, rng, finish: bool = True, ram: GuestRam | None = None,
+               state: StateArea | None = None) -> "SevVm":
         """LAUNCH_START .. LAUNCH_MEASURE, then (with `finish`) LAUNCH_FINISH and the kernel boot.
 
         With the guest owner's GODH certificate and session in `config` (owner_godh / owner_session),
         LAUNCH_START opens the owner's channel and checks the owner's POLICY_MAC. `finish=False` stops
         in LSECRET with the measurement taken, for the owner to check it and answer with a secret
-        (`launch_secret`) before `finish_launch`."""
+        (`launch_secret`) before `finish_launch`. `ram` / `state`: a VMM process's RAM and state area
+        (guest/shared.py) instead of RAM of this process."""
         config.validate()
         image = bytes(config.image) if config.image is not None else default_image()
         es = bool(config.policy & Policy.ES)
-        ram = GuestRam(config.memory_bytes)
-        vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(config.vcpus)] if es else None
+        if ram is None:
+            ram = GuestRam(config.memory_bytes)
+        vmsa = _vmsa_pages(config.vcpus, es, state)
         if config.owner_session is not None:
             handle = fw.launch_start(policy=config.policy, dh_cert=bytes(config.owner_godh),
                                      session=bytes(config.owner_session))
@@ -251,7 +258,7 @@ class SevVm:
             raise
         vm = cls(fw, name=config.name, memory_bytes=config.memory_bytes, policy=config.policy,
                  handle=handle, asid=asid, vcpus=config.vcpus, ram=ram, vmsa=vmsa,
-                 launch_digest=digest, measurement=measure, mnonce=mnonce)
+                 launch_digest=digest, measurement=measure, mnonce=mnonce, state=state)
         vm.secret_gpa = secret_page_gpa(len(image))
         vm._pending_boot = (config, bytes(rng(64)))
         if finish:
@@ -286,7 +293,16 @@ class SevVm:
         config, secret = self._pending_boot
         self._fw.launch_finish(self.handle)
         self._pending_boot = None
-        engine = self._fw.memory_engine(self.handle)
+        self.boot_kernel(config, secret)
+
+    def _engine(self):
+        """The guest's memory engine (the CPU's memory controller): from the PSP here; a VMM process
+        opens its key slot instead (sevmigd.vmm.runtime)."""
+        return self._fw.memory_engine(self.handle)
+
+    def boot_kernel(self, config: GuestConfig, secret: bytes) -> None:
+        """After LAUNCH_FINISH: the guest firmware fixes up the secret page, the guest kernel boots."""
+        engine = self._engine()
         # Guest firmware (OVMF's role): the secret page keeps the injected table and nothing else; never
         # written bytes would read as the VEK's decryption of zeroed DRAM.
         page = engine.read(self._ram.buf, self.secret_gpa, PAGE_SIZE)
@@ -298,7 +314,8 @@ class SevVm:
 
     @classmethod
     def incoming(cls, fw, *, name: str, memory_bytes: int, policy: int, handle: int | None, asid: int,
-                 vcpus: int = 1, populate: bool = False, ram: GuestRam | None = None) -> "SevVm":
+                 vcpus: int = 1, populate: bool = False, ram: GuestRam | None = None,
+                 state: StateArea | None = None) -> "SevVm":
         """Destination side: zero RAM, its memory slot, vCPUs paused. With `handle` (a RECEIVE_START
         already issued on the firmware): ACTIVATE and map memory here. With handle=None (the daemon's
         path, as QEMU does it): the VM has an SEV context with `asid` and RECEIVE_START goes through
@@ -314,7 +331,7 @@ class SevVm:
             ram = GuestRam(memory_bytes, populate=populate)
         elif ram.memory_bytes != memory_bytes:
             raise ConfigError("memory_bytes", f"the RAM given is {ram.memory_bytes} bytes, not {memory_bytes}")
-        vmsa = [bytearray(vc.VMSA_SIZE) for _ in range(vcpus)] if policy & Policy.ES else None
+        vmsa = _vmsa_pages(vcpus, bool(policy & Policy.ES), state)
         if handle is not None:
             fw.activate(handle, asid)
             try:
@@ -323,7 +340,7 @@ class SevVm:
                 fw.deactivate(handle)
                 raise
         vm = cls(fw, name=name, memory_bytes=memory_bytes, policy=policy, handle=handle, asid=asid,
-                 vcpus=vcpus, ram=ram, vmsa=vmsa, launch_digest=b"", measurement=None)
+                 vcpus=vcpus, ram=ram, vmsa=vmsa, launch_digest=b"", measurement=None, state=state)
         vm.host.pause()
         return vm
 
@@ -339,7 +356,13 @@ class SevVm:
         state = self.sev_state
         if state != "RUNNING":
             raise GuestPanic(f"guest {self.name}: PSP guest state is {state}, not RUNNING (RECEIVE_FINISH first)")
-        engine = self._fw.memory_engine(self.handle)
+        self.resume_kernel()
+
+    def resume_kernel(self) -> None:
+        """The guest kernel resumes from the RAM and vCPU state a migration brought (RECEIVE_FINISH done)."""
+        if self._kernel is not None:
+            raise GuestPanic(f"guest {self.name}: already running")
+        engine = self._engine()
         if self._es:
             try:
                 regs = [vc.decode_vmsa(engine.decrypt(vmsa_paddr(i), bytes(page)), i)
@@ -349,6 +372,10 @@ class SevVm:
             for mine, theirs in zip(self._regs, regs):
                 mine.clear()
                 mine.update(theirs)
+        elif self._state is not None:   # a VMM process: the host wrote the registers into the state area
+            for i, (mine, page) in enumerate(zip(self._regs, self._state.vmsa)):
+                mine.clear()
+                mine.update(vc.decode_vmsa(bytes(page), i))
         kernel = GuestKernel(self._ram, engine, self._regs[0], self.kvm)
         kernel.resume()
         self._kernel = kernel
@@ -368,9 +395,20 @@ class SevVm:
         self._vmexit()
 
     def _vmexit(self) -> None:
-        """Registers leave the CPU: for SEV-ES they are saved, encrypted, into the VMSA page."""
+        """Registers leave the CPU: for SEV-ES they are saved, encrypted, into the VMSA page; a VMM
+        process also leaves a plain SEV guest's registers (and the shared-page count) in the state area."""
+        st = self._state
+        if st is not None and self._kernel is not None:
+            st.shared_pages = self.shared_pages()
+            st.kernel_running = True
+            if not self._es:
+                for i, (page, regs) in enumerate(zip(st.vmsa, self._regs)):
+                    plain = vc.encode_vmsa(regs, i)
+                    if plain != self._vmsa_saved[i]:
+                        page[:] = plain
+                        self._vmsa_saved[i] = plain
         if self._es and self._kernel is not None:
-            engine = self._fw.memory_engine(self.handle)
+            engine = self._engine()
             for i, (page, regs) in enumerate(zip(self._vmsa, self._regs)):
                 plain = vc.encode_vmsa(regs, i)
                 if plain != self._vmsa_saved[i]:     # a vCPU whose registers did not change keeps its page
@@ -453,6 +491,13 @@ class SevVm:
 
     def __repr__(self) -> str:
         return f"SevVm(name={self.name!r}, handle={self.handle}, asid={self.asid}, {self.memory_bytes >> 20} MiB)"
+
+
+def _vmsa_pages(vcpus: int, es: bool, state: StateArea | None):
+    """The vCPUs' VMSA pages for the PSP (SEV-ES only): the state area's, or buffers of this process."""
+    if not es:
+        return None
+    return list(state.vmsa) if state is not None else [bytearray(vc.VMSA_SIZE) for _ in range(vcpus)]
 
 
 def _teardown(fw, handle: int) -> None:

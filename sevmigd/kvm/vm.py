@@ -95,7 +95,8 @@ def _blob(user: UserMemory, uaddr: int, length: int) -> bytes:
 class KvmVm:
     """A VM fd. `fw` is the host's PSP (firmware object), `user` the VMM's address space."""
 
-    def __init__(self, fw, user: UserMemory | None = None, *, npages: int, sev_fd: int = DEV_SEV_FD):
+    def __init__(self, fw, user: UserMemory | None = None, *, npages: int, sev_fd: int = DEV_SEV_FD,
+                 enc: np.ndarray | None = None):
         self._fw = fw
         self.user = user if user is not None else UserMemory()
         self.npages = npages
@@ -110,8 +111,11 @@ class KvmVm:
         self.slot_uaddr = 0
         self._slot_buf = None
         self._vmsa = None
-        # RFC: the in-kernel page-encryption bitmap (True = encrypted), all encrypted at creation
-        self._enc = np.ones(npages, dtype=bool)
+        # RFC: the in-kernel page-encryption bitmap (True = encrypted), all encrypted at creation; `enc`:
+        # one kept elsewhere (a VMM process's state area shared with the daemon, guest/shared.py)
+        if enc is not None and (enc.shape != (npages,) or enc.dtype != bool):
+            raise ValueError(f"the page-encryption bitmap must be {npages} bools")
+        self._enc = np.ones(npages, dtype=bool) if enc is None else enc
         self.hypercall_exit_enabled = 0
         #: KVM_EXIT_HYPERCALL is delivered here (the VMM's vCPU run loop); it sets `run.ret`.
         self.exit_handler: Callable[[u.KvmRunHypercall], None] | None = None

@@ -374,9 +374,46 @@ class DaemonProcess:
         if self.alive:
             self.send_signal(signal.SIGCONT)
 
+    @property
+    def runtime_dir(self) -> str | None:
+        """The runtime directory the harness gave this daemon (kept across restart()), or None."""
+        return os.path.join(self._sock_dir, "run") if self._sock_dir is not None else None
+
+    def vmm_manifests(self) -> dict[str, dict]:
+        """{guest name: manifest} of the VMM processes in this daemon's runtime directory (vmm = "process")."""
+        out: dict[str, dict] = {}
+        if self.runtime_dir is None:
+            return out
+        for path in sorted(pathlib.Path(self.runtime_dir, "vmm").glob("*.json")):
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            out[str(info.get("name"))] = info
+        return out
+
+    def kill_vmms(self) -> None:
+        """SIGKILL every VMM process of this daemon's runtime directory (they outlive the daemon by design;
+        a test's end must not leave them behind). Only processes that are still a `sevmigd vmm`."""
+        for info in self.vmm_manifests().values():
+            pid = info.get("pid")
+            if not isinstance(pid, int):
+                continue
+            try:
+                cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vmm" in cmdline and b"--runtime-dir" in cmdline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def cleanup(self) -> None:
-        """Kill if still running; close pipes and sockets; remove the socket dir (and the root if ours)."""
+        """Kill if still running (and its VMM processes); close pipes and sockets; remove the socket dir (and
+        the root if ours)."""
         self.kill()
+        self.kill_vmms()
         if self.proc is not None:
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
