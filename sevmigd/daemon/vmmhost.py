@@ -626,10 +626,14 @@ async def adopt_all(daemon: "Daemon") -> None:
                              exc_info=True)
         if isinstance(info.get("handle"), int):
             claimed.add(info["handle"])
-    # A restored PSP context that no VMM names belonged to a guest that is gone (an inline guest of a
-    # daemon that died, a VMM whose files were removed): nothing can ever run it again. Decommission it
-    # (and free its ASID), as KVM does when the VM fd of a dead QEMU is closed.
+    # A restored PSP context that no VMM names belonged to a guest that is gone (a VMM whose files were
+    # removed, an inline guest of a daemon that died): nothing can ever run it again. Decommission it (and
+    # free its ASID), as KVM does when the VM fd of a dead QEMU is closed.
+    # Only with vmm = "process": an inline daemon keeps them as pspstate restored them (its guests died with
+    # the previous process either way).
     restored = getattr(daemon, "psp_restored", None)
+    if daemon.vmm_mode != "process":
+        restored = None
     for handle in (restored.handles if restored is not None else ()):
         if handle in claimed or not _psp_has(daemon, handle):
             continue
