@@ -347,14 +347,9 @@ class ProcessVm(SevVm):
         """The daemon's part of release without asking the VMM anything (its VMM is dead, or quit)."""
         if self._released:
             return
-        self._released = True
-        self._kernel = None
         try:
-            if self.handle is not None:
-                _teardown(self._fw, self.handle)
+            super().release()     # DEACTIVATE + DECOMMISSION, the memory slot, our RAM mapping
         finally:
-            self.kvm.release()
-            self._ram.release()
             st, self._state = self._state, None
             if st is not None:
                 self.host._st = None   # type: ignore[assignment]
