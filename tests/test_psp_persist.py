@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from sevmigd.psp import crypto, seal
 from sevmigd.psp.firmware import VMSA_PADDR, Firmware, GuestState, PlatformState
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.keyslot import key_slot_target, open_key_slot
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy, make_policy
@@ -27,27 +26,13 @@ from sevmigd.psp.seal import SealError
 from sevmigd.psp.status import SevError, SevStatus
 
 from test_firmware import GuestOwner, launch, seeded, start_migration, vmsa_page
+from test_firmware import fleet, ident_a, ident_b  # noqa: F401  (module fixtures, shared)
 from test_firmware_states import LIVE_STATES, guest_in
 
 PAGES = 16
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
 FUZZ = int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", "0")) or 80
-
-
-@pytest.fixture(scope="module")
-def fleet():
-    return FleetCA.create(seeded(1), rsa_bits=2048)
-
-
-@pytest.fixture(scope="module")
-def ident_a(fleet):
-    return PlatformIdentity.create(fleet, seeded(2))
-
-
-@pytest.fixture(scope="module")
-def ident_b(fleet):
-    return PlatformIdentity.create(fleet, seeded(3))
 
 
 def fw_of(ident, seed, key=KEY_A) -> Firmware:

@@ -24,7 +24,7 @@ from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.status import SevStatus
 
 from test_firmware import launch, seeded, start_migration
-from test_psp_persist import fleet, ident_a, ident_b  # noqa: F401  (module fixtures)
+from test_firmware import fleet, ident_a, ident_b  # noqa: F401  (module fixtures)
 
 
 class Host:
