@@ -31,7 +31,7 @@ def _load(p):
 
 def test_there_is_a_vector_for_every_message_type():
     types = {_load(p)["type"] for p in SINGLE}
-    assert types == set(range(1, 15))
+    assert types == set(range(1, 17))
 
 
 @pytest.mark.parametrize("path", SINGLE, ids=lambda p: p.stem)

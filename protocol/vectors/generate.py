@@ -44,6 +44,10 @@ def single_vectors():
         ("keepalive", m.Keepalive(), 70000, MAC_KEY, (), "destination"),
         ("abort", m.Abort(AbortCode.TIMEOUT, "no frame for 10 s"), 9, MAC_KEY, (), "source"),
         ("abort_unauthenticated", m.Abort(AbortCode.SHUTDOWN, ""), 0, None, (), "destination"),
+        ("query", m.Query(version=1, migration_id="5f0c2a9e41d7b3c8",
+                          session_id="0f1e2d3c4b5a69788796a5b4c3d2e1f0"), 0, None, (), "source"),
+        ("answer", m.Answer(session_id="0f1e2d3c4b5a69788796a5b4c3d2e1f0", outcome="not_started",
+                            reason="fenced: the guest will not start here"), 0, None, (), "destination"),
     ]
     for name, msg, seq, key, extras, sender in cases:
         frame = encode_frame(msg, seq=seq, key=key, extras=extras)

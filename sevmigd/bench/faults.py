@@ -93,6 +93,9 @@ def figures(results) -> str:
     secs = [r.seconds for r in results]
     if secs:
         out.append(f"cells: {len(results)}, wall {sum(secs):.0f} s, median {statistics.median(secs):.2f} s per cell")
+    auto = [r for r in results if r.settled_by_query]
+    if auto:
+        out.append(f"uncertain hand-offs settled by themselves (settlement query, no command): {len(auto)} cells")
     res = [r for r in results if r.resolve_commands]
     if res:
         out.append(f"uncertain hand-offs settled by resolve commands: {len(res)} cells, "

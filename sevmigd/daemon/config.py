@@ -49,6 +49,8 @@ RELOADABLE = frozenset({
     # fleet operation (issue 12)
     "policies", "default_policy", "max_queued_outgoing", "outgoing_bandwidth_mib_s",
     "start_timeout_s", "stall_timeout_s", "max_incoming_bytes",
+    # settlement of uncertain hand-offs (issue 17)
+    "settle_retry_initial_s", "settle_retry_max_s",
 })
 
 
@@ -148,6 +150,12 @@ class Config:
     stall_timeout_s: float = 60.0
     # Guest RAM of all migrations being received at once; None = the host's physical memory.
     max_incoming_bytes: int | None = None
+
+    # Settlement (issue 17, daemon/settle.py): after an uncertain hand-off the source asks the destination
+    # over new connections, first at once, then after settle_retry_initial_s, doubling up to
+    # settle_retry_max_s between attempts, until it answers or an operator resolves.
+    settle_retry_initial_s: float = 0.5
+    settle_retry_max_s: float = 30.0
 
     # Migration channel without TLS. Off by default: then no peer proves which platform it is, so the
     # source never releases its copy on a peer's word (every hand-off ends `uncertain`; PROTOCOL.md §9.7).
@@ -420,6 +428,8 @@ _VALIDATORS: dict[str, Callable[[str, object], object]] = {
     "start_timeout_s": lambda k, v: _float(k, v, positive=True),
     "stall_timeout_s": lambda k, v: _float(k, v, positive=True),
     "max_incoming_bytes": lambda k, v: None if v is None else _positive_size(k, v),
+    "settle_retry_initial_s": lambda k, v: _float(k, v, positive=True),
+    "settle_retry_max_s": lambda k, v: _float(k, v, positive=True),
 }
 
 
@@ -451,6 +461,9 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError("keepalive_interval_s",
                           f"must be smaller than peer_timeout_s ({cfg.peer_timeout_s}) or a healthy peer "
                           "would look stalled")
+    if cfg.settle_retry_initial_s > cfg.settle_retry_max_s:
+        raise ConfigError("settle_retry_initial_s",
+                          f"must not exceed settle_retry_max_s ({cfg.settle_retry_max_s})")
 
 
 def read_toml(path: str) -> dict[str, object]:

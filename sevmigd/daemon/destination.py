@@ -33,7 +33,7 @@ from sevmigd.migrate.errors import MigrationError
 from sevmigd.migrate.pages import unpack_bitmap
 from sevmigd.migrate.ram import RamReceiver, as_pfns
 from sevmigd.migrate.stats import MigrationStats
-from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_files
+from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_chip, platform_files
 from sevmigd.psp.policy import Policy
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role, negotiate_version
 from sevmigd.wire import messages as m
@@ -91,6 +91,8 @@ class IncomingMigration:
         self._last_progress = 0.0
         # Chip ids the source's verified TLS certificate names; None on a plaintext channel.
         self.peer_platforms: frozenset[str] | None = manager.peer_platforms(stream)
+        self.record = None   # the durable in-flight record (daemon/settle.py), from RECEIVE_START on
+        self.source_chip: str | None = None
 
     def cancel(self, err: MigrationError) -> bool:
         if self.started:
@@ -170,6 +172,7 @@ class IncomingMigration:
             check_channel_identity(self.peer_platforms, hello.platform, who="source")
         except MigrationError as err:
             return err
+        self.source_chip = platform_chip(hello.platform)
         self.log.info("source_platform_verified", source_platform=pid[:16],
                       channel="plaintext" if self.peer_platforms is None else "tls")
         return None
@@ -202,9 +205,13 @@ class IncomingMigration:
         cfg = self.daemon.config
         hello = None
         with trio.move_on_after(cfg.handshake_timeout_s):
-            hello = await ch.receive_expect(m.Hello)
+            hello = await ch.receive_expect(m.Hello, m.Query)
         if hello is None:
             raise MigrationError(AbortCode.TIMEOUT, f"no hello from {self.peer} within {cfg.handshake_timeout_s:g} s")
+        if isinstance(hello, m.Query):
+            # A settlement connection (PROTOCOL.md §7.6), not a migration: answered by daemon/settle.py.
+            await self.manager.settle.serve_query(ch, hello, self.peer_platforms, self.peer)
+            return
         # Until the name rule has passed, the peer's strings are logged escaped (ascii()), never as they are.
         name_ok = guest_name_problem(hello.guest_name) is None
         self.id = hello.migration_id if guest_name_problem(hello.migration_id) is None else ascii(hello.migration_id[:80])
@@ -266,6 +273,8 @@ class IncomingMigration:
             "RECEIVE_START", lambda: self.sev.receive_start(policy=start.policy, pdh_cert=start.pdh,
                                                             session=start.session))
         self.vm.received(self.handle)
+        self.record = await self.manager.settle.incoming_started(self, session_id=ch.conn.session_id,
+                                                                 source_chip=self.source_chip)
         self.npages = self.vm.npages
         self.hosted = self.manager.add_incoming_guest(self.name, self.vm)
         self.hosted.migration = self.stats
@@ -331,6 +340,9 @@ class IncomingMigration:
                 await self._apply_vcpu_state(msg)
             elif isinstance(msg, m.Complete):
                 await self.daemon.psp.run("RECEIVE_FINISH", self.sev.receive_finish)
+                # "ready" is durable before Ready is sent (daemon/settle.py): a settlement query fences it.
+                if not await self.manager.settle.incoming_ready(self.record):
+                    raise MigrationError(AbortCode.CANCELLED, "fenced by the source's settlement query")
                 self.ready = True
                 await ch.send(m.Ready())
                 self.log.info("incoming_ready", pages=self.pages_received)
@@ -391,16 +403,23 @@ class IncomingMigration:
         Abort again (it would break that promise): the worst case is an uncertain hand-off."""
         if ch.failure is not None:
             raise ch.failure
-        try:
-            self.vm.start_incoming()
-        except Exception as exc:  # noqa: BLE001 - any start failure hands the guest back
-            raise MigrationError(AbortCode.INTERNAL_ERROR,
-                                 f"the guest did not start on the destination: {type(exc).__name__}: {exc}") from None
-        # no checkpoint between the check above and these two lines
-        self.started = True
-        ch.forbid_abort()
-        self.stats.status = "device"  # running here; "completed" once "started" is on its way
-        self.manager.start_guest(self.hosted)
+
+        def start() -> None:
+            try:
+                self.vm.start_incoming()
+            except Exception as exc:  # noqa: BLE001 - any start failure hands the guest back
+                raise MigrationError(AbortCode.INTERNAL_ERROR,
+                                     f"the guest did not start on the destination: {type(exc).__name__}: {exc}") from None
+            # no checkpoint between the start and these lines
+            self.started = True
+            ch.forbid_abort()
+            self.stats.status = "device"  # running here; "completed" once "started" is on its way
+            self.manager.start_guest(self.hosted)
+
+        # "committed" durably, then start, under the record's lock: a settlement query answers either
+        # before (and fences: we raise, an Abort in GO) or after (started). Once committed we start even
+        # if the channel failed meanwhile: a query will say "started".
+        await self.manager.settle.incoming_commit(self.record, start)
         now = trio.current_time()
         self.stats.transferred = ch.bytes_received
         self.stats.tick(now)
@@ -435,6 +454,7 @@ class IncomingMigration:
                 return
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
+            await self.manager.settle.incoming_aborted(self.record)   # durably, before the copy goes
             self._discard()
             if self.refused:
                 pass  # logged as incoming_refused; nothing was reserved

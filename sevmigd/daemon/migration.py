@@ -34,6 +34,7 @@ from sevmigd.daemon.config import MigrationPolicy
 from sevmigd.daemon.destination import IncomingMigration
 from sevmigd.daemon.replay import FILE_NAME as REPLAY_FILE
 from sevmigd.daemon.replay import ReplayRecord, ReplayRecordError
+from sevmigd.daemon.settle import Settlement
 from sevmigd.daemon.source import OutgoingMigration, new_migration_id
 from sevmigd.errors import ConfigError
 from sevmigd.migrate.errors import MigrationError
@@ -147,6 +148,8 @@ class MigrationManager:
         # one bucket for the host, even across reloads (running migrations keep sharing it)
         self._shared_bucket = TokenBucket(daemon.config.outgoing_bandwidth_mib_s * (1 << 20))
         self.evacuation: Evacuation | None = None   # the running or last evacuation (ctl evacuate)
+        # Durable in-flight records and the settlement query (issue 17, daemon/settle.py).
+        self.settle = Settlement(self)
 
     @property
     def protocol_version(self) -> int:
@@ -335,22 +338,39 @@ class MigrationManager:
             raise ConfigError("name", f"too late to cancel guest {name!r}: the hand-off (go) is under way")
 
     def resolve(self, name: str, *, run_here: bool) -> dict:
-        """Settle an uncertain hand-off (source side; see the module docstring). Returns the stats."""
-        mig = self.uncertain.get(name)
-        if mig is None:
+        """Settle an uncertain hand-off by the operator's word (source side; see the module docstring):
+        for a destination that cannot be asked (the settlement query settles the others by itself).
+        Returns the stats."""
+        if name not in self.uncertain:
             raise ConfigError("name", f"guest {name!r} has no uncertain migration to resolve")
+        return self.settle_uncertain(name, run_here=run_here, by="operator")
+
+    def settle_uncertain(self, name: str, *, run_here: bool, by: str) -> dict:
+        """Settle the uncertain hand-off of guest `name`: resume it here (`run_here`: SEND_CANCEL) or
+        release it (SEND_FINISH, DECOMMISSION). `by`: "operator" (`ctl resolve`) or "query" (the
+        destination's answer, daemon/settle.py). The state, the stats, the job and the record say how."""
+        mig = self.uncertain.pop(name)
         if run_here:
             mig._rollback(MigrationError(AbortCode.CANCELLED, "resolved: run on the source"))
             mig.stats.status = "failed"
-            resolution = "resumed on the source"
+            resolution, settlement = "resumed on the source", "resumed"
         else:
             mig._release()
             mig.stats.status = "completed"
-            resolution = "released on the source (runs on the destination)"
-        del self.uncertain[name]
+            resolution, settlement = "released on the source (runs on the destination)", "released"
+        mig.stats.settlement, mig.stats.settled_by = settlement, by
+        self.settle.counts[by] = self.settle.counts.get(by, 0) + 1
+        self.settle.outgoing_settled_soon(mig, settlement, by)
         self.daemon.log.warning("migration_resolved", guest=name, migration_id=mig.stats.migration_id,
-                                resolution=resolution)
+                                resolution=resolution, settled_by=by)
         d = mig.stats.to_dict()
+        job = self.jobs.get(mig.id)
+        if job is not None and job.final is not None:
+            job.final = dict(d)
+            job.state = d["status"] if d["status"] in JOB_STATES else "failed"
+        for i, h in enumerate(self.history):
+            if h.get("migration_id") == mig.id and h.get("role") == "source":
+                self.history[i] = dict(d)
         d["resolution"] = resolution
         return d
 

@@ -136,6 +136,7 @@ class Daemon(GuestsMixin, PlatformMixin, StatusMixin):
         await trio.to_thread.run_sync(self._load_platform)
         await trio.to_thread.run_sync(self._setup_tls)
         await trio.to_thread.run_sync(self._open_replay_record)
+        await self.migrations.settle.restore()   # in-flight migration records (daemon/settle.py)
         with trio.CancelScope() as serve_scope:
             self._serve_scope = serve_scope
             try:
@@ -173,6 +174,7 @@ class Daemon(GuestsMixin, PlatformMixin, StatusMixin):
                                   platform_id=self.platform_id, state_dir=self.config.state_dir,
                                   socket_activated=bool(tcp_inherited), pid=os.getpid(),
                                   version=__version__)
+                    await self.migrations.settle.resume()   # settle what a previous process left
                     task_status.started(self.listen_address)
                     await self._shutdown_requested.wait()
                     await self._graceful_shutdown()

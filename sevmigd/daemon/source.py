@@ -48,7 +48,7 @@ from sevmigd.migrate.planner import Decision, PrecopyPlanner
 from sevmigd.migrate.ram import RamSender
 from sevmigd.migrate.ratelimit import TokenBucket
 from sevmigd.migrate.stats import MigrationStats
-from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_files
+from sevmigd.migrate.trust import check_channel_identity, check_peer_platform, platform_chip, platform_files
 from sevmigd.psp.policy import Policy
 from sevmigd.wire import SUPPORTED_FEATURES, Connection, Role
 from sevmigd.wire import messages as m
@@ -237,6 +237,9 @@ class OutgoingMigration:
         # Before SEND_START: the TLS peer must be the platform whose PDH the session will be wrapped to.
         check_channel_identity(self.peer_platforms, reply.platform, who="destination")
         self.log.info("destination_accepted", destination_platform=dest_id[:16])
+        # The in-flight record (daemon/settle.py), durable before SEND_START: a restarted daemon knows the
+        # session and which platform may answer for it.
+        await self.manager.settle.outgoing_started(self, platform_chip(reply.platform))
 
         p = reply.platform
         policy, session = await self.daemon.psp.run(
@@ -425,6 +428,9 @@ class OutgoingMigration:
 
     async def _handoff(self, ch: Channel) -> None:
         await ch.receive_expect(m.Ready)
+        # "go_sent" is durable before Go can reach the wire (PROTOCOL.md §7.3 rule 2): a restarted daemon
+        # then asks before it resumes (daemon/settle.py).
+        await self.manager.settle.outgoing_go(self)
         await ch.send(m.Go(), on_write=self._commit)
         await ch.receive_expect(m.Started)
         if self.peer_platforms is None:
@@ -441,6 +447,7 @@ class OutgoingMigration:
         except Exception:  # noqa: BLE001 - the guest runs on the destination; a failed local release
             self.log.exception("release_failed")  # must not turn a completed migration into a failure
             self.hosted.state = "migrated"
+        await self.manager.settle.outgoing_settled(self, "released", "completed")
         self.log.info("migration_completed", total_time_ms=self.stats.total_time_ms,
                       downtime_ms=self.stats.downtime_ms, rounds=self.stats.round,
                       transferred=self.stats.transferred, throughput_mbps=self.stats.throughput_mbps,
@@ -512,14 +519,20 @@ class OutgoingMigration:
                 self.stats.status = "uncertain"
                 self.stats.fail(err.code.name, f"hand-off uncertain: {err}")
                 self.manager.mark_uncertain(self.hosted.name, self)
+                # Authenticated channel: ask the destination until it answers (daemon/settle.py).
+                asking = self.manager.settle.start_settling(self)
+                then = (f"it is being asked (settlement query, session {self.stats.session_id}) and this "
+                        f"settles by itself once {self.stats.peer} answers; if it cannot be reached, check there: "
+                        if asking else "check there: ")
                 msg = (f"hand-off of guest {self.hosted.name!r} is uncertain: 'go' was sent but 'started' did not "
                        f"come back ({err}). The guest is paused here and may be running on {self.stats.peer}; "
-                       f"check there: if it runs there, `sevmigd ctl resolve {self.hosted.name} --discard` here, "
+                       f"{then}if it runs there, `sevmigd ctl resolve {self.hosted.name} --discard` here, "
                        f"otherwise `sevmigd ctl resolve {self.hosted.name} --run-here`.")
-                self.log.error("migration_uncertain", error=str(err), code=err.code.name)
+                self.log.error("migration_uncertain", error=str(err), code=err.code.name, settling=asking)
                 await self._push_progress(force=True)
                 return MigrationError(err.code, msg)
             self._rollback(err)
+            await self.manager.settle.outgoing_settled(self, "resumed", "rolled_back")
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
             self.log.warning("migration_failed", error=str(err), code=err.code.name,

@@ -48,6 +48,12 @@ class MigrationStats:
     # The channel's handshake id (PROTOCOL.md §9.2): equal in both daemons' figures and logs iff they saw
     # the same handshake (no one in the middle). None until Accept.
     session_id: str | None = None
+    # An uncertain hand-off once settled (issue 17): "released" | "resumed", and by whom: "query" (the
+    # destination's answer to the settlement query), "operator" (`ctl resolve`) or "restart".
+    settlement: str | None = None
+    settled_by: str | None = None
+    settle_attempts: int = 0       # settlement queries tried (source, after an uncertain hand-off)
+    settlement_note: str | None = None  # why it could not settle by itself (e.g. the peer does not know it)
 
     def enter_round(self, wire_round: int) -> int:
         """The migration is in round `wire_round` as the wire numbers it (from 0, PROTOCOL.md); statistics

@@ -63,6 +63,14 @@ def check_peer_platform(platform: dict[str, bytes], *, who: str, trusted_roots: 
     return pid
 
 
+def platform_chip(platform: dict[str, bytes]) -> str:
+    """The chip id of a (verified) chain: `chip_id` of its CEK, what a TLS certificate names (§1)."""
+    try:
+        return chip_id(SevCert.decode(platform["cek"]))
+    except (SevError, KeyError):
+        raise MigrationError(AbortCode.UNTRUSTED_PLATFORM, "platform chain has no usable CEK") from None
+
+
 def check_channel_identity(peer_platforms: frozenset[str] | None, platform: dict[str, bytes], *, who: str) -> None:
     """The authenticated channel's peer must be the platform whose chain it presented (PROTOCOL.md §9.7).
 

@@ -13,7 +13,9 @@ A cell:
   3. wait for both sides to finish (deadline), SIGCONT a stopped daemon, restart a killed one,
      "the network is back" (the proxy goes transparent)
   4. I1 on the snapshot (an uncertain hand-off is allowed only after "go" reached the proxy), then, if
-     uncertain: wait for automatic resolution, else one `resolve` command; then exactly one copy
+     uncertain: wait for its automatic settlement (the source's settlement query through the proxy, now
+     transparent: the network is back), else one `resolve` command -- needed only when the destination
+     daemon was killed after it started the guest (it died with the daemon); then exactly one copy
   5. I2 on the survivor, I4 detection from the proxy's fire time to each daemon's failure log line
   6. I3: both daemons answer, a fresh migration succeeds; I5: leaks against the baseline
 """
@@ -59,8 +61,12 @@ DETECT_SLACK_S = 1.75
 STALL_SLACK_S = 2.0
 # A cell's migration never takes longer than this (deadline; a hang is reported, not waited out).
 CELL_MIGRATE_TIMEOUT_S = 45.0
+# Settlement queries (issue 17) at once, then every 0.25 s doubling to 1 s: once the network is back an
+# uncertain hand-off settles within about a second plus one query.
+SETTLE_RETRY_INITIAL_S = 0.25
+SETTLE_RETRY_MAX_S = 1.0
 # How long the harness waits for an uncertain hand-off to resolve itself before it issues `resolve`.
-AUTO_RESOLVE_WAIT_S = PEER_TIMEOUT_S * 3
+AUTO_RESOLVE_WAIT_S = PEER_TIMEOUT_S * 3 + SETTLE_RETRY_MAX_S
 
 # Fault kinds of the matrix. "immediate": must be detected at once (bound: one keepalive interval, in
 # case the fault only shows at the next frame, plus slack); "stall": within the peer timeout;
@@ -99,6 +105,7 @@ class CellResult:
     detect_dst_s: float | None = None
     fired: str = ""
     resolve_commands: int = 0
+    settled_by_query: bool = False     # an uncertain hand-off settled by the settlement query, no command
     seconds: float = 0.0
     logs: list = field(default_factory=list)  # failing cells: both daemons' log lines of the cell (diagnosis)
 
@@ -182,7 +189,8 @@ class Harness:
         self.netns = netns
         self.guest = guest
         self.config = {"peer_timeout_s": peer_timeout_s, "keepalive_interval_s": keepalive_s,
-                       "handshake_timeout_s": handshake_timeout_s, "max_total_s": MAX_TOTAL_S}
+                       "handshake_timeout_s": handshake_timeout_s, "max_total_s": MAX_TOTAL_S,
+                       "settle_retry_initial_s": SETTLE_RETRY_INITIAL_S, "settle_retry_max_s": SETTLE_RETRY_MAX_S}
         self.peer_timeout_s = peer_timeout_s
         self.keepalive_s = keepalive_s
         self.daemons: list[DaemonProcess] = []
@@ -314,8 +322,14 @@ class Harness:
             dst.thaw()
             if kind == "stop_dst" and dst.alive:
                 await self._wait_dst_settled(dst, ld)
+            # The proxy stays, transparent, until the cell is judged: its address is the destination's
+            # for the source, whose settlement queries go there once the network is back.
+            await self._judge_cell(res, proxy, fault, outcome, src, dst, base_src, base_dst, ls, ld)
             nursery.cancel_scope.cancel()
 
+    async def _judge_cell(self, res: CellResult, proxy: FaultProxy, fault: Fault, outcome: dict, src: DaemonProcess,
+                          dst: DaemonProcess, base_src, base_dst, ls: int, ld: int) -> None:
+        kind, phase = res.kind, res.phase
         res.fired = fault.fired_info if fault.fired_at is not None else "not fired"
         if fault.fired_at is None:
             res.failures.append(f"ERR fault {kind}@{phase} never fired (phases seen {proxy.phases_seen})")
@@ -367,6 +381,9 @@ class Harness:
         if c.uncertain_on():
             res.outcome = "uncertain"
             c = await self._resolve(c, src, dst, res)
+            if res.resolve_commands and not killed_dst and not killed_src:
+                res.failures.append("I1 the uncertain hand-off did not settle by itself with the destination "
+                                    "reachable again (settlement query)")
         res.outcome += "->" + ("/".join(c.running_on()) or "none")
         running = c.running_on()
         if len(running) != 1 and not (killed_src and not running):
@@ -536,6 +553,7 @@ class Harness:
                 await trio.sleep(0.1)  # automatic resolution is the daemons' business: look again
                 c = await inv.copies(self.daemons, self.guest)
         if not c.uncertain_on():
+            res.settled_by_query = True
             return c
         dst_runs = c.states.get(dst.name) in inv.RUNNING_STATES
         target = src if src.name in c.uncertain_on() else dst

@@ -83,7 +83,7 @@ class _Raw:
 # Wire type codes (PROTOCOL.md §5, sevmigd.wire.messages.MsgType) by the names used in fault scripts.
 TYPE_NAMES = {1: "hello", 2: "accept", 3: "refuse", 4: "start", 5: "pages", 6: "round_end", 7: "bitmap",
               8: "vcpu_state", 9: "complete", 10: "ready", 11: "go", 12: "started", 13: "keepalive",
-              14: "abort"}
+              14: "abort", 15: "query", 16: "answer"}
 # Field names in wire order after [type, seq] (PROTOCOL.md §5); every body ends with the mac.
 FIELDS = {
     "hello": ("version", "features", "platform", "guest_name", "memory_bytes", "policy", "vcpus", "es",
@@ -98,6 +98,8 @@ FIELDS = {
     "complete": ("pages_total",),
     "ready": (), "go": (), "started": (), "keepalive": (),
     "abort": ("code", "reason"),
+    "query": ("magic", "version", "migration_id", "session_id"),
+    "answer": ("session_id", "outcome", "reason"),
 }
 
 # Phases of a migration, in order, as the issue names them.
@@ -223,6 +225,7 @@ class _Dir:
     capture: bytearray = field(default_factory=bytearray)
     pending: int = 0                              # chunks queued in the delay line, not yet sent
     queued: int = 0                               # bytes queued in the delay line, not yet sent
+    conn: dict | None = None                      # both _Dirs of this direction's connection
     drained: trio.Event = field(default_factory=trio.Event)  # set whenever the sender sent a chunk
     round: int = 0                                # current pre-copy round (from Pages / RoundEnd)
     stop_copy: bool = False                       # Bitmap seen
@@ -259,6 +262,7 @@ class FaultProxy:
         self.port: int | None = None
         self.connections = 0
         self.dirs = {C2S: _Dir(C2S), S2C: _Dir(S2C)}
+        self._capture = {n: d.capture for n, d in self.dirs.items()}   # all connections, per direction
         self._delay = 0.0
         self._rate = 0.0
         self._blackholed = False
@@ -299,8 +303,14 @@ class FaultProxy:
     # -- internals ------------------------------------------------------------------------------
     async def _handle(self, client: trio.SocketStream):
         self.connections += 1
-        for d in self.dirs.values():
-            d.reset()
+        # Each connection follows its own frames. `self.dirs` are those of the migration connection: the
+        # first one, then whichever sends a Hello (a settlement query's connection, PROTOCOL.md §7.6,
+        # runs beside a migration connection that may still be open and must not disturb its counts).
+        dirs = {n: _Dir(n, capture=self._capture[n]) for n in (C2S, S2C)}
+        for d in dirs.values():
+            d.conn = dirs
+        if self.connections == 1:
+            self.dirs = dirs
         try:
             server = await trio.open_tcp_stream(*self.target)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -328,8 +338,8 @@ class FaultProxy:
             self._scopes.add(scope)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, server, self.dirs[C2S], scope)
-                    nursery.start_soon(self._pump, server, client, self.dirs[S2C], scope)
+                    nursery.start_soon(self._pump, client, server, dirs[C2S], scope)
+                    nursery.start_soon(self._pump, server, client, dirs[S2C], scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
@@ -422,6 +432,8 @@ class FaultProxy:
 
     def _track(self, d: _Dir, mtype: str | None, first_uint: int | None) -> None:
         """Follow rounds and phases from the frames that cross (before the fault match)."""
+        if mtype == "hello" and d.conn is not None and d.conn is not self.dirs:
+            self.dirs = d.conn
         if mtype == "pages" and first_uint is not None:
             d.round = first_uint
         elif mtype == "bitmap":

@@ -25,6 +25,8 @@ page count must match what the round carried) and raises the same error class.
     COMPLETE --Ready(D)--> READY --Go(S)--> GO --Started(D)--> DONE
     Keepalive(either side): any state from ACCEPTED to DONE, no change.
     Abort(either side): any state but REFUSED/ABORTED/ERROR --> ABORTED.
+    The settlement query, its own conversation on a new connection (PROTOCOL.md §7.6):
+    IDLE --Query(S)--> QUERIED --Answer(D)--> ANSWERED   (no channel keys: the TLS channel authenticates it)
 
 The hand-off (who may run the guest, `Connection.handoff`): "source" until Go is sent; after Go and before
 Started "uncertain" (the source must never resume on its own, the destination holds Go and may start);
@@ -50,9 +52,9 @@ from .errors import AbortCode, LocalProtocolError, ProtocolError, RemoteProtocol
 from .framing import (MAC_PREFIX, NIL, PREFIX, FrameBuffer, FramingError, Reader, array_header, bin_header,
                       pack, strict_unpack, uint)
 from .limits import MAX_MAX_FRAME, MIN_MAX_FRAME, PAGE_SIZE, SEV_HDR_SIZE, Limits
-from .messages import (IGNORABLE_TYPES, MAGIC, N_FIELDS, TYPE_OF, Abort, Accept, Bitmap, Complete, Go, Hello, MsgType,
-                       Pages, RoundEnd, Start, Started, VcpuState, check, fields_of, message_from_fields,
-                       wire_fields)
+from .messages import (IGNORABLE_TYPES, MAGIC, N_FIELDS, TYPE_OF, Abort, Accept, Answer, Bitmap, Complete, Go, Hello,
+                       MsgType, Pages, Query, RoundEnd, Start, Started, VcpuState, check, fields_of,
+                       message_from_fields, wire_fields)
 
 # Protocol version this implementation speaks (PROTOCOL.md §6). It accepts a peer Hello of any higher
 # version (answering with this one) and refuses lower ones.
@@ -113,6 +115,8 @@ class State(str, enum.Enum):
     DONE = "DONE"
     REFUSED = "REFUSED"
     ABORTED = "ABORTED"
+    QUERIED = "QUERIED"
+    ANSWERED = "ANSWERED"
     ERROR = "ERROR"
 
     def __str__(self):
@@ -139,6 +143,8 @@ TRANSITIONS: dict[tuple[State, Role, MsgType], State] = {
     (State.COMPLETE, D, T.READY): State.READY,
     (State.READY, S, T.GO): State.GO,
     (State.GO, D, T.STARTED): State.DONE,
+    (State.IDLE, S, T.QUERY): State.QUERIED,
+    (State.QUERIED, D, T.ANSWER): State.ANSWERED,
 }
 # States in which both sides hold the channel keys: every frame carries seq + MAC.
 AUTHENTICATED_STATES = (State.ACCEPTED, State.PRECOPY, State.STOP_COPY, State.STOP_COPY_VCPU,
@@ -146,7 +152,7 @@ AUTHENTICATED_STATES = (State.ACCEPTED, State.PRECOPY, State.STOP_COPY, State.ST
 for _st in AUTHENTICATED_STATES:
     for _r in (S, D):
         TRANSITIONS[(_st, _r, T.KEEPALIVE)] = _st
-for _st in (State.IDLE, State.HELLO_SENT) + AUTHENTICATED_STATES:
+for _st in (State.IDLE, State.HELLO_SENT, State.QUERIED) + AUTHENTICATED_STATES:
     for _r in (S, D):
         TRANSITIONS[(_st, _r, T.ABORT)] = State.ABORTED
 del _st, _r
@@ -154,7 +160,7 @@ del _st, _r
 CLASS_NAME = {t: c.__name__ for c, t in TYPE_OF.items()}
 
 # Where a clean EOF (CLOSED) is legal; EOF anywhere else is a RemoteProtocolError (truncation).
-CLEAN_EOF_STATES = (State.IDLE, State.DONE, State.REFUSED, State.ABORTED)
+CLEAN_EOF_STATES = (State.IDLE, State.DONE, State.REFUSED, State.ABORTED, State.ANSWERED)
 
 
 def negotiate_version(peer_version: int) -> int | None:
@@ -188,6 +194,7 @@ class Connection:
         self._peer_max_frame = MIN_MAX_FRAME
         self.hello: Hello | None = None      # the Hello of this conversation (sent or received)
         self.accept: Accept | None = None    # the Accept of this conversation (sent or received)
+        self.query: Query | None = None      # the settlement Query of this conversation (sent or received)
         self.version: int | None = None
         self.features: frozenset[str] = frozenset()
         self.npages: int | None = None
@@ -373,6 +380,14 @@ class Connection:
                 raise err(AbortCode.VERSION_MISMATCH,
                           f"Accept version {msg.version} is not within [{MIN_PROTOCOL_VERSION}, "
                           f"{min(hv, PROTOCOL_VERSION)}] (Hello offered {hv})")
+        elif t is Query:
+            if sender is self.role and msg.version != PROTOCOL_VERSION:
+                raise err(AbortCode.VERSION_MISMATCH, f"we speak version {PROTOCOL_VERSION}, not {msg.version}")
+            if msg.version < MIN_PROTOCOL_VERSION:
+                raise err(AbortCode.VERSION_MISMATCH, f"query of version {msg.version}: not supported")
+        elif t is Answer:
+            if msg.session_id != self.query.session_id:
+                raise err(AbortCode.PROTOCOL_ERROR, "the answer is about another session than the query")
         elif t is Start:
             if msg.policy != self.hello.policy:
                 raise err(AbortCode.POLICY_REFUSED, f"Start policy {msg.policy:#x} differs from Hello's "
@@ -430,6 +445,8 @@ class Connection:
                 raise cls(AbortCode.INTEGRITY_FAILURE, f"key exchange failed: {e}") from None
             s2d, d2s = integrity.frame_keys(self._keys, self.features)
             self._send_key, self._recv_key = (s2d, d2s) if self.role is Role.SOURCE else (d2s, s2d)
+        elif t is Query:
+            self.query = msg
         elif t is Pages:
             self._round_open = True
             self._round_pages += msg.npages
@@ -645,12 +662,15 @@ def decode_body(body, *, key: bytes | None, limits: Limits, expected_seq: int | 
     if len(obj) != want:
         raise R(AbortCode.PROTOCOL_ERROR, f"{CLASS_NAME[mtype]} has {len(obj) - 3} fields, expected {want - 3}")
     fields = obj[2:-1]
-    if mtype in (MsgType.HELLO, MsgType.ACCEPT):
+    if mtype in (MsgType.HELLO, MsgType.ACCEPT, MsgType.QUERY):
         if type(fields[0]) is not str or fields[0] != MAGIC:
             raise R(AbortCode.PROTOCOL_ERROR, f"bad magic {fields[0]!r}: the peer does not speak {MAGIC!r}")
-        extras = tuple(fields[-2:])
-        fields = fields[1:-2]
-        _check_extras(extras[0], extras[1], R)
+        if mtype is MsgType.QUERY:
+            fields = fields[1:]
+        else:
+            extras = tuple(fields[-2:])
+            fields = fields[1:-2]
+            _check_extras(extras[0], extras[1], R)
     return seq, message_from_fields(mtype, fields, R, limits), extras
 
 

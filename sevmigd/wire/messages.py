@@ -52,6 +52,8 @@ class MsgType(enum.IntEnum):
     STARTED = 12
     KEEPALIVE = 13
     ABORT = 14
+    QUERY = 15
+    ANSWER = 16
 
 
 IGNORABLE_TYPES = range(0x40, 0x80)
@@ -203,14 +205,44 @@ class Abort:
     reason: str
 
 
+# The settlement query (PROTOCOL.md §7.6): its own conversation on a new connection, after a hand-off the
+# source could not finish (Go sent, Started not received).
+OUTCOME_STARTED = "started"
+OUTCOME_NOT_STARTED = "not_started"
+OUTCOME_UNKNOWN = "unknown"
+OUTCOMES = (OUTCOME_STARTED, OUTCOME_NOT_STARTED, OUTCOME_UNKNOWN)
+SESSION_ID_CHARS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """source -> destination, first frame of a settlement connection: did the migration whose channel had
+    `session_id` (PROTOCOL.md §9.2) start the guest on you? `migration_id` names it in the logs."""
+
+    version: int
+    migration_id: str
+    session_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """destination -> source: `outcome` for the queried session ("started", "not_started" -- a promise that it
+    never will -- or "unknown"); `session_id` echoes the query's. Ends the connection."""
+
+    session_id: str
+    outcome: str
+    reason: str
+
+
 Message = (Hello | Accept | Refuse | Start | Pages | RoundEnd | Bitmap | VcpuState | Complete | Ready | Go
-           | Started | Keepalive | Abort)
+           | Started | Keepalive | Abort | Query | Answer)
 
 TYPE_OF: dict[type, MsgType] = {
     Hello: MsgType.HELLO, Accept: MsgType.ACCEPT, Refuse: MsgType.REFUSE, Start: MsgType.START,
     Pages: MsgType.PAGES, RoundEnd: MsgType.ROUND_END, Bitmap: MsgType.BITMAP,
     VcpuState: MsgType.VCPU_STATE, Complete: MsgType.COMPLETE, Ready: MsgType.READY, Go: MsgType.GO,
-    Started: MsgType.STARTED, Keepalive: MsgType.KEEPALIVE, Abort: MsgType.ABORT,
+    Started: MsgType.STARTED, Keepalive: MsgType.KEEPALIVE, Abort: MsgType.ABORT, Query: MsgType.QUERY,
+    Answer: MsgType.ANSWER,
 }
 CLASS_OF: dict[MsgType, type] = {t: c for c, t in TYPE_OF.items()}
 
@@ -221,6 +253,7 @@ N_FIELDS = {
     MsgType.HELLO: 9 + 3, MsgType.ACCEPT: 3 + 3, MsgType.REFUSE: 2, MsgType.START: 3, MsgType.PAGES: 6,
     MsgType.ROUND_END: 3, MsgType.BITMAP: 2, MsgType.VCPU_STATE: 3, MsgType.COMPLETE: 1,
     MsgType.READY: 0, MsgType.GO: 0, MsgType.STARTED: 0, MsgType.KEEPALIVE: 0, MsgType.ABORT: 2,
+    MsgType.QUERY: 1 + 3, MsgType.ANSWER: 3,
 }
 
 
@@ -329,6 +362,13 @@ def _regs(v, err, limits: Limits):
     return tuple(out)
 
 
+def _session_id(v, err) -> str:
+    v = _text(v, "session_id", err, lo=SESSION_ID_CHARS, hi=SESSION_ID_CHARS)
+    if any(c not in "0123456789abcdef" for c in v):
+        _fail(err, "session_id: expected 32 lower-case hex digits")
+    return v
+
+
 def check(msg, err, limits: Limits) -> Any:
     """Validate the static shape of `msg`; return it normalised (tuples, bytes, AbortCode). Raises `err`."""
     t = type(msg)
@@ -384,6 +424,16 @@ def check(msg, err, limits: Limits) -> Any:
         return Complete(pages_total=_uint(msg.pages_total, 64, "pages_total", err))
     if t in (Ready, Go, Started, Keepalive):
         return msg
+    if t is Query:
+        return Query(version=_uint(msg.version, 32, "version", err),
+                     migration_id=_text(msg.migration_id, "migration_id", err, lo=1, hi=limits.max_name_chars),
+                     session_id=_session_id(msg.session_id, err))
+    if t is Answer:
+        outcome = _text(msg.outcome, "outcome", err, lo=1, hi=32)
+        if outcome not in OUTCOMES:
+            _fail(err, f"outcome: {outcome!r} is not one of {', '.join(OUTCOMES)}")
+        return Answer(session_id=_session_id(msg.session_id, err), outcome=outcome,
+                      reason=_text(msg.reason, "reason", err, lo=0, hi=limits.max_reason_chars))
     if t is Pages:
         return msg  # checked column by column on the fast path (connection.py)
     _fail(err, f"not a protocol message: {t.__name__}")
@@ -410,12 +460,16 @@ def fields_of(msg) -> list:
         return [regs, msg.vmsa_header, msg.vmsa]
     if t is Complete:
         return [msg.pages_total]
+    if t is Query:
+        return [msg.version, msg.migration_id, msg.session_id]
+    if t is Answer:
+        return [msg.session_id, msg.outcome, msg.reason]
     return []
 
 
 def wire_fields(msg, extras=()) -> list:
     """All positional wire fields of a non-Pages message: MAGIC + fields + extras for Hello/Accept."""
-    if type(msg) in (Hello, Accept):
+    if type(msg) in (Hello, Accept, Query):
         return [MAGIC, *fields_of(msg), *extras]
     return fields_of(msg)
 
@@ -443,11 +497,16 @@ def message_from_fields(mtype: MsgType, f: list, err, limits: Limits):
         msg = VcpuState(regs=f[0], vmsa_header=f[1], vmsa=f[2])
     elif mtype is MsgType.COMPLETE:
         msg = Complete(pages_total=f[0])
+    elif mtype is MsgType.QUERY:
+        msg = Query(version=f[0], migration_id=f[1], session_id=f[2])
+    elif mtype is MsgType.ANSWER:
+        msg = Answer(session_id=f[0], outcome=f[1], reason=f[2])
     else:
         msg = CLASS_OF[mtype]()
     return check(msg, err, limits)
 
 
 __all__ = ["MsgType", "Hello", "Accept", "Refuse", "Start", "Pages", "RoundEnd", "Bitmap", "VcpuState",
-           "Complete", "Ready", "Go", "Started", "Keepalive", "Abort", "Message", "TYPE_OF", "CLASS_OF",
+           "Complete", "Ready", "Go", "Started", "Keepalive", "Abort", "Query", "Answer", "OUTCOMES",
+           "OUTCOME_STARTED", "OUTCOME_NOT_STARTED", "OUTCOME_UNKNOWN", "Message", "TYPE_OF", "CLASS_OF",
            "PLATFORM_NAMES", "ProtocolError"]
