@@ -297,3 +297,38 @@ async def test_attack_fake_destination_answering_the_query_cannot_make_the_sourc
     st = a.ctl_json("status", "g")
     assert st["migration"]["settlement"] == "released" and st["migration"]["settled_by"] == "query"
     assert b.execute("verify", {"name": "g"})["ok"]
+
+
+# ------------------------------------------------------------------------------ the records on disk
+
+
+def test_records_are_private_atomic_and_damaged_ones_are_reported(tmp_path):
+    from sevmigd.daemon.settle import KEEP_FINISHED, Record, RecordStore
+    st = RecordStore(str(tmp_path))
+    rec = Record("destination", "m1", "ab" * 16, "g", "127.0.0.1:1", "c" * 64, "ready", updated_at=1.0)
+    st.save(rec)
+    path = tmp_path / "migrations" / rec.file_name
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "migrations").stat().st_mode) == 0o700
+    assert not [p for p in (tmp_path / "migrations").iterdir() if p.name.startswith(".")]  # no temporaries left
+    rec.phase = "committed"
+    st.save(rec)
+    (tmp_path / "migrations" / "source-x-y.json").write_bytes(b"{not json")
+    os.chmod(tmp_path / "migrations" / "source-x-y.json", 0o600)
+    bad_phase = Record("source", "m2", "cd" * 16, "g", "h:1", "c" * 64, "go_sent")
+    st.save(bad_phase)
+    p2 = tmp_path / "migrations" / bad_phase.file_name
+    p2.write_text(p2.read_text().replace("go_sent", "flying"))
+    recs, bad = st.load()
+    assert [(r.migration_id, r.phase) for r in recs] == [("m1", "committed")]
+    assert len(bad) == 2 and any("source-x-y.json" in b for b in bad) and any("flying" in b for b in bad)
+    # finished records beyond KEEP_FINISHED per role are pruned, oldest first; unfinished ones never
+    many = [Record("source", f"p{i:04d}", "ef" * 16, "g", "h:1", "c" * 64, "settled", "released", "completed",
+                   updated_at=float(i)) for i in range(KEEP_FINISHED + 3)]
+    live = Record("source", "live", "ef" * 16, "g", "h:1", "c" * 64, "go_sent", updated_at=0.0)
+    for r in many + [live]:
+        st.save(r)
+    recs, _ = st.load()
+    st.prune(recs)
+    left = {r.migration_id for r in st.load()[0] if r.role == "source"}
+    assert "live" in left and "p0000" not in left and "p0002" not in left and f"p{KEEP_FINISHED + 2:04d}" in left

@@ -72,6 +72,12 @@ class DaemonMetrics:
                                  "shutdown (guest kept running on the source)", ["role"], registry=r)
         self.uncertain = Counter("sevmigd_migrations_uncertain", "Outgoing migrations whose hand-off was left "
                                  "uncertain ('go' sent, 'started' never heard): needs `ctl resolve`", registry=r)
+        self.settled = Counter("sevmigd_migrations_settled", "Uncertain hand-offs settled, by how ('query': the "
+                               "destination's answer to the settlement query; 'operator': `ctl resolve`) and "
+                               "the resolution (released | resumed)", ["by", "resolution"], registry=r)
+        for by in ("query", "operator"):
+            for resolution in ("released", "resumed"):
+                self.settled.labels(by, resolution)
         self.data_processed = Counter("sevmigd_migrations_data_processed_bytes", "Bytes put on (source) or "
                                       "taken off (destination) the wire by finished migrations", ["role"],
                                       registry=r)
@@ -106,6 +112,10 @@ class DaemonMetrics:
             code = d.get("error_code") or "INTERNAL_ERROR"
             self.failed.labels(role, str(code)).inc()
         self.data_processed.labels(role).inc(max(int(d.get("transferred") or 0), 0))
+
+    def hand_off_settled(self, by: str, resolution: str) -> None:
+        """An uncertain hand-off was settled (daemon/settle.py, `ctl resolve`)."""
+        self.settled.labels(by, resolution).inc()
 
     def watch_psp(self, runner: PspRunner) -> None:
         """Count and time every firmware command the daemon runs: an observer on its PspRunner (the one

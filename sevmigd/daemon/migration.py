@@ -360,6 +360,7 @@ class MigrationManager:
             resolution, settlement = "released on the source (runs on the destination)", "released"
         mig.stats.settlement, mig.stats.settled_by = settlement, by
         self.settle.counts[by] = self.settle.counts.get(by, 0) + 1
+        self.daemon.metrics.hand_off_settled(by, settlement)
         self.settle.outgoing_settled_soon(mig, settlement, by)
         self.daemon.log.warning("migration_resolved", guest=name, migration_id=mig.stats.migration_id,
                                 resolution=resolution, settled_by=by)
@@ -373,6 +374,30 @@ class MigrationManager:
                 self.history[i] = dict(d)
         d["resolution"] = resolution
         return d
+
+    def settle_restored_guest(self, name: str, *, run_here: bool) -> None:
+        """A guest that outlived its daemon (its VMM, re-adopted) in the middle of an outgoing migration
+        of the previous daemon process, settled by daemon/settle.py after a restart: `run_here` (before go,
+        or the destination answered not_started) -> SEND_CANCEL (SUPDATE -> RUNNING), dirty log and
+        throttle off, resume; else (answered started) -> SEND_FINISH, DECOMMISSION, state migrated."""
+        hosted = self.daemon.guests.get(name)
+        if hosted is None:
+            return
+        vm = hosted.vm
+        host = vm.host
+        log = self.daemon.log.bind(guest=name)
+        if run_here:
+            steps = (("SEND_CANCEL", host.sev.send_cancel), ("throttle off", lambda: host.set_throttle(0)),
+                     ("dirty log off", host.disable_dirty_log), ("resume", host.resume))
+        else:
+            steps = (("stop vCPUs", hosted.stop_vcpus), ("SEND_FINISH", host.sev.send_finish),
+                     ("release", vm.release))
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a step the context's state already made moot
+                log.warning("restored_guest_step_failed", step=what, error=f"{type(exc).__name__}: {exc}")
+        hosted.state = "running" if run_here else "migrated"
 
     def active(self) -> int:
         """Migrations in progress, both directions."""

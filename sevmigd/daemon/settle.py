@@ -381,9 +381,12 @@ class Settlement:
                                  session_id=rec.session_id, note="the incoming copy did not survive the daemon")
         for rec in list(self.outgoing.values()):
             if rec.phase == "started":
-                # Before go: the guest is the source's. Without a surviving guest here there is nothing to
-                # resume; the destination discards its partial copy (its connection died with us).
+                # Before go: the guest is the source's (PROTOCOL.md §7.3 rule 1). A guest that survived the
+                # daemon (its VMM) resumes here (SEND_CANCEL); without one there is nothing to resume. The
+                # destination discards its partial copy (its connection died with us).
                 hosted = self.daemon.guests.get(rec.guest)
+                if hosted is not None:
+                    self.manager.settle_restored_guest(rec.guest, run_here=True)
                 rec.phase, rec.settled_by = "settled", "restart"
                 rec.resolution = "resumed" if hosted is not None else "lost"
                 await self._save_quietly(rec)
@@ -405,11 +408,10 @@ class Settlement:
             if answer is not None and answer.outcome != m.OUTCOME_UNKNOWN:
                 hosted = self.daemon.guests.get(rec.guest)
                 started = answer.outcome == m.OUTCOME_STARTED
-                # A guest that survived the daemon (its VMM) is settled by the migration layer's hook;
-                # without one, the answer says where the guest is: on the destination, or nowhere.
-                hook = getattr(self.manager, "settle_restored_guest", None)
-                if hosted is not None and hook is not None:
-                    hook(rec.guest, run_here=not started)
+                # A guest that survived the daemon (its VMM) is released or resumed; without one, the
+                # answer says where the guest is: on the destination, or nowhere.
+                if hosted is not None:
+                    self.manager.settle_restored_guest(rec.guest, run_here=not started)
                     rec.resolution = "resumed" if not started else "released"
                 else:
                     rec.resolution = "released" if started else "lost"
