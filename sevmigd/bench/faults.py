@@ -21,7 +21,7 @@ import time
 
 import trio
 
-from sevmigd.testing.cells import KINDS, PEER_TIMEOUT_S, Harness
+from sevmigd.testing.cells import DAEMON_DEATHS, KINDS, PEER_TIMEOUT_S, Harness, guests_outlive_daemons
 from sevmigd.testing.faultproxy import PHASES
 
 
@@ -128,6 +128,10 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     print(f"fault matrix: {len(kinds)} kinds x {len(phases)} phases x {a.seeds} seeds = "
           f"{len(kinds) * len(phases) * a.seeds} cells (peer_timeout_s {PEER_TIMEOUT_S} s)", flush=True)
+    if any(k in DAEMON_DEATHS for k in kinds):
+        print("daemon deaths: " + ("the guest must survive (VMM processes)" if guests_outlive_daemons() else
+                                   "guests live in the daemon process, so a dead source daemon's guest may be lost "
+                                   "(allowed until VMM processes, issue 17)"), flush=True)
     try:
         results = trio.run(lambda: run(kinds, phases, a.seeds, root, verbose=a.verbose))
     finally:

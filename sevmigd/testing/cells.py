@@ -23,6 +23,7 @@ A cell:
 from __future__ import annotations
 
 import pathlib
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -80,7 +81,16 @@ KINDS = {
     "truncate": "immediate", "duplicate": "immediate", "replay": "immediate", "reorder": "next_frame",
     "drop": "next_frame", "latency": "benign", "collapse": "benign",
     "kill_dst": "immediate", "stop_dst": "stall", "kill_src": "immediate",
+    "restart_src": "immediate", "restart_dst": "immediate",
 }
+# Daemon deaths (issue 17): kill_src / kill_dst are SIGKILL at the phase and a restart on the same state dir,
+# port and runtime dir; restart_src / restart_dst are a graceful restart (SIGTERM, wait for the exit, start
+# again). The guest must survive its daemon's death only where VMM processes keep guests outside the daemon
+# (`Harness.guests_survive`); in-daemon guests die with it, which the rules below then allow.
+DAEMON_DEATHS = ("kill_src", "kill_dst", "restart_src", "restart_dst")
+RESTARTS = ("restart_src", "restart_dst")
+# A graceful stop waits for migrations up to the daemon's SHUTDOWN_MIGRATIONS_S (20 s), then exits.
+RESTART_EXIT_TIMEOUT_S = 40.0
 # Fields corrupted by corrupt_data, per phase (the seed picks one): ciphertext, SEV packet header and a
 # shared page in the rounds; the bitmap, the last pages and the vCPU state in stop-and-copy; the MAC of
 # the bodiless control messages; the key share / session blob in the handshake.
@@ -166,6 +176,10 @@ def fault_for(kind: str, phase: str, seed: int, harness: "Harness", src: DaemonP
         return Fault("call", action=dst.freeze, **base)
     if kind == "kill_src":
         return Fault("call", action=src.kill_nowait, **base)
+    if kind == "restart_src":
+        return Fault("call", action=lambda: src.send_signal(signal.SIGTERM), **base)
+    if kind == "restart_dst":
+        return Fault("call", action=lambda: dst.send_signal(signal.SIGTERM), **base)
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
@@ -194,6 +208,11 @@ class Harness:
         self.peer_timeout_s = peer_timeout_s
         self.keepalive_s = keepalive_s
         self.daemons: list[DaemonProcess] = []
+        # Guests outlive their daemon when the daemons run one VMM process per guest (issue 17, the `vmm`
+        # config key); then a daemon's death at any phase must lose no guest.
+        self.guests_survive = guests_outlive_daemons()
+        if self.guests_survive:
+            self.config["vmm"] = "process"
         self.loc = 0           # index of the daemon holding the guest
         self.launches = 0
         self.log = log or (lambda *a: None)
@@ -322,6 +341,8 @@ class Harness:
             dst.thaw()
             if kind == "stop_dst" and dst.alive:
                 await self._wait_dst_settled(dst, ld)
+            if kind in RESTARTS:   # the graceful stop runs its course before the daemon starts again
+                await self._wait_exit(src if kind == "restart_src" else dst)
             # The proxy stays, transparent, until the cell is judged: its address is the destination's
             # for the source, whose settlement queries go there once the network is back.
             await self._judge_cell(res, proxy, fault, outcome, src, dst, base_src, base_dst, ls, ld)
@@ -351,25 +372,35 @@ class Harness:
         await self._judge(res, src, dst, base_src, base_dst, ls, ld, killed_src=killed_src, killed_dst=killed_dst,
                           go_crossed=go_crossed, go_sent=proxy.dirs["c2s"].counts.get("go", 0) > 0,
                           hello_seen=proxy.dirs["c2s"].counts.get("hello", 0) > 0, fired_mono=fault.fired_mono,
-                          cls=KINDS[kind], dst_frozen=kind == "stop_dst")
+                          cls=KINDS[kind], dst_frozen=kind == "stop_dst",
+                          started_crossed=proxy.dirs["s2c"].counts.get("started", 0) > 0)
 
     async def _judge(self, res: CellResult, src: DaemonProcess, dst: DaemonProcess, base_src, base_dst, ls: int, ld: int,
                      *, killed_src: bool, killed_dst: bool, go_crossed: bool, go_sent: bool, hello_seen: bool,
-                     fired_mono: float | None, cls: str, dst_frozen: bool = False) -> None:
+                     fired_mono: float | None, cls: str, dst_frozen: bool = False,
+                     started_crossed: bool = False) -> None:
         """Invariants I1-I5 after a fault (see the module docstring); appends to res.failures."""
         phase, name = res.phase, self.guest
 
         # ---- I1 before resolution
         c = await inv.copies(self.daemons, name)
+        # Without VMM processes a guest dies with its daemon: the source's copy with a dead source daemon,
+        # the destination's (started on go, and Started reached the source, which released its own) with a
+        # dead destination daemon. Allowed only then.
+        lost_ok = not self.guests_survive and (killed_src or (killed_dst and started_crossed))
         mig_src = c.migration.get(src.name) or {}
         res.error_code = mig_src.get("error_code")
         if killed_src:
-            # The guest lived in the killed source; the destination may only run it if "go" reached it.
+            # The destination may only run the guest if "go" reached it. Whether the source's copy outlived
+            # its daemon depends on where guests live (VMM processes: they must).
             if c.states.get(dst.name) == "running" and not go_sent:
                 res.failures.append(f"I1 destination started the guest without go (source killed at {phase})")
-            res.failures += inv.check_copies(c, allow_uncertain=True, allow_none=True)
+            res.failures += inv.check_copies(c, allow_uncertain=True, allow_none=not self.guests_survive)
         elif killed_dst:
-            res.failures += inv.check_copies(c, expect_on=src.name, allow_uncertain=go_crossed or phase in ("go", "confirmation"))
+            # A guest started on the destination survives its daemon only in a VMM process.
+            expect = None if (self.guests_survive and go_crossed) else src.name
+            res.failures += inv.check_copies(c, expect_on=expect, allow_uncertain=go_crossed or phase in ("go", "confirmation"),
+                                             allow_none=lost_ok)
         elif res.outcome == "completed":
             res.failures += inv.check_copies(c, expect_on=dst.name)
         else:
@@ -386,7 +417,7 @@ class Harness:
                                     "reachable again (settlement query)")
         res.outcome += "->" + ("/".join(c.running_on()) or "none")
         running = c.running_on()
-        if len(running) != 1 and not (killed_src and not running):
+        if len(running) != 1 and not (lost_ok and not running):
             res.failures.append(f"I1 after resolution: running on {running or 'no daemon'} ({c.states})")
 
         # ---- I2 on the survivor
@@ -422,7 +453,7 @@ class Harness:
         if survivor is None:
             for d in self.daemons:  # the guest died with its host: drop leftovers, launch it again
                 st, _, _ = await inv.guest_state(d, name)
-                if st is not None and st not in ("migrated",):
+                if st is not None:   # (a "migrated" leftover too: launch needs the name free)
                     await d.try_call("stop", {"name": name})
             await self.launch(src)
             survivor = src
@@ -521,6 +552,16 @@ class Harness:
                           go_crossed=when != "first_round", go_sent=when != "first_round", hello_seen=True,
                           fired_mono=fired.get("t"), cls=cls)
 
+    async def _wait_exit(self, d: DaemonProcess) -> None:
+        """Until a SIGTERMed daemon has exited (deadline; then it is killed, which the cell reports)."""
+        if d.proc is None:
+            return
+        try:
+            await trio.to_thread.run_sync(lambda: d.proc.wait(RESTART_EXIT_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: a graceful stop that hangs
+            d.kill_nowait()
+            raise AssertionError(f"daemon {d.name} did not exit within {RESTART_EXIT_TIMEOUT_S} s of SIGTERM")
+
     async def _cancel_hung(self, src: DaemonProcess, start: int) -> None:
         """A migration that outlived the cell's deadline: cancel it (as an operator would) and wait for the
         source to log its end, so the next checks see a settled daemon."""
@@ -580,8 +621,15 @@ LOG_KEYS = ("event", "level", "error", "code", "round", "decision", "pages", "by
             "migration_id", "role", "detail", "resolution")
 
 
+def guests_outlive_daemons() -> bool:
+    """True when this sevmigd runs guests in VMM processes that survive the daemon (the `vmm` config key
+    of issue 17, value "process"); False while guests live inside the daemon process."""
+    from sevmigd.daemon.config import Config
+    return "vmm" in Config.__dataclass_fields__
+
+
 def fault_after_go(phase: str) -> bool:
     return PHASES.index(phase) >= PHASES.index("go")
 
 
-__all__ = ["Harness", "CellResult", "KINDS", "PHASES", "fault_for"]
+__all__ = ["Harness", "CellResult", "KINDS", "PHASES", "DAEMON_DEATHS", "fault_for", "guests_outlive_daemons"]
