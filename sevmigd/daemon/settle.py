@@ -368,23 +368,36 @@ class Settlement:
                           unfinished=sum(1 for r in recs if not r.finished))
 
     async def resume(self) -> None:
-        """After `restore()` (and re-adoption): settle what a previous daemon process left unfinished."""
+        """After `restore()` and the re-adoption of guests that outlived the previous daemon process (VMM
+        processes, daemon/vmmhost.py): settle what that process left unfinished."""
         for entry in list(self.incoming.values()):
             rec = entry.rec
+            hosted = self.daemon.guests.get(rec.guest)
             if rec.phase == "committed" and entry.mig is None:
-                hosted = self.daemon.guests.get(rec.guest)
-                entry.lost = hosted is None or getattr(hosted, "state", None) not in ("running", "paused")
+                if hosted is not None and hosted.state == "incoming":
+                    # Committed (the promise "started" was on disk) but the process died before the start:
+                    # keep the promise now.
+                    try:
+                        hosted.vm.start_incoming()
+                        self.daemon.start_guest(hosted)
+                        self.log.warning("incoming_started_after_restart", guest=rec.guest,
+                                         migration_id=rec.migration_id, session_id=rec.session_id)
+                    except Exception as exc:  # noqa: BLE001 - reported as lost below
+                        self.log.error("incoming_start_after_restart_failed", guest=rec.guest, error=str(exc))
+                entry.lost = hosted is None or hosted.state not in ("running", "paused")
             if rec.phase in ("receiving", "ready") and entry.survivor is None:
                 rec.phase = "aborted"
                 await self._save_quietly(rec)
+                if hosted is not None and hosted.state == "incoming":
+                    self._discard_incoming(rec.guest, hosted)   # its Go could only come on the dead connection
                 self.log.warning("incoming_discarded_after_restart", guest=rec.guest, migration_id=rec.migration_id,
-                                 session_id=rec.session_id, note="the incoming copy did not survive the daemon")
+                                 session_id=rec.session_id, note="an unfinished incoming copy never starts")
         for rec in list(self.outgoing.values()):
+            hosted = self.daemon.guests.get(rec.guest)
             if rec.phase == "started":
                 # Before go: the guest is the source's (PROTOCOL.md §7.3 rule 1). A guest that survived the
                 # daemon (its VMM) resumes here (SEND_CANCEL); without one there is nothing to resume. The
                 # destination discards its partial copy (its connection died with us).
-                hosted = self.daemon.guests.get(rec.guest)
                 if hosted is not None:
                     self.manager.settle_restored_guest(rec.guest, run_here=True)
                 rec.phase, rec.settled_by = "settled", "restart"
@@ -394,7 +407,17 @@ class Settlement:
                 self.log.warning("outgoing_settled_after_restart", guest=rec.guest, migration_id=rec.migration_id,
                                  resolution=rec.resolution, phase="before go")
             elif rec.phase == "go_sent" and self.daemon.nursery is not None:
+                if hosted is not None:
+                    hosted.state = "migrating"   # paused, uncertain: no migrate, no resume until settled
                 self.daemon.nursery.start_soon(self._settle_restored, rec)
+
+    def _discard_incoming(self, name: str, hosted) -> None:
+        """An adopted incoming copy that will never start: drop it, quit its VMM, DECOMMISSION."""
+        try:
+            self.manager.drop_guest(name, hosted)
+            hosted.vm.release()
+        except Exception as exc:  # noqa: BLE001 - reported; the record already says aborted
+            self.log.error("incoming_discard_after_restart_failed", guest=name, error=str(exc))
 
     async def _settle_restored(self, rec: Record) -> None:
         """A go_sent record of a previous daemon process: ask the destination until it answers."""

@@ -197,7 +197,7 @@ class Harness:
     def __init__(self, root: pathlib.Path, *, guest: str = "g", peer_timeout_s: float = PEER_TIMEOUT_S,
                  keepalive_s: float = KEEPALIVE_S, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  log=None, hosts: tuple[str, str] = ("127.0.0.1", "127.0.0.1"),
-                 netns: tuple[list[str] | None, list[str] | None] = (None, None)):
+                 netns: tuple[list[str] | None, list[str] | None] = (None, None), vmm: str | None = None):
         self.root = pathlib.Path(root)
         self.hosts = hosts
         self.netns = netns
@@ -210,9 +210,9 @@ class Harness:
         self.daemons: list[DaemonProcess] = []
         # Guests outlive their daemon when the daemons run one VMM process per guest (issue 17, the `vmm`
         # config key); then a daemon's death at any phase must lose no guest.
-        self.guests_survive = guests_outlive_daemons()
-        if self.guests_survive:
-            self.config["vmm"] = "process"
+        if vmm is not None:
+            self.config["vmm"] = vmm
+        self.guests_survive = guests_outlive_daemons(vmm)
         self.loc = 0           # index of the daemon holding the guest
         self.launches = 0
         self.log = log or (lambda *a: None)
@@ -621,11 +621,12 @@ LOG_KEYS = ("event", "level", "error", "code", "round", "decision", "pages", "by
             "migration_id", "role", "detail", "resolution")
 
 
-def guests_outlive_daemons() -> bool:
-    """True when this sevmigd runs guests in VMM processes that survive the daemon (the `vmm` config key
-    of issue 17, value "process"); False while guests live inside the daemon process."""
+def guests_outlive_daemons(vmm: str | None = None) -> bool:
+    """True when the daemons run guests in VMM processes that survive the daemon (the `vmm` config key of
+    issue 17: `vmm`, else its default, is "process"); False while guests live inside the daemon process."""
     from sevmigd.daemon.config import Config
-    return "vmm" in Config.__dataclass_fields__
+    f = Config.__dataclass_fields__.get("vmm")
+    return (vmm or (f.default if f is not None else "inline")) == "process"
 
 
 def fault_after_go(phase: str) -> bool:
