@@ -46,7 +46,7 @@ def test_defaults_without_any_configuration():
     assert cfg.downtime_limit_ms == 300 and cfg.max_bandwidth_mib_s == 0
     assert (cfg.max_rounds, cfg.max_total_s) == (30, 600)
     assert cfg.psp_min_command_time_us == 0 and cfg.max_unauthenticated == 64
-    assert cfg.psp_workers == 2
+    assert cfg.psp_workers == 1
     # Mutual TLS is the default, with this host's certificate in the state dir (`platform init` writes it).
     assert cfg.tls.enabled and cfg.tls.state_dir_default and not cfg.insecure_plaintext
     assert (cfg.tls.cert, cfg.tls.key, cfg.tls.ca) == tuple(f"{cfg.state_dir}/tls/{n}.pem" for n in ("cert", "key", "ca"))
