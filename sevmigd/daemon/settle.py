@@ -194,6 +194,18 @@ class Settlement:
     def _cfg(self, name: str, default: float) -> float:
         return getattr(self.daemon.config, name, default)
 
+    async def persist_psp(self) -> None:
+        """Save PSP contexts changed by firmware commands run outside `psp.run` (SEND_CANCEL / SEND_FINISH
+        of a settlement) before a record says the migration is settled (daemon/pspstate.py)."""
+        persist = getattr(getattr(self.daemon, "psp", None), "persist_now", None)
+        if persist is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):
+                await persist()
+        except Exception as exc:  # noqa: BLE001 - the store reports its own errors; the record still goes
+            self.log.error("psp_persist_failed", error=str(exc))
+
     async def _save(self, rec: Record) -> None:
         rec.updated_at = time.time()
         await trio.to_thread.run_sync(self.store.save, rec)
@@ -335,6 +347,8 @@ class Settlement:
             return
         rec.phase, rec.resolution, rec.settled_by = "settled", resolution, by
         with trio.CancelScope(shield=True):
+            if by in ("query", "operator"):
+                await self.persist_psp()   # the SEND_CANCEL / SEND_FINISH of the settlement first
             await self._save_quietly(rec)
 
     def outgoing_settled_soon(self, mig: OutgoingMigration, resolution: str, by: str) -> None:
@@ -400,6 +414,7 @@ class Settlement:
                 # destination discards its partial copy (its connection died with us).
                 if hosted is not None:
                     self.manager.settle_restored_guest(rec.guest, run_here=True)
+                    await self.persist_psp()
                 rec.phase, rec.settled_by = "settled", "restart"
                 rec.resolution = "resumed" if hosted is not None else "lost"
                 await self._save_quietly(rec)
@@ -435,6 +450,7 @@ class Settlement:
                 # answer says where the guest is: on the destination, or nowhere.
                 if hosted is not None:
                     self.manager.settle_restored_guest(rec.guest, run_here=not started)
+                    await self.persist_psp()
                     rec.resolution = "resumed" if not started else "released"
                 else:
                     rec.resolution = "released" if started else "lost"
@@ -489,11 +505,14 @@ class Settlement:
         cfg = self.daemon.config
         host, _, port = rec.peer.rpartition(":")
         host = host.strip("[]")
+        raw = None
         try:
             with trio.fail_after(cfg.handshake_timeout_s):
-                stream = await trio.open_tcp_stream(host, int(port))
-                stream = await self.manager.wrap_client_tls(stream, host)
+                raw = await trio.open_tcp_stream(host, int(port))
+                stream = await self.manager.wrap_client_tls(raw, host)
         except (OSError, trio.TooSlowError, MigrationError, ValueError) as exc:
+            if raw is not None:
+                await trio.aclose_forcefully(raw)
             log.info("settle_peer_unreachable", peer=rec.peer, error=str(exc) or type(exc).__name__,
                      attempt=attempt)
             return None

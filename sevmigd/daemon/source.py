@@ -447,6 +447,7 @@ class OutgoingMigration:
         except Exception:  # noqa: BLE001 - the guest runs on the destination; a failed local release
             self.log.exception("release_failed")  # must not turn a completed migration into a failure
             self.hosted.state = "migrated"
+        await self.manager.settle.persist_psp()
         await self.manager.settle.outgoing_settled(self, "released", "completed")
         self.log.info("migration_completed", total_time_ms=self.stats.total_time_ms,
                       downtime_ms=self.stats.downtime_ms, rounds=self.stats.round,
@@ -532,6 +533,9 @@ class OutgoingMigration:
                 await self._push_progress(force=True)
                 return MigrationError(err.code, msg)
             self._rollback(err)
+            # SEND_CANCEL ran outside psp.run: the PSP's saved context must say RUNNING before the record
+            # says resumed (a daemon restarting now adopts a guest that can migrate again).
+            await self.manager.settle.persist_psp()
             await self.manager.settle.outgoing_settled(self, "resumed", "rolled_back")
             self.stats.status = "cancelled" if err.code in (AbortCode.CANCELLED, AbortCode.SHUTDOWN) else "failed"
             self.stats.fail(err.code.name, str(err))
