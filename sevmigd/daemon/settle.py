@@ -208,7 +208,8 @@ class Settlement:
 
     async def _save(self, rec: Record) -> None:
         rec.updated_at = time.time()
-        await trio.to_thread.run_sync(self.store.save, rec)
+        if self.store.dir is not None:   # (no runtime directory: in memory only, no thread hop)
+            await trio.to_thread.run_sync(self.store.save, rec)
 
     # -- destination ------------------------------------------------------------------------------------------
 
@@ -367,6 +368,9 @@ class Settlement:
         fenced too unless something re-adopted it (`IncomingRecord.survivor`, set by the re-adoption of a
         VMM that kept it, issue 17) before `resume()` runs.
         Source: records before go and after go are settled by `resume()`."""
+        if self.store.dir is None:
+            self.loaded = True
+            return
         recs, bad = await trio.to_thread.run_sync(self.store.load)
         for line in bad:
             self.log.error("migration_record_unreadable", record=line)
