@@ -330,7 +330,9 @@ class FaultProxy:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(client.do_handshake)
                         nursery.start_soon(server.do_handshake)
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ExceptionGroup):
+                # (ExceptionGroup: either handshake's failure, from the nursery; e.g. a settlement query
+                # arriving while the destination daemon restarts)
                 await _abort(client)
                 await _abort(server)
                 return
