@@ -282,9 +282,9 @@ def vmm_harness(tmp_path_factory):
                                         ("kill_dst", "readiness"), ("kill_dst", "confirmation"),
                                         ("restart_dst", "confirmation")])
 @pytest.mark.skip(reason="vmm = process is not yet the default and these cells do not all hold with it yet "
-                         "(2026-12-04: guests survive and settle, but run in sequence the destination keeps 1-5 fds "
-                         "after a source daemon kill, a graceful source restart before go leaves the context unable "
-                         "to SEND_START again, and later cells inherit that): run them with "
+                         "(2026-12-04: I1-I4 hold -- no guest lost or doubled, settled without "
+                         "resolve -- but I5 does not: a daemon keeps 1-5 more fds after the cell, e.g. the "
+                         "destination whose incoming VMM copy was discarded): run them with "
                          "`python -m sevmigd.bench.faults --vmm process --kinds kill_src,restart_src,kill_dst,restart_dst`")
 async def test_daemon_death_loses_no_guest_with_vmm_processes(vmm_harness, kind, phase):
     """With VMM processes the guest outlives its daemon at any phase: after the restart it runs on exactly
