@@ -49,7 +49,9 @@ def make_daemon(sock_dir, **overrides):
                              "control": os.path.join(sock_dir, "run", "control.sock"),
                              "listen": "127.0.0.1:0",
                              # no migrations here: no TLS identity needed for the injected platform
-                             "insecure_plaintext": True, **overrides})
+                             "insecure_plaintext": True,
+                             # the control socket's unit tests: guests inside this test process
+                             "vmm": "inline", **overrides})
     return Daemon(cfg, identity=identity(), trusted_roots=[])
 
 
