@@ -12,7 +12,7 @@ import time
 import trio
 
 from sevmigd import __version__, store
-from sevmigd.daemon import control, systemd, tls
+from sevmigd.daemon import control, systemd, tls, vmmhost
 
 
 class StatusMixin:
@@ -84,7 +84,7 @@ class StatusMixin:
             pass
         ram = sum(g.vm.memory_bytes for g in self.guests.values() if not g.vm.released)
         return {"open_fds": fds, "tasks": tasks, "psp_guests": self.fw.guest_count if self.fw is not None else None,
-                "guest_ram_bytes": ram}
+                "guest_ram_bytes": ram, "vmm_fds": vmmhost.held_fds(self.guests.values())}
 
     def status_text(self) -> str:
         """The one-line STATUS= systemd shows (`systemctl status`)."""

@@ -567,6 +567,31 @@ async def bury(daemon: "Daemon", hosted: "HostedGuest", reason: str) -> None:
         daemon.release_asid(vm.asid)
 
 
+def held_fds(guests) -> int | None:
+    """Descriptors this daemon holds for its VMM-process guests (their RAM and state mappings, pidfds,
+    connections), counted from /proc/self/fd: what server-info's `vmm_fds` reports, so a leak check can
+    tell a guest that arrived from a descriptor that leaked."""
+    socks = set()
+    for g in guests:
+        vmm = getattr(g.vm, "vmm", None)
+        client = vmm.client if vmm is not None else None
+        sock = client._sock if client is not None else None
+        if sock is not None and sock.fileno() >= 0:
+            socks.add(sock.fileno())
+    n = 0
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/memfd:sevmigd-") or target == "anon_inode:[pidfd]" or int(fd) in socks:
+                n += 1
+    except OSError:
+        return None
+    return n
+
+
 # ------------------------------------------------------------------------------------------ adoption
 
 

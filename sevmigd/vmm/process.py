@@ -88,10 +88,8 @@ class Vmm:
                 "vcpus": self.vcpus, "policy": self.policy, "handle": self.handle, "asid": self.asid}
         tmp = self.manifest_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w") as f:   # no fsync: the runtime directory does not outlive a reboot
             json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, self.manifest_path)
 
     def _remove_files(self) -> None:
