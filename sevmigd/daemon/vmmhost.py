@@ -44,10 +44,12 @@ from sevmigd.daemon.errors import DaemonError, InvalidState
 from sevmigd.guest.memory import GuestRam
 from sevmigd.guest.shared import SharedDirtyLog, StateArea, StateError, state_size
 from sevmigd.guest.vm import GuestConfig, SevVm, VerifyReport, _teardown
+from sevmigd.migrate.errors import MigrationError
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError
 from sevmigd.units import PAGE_SIZE
 from sevmigd.vmm import protocol as vp
+from sevmigd.wire.errors import AbortCode
 
 if TYPE_CHECKING:
     from sevmigd.daemon.server import Daemon, HostedGuest
@@ -74,6 +76,14 @@ class VmmError(DaemonError):
 
 class VmmGone(VmmError):
     """The VMM's connection is gone (the process died or closed it)."""
+
+
+class VmmStalled(MigrationError):
+    """A VMM did not acknowledge a pause (it died, or did not answer in time) while a migration needed
+    it: the migration fails and rolls back like any other failure (a MigrationError, INTERNAL_ERROR)."""
+
+    def __init__(self, message: str):
+        super().__init__(AbortCode.INTERNAL_ERROR, message)
 
 
 # ------------------------------------------------------------------------------------------ the client
@@ -202,9 +212,9 @@ class VmmProcess:
         delay = 0.0002
         while not pred():
             if not self.alive():
-                raise VmmGone(f"VMM of guest {self.name!r} (pid {self.pid}) is gone; no {what} acknowledgement")
+                raise VmmStalled(f"VMM of guest {self.name!r} (pid {self.pid}) is gone; no {what} acknowledgement")
             if time.monotonic() > deadline:
-                raise VmmError(f"VMM of guest {self.name!r} (pid {self.pid}) did not acknowledge {what} "
+                raise VmmStalled(f"VMM of guest {self.name!r} (pid {self.pid}) did not acknowledge {what} "
                                f"within {PAUSE_ACK_TIMEOUT_S:g} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.002)
@@ -289,7 +299,10 @@ class ProcessVm(SevVm):
         """RECEIVE_START gave `handle`: the VMM's manifest names it from now on (a restarted daemon then
         knows which restored PSP context belongs to this incoming copy)."""
         super().received(handle)
-        self.call("bind", handle=handle, asid=self.asid)
+        try:
+            self.call("bind", handle=handle, asid=self.asid)
+        except VmmError as exc:   # the incoming migration fails cleanly (the destination discards its copy)
+            raise VmmStalled(str(exc)) from None
 
     def start_incoming(self) -> None:
         """After RECEIVE_FINISH: the VMM opens the key slot and the kernel resumes (the registers of a
@@ -353,7 +366,10 @@ class ProcessVm(SevVm):
             st, self._state = self._state, None
             if st is not None:
                 self.host._st = None   # type: ignore[assignment]
-                st.release()
+                try:
+                    st.release()
+                except (BufferError, ValueError):   # a view still exported: freed when collected
+                    pass
             if self._state_map is not None:
                 try:
                     self._state_map.close()
