@@ -34,10 +34,12 @@ from array import array
 import trio
 
 from sevmigd import __version__
+from sevmigd.daemon.pspstate import read_sealing_key
 from sevmigd.guest.agent import GuestNotRunning
 from sevmigd.guest.kernel import GuestPanic
 from sevmigd.guest.shared import state_size
 from sevmigd.guest.vcpu import VCPU_MAX_SLICE_S, VCPU_TICK_S
+from sevmigd.psp.seal import SealError
 from sevmigd.units import PAGE_SIZE
 
 from . import protocol as p
@@ -80,6 +82,11 @@ class Vmm:
         self.handle: int | None = None
         self.asid: int | None = None
         self._quit = trio.Event()
+        self._key: bytes | None = None
+        try:
+            self._sealing_key()
+        except Exception as exc:  # noqa: BLE001 - read again when a guest needs it (the error then counts)
+            _log("sealing_key_unreadable", error=str(exc))
 
     # -- files -----------------------------------------------------------------------------------------
     def _write_manifest(self) -> None:
@@ -231,18 +238,24 @@ class Vmm:
         self._write_manifest()
         return {}
 
-    def _sealing_key(self) -> bytes:
-        from sevmigd.daemon.pspstate import read_sealing_key
-
-        return read_sealing_key(self.runtime_dir)
+    def _sealing_key(self, fresh: bool = False) -> bytes:
+        """The runtime directory's PSP sealing key (the CPU reading its own key-slot hardware): read once at
+        start, so opening a key slot costs no file read (it is on the hand-off's critical path after
+        RECEIVE_FINISH); read again when a slot does not open with it (a replaced key)."""
+        if fresh or self._key is None:
+            self._key = read_sealing_key(self.runtime_dir)
+        return self._key
 
     def _new_guest(self, msg: dict) -> VmmGuest:
         if self.guest is not None:
             raise GuestPanic(f"guest {self.name}: already running in this VMM")
         handle, asid = p.arg(msg, "handle", int), p.arg(msg, "asid", int)
-        guest = VmmGuest(name=self.name, memory_bytes=self.memory_bytes, policy=self.policy, handle=handle,
-                         asid=asid, vcpus=self.vcpus, ram=self.ram, state=self.state,
-                         key_slot=p.arg(msg, "key_slot", bytes), sealing_key=self._sealing_key())
+        kw = dict(name=self.name, memory_bytes=self.memory_bytes, policy=self.policy, handle=handle, asid=asid,
+                  vcpus=self.vcpus, ram=self.ram, state=self.state, key_slot=p.arg(msg, "key_slot", bytes))
+        try:
+            guest = VmmGuest(**kw, sealing_key=self._sealing_key())
+        except SealError:
+            guest = VmmGuest(**kw, sealing_key=self._sealing_key(fresh=True))
         self.handle, self.asid = handle, asid
         return guest
 
