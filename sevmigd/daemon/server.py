@@ -285,6 +285,14 @@ class Daemon(GuestsMixin, PlatformMixin, StatusMixin):
             except Exception:
                 self.log.warning("guest_release_failed", guest=hosted.name, exc_info=True)
             hosted.state = "stopped"
+        if self.psp_store is not None:
+            # What the drivers' rollbacks did directly (SEND_CANCEL) is on disk before we go: the next
+            # daemon restores exactly the PSP these guests have (the watch task may not have run since).
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._psp.persist_now()
+                except Exception:  # noqa: BLE001 - logged; the store reports its own failed saves
+                    self.log.error("psp_state_save_failed_at_shutdown", exc_info=True)
         if kept:
             self.log.info("guests_left_running", guests=kept, note="their VMM processes run on; the next "
                                                                    "daemon on this runtime directory adopts them")
