@@ -91,8 +91,7 @@ def test_sigterm_is_a_clean_exit_and_removes_the_socket(daemon):
     assert not os.path.exists(daemon.control)
     events = [line.get("event") for line in daemon.logs]
     assert "shutting_down" in events and "stopped" in events
-    # vmm = "process" (the default): the guest's VMM runs on for the next daemon to adopt (issue 17)
-    assert any(line.get("event") == "guests_left_running" and line["guests"] == ["g"]
+    assert any(line.get("event") == "guests_stopped_by_shutdown" and line["guests"] == ["g"]
                for line in daemon.logs)
 
 
