@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -287,3 +288,37 @@ def test_driver_checker_catches_a_violation(tmp_path):
     assert any("sevmigd.guest" in v for v in found)
     assert any(".fw" in v for v in found) and any("(fw)" in v for v in found)
     assert any("get_and_clear_dirty_log" in v for v in found)
+
+
+# ARCHITECTURE.md names every module of the package (its path under sevmigd/, e.g. `daemon/settle.py`), so
+# a newcomer finds each file's role there; package __init__ files are exempt.
+ARCHITECTURE = PKG.parent / "ARCHITECTURE.md"
+
+
+def _unnamed_modules(pkg: pathlib.Path, doc: str) -> list[str]:
+    out = []
+    for path in sorted([*pkg.rglob("*.py"), *pkg.rglob("*.c")]):
+        rel = path.relative_to(pkg).as_posix()
+        if path.name == "__init__.py" or rel.startswith(("build/", ".")):
+            continue
+        # the path under sevmigd/ (or with the sevmigd/ prefix), not as the tail of a longer path: a
+        # top-level `errors.py` is not named by `wire/errors.py`
+        if not re.search(r"(?<![\w/.])(?:sevmigd/)?" + re.escape(rel) + r"(?!\w)", doc):
+            out.append(rel)
+    return out
+
+
+def test_architecture_names_every_module():
+    missing = _unnamed_modules(PKG, ARCHITECTURE.read_text())
+    assert not missing, f"modules ARCHITECTURE.md does not name (say what each is for): {missing}"
+
+
+def test_architecture_checker_catches_an_unnamed_module(tmp_path):
+    pkg = tmp_path / "sevmigd"
+    (pkg / "daemon").mkdir(parents=True)
+    for rel in ("__init__.py", "daemon/__init__.py", "daemon/server.py", "daemon/newthing.py", "units.py"):
+        (pkg / rel).write_text("")
+    doc = "`daemon/server.py`: serving. `units.py`: sizes."
+    assert _unnamed_modules(pkg, doc) == ["daemon/newthing.py"]
+    assert _unnamed_modules(pkg, "`sevmigd/daemon/server.py`, `daemon/newthing.py`, `guest/units.py`") == ["units.py"]
+    assert _unnamed_modules(pkg, doc + " `daemon/newthing.py`: new.") == []

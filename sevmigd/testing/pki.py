@@ -1,7 +1,7 @@
 """State dirs for test and demo daemons: platform identity, trusted roots and the TLS identity in one call.
 
-Every harness (tests/daemon_helpers.py, tests/test_security.py, sevmigd.testing.daemons, `make demo`) keeps
-its fleet CAs in memory; `provision()` writes what `sevmigd platform init` would write from a CA directory:
+The launcher (sevmigd.testing.daemons, used by the tests, `make faults` and the benchmark) and `make demo`
+keep their fleet CAs in memory; `provision()` writes what `sevmigd platform init` would write from a CA directory:
 the platform, its fleet's ARK trusted, and STATE_DIR/tls (a host certificate naming the platform's chip,
 issued by the fleet's TLS CA, plus the TLS CAs of every trusted fleet so that their hosts can connect).
 
