@@ -275,6 +275,8 @@ class Harness:
             import traceback
             res.failures.append(f"ERR harness: {type(exc).__name__}: {exc}")
             self.log("".join(traceback.format_exception(exc)))
+            for d in self.daemons:
+                self.log(d.describe())
             res.outcome = "error"
             await self._recover()
         res.seconds = round(time.monotonic() - t0, 2)
@@ -286,11 +288,18 @@ class Harness:
         return res
 
     async def _recover(self) -> None:
-        """After a harness error: make sure both daemons run and the guest runs somewhere."""
+        """After a harness error: make sure both daemons serve and the guest runs somewhere. A daemon is
+        restarted unless it answers a control request: a live process is not enough (a restart the error
+        interrupted, or a daemon that stopped or crashed and removed its control socket but has not exited)."""
         for d in self.daemons:
             d.thaw()
-            if not d.alive:
+            why = await d.serving()
+            if why is not None:
+                self.log(f"recover: restarting {d.name}: {why}")
                 await d.arestart()
+                why = await d.serving()
+                if why is not None:
+                    raise DaemonStartError(f"recover: {why}\n{d.describe(200)}")
         c = await inv.copies(self.daemons, self.guest)
         running = c.running_on()
         if running:

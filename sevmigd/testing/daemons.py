@@ -306,16 +306,48 @@ class DaemonProcess:
         return self.ready
 
     def restart(self) -> None:
-        """Start again after kill(): same state dir (platform identity), same migration port."""
+        """Start again after kill(): same state dir (platform identity), same migration port. An incarnation
+        that does not get ready is killed before the error propagates: never a half-started daemon that
+        `alive` calls running while it has no control socket (spawn() removed the old one)."""
         self.kill()
         self.spawn()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
 
     async def arestart(self) -> None:
-        """restart() for trio code: fork from the event loop's thread, wait in a worker thread."""
+        """restart() for trio code: fork from the event loop's thread, wait in a worker thread (a
+        cancellation kills the new incarnation too, shielded, as a failed wait does)."""
         await trio.to_thread.run_sync(self.kill)
         self.spawn()
-        await trio.to_thread.run_sync(self.wait_ready)
+        try:
+            await trio.to_thread.run_sync(self.wait_ready)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.kill)
+            raise
+
+    async def serving(self, timeout: float = 30.0) -> str | None:
+        """None when this daemon runs and answers a control request (server-info) within `timeout`; else
+        why not. A live process is not enough: between spawn() and `ready`, or once a stopping or
+        crashing daemon removed its control socket and has not exited yet, it runs and serves nothing."""
+        if not self.alive:
+            rc = self.proc.poll() if self.proc is not None else None
+            return f"daemon {self.name} is not running (killed={self.killed}, rc={rc})"
+        _, err = await self.try_call("server-info", timeout=timeout)
+        if err is None:
+            return None
+        sock = "present" if os.path.exists(self.control) else "missing"
+        return f"{err} (process {self.pid} running, control socket {sock})"
+
+    def describe(self, tail: int = 20) -> str:
+        """Process state, control socket and the last output lines: what a harness error should show."""
+        rc = self.proc.poll() if self.proc is not None else None
+        sock = "present" if os.path.exists(self.control) else "missing"
+        return (f"daemon {self.name}: starts={self.starts} killed={self.killed} rc={rc} control socket {sock}\n"
+                f"{self.output(tail)}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """A graceful stop that never raises: SIGTERM (after SIGCONT), SIGKILL if it has not exited within

@@ -1,0 +1,81 @@
+"""The test harness itself (sevmigd/testing): what the fault cells rely on when a cell goes wrong.
+
+A fault cell that fails inside the harness calls `Harness._recover()`, which must leave both daemons
+serving and the guest running somewhere, whatever state the error left them in. A daemon process that
+runs without serving (its control socket gone: a restart the error interrupted, after spawn() removed the
+old socket; a daemon that stopped or crashed and removed its socket but has not exited yet) once made
+`_recover` raise DaemonNotRunning and fail the next cells too (kill_dst@confirmation, stop_dst@readiness
+under load). These tests put a daemon in those states on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from sevmigd.testing import invariants as inv
+from sevmigd.testing.cells import Harness
+from sevmigd.testing.daemons import DaemonStartError
+
+
+async def _serves(d) -> bool:
+    _, err = await d.try_call("server-info", timeout=30)
+    return err is None
+
+
+async def _guest_runs_once(h: Harness) -> list[str]:
+    c = await inv.copies(h.daemons, h.guest)
+    return c.running_on()
+
+
+async def test_recover_restarts_a_daemon_that_runs_without_its_control_socket(tmp_path):
+    async with Harness(tmp_path) as h:
+        a = h.daemons[0]
+        pid = a.pid
+        os.unlink(a.control)          # the process runs on; nothing answers at its socket path
+        assert a.alive and not await _serves(a)
+        await h._recover()
+        assert await _serves(a) and a.pid != pid, "the daemon that did not serve was restarted"
+        assert len(await _guest_runs_once(h)) == 1
+        assert await _serves(h.daemons[1])
+
+
+async def test_recover_restarts_a_daemon_whose_restart_was_interrupted(tmp_path):
+    async with Harness(tmp_path) as h:
+        b = h.daemons[1]
+        # A restart cut short right after the fork: the new process has not bound its socket yet.
+        await trio.to_thread.run_sync(b.kill)
+        b.spawn()
+        await h._recover()
+        assert await _serves(b)
+        assert len(await _guest_runs_once(h)) == 1
+
+
+async def test_a_restart_that_does_not_get_ready_leaves_no_process(tmp_path, monkeypatch):
+    async with Harness(tmp_path) as h:
+        b = h.daemons[1]
+
+        def not_ready(timeout: float = 0) -> dict:
+            raise DaemonStartError("no ready line (injected)")
+
+        monkeypatch.setattr(b, "wait_ready", not_ready)
+        with pytest.raises(DaemonStartError):
+            await b.arestart()
+        assert not b.alive and b.proc is not None and b.proc.poll() is not None
+        monkeypatch.undo()
+        real_spawn = b.spawn
+        with trio.CancelScope() as scope:   # cancelled between the fork and readiness: killed as well
+
+            def spawn_then_cancel() -> None:
+                real_spawn()
+                scope.cancel()
+
+            monkeypatch.setattr(b, "spawn", spawn_then_cancel)
+            await b.arestart()
+        assert scope.cancelled_caught and b.starts >= 2
+        assert not b.alive and b.proc is not None and b.proc.poll() is not None
+        monkeypatch.undo()
+        await h._recover()
+        assert await _serves(b)
