@@ -7,17 +7,22 @@ Fixtures:
   test, pass or fail. Every daemon of the test session shares one fleet unless `fleet=` names another.
 * `daemon`: one ready daemon on the shared fleet.
 
+Helpers (import them: `from conftest import seeded_firmware`): `seeded_rng(seed)`, `seeded_firmware(seed)`.
+
 Marks (declared in pyproject.toml): `slow` for long-running tests (real migrations, fault cells; run them
 alone with `-m slow`, skip them with `-m "not slow"`), `root`, `fuzz`.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from sevmigd.testing.daemons import DaemonProcess, start_daemon
+from sevmigd.psp.firmware import Firmware
+from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from sevmigd.testing.daemons import TEST_RSA_BITS, DaemonProcess, start_daemon
 
 DaemonFactory = Callable[..., DaemonProcess]
 
@@ -41,3 +46,19 @@ def daemons(tmp_path) -> Iterator[DaemonFactory]:
 def daemon(daemons: DaemonFactory) -> DaemonProcess:
     """One ready daemon on the shared fleet."""
     return daemons()
+
+
+# ------------------------------------------------------------------------- pure-layer helpers
+
+
+def seeded_rng(seed: int) -> Callable[[int], bytes]:
+    """A deterministic rng (randomness is injected, so crypto and planning are reproducible under test)."""
+    return random.Random(seed).randbytes
+
+
+def seeded_firmware(seed: int) -> Firmware:
+    """An initialised emulated PSP whose platform (and fleet) come from `seed`: the guest and RAM tests'."""
+    rng = seeded_rng(seed)
+    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=TEST_RSA_BITS), rng), rng=rng)
+    fw.init()
+    return fw

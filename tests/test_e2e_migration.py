@@ -310,24 +310,30 @@ def test_sev_es_guest_migrates_its_vmsa(daemons):  # noqa: F811
     assert ctl_json(a, "verify", "es")["ok"]
 
 
-async def test_lost_started_is_settled_by_the_settlement_query(daemons):  # noqa: F811
-    """"started" never reaches the source: the hand-off is uncertain, the source never resumes by itself,
-    and it asks the destination over a new connection (issue 17): the guest runs there, so the source
-    releases its copy with no operator command. The state and the stats say how it was settled."""
-    a, b = daemons(), daemons()
+async def _migrate_through_dropping(a, b, drop, *, until: str):
+    """Launch "g" on `a` and migrate it to `b` through a TLS-terminating FrameProxy that eats the frames
+    `drop(direction, type)` accepts; returns (the `ctl migrate` result, the proxy) once `a` logged `until`."""
     launch(a, "g", "16M", "--dirty-rate", "2")
-    proxy = FrameProxy(b.host, b.port,
-                       lambda d, t, f: None if (d == "d2s" and t == MsgType.STARTED) else f,
-                       tls=tls_terminating(a, b))
+    proxy = FrameProxy(b.host, b.port, lambda d, t, f: None if drop(d, t) else f, tls=tls_terminating(a, b))
     mark = len(a.logs)
     with trio.fail_after(CTL_TIMEOUT):
         async with trio.open_nursery() as n:
             port = await n.start(proxy.serve)
             res = await a.actl("migrate", "g", "--to", f"127.0.0.1:{port}", timeout=CTL_TIMEOUT)
-            assert res.returncode == 1
-            assert "uncertain" in res.stderr and "settlement query" in res.stderr
-            await trio.to_thread.run_sync(lambda: a.wait_for_log("migration_resolved", start=mark, timeout=CTL_TIMEOUT))
+            await trio.to_thread.run_sync(lambda: a.wait_for_log(until, start=mark, timeout=CTL_TIMEOUT))
             n.cancel_scope.cancel()
+    return res, proxy
+
+
+async def test_lost_started_is_settled_by_the_settlement_query(daemons):  # noqa: F811
+    """"started" never reaches the source: the hand-off is uncertain, the source never resumes by itself,
+    and it asks the destination over a new connection (issue 17): the guest runs there, so the source
+    releases its copy with no operator command. The state and the stats say how it was settled."""
+    a, b = daemons(), daemons()
+    res, proxy = await _migrate_through_dropping(a, b, lambda d, t: d == "d2s" and t == MsgType.STARTED,
+                                                 until="migration_resolved")
+    assert res.returncode == 1
+    assert "uncertain" in res.stderr and "settlement query" in res.stderr
     assert ("s2d", MsgType.QUERY) in proxy.seen and ("d2s", MsgType.ANSWER) in proxy.seen
     st = ctl_json(a, "status", "g")
     assert st["state"] == "migrated"
@@ -346,17 +352,8 @@ async def test_lost_started_with_an_unreachable_destination_needs_one_resolve(da
     """The destination cannot be asked (the path eats the settlement queries): the source keeps the guest
     paused (uncertain) and keeps asking; one `resolve` by the operator settles it, and says so."""
     a, b = daemons(), daemons()
-    launch(a, "g", "16M", "--dirty-rate", "2")
-    proxy = FrameProxy(b.host, b.port,
-                       lambda d, t, f: None if t in (MsgType.STARTED, MsgType.QUERY) else f,
-                       tls=tls_terminating(a, b))
-    mark = len(a.logs)
-    with trio.fail_after(CTL_TIMEOUT):
-        async with trio.open_nursery() as n:
-            port = await n.start(proxy.serve)
-            res = await a.actl("migrate", "g", "--to", f"127.0.0.1:{port}", timeout=CTL_TIMEOUT)
-            await trio.to_thread.run_sync(lambda: a.wait_for_log("settle_query_failed", start=mark, timeout=CTL_TIMEOUT))
-            n.cancel_scope.cancel()
+    res, _ = await _migrate_through_dropping(a, b, lambda d, t: t in (MsgType.STARTED, MsgType.QUERY),
+                                             until="settle_query_failed")
     assert res.returncode == 1
     assert "uncertain" in res.stderr and "resolve" in res.stderr
     st = ctl_json(a, "status", "g")

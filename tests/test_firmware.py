@@ -127,15 +127,17 @@ class GuestOwner:
                                      policy=self.policy, digest=hashlib.sha256(image).digest(), mnonce=mnonce)
 
 
-def owner_launch(fw, policy=make_policy(Policy.NOKS, api_major=1, api_minor=0)):
+def owner_launch(fw, policy=make_policy(Policy.NOKS, api_major=1, api_minor=0), *, halves: int = 2):
+    """LAUNCH_START for a guest owner, then LAUNCH_UPDATE_DATA of the first `halves` halves of an 8-page
+    image (1: stop mid-LUPDATE). Returns (owner, handle, ram, image)."""
     owner = GuestOwner(fw.pdh_cert_export()[0], policy)
     h = fw.launch_start(policy=policy, dh_cert=owner.godh, session=owner.session)
     fw.activate(h, 3)
     image = random.Random(5).randbytes(8 * PAGE_SIZE)
     ram = bytearray(image)
     fw.map_guest_memory(h, ram)
-    fw.launch_update_data(h, 0, 4 * PAGE_SIZE)
-    fw.launch_update_data(h, 4 * PAGE_SIZE, 4 * PAGE_SIZE)
+    for half in range(halves):
+        fw.launch_update_data(h, half * 4 * PAGE_SIZE, 4 * PAGE_SIZE)
     return owner, h, ram, image
 
 

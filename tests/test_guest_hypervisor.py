@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 
 import numpy as np
 import pytest
@@ -17,24 +16,17 @@ from sevmigd.guest.ledger import F_SHARED
 from sevmigd.guest.memory import GuestRam
 from sevmigd.guest.vcpu import reset_state
 from sevmigd.guest.vm import GuestConfig, SevVm
-from sevmigd.psp.firmware import Firmware
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
+
+from conftest import seeded_firmware, seeded_rng
 
 MiB = 1 << 20
 PAGE = 4096
 ENC = 1 << 4
 
 
-def seeded_rng(seed):
-    return random.Random(seed).randbytes
-
-
 @pytest.fixture(scope="module")
 def fw():
-    rng = seeded_rng(11)
-    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=2048), rng), rng=rng)
-    fw.init()
-    return fw
+    return seeded_firmware(11)
 
 
 _asids = itertools.count(1)

@@ -5,30 +5,22 @@ host view's raw page access (what a hypervisor or a migration bug could do)."""
 from __future__ import annotations
 
 import itertools
-import random
 
 import numpy as np
 import pytest
 
 from sevmigd.guest.ledger import (ENTRIES_PER_PAGE, RECORDS_PER_PAGE, Layout, contrib, mix, workload_content)
 from sevmigd.guest.vm import GuestConfig, SevVm
-from sevmigd.psp.firmware import Firmware
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
+
+from conftest import seeded_firmware, seeded_rng
 
 MiB = 1 << 20
 PAGE = 4096
 
 
-def seeded_rng(seed):
-    return random.Random(seed).randbytes
-
-
 @pytest.fixture(scope="module")
 def fw():
-    rng = seeded_rng(21)
-    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=2048), rng), rng=rng)
-    fw.init()
-    return fw
+    return seeded_firmware(21)
 
 
 _asids = itertools.count(1)

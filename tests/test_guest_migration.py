@@ -5,16 +5,15 @@ its RAM and vCPU state. And a migration that drops a dirty page is caught by the
 from __future__ import annotations
 
 import itertools
-import random
 
 import numpy as np
 import pytest
 
 from sevmigd.guest.ledger import F_SHARED
 from sevmigd.guest.vm import GuestConfig, SevVm
-from sevmigd.psp.firmware import Firmware
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.policy import Policy
+
+from conftest import seeded_firmware, seeded_rng
 
 MiB = 1 << 20
 #: Fresh ASIDs for every guest on the module-scoped platforms: an ASID is reusable only after
@@ -22,20 +21,9 @@ MiB = 1 << 20
 _ASIDS = itertools.count(1)
 
 
-def seeded_rng(seed):
-    return random.Random(seed).randbytes
-
-
-def make_fw(seed):
-    rng = seeded_rng(seed)
-    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=2048), rng), rng=rng)
-    fw.init()
-    return fw
-
-
 @pytest.fixture(scope="module")
 def fws():
-    return make_fw(31), make_fw(32), make_fw(33)
+    return seeded_firmware(31), seeded_firmware(32), seeded_firmware(33)
 
 
 STEPS = [0.01, 0.02, 0.01, 0.015]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import random
 
 import numpy as np
 import pytest
@@ -18,29 +17,18 @@ from sevmigd.guest.agent import GuestNotRunning
 from sevmigd.guest.hypervisor import MSR_KVM_MIGRATION_CONTROL, VcpuStateProtected
 from sevmigd.guest.ledger import F_SHARED
 from sevmigd.guest.vm import GuestConfig, SevVm, default_image
-from sevmigd.psp.firmware import VMSA_PADDR, Firmware
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from sevmigd.psp.firmware import VMSA_PADDR
 from sevmigd.psp.policy import Policy
+
+from conftest import seeded_firmware, seeded_rng
 
 MiB = 1 << 20
 PAGE = 4096
 
 
-def seeded_rng(seed: int):
-    r = random.Random(seed)
-    return r.randbytes
-
-
-def make_fw(seed: int) -> Firmware:
-    rng = seeded_rng(seed)
-    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=2048), rng), rng=rng)
-    fw.init()
-    return fw
-
-
 @pytest.fixture(scope="module")
 def fw():
-    return make_fw(1)
+    return seeded_firmware(1)
 
 
 _asids = itertools.count(1)
@@ -112,7 +100,7 @@ def test_bad_config_is_a_config_error(fw):
 # ---------------------------------------------------------------------------------------- workload
 def test_same_seed_same_memory():
     def one():
-        fw = make_fw(5)
+        fw = seeded_firmware(5)
         vm = SevVm.launch(fw, GuestConfig("d", 8 * MiB, dirty_rate_mib_s=20, shared_fraction=0.2,
                                           flip_rate=200, seed=42), asid=1, rng=seeded_rng(6))
         for dt in (0.01, 0.02, 0.005, 0.03, 0.01):
@@ -335,7 +323,7 @@ def test_release_decommissions(fw):
 
 
 def test_big_guest_is_lazy():
-    fw = make_fw(3)
+    fw = seeded_firmware(3)
     vm = SevVm.launch(fw, GuestConfig("big", 8 << 30, dirty_rate_mib_s=100), asid=1, rng=seeded_rng(2))
     vm.host.enable_dirty_log()
     vm.run(0.01)

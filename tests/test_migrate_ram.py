@@ -11,18 +11,15 @@ import pytest
 from sevmigd.guest.vm import GuestConfig, SevVm
 from sevmigd.migrate import ram as ram_mod
 from sevmigd.migrate.ram import PFN, RamReceiver, RamSender
-from sevmigd.psp.firmware import Firmware
-from sevmigd.psp.identity import FleetCA, PlatformIdentity
+
+from conftest import seeded_firmware
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def fw():
-    rng = random.Random(21).randbytes
-    fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=2048), rng), rng=rng)
-    fw.init()
-    return fw
+    return seeded_firmware(21)
 
 
 _asid = iter(range(1, 400))

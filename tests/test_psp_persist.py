@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,11 +20,11 @@ from sevmigd.psp import crypto, seal
 from sevmigd.psp.firmware import VMSA_PADDR, Firmware, GuestState, PlatformState
 from sevmigd.psp.keyslot import key_slot_target, open_key_slot
 from sevmigd.psp.memengine import PAGE_SIZE
-from sevmigd.psp.policy import Policy, make_policy
+from sevmigd.psp.policy import Policy
 from sevmigd.psp.seal import SealError
 from sevmigd.psp.status import SevError, SevStatus
 
-from test_firmware import GuestOwner, launch, seeded, start_migration, vmsa_page
+from test_firmware import launch, owner_launch, seeded, start_migration, vmsa_page
 from test_firmware import fleet, ident_a, ident_b  # noqa: F401  (module fixtures, shared)
 from test_firmware_states import LIVE_STATES, guest_in
 
@@ -114,14 +113,7 @@ def test_receive_continues_after_import(ident_a, ident_b):
 
 def test_launch_continues_after_import_in_lupdate_and_lsecret(ident_a):
     fw = fw_of(ident_a, 15)
-    policy = make_policy(Policy.NOKS, api_major=1, api_minor=0)
-    owner = GuestOwner(fw.pdh_cert_export()[0], policy)
-    h = fw.launch_start(policy=policy, dh_cert=owner.godh, session=owner.session)
-    fw.activate(h, 3)
-    image = random.Random(5).randbytes(8 * PAGE_SIZE)
-    ram = bytearray(image)
-    fw.map_guest_memory(h, ram)
-    fw.launch_update_data(h, 0, 4 * PAGE_SIZE)
+    owner, h, ram, image = owner_launch(fw, halves=1)
 
     fw = restarted(fw, ident_a, 25)                      # mid-LUPDATE: half the image measured
     assert fw.launch_digest(h) == hashlib.sha256(image[:4 * PAGE_SIZE]).digest()

@@ -206,22 +206,36 @@ def test_attack1_with_tls_a_fleet_member_cannot_speak_for_another_platform(daemo
 # ------------------------------------------------------------------------------ attack 2: replay
 
 
-class Recorder:
-    """A TCP proxy on 127.0.0.1 that records what the source sends (threads, blocking sockets). With `tls`
-    = (server_ctx, client_ctx) it terminates TLS holding both hosts' keys (a recording made on a host of the
-    path: the worst case), so the recording holds the frames themselves."""
+class ThreadedListener:
+    """A TCP listener on 127.0.0.1 (port 0, `port`) whose `_serve()` runs in a thread with blocking sockets,
+    for the hosts of an attack; `done` is set by subclasses when they are finished, `close()` stops accepting."""
 
-    def __init__(self, target_port: int, tls=None):
+    def __init__(self):
         import threading
-        self.target = ("127.0.0.1", target_port)
-        self.tls = tls
-        self.s2d = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(IO_TIMEOUT)
         self.port = self.listener.getsockname()[1]
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Recorder(ThreadedListener):
+    """A TCP proxy on 127.0.0.1 that records what the source sends (threads, blocking sockets). With `tls`
+    = (server_ctx, client_ctx) it terminates TLS holding both hosts' keys (a recording made on a host of the
+    path: the worst case), so the recording holds the frames themselves."""
+
+    def __init__(self, target_port: int, tls=None):
+        self.target = ("127.0.0.1", target_port)
+        self.tls = tls
+        self.s2d = bytearray()
+        super().__init__()
 
     def _serve(self):
         import threading
@@ -267,9 +281,6 @@ class Recorder:
             body = msgpack.unpackb(frame[4:], raw=False, strict_map_key=False)
             out.append((mtype, body[2:-1]))
         return out
-
-    def close(self):
-        self.listener.close()
 
 
 def _replay(port: int, recorded: list[tuple[int, list]], *, guest_name: str, tls=None):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import threading
 
@@ -33,7 +32,7 @@ from sevmigd.testing.cells import guests_outlive_daemons
 from sevmigd.testing.daemons import CTL_TIMEOUT_S
 from test_e2e_migration import FrameProxy, launch, tls_terminating
 from test_security import IO_TIMEOUT, _platform_of, _tls_client
-from test_security_attacks import PLAINTEXT, AttackerHost, Peer, _hello, _server_tls, fleet_ca
+from test_security_attacks import PLAINTEXT, AttackerHost, Peer, ThreadedListener, _hello, _server_tls, fleet_ca
 
 
 class MemberSource(AttackerHost):
@@ -206,19 +205,15 @@ def test_plaintext_queries_are_never_answered(daemons, monkeypatch, tmp_path):
     assert _runs(dst, "plain")
 
 
-class FakeAnswerer:
+class FakeAnswerer(ThreadedListener):
     """A fleet member's TLS listener (its certificate names its own chip) that answers every settlement
     query with "not_started": what a fake destination at the address would say to make the source resume."""
 
     def __init__(self, tmp_path):
         from sevmigd.psp.identity import PlatformIdentity
         self.tls = _server_tls(tmp_path / "fake", PlatformIdentity.create(fleet_ca("fleet"), os.urandom))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(IO_TIMEOUT)
-        self.port = self.listener.getsockname()[1]
         self.asked = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def _serve(self):
         while True:
@@ -237,7 +232,7 @@ class FakeAnswerer:
                 pass
 
     def close(self):
-        self.listener.close()
+        super().close()
         self._thread.join(IO_TIMEOUT)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -38,6 +39,7 @@ from sevmigd.psp.chain import ChainError, verify_platform_chain
 from sevmigd.psp.status import SevError, SevStatus
 
 Rng = Callable[[int], bytes]
+_Cert = TypeVar("_Cert", SevCert, AmdCert)
 
 # RSA public exponent of the emulated ARK/ASK (AMD's keys use 65537 too).
 RSA_PUBLIC_EXPONENT = 65537
@@ -113,22 +115,22 @@ def _load_key(files: dict[str, bytes], name: str, kind: type):
     return key
 
 
-def _load_sev(files: dict[str, bytes], name: str) -> SevCert:
+def _load(files: dict[str, bytes], name: str, codec: Callable[[bytes], _Cert]) -> _Cert:
+    """Decode certificate file `name` with `codec`; a missing or bad file is an IdentityError naming it."""
     try:
-        return SevCert.decode(files[name])
+        return codec(files[name])
     except KeyError:
         raise IdentityError(name, "missing") from None
     except SevError as exc:
         raise IdentityError(name, str(exc)) from exc
+
+
+def _load_sev(files: dict[str, bytes], name: str) -> SevCert:
+    return _load(files, name, SevCert.decode)
 
 
 def _load_amd(files: dict[str, bytes], name: str) -> AmdCert:
-    try:
-        return AmdCert.decode(files[name])
-    except KeyError:
-        raise IdentityError(name, "missing") from None
-    except SevError as exc:
-        raise IdentityError(name, str(exc)) from exc
+    return _load(files, name, AmdCert.decode)
 
 
 def _check_ec_pair(name: str, cert: SevCert, key: ec.EllipticCurvePrivateKey) -> None:
