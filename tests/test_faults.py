@@ -281,11 +281,6 @@ def vmm_harness(tmp_path_factory):
                                         ("kill_src", "go"), ("restart_src", "readiness"),
                                         ("kill_dst", "readiness"), ("kill_dst", "confirmation"),
                                         ("restart_dst", "confirmation")])
-@pytest.mark.skip(reason="vmm = process is not yet the default and these cells do not all hold with it yet "
-                         "(2026-12-04: I1-I4 hold -- no guest lost or doubled, settled without "
-                         "resolve -- but I5 does not: a daemon keeps 1-5 more fds after the cell, e.g. the "
-                         "destination whose incoming VMM copy was discarded): run them with "
-                         "`python -m sevmigd.bench.faults --vmm process --kinds kill_src,restart_src,kill_dst,restart_dst`")
 async def test_daemon_death_loses_no_guest_with_vmm_processes(vmm_harness, kind, phase):
     """With VMM processes the guest outlives its daemon at any phase: after the restart it runs on exactly
     one host (the harness then allows no lost guest), settled without a resolve command."""

@@ -163,6 +163,47 @@ def test_a_query_after_go_says_started(daemons, monkeypatch, tmp_path):
         assert answer.outcome == m.OUTCOME_UNKNOWN and "did not survive" in answer.reason
 
 
+def test_a_restarted_destination_never_starts_a_ready_copy_by_an_older_sessions_record(daemons, monkeypatch,
+                                                                                        tmp_path):
+    """The fault cells kill_dst@readiness / @confirmation with VMM processes ended with two running copies:
+    a guest named "g" once arrived here (session 1: committed, started) and left; it comes back (session 2)
+    and this daemon is SIGKILLed after Ready, before Go. The restarted daemon re-adopts session 2's copy
+    (its VMM outlived the daemon) and must fence and discard it -- the source resumes its own copy on the
+    answer not_started -- not start it because session 1's record, found by the guest's name, says
+    committed. Records name the VMM holding their copy, and the restart settles before anyone can ask."""
+    dst = daemons("dst", config={"vmm": "process"})
+    first = MemberSource(monkeypatch, tmp_path, "g")
+    peer = first.until_ready(dst.port)
+    sid1 = peer.conn.session_id
+    try:
+        peer.send(m.Go())
+        assert isinstance(peer.receive(), m.Started)
+    finally:
+        peer.close()
+    assert _runs(dst, "g")
+    dst.execute("stop", name="g")          # it left (as by a migration away): session 1 stays committed
+    assert "g" not in dst.vmm_manifests()
+
+    again = MemberSource(monkeypatch, tmp_path / "again", "g")
+    peer = again.until_ready(dst.port)     # session 2: Ready sent, Go not
+    sid2 = peer.conn.session_id
+    assert "g" in dst.vmm_manifests()
+    try:
+        dst.restart()                      # SIGKILL; the incoming copy's VMM runs on
+        adopted = [r for r in dst.logs[dst._mark:] if r.get("event") == "vmm_adopted"]
+        assert [r["guest"] for r in adopted] == ["g"], adopted
+    finally:
+        peer.close()
+    assert "g" not in dst.guests()                         # neither started nor left as an incoming copy
+    assert not any(r.get("event") == "incoming_started_after_restart" for r in dst.logs[dst._mark:])
+    assert dst.vmm_manifests() == {}                       # session 2's VMM quit ...
+    assert dst.execute("server-info")["psp_guests"] == 0   # ... and its PSP context is decommissioned
+    phases = {json.loads(p.read_text())["session_id"]: json.loads(p.read_text())["phase"] for p in _records(dst)}
+    assert phases == {sid1: "committed", sid2: "aborted"}
+    # the source of session 2 asks: not started, so it resumes its own copy -- the only one
+    assert ask(dst.port, again.tls, sid2).outcome == m.OUTCOME_NOT_STARTED
+
+
 def test_attack_forged_query_from_another_platform_neither_fences_nor_reveals(daemons, monkeypatch, tmp_path):
     """A fleet member (valid TLS certificate for its own chip) asks about another platform's session, whose
     id it may have read in a log: it gets exactly what it gets for a session that does not exist, the

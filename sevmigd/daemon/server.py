@@ -159,6 +159,9 @@ class Daemon(GuestsMixin, PlatformMixin, StatusMixin):
                         self.control_path = self.config.control
                     # Guests whose VMMs outlived the previous daemon: listed before anyone can ask.
                     await vmmhost.adopt_all(self)
+                    # ... and what the previous process left in flight is settled before anyone can ask
+                    # (a settlement query, `list`): daemon/settle.py.
+                    await self.migrations.settle.resume()
                     await nursery.start(self._serve_migration_listeners, listeners)
                     await nursery.start(control.serve_control, self, control_listener)
                     if self.config.metrics_listen is not None:
@@ -174,7 +177,6 @@ class Daemon(GuestsMixin, PlatformMixin, StatusMixin):
                                   platform_id=self.platform_id, state_dir=self.config.state_dir,
                                   socket_activated=bool(tcp_inherited), pid=os.getpid(),
                                   version=__version__)
-                    await self.migrations.settle.resume()   # settle what a previous process left
                     task_status.started(self.listen_address)
                     await self._shutdown_requested.wait()
                     await self._graceful_shutdown()

@@ -66,6 +66,10 @@ UNKNOWN_REASON = "no session of that id from your platform is known here"
 PLAINTEXT_REASON = "a settlement answer needs an authenticated channel (mutual TLS)"
 
 
+# Fields a record written by an older daemon may lack (their defaults apply).
+OPTIONAL_FIELDS = ("vmm",)
+
+
 class RecordError(Exception):
     """A record file that cannot be read or written (typed: its path and why)."""
 
@@ -84,6 +88,10 @@ class Record:
     resolution: str | None = None   # source, settled: "released" | "resumed" | "lost"
     settled_by: str | None = None   # source, settled: completed | rolled_back | query | operator | restart
     updated_at: float = 0.0
+    # destination: the id of the VMM process holding this session's copy (None: an inline guest). A restarted
+    # daemon acts on an adopted copy only when its VMM is this one: guest names repeat across migrations (a
+    # guest comes back), so the name alone would let an old session's record start a newer session's copy.
+    vmm: str | None = None
 
     @property
     def file_name(self) -> str:
@@ -102,7 +110,7 @@ class Record:
         if not isinstance(d, dict):
             raise ValueError("not an object")
         names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
+        if set(d) | set(OPTIONAL_FIELDS) != names:   # (records of an older daemon lack the optional ones)
             raise ValueError(f"fields {sorted(d)} are not {sorted(names)}")
         rec = cls(**d)
         phases = SOURCE_PHASES if rec.role == "source" else DESTINATION_PHASES if rec.role == "destination" else ()
@@ -167,9 +175,6 @@ class IncomingRecord:
         self.rec = rec
         self.lock = trio.Lock()
         self.mig = mig          # the IncomingMigration while its connection runs (None after a restart)
-        # A ready copy that survived a daemon restart (re-adopted with its VMM and PSP context) registers
-        # here how to start or discard it; until then a restarted daemon fences every ready record.
-        self.survivor = None
         # A committed record of a previous daemon process whose guest was not re-adopted: it started here
         # and died with that process. Its answer is "unknown" (see Settlement.answer), never "started".
         self.lost = False
@@ -215,7 +220,8 @@ class Settlement:
 
     async def incoming_started(self, mig, *, session_id: str, source_chip: str) -> IncomingRecord:
         """After RECEIVE_START: the session exists here (phase receiving)."""
-        rec = Record("destination", mig.id, session_id, mig.name, mig.peer, source_chip, "receiving")
+        vmm = getattr(getattr(mig.vm, "vmm", None), "vid", None)
+        rec = Record("destination", mig.id, session_id, mig.name, mig.peer, source_chip, "receiving", vmm=vmm)
         entry = IncomingRecord(rec, mig)
         self.incoming[session_id] = entry
         try:
@@ -311,8 +317,6 @@ class Settlement:
                 mig = entry.mig
                 if mig is not None:
                     mig.cancel(MigrationError(AbortCode.CANCELLED, "fenced by the source's settlement query"))
-                if entry.survivor is not None:
-                    entry.survivor.discard()
             return reply(m.OUTCOME_NOT_STARTED, "the guest was not and will not be started here")
 
     async def serve_query(self, ch, query: m.Query, peer_platforms, peer: str) -> None:
@@ -363,11 +367,8 @@ class Settlement:
     async def restore(self) -> None:
         """At start, before the listener: read the records a previous daemon process left.
 
-        Destination: `committed` and `aborted` records answer queries as they are. An incomplete
-        (`receiving`) copy died with the process that received it and is fenced (aborted). A `ready` copy is
-        fenced too unless something re-adopted it (`IncomingRecord.survivor`, set by the re-adoption of a
-        VMM that kept it, issue 17) before `resume()` runs.
-        Source: records before go and after go are settled by `resume()`."""
+        Destination: `committed` and `aborted` records answer queries as they are; `receiving` and `ready`
+        records are fenced by `resume()`. Source: records before go and after go are settled by `resume()`."""
         if self.store.dir is None:
             self.loaded = True
             return
@@ -385,13 +386,38 @@ class Settlement:
             self.log.info("migration_records_restored", records=len(recs),
                           unfinished=sum(1 for r in recs if not r.finished))
 
+    def _copy_of(self, rec: Record):
+        """The re-adopted guest that holds `rec`'s incoming copy: the one whose VMM the record names. None
+        when no such guest is here (a guest of the same name held by another VMM is another session's)."""
+        hosted = self.daemon.guests.get(rec.guest)
+        vmm = getattr(getattr(hosted, "vm", None), "vmm", None)
+        if hosted is None or rec.vmm is None or vmm is None or vmm.vid != rec.vmm:
+            return None
+        return hosted
+
     async def resume(self) -> None:
         """After `restore()` and the re-adoption of guests that outlived the previous daemon process (VMM
-        processes, daemon/vmmhost.py): settle what that process left unfinished."""
+        processes, daemon/vmmhost.py), BEFORE the migration listener and the control socket serve (so no
+        query is answered and no `list` is shown from a half-settled state): settle what that process left.
+
+        Destination, per record of the previous process:
+        * `committed`: the promise "started" is on disk; its copy (found by its VMM, never by the guest's
+          name alone) is started if the process died between the commit and the start. A committed session
+          whose copy is not here answers `unknown` from now on (`IncomingRecord.lost`).
+        * `receiving` / `ready`: fenced (aborted, durably) and its copy discarded. Its Go could only have come
+          on the connection that died with the previous process, and the protocol has no other way to start
+          it, so keeping it could only leak it; the fence makes the answer to the source's query
+          `not_started`, on which the source resumes its own copy. The destination thus never starts (nor
+          leaves) a copy that the source may still run.
+        * an adopted incoming copy that no record claims (the process died between RECEIVE_START and the
+          first record) can never start either: discarded."""
+        started = set()
         for entry in list(self.incoming.values()):
             rec = entry.rec
-            hosted = self.daemon.guests.get(rec.guest)
-            if rec.phase == "committed" and entry.mig is None:
+            if entry.mig is not None:
+                continue   # a migration of this process (none before the listener serves)
+            hosted = self._copy_of(rec)
+            if rec.phase == "committed":
                 if hosted is not None and hosted.state == "incoming":
                     # Committed (the promise "started" was on disk) but the process died before the start:
                     # keep the promise now.
@@ -402,14 +428,25 @@ class Settlement:
                                          migration_id=rec.migration_id, session_id=rec.session_id)
                     except Exception as exc:  # noqa: BLE001 - reported as lost below
                         self.log.error("incoming_start_after_restart_failed", guest=rec.guest, error=str(exc))
-                entry.lost = hosted is None or hosted.state not in ("running", "paused")
-            if rec.phase in ("receiving", "ready") and entry.survivor is None:
+                if rec.vmm is None and hosted is None:   # a record of an older daemon: by name, as it did
+                    named = self.daemon.guests.get(rec.guest)
+                    entry.lost = named is None or named.state not in ("running", "paused")
+                else:
+                    entry.lost = hosted is None or hosted.state not in ("running", "paused")
+                if hosted is not None:
+                    started.add(id(hosted))
+            if rec.phase in ("receiving", "ready"):
                 rec.phase = "aborted"
                 await self._save_quietly(rec)
                 if hosted is not None and hosted.state == "incoming":
-                    self._discard_incoming(rec.guest, hosted)   # its Go could only come on the dead connection
+                    self._discard_incoming(rec.guest, hosted)
                 self.log.warning("incoming_discarded_after_restart", guest=rec.guest, migration_id=rec.migration_id,
                                  session_id=rec.session_id, note="an unfinished incoming copy never starts")
+        for name, hosted in list(self.daemon.guests.items()):
+            if hosted.state == "incoming" and id(hosted) not in started:
+                self._discard_incoming(name, hosted)
+                self.log.warning("incoming_discarded_after_restart", guest=name,
+                                 note="an adopted incoming copy that no committed session claims never starts")
         for rec in list(self.outgoing.values()):
             hosted = self.daemon.guests.get(rec.guest)
             if rec.phase == "started":
