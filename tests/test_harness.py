@@ -79,3 +79,19 @@ async def test_a_restart_that_does_not_get_ready_leaves_no_process(tmp_path, mon
         monkeypatch.undo()
         await h._recover()
         assert await _serves(b)
+
+
+def test_log_lines_carry_when_the_daemon_wrote_them(daemon):
+    """`_t_emit`: the arrival time less the line's age by the daemon's own timestamp, on the same clock."""
+    r = daemon.wait_for_log("ready")
+    assert isinstance(r.get("timestamp"), str)
+    assert r["_t"] - 5.0 < r["_t_emit"] <= r["_t"]
+
+
+def test_detection_is_timed_from_when_the_daemon_logged():
+    """A failure logged 1.0 s after the fault but read 3.0 s after it (a loaded reader) is within a 2.5 s
+    bound; one the daemon itself logged late is not."""
+    read_late = {"_t": 13.0, "_t_emit": 11.0, "event": "migration_failed", "code": "TIMEOUT", "error": "x"}
+    assert inv.check_detection(read_late, 10.0, 2.5, "src") == ([], 1.0)
+    logged_late = dict(read_late, _t_emit=12.9)
+    assert inv.check_detection(logged_late, 10.0, 2.5, "src")[0][0].startswith("I4 src detected the fault after 2.90 s")

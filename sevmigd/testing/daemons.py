@@ -16,7 +16,8 @@ What it gives you (the pytest fixtures that wrap it are in tests/conftest.py):
   `systemd-socket-activate ...`, a sandbox); `notify=True` binds a NOTIFY_SOCKET and records what the
   daemon tells systemd (`messages`, `wait_notify`).
 * `DaemonProcess`: output is read by threads as it comes (`logs`: JSON log lines, each stamped with its
-  arrival `time.monotonic()` under the key `_t`; `raw_stdout`, `raw_stderr`, `output()`); waits are
+  arrival `time.monotonic()` under the key `_t`, and under `_t_emit` when the daemon wrote it, on the same
+  clock: `_t` less the line's age by its `timestamp`; `raw_stdout`, `raw_stderr`, `output()`); waits are
   deadlines on a condition, never sleeps: `wait_for_log`, `wait_output`, `wait_notify`.
   Control: `execute(verb, {args} | **args)` in-process (sevmigd.daemon.client.ControlClient),
   `await call(verb, ...)` from trio code without threads, `ctl(*argv)` / `ctl_json(*argv)` / `await actl(*argv)` run
@@ -39,6 +40,7 @@ socket or directory behind.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import json
 import os
 import pathlib
@@ -198,6 +200,22 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+
+
+def _read_lag(record: dict, wall: float) -> float:
+    """How long ago (s) the daemon wrote a log line that reached us at wall-clock `wall`: its own UTC ISO
+    `timestamp` against ours (0 without one). On a loaded machine the pipe and this reader thread add up
+    to seconds; a detection bound is about when the daemon logged, not when we read it."""
+    ts = record.get("timestamp")
+    if not isinstance(ts, str):
+        return 0.0
+    try:
+        t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if t.tzinfo is None:
+        return 0.0
+    return min(max(0.0, wall - t.timestamp()), 60.0)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -494,7 +512,7 @@ class DaemonProcess:
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             with self._cond:
                 self.raw_stdout.append(line)
                 self._copy_to_log(line)
@@ -504,6 +522,7 @@ class DaemonProcess:
                     obj = None
                 if isinstance(obj, dict):
                     obj["_t"] = now
+                    obj["_t_emit"] = now - _read_lag(obj, wall)
                     self.logs.append(obj)
                 self._cond.notify_all()
         with self._cond:

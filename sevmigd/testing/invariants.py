@@ -223,7 +223,8 @@ def check_detection(rec: dict | None, fired_mono: float | None, bound_s: float |
         return [], None
     if rec is None:
         return [f"I4 {who} logged no failure of the migration"], None
-    dt = rec["_t"] - fired_mono
+    # when the daemon logged it (the harness may read a line seconds later on a loaded machine)
+    dt = rec.get("_t_emit", rec["_t"]) - fired_mono
     out = []
     if bound_s is not None and dt > bound_s:
         out.append(f"I4 {who} detected the fault after {dt:.2f} s (bound {bound_s:.1f} s): {rec.get('event')}")
