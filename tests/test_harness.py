@@ -95,3 +95,17 @@ def test_detection_is_timed_from_when_the_daemon_logged():
     assert inv.check_detection(read_late, 10.0, 2.5, "src") == ([], 1.0)
     logged_late = dict(read_late, _t_emit=12.9)
     assert inv.check_detection(logged_late, 10.0, 2.5, "src")[0][0].startswith("I4 src detected the fault after 2.90 s")
+
+
+async def test_a_harness_error_reports_each_daemons_state_and_recovers(tmp_path, monkeypatch):
+    async with Harness(tmp_path) as h:
+        async def broken(res):
+            os.unlink(h.daemons[0].control)
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(h, "_cell", broken)
+        r = await h.run_cell("reset", "handshake", 0)
+        assert r.outcome == "error" and "ERR harness: RuntimeError: injected" in r.failures
+        assert any(f.startswith("ERR harness: daemon a:") and "control socket missing" in f for f in r.failures)
+        assert any(f.startswith("ERR harness: daemon b:") and "control socket present" in f for f in r.failures)
+        assert await _serves(h.daemons[0]) and len(await _guest_runs_once(h)) == 1

@@ -277,6 +277,7 @@ class Harness:
             self.log("".join(traceback.format_exception(exc)))
             for d in self.daemons:
                 self.log(d.describe())
+                res.failures.append(f"ERR harness: {d.state_line()}")
             res.outcome = "error"
             await self._recover()
         res.seconds = round(time.monotonic() - t0, 2)

@@ -360,12 +360,18 @@ class DaemonProcess:
         sock = "present" if os.path.exists(self.control) else "missing"
         return f"{err} (process {self.pid} running, control socket {sock})"
 
-    def describe(self, tail: int = 20) -> str:
-        """Process state, control socket and the last output lines: what a harness error should show."""
+    def state_line(self) -> str:
+        """One line: incarnations, process state, control socket, the last stderr line (a traceback's end)."""
         rc = self.proc.poll() if self.proc is not None else None
         sock = "present" if os.path.exists(self.control) else "missing"
-        return (f"daemon {self.name}: starts={self.starts} killed={self.killed} rc={rc} control socket {sock}\n"
-                f"{self.output(tail)}")
+        with self._cond:
+            last_err = self.raw_stderr[-1].strip() if self.raw_stderr else ""
+        return (f"daemon {self.name}: starts={self.starts} killed={self.killed} rc={rc} control socket {sock}"
+                + (f"; stderr: {last_err[:300]}" if last_err else ""))
+
+    def describe(self, tail: int = 20) -> str:
+        """state_line() and the last `tail` output lines: what a harness error should show."""
+        return f"{self.state_line()}\n{self.output(max(1, tail))}"
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """A graceful stop that never raises: SIGTERM (after SIGCONT), SIGKILL if it has not exited within
