@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import random
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -27,24 +26,20 @@ from sevmigd.psp.chain import (
 )
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.status import SevError, SevStatus
+from conftest import seeded_rng
 
 VECTORS = pathlib.Path(__file__).parent / "data" / "sev-vectors"
 NAPLES = VECTORS / "naples"
 EXAMPLES = int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", "150"))
 
 
-def rng_from(seed: int):
-    r = random.Random(seed)
-    return lambda n: r.randbytes(n)
-
-
 @pytest.fixture(scope="module")
 def fleet():
-    ca = FleetCA.create(rng_from(1), rsa_bits=2048)
-    other_ca = FleetCA.create(rng_from(2), rsa_bits=2048)
-    a = PlatformIdentity.create(ca, rng_from(3))
-    b = PlatformIdentity.create(ca, rng_from(4))
-    stranger = PlatformIdentity.create(other_ca, rng_from(5))
+    ca = FleetCA.create(seeded_rng(1), rsa_bits=2048)
+    other_ca = FleetCA.create(seeded_rng(2), rsa_bits=2048)
+    a = PlatformIdentity.create(ca, seeded_rng(3))
+    b = PlatformIdentity.create(ca, seeded_rng(4))
+    stranger = PlatformIdentity.create(other_ca, seeded_rng(5))
     return ca, other_ca, a, b, stranger
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import random
 import shutil
 import stat
 import subprocess
@@ -17,6 +16,7 @@ from sevmigd import store
 from sevmigd.cli import main
 from sevmigd.psp.certs import AmdCert
 from sevmigd.psp.identity import PLATFORM_FILES, FleetCA, PlatformIdentity
+from conftest import seeded_rng
 
 VECTORS = pathlib.Path(__file__).parent / "data" / "sev-vectors"
 NAPLES = VECTORS / "naples"
@@ -24,19 +24,14 @@ BUILTIN = VECTORS / "builtin"
 SEVMIGD = pathlib.Path(sys.executable).parent / "sevmigd"
 
 
-def rng_from(seed: int):
-    r = random.Random(seed)
-    return lambda n: r.randbytes(n)
-
-
 @pytest.fixture(scope="module")
 def ca() -> FleetCA:
-    return FleetCA.create(rng_from(1), rsa_bits=2048)
+    return FleetCA.create(seeded_rng(1), rsa_bits=2048)
 
 
 @pytest.fixture(scope="module")
 def ident(ca) -> PlatformIdentity:
-    return PlatformIdentity.create(ca, rng_from(2))
+    return PlatformIdentity.create(ca, seeded_rng(2))
 
 
 def mode(path) -> int:
@@ -80,7 +75,7 @@ def test_platform_save_load_round_trip(tmp_path, ident, ca):
 def test_platform_save_replaces_atomically_and_cleans_up(tmp_path, ident):
     st = tmp_path / "state"
     store.save_platform(st, ident)
-    rotated = ident.pek_gen(rng_from(3))
+    rotated = ident.pek_gen(seeded_rng(3))
     store.save_platform(st, rotated)
     assert store.load_platform(st).platform_id == rotated.platform_id
     gens = [p for p in st.iterdir() if p.name.startswith("platform-")]
@@ -166,7 +161,7 @@ def test_trusted_roots_and_ark_files(tmp_path, ca):
 
 def test_init_self_contained(tmp_path):
     st = tmp_path / "state"
-    ident = store.init_self_contained(st, rng=rng_from(5), rsa_bits=2048)
+    ident = store.init_self_contained(st, rng=seeded_rng(5), rsa_bits=2048)
     assert store.load_platform(st).platform_id == ident.platform_id
     assert [r.key_id for r in store.load_trusted_roots(st)] == [ident.ark.key_id]
     assert store.load_ca(st / "ca").ark == ident.ark
@@ -232,7 +227,7 @@ def test_platform_verbs(tmp_path, fleet_dirs, capsys, ca):
 def test_platform_pek_gen_with_foreign_ca_is_refused(tmp_path, fleet_dirs, capsys):
     st = str(tmp_path / "st")
     assert main(["platform", "init", "--state-dir", st, "--ca", str(fleet_dirs / "ca")]) == 0
-    other = FleetCA.create(rng_from(9), rsa_bits=2048)
+    other = FleetCA.create(seeded_rng(9), rsa_bits=2048)
     store.save_ca(tmp_path / "other", other)
     before = store.load_platform(st).platform_id
     assert main(["platform", "pek-gen", "--state-dir", st, "--ca", str(tmp_path / "other")]) == 2
@@ -263,7 +258,7 @@ def test_export_then_verify(tmp_path, fleet_dirs, capsys, ca):
     assert main(["certs", "verify", str(out), "--ark", str(BUILTIN / "rome/ark.cert")]) == 1
     assert "ARK pinned" in capsys.readouterr().out
     # a PDH from another platform of the fleet: PEK -> PDH fails with BAD_SIGNATURE
-    other = PlatformIdentity.create(ca, rng_from(7))
+    other = PlatformIdentity.create(ca, seeded_rng(7))
     (out / "pdh.cert").write_bytes(other.pdh.encode())
     assert main(["certs", "verify", str(out)]) == 1
     captured = capsys.readouterr()
@@ -379,7 +374,7 @@ def test_ca_init_creates_the_tls_ca_and_platform_init_issues_a_certificate_namin
     assert rotated.chip_id == ident.chip_id and rotated.platform_id != ident.platform_id
     tls.check_own_certificate(paths, rotated.chip_id)
     # a certificate of another platform is refused at start, naming the key
-    other = PlatformIdentity.create(store.load_ca(cadir), rng_from(7))
+    other = PlatformIdentity.create(store.load_ca(cadir), seeded_rng(7))
     with pytest.raises(ConfigError) as ei:
         tls.check_own_certificate(paths, other.chip_id)
     assert ei.value.key == "tls.cert" and "names" in str(ei.value)
@@ -398,6 +393,6 @@ def test_tls_cert_verb_upgrades_an_old_state_and_ca_dir(tmp_path, ca, ident, cap
     cert = load_cert({"c": pathlib.Path(store.tls_paths(st)["cert"]).read_bytes()}, "c")
     assert named_platforms(cert) == {ident.chip_id}
     other = tmp_path / "other-ca"
-    store.save_ca(other, FleetCA.create(rng_from(9), rsa_bits=2048))
+    store.save_ca(other, FleetCA.create(seeded_rng(9), rsa_bits=2048))
     assert main(["platform", "tls-cert", "--state-dir", str(st), "--ca", str(other)]) == 2
     assert "not this platform's fleet CA" in capsys.readouterr().err

@@ -27,37 +27,34 @@ from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy, make_policy
 from sevmigd.psp.status import SevError, SevStatus
+from conftest import seeded_rng
 
 PAGES = 24
 FUZZ = int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", "0")) or 60
 
 
-def seeded(seed: int):
-    return random.Random(seed).randbytes
-
-
 @pytest.fixture(scope="module")
 def fleet():
-    return FleetCA.create(seeded(1), rsa_bits=2048)
+    return FleetCA.create(seeded_rng(1), rsa_bits=2048)
 
 
 @pytest.fixture(scope="module")
 def ident_a(fleet):
-    return PlatformIdentity.create(fleet, seeded(2))
+    return PlatformIdentity.create(fleet, seeded_rng(2))
 
 
 @pytest.fixture(scope="module")
 def ident_b(fleet):
-    return PlatformIdentity.create(fleet, seeded(3))
+    return PlatformIdentity.create(fleet, seeded_rng(3))
 
 
 @pytest.fixture(scope="module")
 def ident_other_fleet():
-    return PlatformIdentity.create(FleetCA.create(seeded(4), rsa_bits=2048), seeded(5))
+    return PlatformIdentity.create(FleetCA.create(seeded_rng(4), rsa_bits=2048), seeded_rng(5))
 
 
 def make_fw(ident, seed=10, **kw) -> Firmware:
-    fw = Firmware(ident, rng=seeded(seed), **kw)
+    fw = Firmware(ident, rng=seeded_rng(seed), **kw)
     fw.init()
     return fw
 
@@ -314,7 +311,7 @@ def test_sev_bit_needs_signed_cek(ident_a, ident_b):
 
 
 def test_sev_bit_target_api_version(fleet, ident_a):
-    old = PlatformIdentity.create(fleet, seeded(6), api_major=1, api_minor=40)
+    old = PlatformIdentity.create(fleet, seeded_rng(6), api_major=1, api_minor=40)
     src, dst = make_fw(ident_a), make_fw(old)
     h, *_ = launch(src, policy=Policy.SEV | make_policy(api_major=1, api_minor=50))
     pdh, _ = dst.pdh_cert_export()
@@ -484,7 +481,7 @@ def test_exported_chain_has_unsigned_cek(ident_a):
 
 
 def test_pek_gen_and_pdh_gen_platform_states(ident_a):
-    fw = Firmware(ident_a, rng=seeded(50))
+    fw = Firmware(ident_a, rng=seeded_rng(50))
     raises(SevStatus.INVALID_PLATFORM_STATE, fw.pdh_gen)
     fw.init()
     raises(SevStatus.INVALID_PLATFORM_STATE, fw.init)

@@ -3,7 +3,6 @@ GET_ID and PLATFORM_RESET, and what ownership means for the DOMAIN policy bit on
 
 from __future__ import annotations
 
-import random
 import struct
 
 import pytest
@@ -16,24 +15,21 @@ from sevmigd.psp.identity import OWNED_PLATFORM_FILES, PLATFORM_FILES, FleetCA, 
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError, SevStatus
-
-
-def seeded(seed):
-    return random.Random(seed).randbytes
+from conftest import seeded_rng
 
 
 @pytest.fixture(scope="module")
 def ca():
-    return FleetCA.create(seeded(201), rsa_bits=2048)
+    return FleetCA.create(seeded_rng(201), rsa_bits=2048)
 
 
 @pytest.fixture(scope="module")
 def owners():
-    return FleetOwner.create(seeded(202)), FleetOwner.create(seeded(203))
+    return FleetOwner.create(seeded_rng(202)), FleetOwner.create(seeded_rng(203))
 
 
 def _owned(ca, seed: int, owner: FleetOwner | None) -> Firmware:
-    fw = Firmware(PlatformIdentity.create(ca, seeded(seed)), rng=seeded(seed + 1000))
+    fw = Firmware(PlatformIdentity.create(ca, seeded_rng(seed)), rng=seeded_rng(seed + 1000))
     fw.init()
     if owner is not None:
         fw.pek_cert_import(owner.sign_pek(SevCert.decode(fw.pek_csr())).encode(), owner.oca.encode())
@@ -96,7 +92,7 @@ def test_domain_policy_follows_ownership(ca, owners):
 
 
 def test_platform_status_layout_and_uninit_masking(ca, owners):
-    fw = Firmware(PlatformIdentity.create(ca, seeded(8)), rng=seeded(9), build=25, es_initialized=True)
+    fw = Firmware(PlatformIdentity.create(ca, seeded_rng(8)), rng=seeded_rng(9), build=25, es_initialized=True)
     st = fw.platform_status()
     assert (st.state, st.owner, st.config, st.guest_count) == (PlatformState.UNINIT, 0, 0, 0)
     fw.init()
@@ -156,11 +152,11 @@ def test_owned_identity_round_trips_without_an_oca_key(ca, owners):
     assert sorted(files) == sorted(OWNED_PLATFORM_FILES) and "oca.key" not in files
     back = PlatformIdentity.from_files(files)
     assert back.externally_owned and back.plat_certs() == ident.plat_certs() and back.pdh == ident.pdh
-    assert sorted(PlatformIdentity.create(ca, seeded(15)).to_files()) == sorted(PLATFORM_FILES)
+    assert sorted(PlatformIdentity.create(ca, seeded_rng(15)).to_files()) == sorted(PLATFORM_FILES)
 
 
 def test_owner_signs_only_unsigned_pek_csrs(ca, owners):
-    ident = PlatformIdentity.create(ca, seeded(16))
+    ident = PlatformIdentity.create(ca, seeded_rng(16))
     for bad in (ident.pek, ident.pdh.without_signatures(), ident.oca.without_signatures()):
         with pytest.raises(SevError) as ei:
             owners[0].sign_pek(bad)

@@ -5,7 +5,6 @@ that fails."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 
@@ -15,19 +14,16 @@ from sevmigd.psp.identity import FleetCA, FleetOwner, PlatformIdentity
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError, SevStatus
+from conftest import seeded_rng
 
 LIVE_STATES = [GuestState.LUPDATE, GuestState.LSECRET, GuestState.RUNNING, GuestState.SUPDATE,
                GuestState.RUPDATE, GuestState.SENT]
 
 
-def seeded(seed):
-    return random.Random(seed).randbytes
-
-
 @pytest.fixture(scope="module")
 def idents():
-    ca = FleetCA.create(seeded(101), rsa_bits=2048)
-    return PlatformIdentity.create(ca, seeded(102)), PlatformIdentity.create(ca, seeded(103))
+    ca = FleetCA.create(seeded_rng(101), rsa_bits=2048)
+    return PlatformIdentity.create(ca, seeded_rng(102)), PlatformIdentity.create(ca, seeded_rng(103))
 
 
 def _session_from(peer: PlatformIdentity, me: PlatformIdentity, policy: int) -> bytes:
@@ -38,7 +34,7 @@ def _session_from(peer: PlatformIdentity, me: PlatformIdentity, policy: int) -> 
 
 def guest_in(state: GuestState, idents, policy=Policy.ES) -> tuple[Firmware, int]:
     peer, me = idents
-    fw = Firmware(me, rng=seeded(int(state)))
+    fw = Firmware(me, rng=seeded_rng(int(state)))
     fw.init()
     if state == GuestState.RUPDATE:
         h = fw.receive_start(policy=policy, pdh_cert=peer.pdh.encode(), session=_session_from(peer, me, policy))
@@ -167,7 +163,7 @@ def _platform_cmds(idents):
     return cmds
 
 
-_OWNER = FleetOwner.create(seeded(104))
+_OWNER = FleetOwner.create(seeded_rng(104))
 
 
 ALLOWED = {   # platform states each command accepts (reference §2.4, §2.5)
@@ -191,7 +187,7 @@ ALL_PLATFORM_CMDS = COMMANDS + ["activate", "deactivate", "decommission", "guest
 @pytest.mark.parametrize("pstate", [PlatformState.UNINIT, PlatformState.INIT], ids=lambda s: s.name)
 @pytest.mark.parametrize("command", ALL_PLATFORM_CMDS)
 def test_command_in_uninit_and_init_platform(idents, command, pstate):
-    fw = Firmware(idents[1], rng=seeded(7))
+    fw = Firmware(idents[1], rng=seeded_rng(7))
     if pstate == PlatformState.INIT:
         fw.init()
     call = _platform_cmds(idents)[command]
@@ -228,7 +224,7 @@ def test_ownership_command_in_working_platform(idents, command):
 
 
 def test_platform_transitions(idents):
-    fw = Firmware(idents[1], rng=seeded(8))
+    fw = Firmware(idents[1], rng=seeded_rng(8))
     assert fw.platform_state == PlatformState.UNINIT
     fw.init()
     assert fw.platform_state == PlatformState.INIT
@@ -314,7 +310,7 @@ def test_launch_secret_check_order(idents):
 
 def test_launch_start_check_order(idents):
     peer, me = idents
-    fw = Firmware(me, rng=seeded(9))
+    fw = Firmware(me, rng=seeded_rng(9))
     fw.init()
     session = _session_from(peer, me, 0x40)      # MAC covers a policy with a reserved bit
     _expect(SevStatus.INVALID_LENGTH, lambda: fw.launch_start(policy=0x40, dh_cert=b"", session=session[:1]))
@@ -330,10 +326,10 @@ def test_pek_cert_import_check_order(idents):
     """FW `sev_mcmd_pek_cert_import`: state, ALREADY_OWNED, lengths, OCA self-signature, PEK's OCA
     signature, PEK body; a refused import leaves the identity as it was."""
     me = idents[1]
-    owner, other = FleetOwner.create(seeded(105)), FleetOwner.create(seeded(106))
+    owner, other = FleetOwner.create(seeded_rng(105)), FleetOwner.create(seeded_rng(106))
     signed = owner.sign_pek(me.pek_csr()).encode()
     oca = owner.oca.encode()
-    fw = Firmware(me, rng=seeded(10))
+    fw = Firmware(me, rng=seeded_rng(10))
     _expect(SevStatus.INVALID_PLATFORM_STATE, lambda: fw.pek_cert_import(signed, oca))          # 1 state
     fw.init()
     _expect(SevStatus.INVALID_LENGTH, lambda: fw.pek_cert_import(signed[:-1], oca))              # 3 lengths
@@ -353,7 +349,7 @@ def test_pek_cert_import_check_order(idents):
 
 
 def test_length_queries_of_ownership_commands(idents):
-    fw = Firmware(idents[1], rng=seeded(11))
+    fw = Firmware(idents[1], rng=seeded_rng(11))
     err = pytest.raises(SevError, fw.get_id, id_len=63).value
     assert err.status == SevStatus.INVALID_LENGTH and err.written_back == {"id_len": 64}
     fw.init()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -11,11 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sevmigd.psp.certs import Algo, AmdCert, SevCert, Usage, verify_amd_cert
 from sevmigd.psp.chain import ark_key_hash, validate_domain, validate_platform, verify_platform_chain
 from sevmigd.psp.identity import FleetCA, IdentityError, PlatformIdentity
-
-
-def seeded_rng(seed: int):
-    r = random.Random(seed)
-    return lambda n: r.randbytes(n)
+from conftest import seeded_rng
 
 
 @pytest.fixture(scope="module")

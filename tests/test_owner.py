@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import random
 import uuid
 
 import pytest
@@ -29,23 +28,20 @@ from sevmigd.psp.identity import FleetCA, PlatformIdentity
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.policy import Policy
 from sevmigd.psp.status import SevError, SevStatus
+from conftest import seeded_rng
 
 MiB = 1 << 20
 G1 = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 
 
-def seeded(seed):
-    return random.Random(seed).randbytes
-
-
 @pytest.fixture(scope="module")
 def ident():
-    return PlatformIdentity.create(FleetCA.create(seeded(301), rsa_bits=2048), seeded(302))
+    return PlatformIdentity.create(FleetCA.create(seeded_rng(301), rsa_bits=2048), seeded_rng(302))
 
 
 @pytest.fixture
 def fw(ident):
-    f = Firmware(ident, rng=seeded(303))
+    f = Firmware(ident, rng=seeded_rng(303))
     f.init()
     return f
 
@@ -60,7 +56,7 @@ def _measured(fw, session: LaunchSession, image: bytes = b"\x5a" * 4096) -> tupl
 
 
 def test_session_is_accepted_and_the_measurement_checks_out(fw, ident):
-    session = LaunchSession.create(ident.pdh.encode(), int(Policy.NOKS), seeded(1))
+    session = LaunchSession.create(ident.pdh.encode(), int(Policy.NOKS), seeded_rng(1))
     assert len(session.godh_cert) == 0x824 and len(session.session) == 0x80
     assert session.tek.hex() not in repr(session) and session.tik.hex() not in repr(session)
     image = b"\x5a" * 4096
@@ -69,7 +65,7 @@ def test_session_is_accepted_and_the_measurement_checks_out(fw, ident):
     assert not measurement_ok(session, m, hashlib.sha256(b"other").digest())
     assert not measurement_ok(dataclasses.replace(session, policy=0), m, hashlib.sha256(image).digest())
     secret = build_table([(G1, b"s3cret")])
-    packet = wrap_secret(session, m, hashlib.sha256(image).digest(), secret, seeded(2))
+    packet = wrap_secret(session, m, hashlib.sha256(image).digest(), secret, seeded_rng(2))
     fw.launch_secret(h, packet[:0x34], PAGE_SIZE, packet[0x34:])
     assert fw.dbg_decrypt(h, PAGE_SIZE, len(secret)) == secret
     fw.launch_finish(h)
@@ -86,7 +82,7 @@ def test_measurement_known_answer_from_virtee():
 
 
 def test_a_host_launch_with_another_policy_is_refused_by_launch_start(fw, ident):
-    session = LaunchSession.create(ident.pdh.encode(), Policy.NOSEND | Policy.NODBG, seeded(3))
+    session = LaunchSession.create(ident.pdh.encode(), Policy.NOSEND | Policy.NODBG, seeded_rng(3))
     with pytest.raises(SevError) as ei:
         fw.launch_start(policy=0, dh_cert=session.godh_cert, session=session.session)
     assert ei.value.status == SevStatus.BAD_MEASUREMENT
@@ -94,7 +90,7 @@ def test_a_host_launch_with_another_policy_is_refused_by_launch_start(fw, ident)
 
 
 def test_a_host_launch_without_the_owner_is_caught_by_the_measurement(fw, ident):
-    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded(4))
+    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded_rng(4))
     h = fw.launch_start(policy=0x1)              # no GODH: the host's own launch, TIK all zero
     fw.activate(h, 2)
     image = b"\x5a" * 4096
@@ -105,15 +101,15 @@ def test_a_host_launch_without_the_owner_is_caught_by_the_measurement(fw, ident)
     digest = hashlib.sha256(image).digest()
     assert not measurement_ok(session, m, digest)
     with pytest.raises(OwnerError):
-        wrap_secret(session, m, digest, bytes(16), seeded(5))
+        wrap_secret(session, m, digest, bytes(16), seeded_rng(5))
 
 
 def test_a_secret_for_one_launch_is_refused_by_another(fw, ident):
-    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded(6))
+    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded_rng(6))
     h1, m1 = _measured(fw, session)
     h2, _m2 = _measured(fw, session)
     digest = hashlib.sha256(b"\x5a" * 4096).digest()
-    packet = wrap_secret(session, m1, digest, build_table([(G1, b"x")]), seeded(7))
+    packet = wrap_secret(session, m1, digest, build_table([(G1, b"x")]), seeded_rng(7))
     with pytest.raises(SevError) as ei:
         fw.launch_secret(h2, packet[:0x34], PAGE_SIZE, packet[0x34:])   # MAC covers MEASURE (MNONCE differs)
     assert ei.value.status == SevStatus.BAD_MEASUREMENT
@@ -121,7 +117,7 @@ def test_a_secret_for_one_launch_is_refused_by_another(fw, ident):
 
 
 def test_session_files_round_trip_and_a_changed_policy_file_is_detected(ident):
-    session = LaunchSession.create(ident.pdh.encode(), 0x5, seeded(8))
+    session = LaunchSession.create(ident.pdh.encode(), 0x5, seeded_rng(8))
     files = session.to_files()
     assert LaunchSession.from_files(files) == session
     with pytest.raises(OwnerError) as ei:
@@ -134,16 +130,16 @@ def test_session_files_round_trip_and_a_changed_policy_file_is_detected(ident):
 
 def test_session_refuses_a_bad_pdh_and_reserved_policy_bits(ident):
     with pytest.raises(OwnerError):
-        LaunchSession.create(ident.pek.encode(), 0, seeded(9))      # not a PDH (usage PEK)
+        LaunchSession.create(ident.pek.encode(), 0, seeded_rng(9))      # not a PDH (usage PEK)
     with pytest.raises(OwnerError):
-        LaunchSession.create(ident.pdh.encode()[:-1], 0, seeded(9))
+        LaunchSession.create(ident.pdh.encode()[:-1], 0, seeded_rng(9))
     with pytest.raises(OwnerError):
-        LaunchSession.create(ident.pdh.encode(), 0x40, seeded(9))
+        LaunchSession.create(ident.pdh.encode(), 0x40, seeded_rng(9))
 
 
 def test_expected_digest_matches_the_launch_for_sev_and_sev_es(fw):
     for asid, (policy, vcpus) in enumerate(((0, 2), (int(Policy.ES), 3)), start=20):
-        vm = SevVm.launch(fw, GuestConfig("d", 4 * MiB, policy=policy, vcpus=vcpus), asid=asid, rng=seeded(10))
+        vm = SevVm.launch(fw, GuestConfig("d", 4 * MiB, policy=policy, vcpus=vcpus), asid=asid, rng=seeded_rng(10))
         try:
             assert vm.launch_digest == expected_digest(default_image(), policy=policy, vcpus=vcpus)
         finally:
@@ -180,14 +176,14 @@ def test_secret_table_format():
 
 
 def test_guest_reads_its_secret_after_launch_finish(fw, ident):
-    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded(11))
+    session = LaunchSession.create(ident.pdh.encode(), 0x1, seeded_rng(11))
     cfg = GuestConfig("o", 4 * MiB, policy=0x1, owner_godh=session.godh_cert, owner_session=session.session)
-    vm = SevVm.launch(fw, cfg, asid=10, rng=seeded(12), finish=False)
+    vm = SevVm.launch(fw, cfg, asid=10, rng=seeded_rng(12), finish=False)
     try:
         assert vm.awaiting_secret and vm.sev_state == "LSECRET" and not vm.running
         m = Measurement(vm.measurement, vm.mnonce, fw.api_major, fw.api_minor, fw.build)
         packet = wrap_secret(session, m, expected_digest(default_image(), policy=0x1), build_table([(G1, b"k")]),
-                             seeded(13))
+                             seeded_rng(13))
         with pytest.raises(ValueError):
             vm.launch_secret(packet[:0x34] + packet[0x34:0x35])      # not a 16-byte multiple
         vm.launch_secret(packet)
@@ -198,7 +194,7 @@ def test_guest_reads_its_secret_after_launch_finish(fw, ident):
         assert vm.agent.launch_secret() == [(G1, b"k")]
     finally:
         vm.release()
-    plain = SevVm.launch(fw, GuestConfig("p", 4 * MiB), asid=11, rng=seeded(14))
+    plain = SevVm.launch(fw, GuestConfig("p", 4 * MiB), asid=11, rng=seeded_rng(14))
     try:
         assert plain.agent.launch_secret() is None
     finally:

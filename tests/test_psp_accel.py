@@ -25,7 +25,8 @@ from sevmigd.psp.firmware import Firmware
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.status import SevError, SevStatus
 
-from test_firmware import launch, raises, seeded, start_migration
+from test_firmware import launch, raises, start_migration
+from conftest import seeded_rng
 
 ROOT = Path(__file__).resolve().parent.parent
 DERIVED = json.loads((ROOT / "tests/data/sev-vectors/send_receive_derived.json").read_text())
@@ -43,7 +44,7 @@ def H(s: str) -> bytes:
 
 
 def _fw(ident, seed, *, use_accel, workers=1):
-    fw = Firmware(ident, rng=seeded(seed), accel=use_accel, workers=workers)
+    fw = Firmware(ident, rng=seeded_rng(seed), accel=use_accel, workers=workers)
     fw.init()
     return fw
 
@@ -61,13 +62,13 @@ def _pair(ident_a, ident_b, *, src_accel, dst_accel, workers=1, seed=0):
 @pytest.fixture(scope="module")
 def ident_a():
     from sevmigd.psp.identity import FleetCA, PlatformIdentity
-    return PlatformIdentity.create(FleetCA.create(seeded(1), rsa_bits=2048), seeded(2))
+    return PlatformIdentity.create(FleetCA.create(seeded_rng(1), rsa_bits=2048), seeded_rng(2))
 
 
 @pytest.fixture(scope="module")
 def ident_b(ident_a):
     from sevmigd.psp.identity import FleetCA, PlatformIdentity
-    return PlatformIdentity.create(FleetCA.create(seeded(1), rsa_bits=2048), seeded(3))
+    return PlatformIdentity.create(FleetCA.create(seeded_rng(1), rsa_bits=2048), seeded_rng(3))
 
 
 # --- which path ----------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_send_batch_is_byte_identical_to_the_pure_path(ident_a, ident_b, pfns, w
 def test_send_batch_with_the_os_rng_and_two_engines_round_trips(ident_a, ident_b):
     src = Firmware(ident_a, rng=os.urandom, accel=True, workers=2)
     src.init()
-    dst = Firmware(ident_b, rng=seeded(9), accel=True, workers=2)
+    dst = Firmware(ident_b, rng=seeded_rng(9), accel=True, workers=2)
     dst.init()
     h, _ram, plain, _ = launch(src, pages=PAGES)
     dh, dram, _ = start_migration(src, h, dst, ident_b, pages=PAGES)
@@ -309,12 +310,13 @@ sys.modules["sevmigd.psp._accel"] = None          # import raises ImportError
 sys.path.insert(0, sys.argv[1])
 from sevmigd.psp import accel
 from sevmigd.psp.firmware import Firmware
-from test_firmware import launch, start_migration, seeded
+from test_firmware import launch, start_migration
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
+from conftest import seeded_rng
 assert not accel.AVAILABLE and "not built" in accel.describe()
-ca = FleetCA.create(seeded(1), rsa_bits=2048)
-a, b = PlatformIdentity.create(ca, seeded(2)), PlatformIdentity.create(ca, seeded(3))
-src, dst = Firmware(a, rng=seeded(4), accel=True, workers=2), Firmware(b, rng=seeded(5), accel=True, workers=2)
+ca = FleetCA.create(seeded_rng(1), rsa_bits=2048)
+a, b = PlatformIdentity.create(ca, seeded_rng(2)), PlatformIdentity.create(ca, seeded_rng(3))
+src, dst = Firmware(a, rng=seeded_rng(4), accel=True, workers=2), Firmware(b, rng=seeded_rng(5), accel=True, workers=2)
 src.init(); dst.init()
 assert src.accel is False
 h, ram, plain, _ = launch(src, pages=8)
@@ -350,7 +352,7 @@ def test_the_daemons_psp_gets_psp_workers_from_its_config(tmp_path, workers):
     from sevmigd.psp.identity import FleetCA
     from sevmigd.testing.pki import provision
 
-    ca = FleetCA.create(seeded(7), rsa_bits=2048)
+    ca = FleetCA.create(seeded_rng(7), rsa_bits=2048)
     identity = provision(tmp_path / "h", ca)
     config = Config(state_dir=str(tmp_path / "h"), control=str(tmp_path / "h.sock"), tls=TlsConfig(),
                     insecure_plaintext=True, psp_workers=workers)

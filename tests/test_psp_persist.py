@@ -24,9 +24,10 @@ from sevmigd.psp.policy import Policy
 from sevmigd.psp.seal import SealError
 from sevmigd.psp.status import SevError, SevStatus
 
-from test_firmware import launch, owner_launch, seeded, start_migration, vmsa_page
+from test_firmware import launch, owner_launch, start_migration, vmsa_page
 from test_firmware import fleet, ident_a, ident_b  # noqa: F401  (module fixtures, shared)
 from test_firmware_states import LIVE_STATES, guest_in
+from conftest import seeded_rng
 
 PAGES = 16
 KEY_A = bytes(range(32))
@@ -35,7 +36,7 @@ FUZZ = int(os.environ.get("SEVMIGD_FUZZ_EXAMPLES", "0")) or 80
 
 
 def fw_of(ident, seed, key=KEY_A) -> Firmware:
-    fw = Firmware(ident, rng=seeded(seed), sealing_key=key)
+    fw = Firmware(ident, rng=seeded_rng(seed), sealing_key=key)
     fw.init()
     return fw
 
@@ -75,7 +76,7 @@ def test_send_continues_after_import_byte_exact(ident_a, ident_b, es):
     assert src2.guest_status(h).state == GuestState.SUPDATE
     src2.map_guest_memory(h, ram, vmsa)
     # The same IVs give the very same packets from the original and from the imported context.
-    src._rng, src2._rng = seeded(77), seeded(77)
+    src._rng, src2._rng = seeded_rng(77), seeded_rng(77)
     assert src.send_update_data_batch(h, range(8, PAGES)) == src2.send_update_data_batch(h, range(8, PAGES))
     hdrs, ct = src2.send_update_data_batch(h, range(8, PAGES))
     dst.receive_update_data_batch(dh, range(8, PAGES), hdrs, ct)
@@ -184,7 +185,7 @@ def test_restored_context_keeps_asid_binding_and_flush_rule(ident_a):
 def test_every_live_state_round_trips(ident_a, ident_b, state):
     fw, h = guest_in(state, (ident_a, ident_b))
     before = fw.guest_status(h), fw.launch_digest(h)
-    new = Firmware(ident_b, rng=seeded(40))
+    new = Firmware(ident_b, rng=seeded_rng(40))
     new.init()
     new._sealing_key = fw._key()
     assert new.import_guest(fw.export_guest(h)) == h
@@ -214,7 +215,7 @@ def test_conflicting_foreign_and_wrong_kind_blobs(ident_a):
     newer[8] = 2
     raises_seal("version", SevStatus.UNSUPPORTED, fw_of(ident_a, 33).import_guest, bytes(newer))
     # the platform must be up
-    down = Firmware(ident_a, rng=seeded(34), sealing_key=KEY_A)
+    down = Firmware(ident_a, rng=seeded_rng(34), sealing_key=KEY_A)
     with pytest.raises(SevError) as ei:
         down.import_guest(blob)
     assert ei.value.status == SevStatus.INVALID_PLATFORM_STATE

@@ -23,16 +23,17 @@ from sevmigd.psp.keyslot import open_key_slot
 from sevmigd.psp.memengine import PAGE_SIZE
 from sevmigd.psp.status import SevStatus
 
-from test_firmware import launch, seeded, start_migration
+from test_firmware import launch, start_migration
 from test_firmware import fleet, ident_a, ident_b  # noqa: F401  (module fixtures)
+from conftest import seeded_rng
 
 
 class Host:
     """One daemon incarnation's PSP: Firmware + AsidSpace + PspRunner + PspStore on `runtime`."""
 
     def __init__(self, ident, runtime, seed):
-        self.key = pspstate.load_or_create_sealing_key(runtime, seeded(seed))
-        self.fw = Firmware(ident, rng=seeded(seed + 1), sealing_key=self.key)
+        self.key = pspstate.load_or_create_sealing_key(runtime, seeded_rng(seed))
+        self.fw = Firmware(ident, rng=seeded_rng(seed + 1), sealing_key=self.key)
         self.fw.init()
         self.asids = AsidSpace(firmware_flush(self.fw))
         self.runner = PspRunner(self.fw)
@@ -59,7 +60,7 @@ async def test_contexts_survive_a_restart_and_go_with_decommission(ident_a, iden
     for name in files(run):
         assert stat.S_IMODE(os.stat(pspstate.psp_dir(run) / name).st_mode) == 0o600
     # SEND_START to a destination, a few pages out: a context with an open channel
-    dst = Firmware(ident_b, rng=seeded(9))
+    dst = Firmware(ident_b, rng=seeded_rng(9))
     dst.init()
     dh, dram, _ = await a.runner.run("SEND_START", lambda: start_migration(a.fw, h, dst, ident_b, pages=8))
     hdrs, ct = await a.runner.run("SEND_UPDATE_DATA", lambda: a.fw.send_update_data_batch(h, range(4)))
@@ -123,15 +124,15 @@ async def test_damaged_foreign_and_misnamed_files_are_reported_not_fatal(ident_a
 
 def test_a_damaged_sealing_key_is_set_aside_and_replaced(ident_a, tmp_path):
     run = tmp_path / "run"
-    key = pspstate.load_or_create_sealing_key(run, seeded(8))
-    assert pspstate.load_or_create_sealing_key(run, seeded(9)) == key == pspstate.read_sealing_key(run)
+    key = pspstate.load_or_create_sealing_key(run, seeded_rng(8))
+    assert pspstate.load_or_create_sealing_key(run, seeded_rng(9)) == key == pspstate.read_sealing_key(run)
     path = pspstate.psp_dir(run) / "sealing.key"
     os.chmod(path, 0o644)                                 # others could have read it: not used
-    new = pspstate.load_or_create_sealing_key(run, seeded(9))
+    new = pspstate.load_or_create_sealing_key(run, seeded_rng(9))
     assert new != key and len(new) == 32
     assert [n for n in files(run) if n.startswith("sealing.key.damaged-")]
     path.write_bytes(b"short")
-    assert pspstate.load_or_create_sealing_key(run, seeded(10)) not in (key, new)
+    assert pspstate.load_or_create_sealing_key(run, seeded_rng(10)) not in (key, new)
 
 
 async def test_lost_asid_record_means_every_free_asid_awaits_a_flush(ident_a, tmp_path):
