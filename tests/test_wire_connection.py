@@ -12,6 +12,7 @@ import pytest
 
 from sevmigd.wire import (CLOSED, NEED_DATA, TRANSITIONS, AbortCode, Connection, Limits, LocalProtocolError,
                           RemoteProtocolError, Role, State, messages as m)
+from sevmigd.wire.connection import DIRECT_READ_MIN
 from sevmigd.wire.framing import PREFIX, array_header, bin_header, uint
 from sevmigd.wire.limits import MIN_MAX_FRAME, PAGE_SIZE, SEV_HDR_SIZE
 from sevmigd.wire.messages import MsgType
@@ -681,3 +682,64 @@ def test_send_pages_parts_is_the_frame_in_pieces_without_copying_the_page_column
         assert (enc_data in parts) == bool(ne) and (shr_data in parts) == bool(ns)
         assert any(p is enc_data for p in parts) == bool(ne)
         assert any(p is shr_data for p in parts) == bool(ns)
+
+
+def _receive_direct(dst, stream: bytes, chunk: int, direct_chunk: int) -> list:
+    """Drive `dst` the way the daemon's plain-TCP read loop does: when a large frame is open, read into
+    its buffer (`receive_buffer` / `received_into`, `direct_chunk` bytes at most per read), else feed
+    `chunk`-byte reads."""
+    events, pos = [], 0
+    while pos < len(stream):
+        view = dst.receive_buffer()
+        if view is not None:
+            n = min(len(view), direct_chunk, len(stream) - pos)
+            view[:n] = stream[pos:pos + n]
+            dst.received_into(n)
+        else:
+            n = min(chunk, len(stream) - pos)
+            dst.receive_data(stream[pos:pos + n])
+        pos += n
+        while (ev := dst.next_event()) is not NEED_DATA:
+            events.append(ev)
+    return events
+
+
+@pytest.mark.parametrize("chunk,direct_chunk", [(1, 7), (4, 65536), (100_000, 3000), (256 * 1024, 1 << 20),
+                                                (70_000, 1)])
+def test_a_large_frame_read_into_its_buffer_gives_the_same_messages(chunk, direct_chunk):
+    src, dst = pair(hello=sample_hello(memory_bytes=256 * PAGE_SIZE), until=State.PRECOPY)
+    sent = [sample_pages(0, range(0, 40), range(40, 50)), sample_pages(0, [], [60]),
+            sample_pages(0, range(100, 130), [])]
+    wire = b"".join(src.send(p) for p in sent)
+    got = _receive_direct(dst, wire, chunk, direct_chunk)
+    assert got == sent
+    if chunk < DIRECT_READ_MIN:
+        # the large frames' bodies were read into (and handed out as views of) pooled reassembly buffers
+        assert got[0].enc_data.obj in dst._buf._pool and got[2].enc_data.obj in dst._buf._pool
+    with pytest.raises(TypeError):
+        got[0].enc_data[0] = 1
+
+
+def test_no_receive_buffer_for_small_frames_or_before_the_length_is_known():
+    src, dst = pair(until=State.PRECOPY)
+    assert dst.receive_buffer() is None                      # nothing received yet
+    small = src.send(sample_pages(0, [1], []))               # ~4 KiB, below DIRECT_READ_MIN
+    dst.receive_data(small[:10])
+    assert dst.receive_buffer() is None
+    dst.receive_data(small[10:])
+    assert isinstance(dst.next_event(), m.Pages)
+    big = src.send(sample_pages(0, range(20), []))
+    dst.receive_data(big[:3])                                # prefix incomplete
+    assert dst.receive_buffer() is None
+    dst.receive_data(big[3:5000])
+    view = dst.receive_buffer()
+    assert view is not None and len(view) == len(big) - 5000  # exactly the rest of this frame, no more
+    with pytest.raises(LocalProtocolError):
+        dst.received_into(len(view) + 1)                      # past the frame: a caller bug, refused
+
+
+def test_an_oversized_frame_gets_no_receive_buffer():
+    _src, dst = pair(until=State.PRECOPY, limits=Limits(max_frame=MIN_MAX_FRAME))
+    with pytest.raises(RemoteProtocolError):
+        dst.receive_data(PREFIX.pack(MIN_MAX_FRAME + 1))
+    assert dst.receive_buffer() is None

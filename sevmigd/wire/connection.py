@@ -75,6 +75,9 @@ KEEPALIVE_INTERVAL_S = 1.0
 # a slow firmware command on the peer while still noticing a dead host quickly).
 PEER_DEAD_TIMEOUT_S = 10.0
 
+#: Frames at least this long may be read straight into their reassembly buffer (`receive_buffer`): a Pages
+#: frame; the small messages keep the plain feed path.
+DIRECT_READ_MIN = 64 * 1024
 _MAC_TAIL = len(MAC_PREFIX) + integrity.MAC_SIZE  # 34 bytes: c4 20 + HMAC-SHA256
 # A fixed X25519 scalar for the receive-time key-share check: small-order points give an all-zero result
 # for *every* scalar, so one trial exchange detects them without touching the rng.
@@ -282,6 +285,27 @@ class Connection:
                                           "returns NEED_DATA before feeding more data"))
         self._buf.feed(data if type(data) is bytes else bytes(data))
         self._check_prefix()
+
+    def receive_buffer(self, min_bytes: int = DIRECT_READ_MIN) -> memoryview | None:
+        """Zero-copy receive: a writable view into which the caller may read (`recv_into`) the rest of the
+        frame being received, then call `received_into(n)`; None when there is no such frame (length not
+        read yet, smaller than `min_bytes`, already whole) and the caller reads and feeds `receive_data`
+        as usual. Only after the length prefix passed the frame limit; the view never reaches past it."""
+        if self._error is not None or self._eof or self._discard:
+            return None
+        return self._buf.direct_view(min_bytes)
+
+    def received_into(self, n: int) -> None:
+        """`n` bytes were read into the view `receive_buffer()` returned (0 = EOF, as receive_data(b""))."""
+        if not n:
+            self.receive_data(b"")
+            return
+        if self._error is not None:
+            self._raise_sticky()
+        try:
+            self._buf.commit(n)
+        except ValueError as e:
+            self._fail(LocalProtocolError(AbortCode.INTERNAL_ERROR, str(e)))
 
     def _frame_limit(self) -> int:
         # Until the channel keys exist nothing is authenticated: hold at most a handshake-sized frame.

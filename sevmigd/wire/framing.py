@@ -5,6 +5,8 @@ A frame is `u32 big-endian body length ‖ body`; the body is one msgpack array
 
 * the receive buffer (`FrameBuffer`): a list of the caller's chunks, no copy on receive; the length prefix
   is checked against the limit as soon as its 4 bytes are there, before any of the body is waited for;
+  for a large frame whose length is known the caller may instead read the rest of the body straight into
+  its reassembly buffer (`direct_view` / `commit`: `recv_into`, no chunk, no copy);
 * minimal msgpack encoders for the Pages fast path (`uint`, `bin_header`, `array_header`) that produce
   exactly the bytes msgpack-python's packer produces (the smallest encoding), and a `Reader` that parses
   the top-level array of any frame without copying (memoryview offsets), so the MAC can cover a byte
@@ -198,17 +200,56 @@ class FrameBuffer:
         self._off = 0          # offset of unread data in _chunks[0]
         self.buffered = 0      # bytes held
         self.need: int | None = None  # body length of the head frame, once its prefix was read
+        self._direct: memoryview | None = None  # the head frame's reassembly buffer, while read into
 
     def feed(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self.buffered += len(data)
+        if not data:
+            return
+        d = self._direct
+        if d is not None:      # the head frame is being read into its buffer: its bytes go there
+            k = min(len(data), self.need - self.buffered)
+            d[self.buffered:self.buffered + k] = memoryview(data)[:k] if k < len(data) else data
+            self.buffered += k
+            if k == len(data):
+                return
+            data = memoryview(data)[k:]
+        self._chunks.append(data)
+        self.buffered += len(data)
+
+    def direct_view(self, min_bytes: int) -> memoryview | None:
+        """A writable view of the rest of the head frame's body, for the caller to read into (then
+        `commit(n)`), or None: length not known yet, frame shorter than `min_bytes`, or whole already.
+        The body bytes buffered so far are moved into the frame's reassembly buffer (a pooled one, as
+        for an assembled frame) the first time; `pop` then hands out a read-only view of it."""
+        need = self.need
+        if need is None or need < min_bytes or self.buffered >= need:
+            return None
+        if self._direct is None:
+            mv = memoryview(self._pooled(need))
+            pos = 0
+            off = self._off
+            for c in self._chunks:
+                k = len(c) - off
+                mv[pos:pos + k] = memoryview(c)[off:] if off else c
+                pos += k
+                off = 0
+            self._chunks.clear()
+            self._off = 0
+            self._direct = mv
+        return self._direct[self.buffered:need]
+
+    def commit(self, n: int) -> None:
+        """`n` bytes were written into the view `direct_view` returned."""
+        if self._direct is None or n < 0 or self.buffered + n > self.need:
+            raise ValueError("commit() without a direct read in progress, or past the frame")
+        self.buffered += n
 
     def clear(self) -> None:
         self._chunks.clear()
         self._off = 0
         self.buffered = 0
         self.need = None
+        self._direct = None
 
     def has_frame(self) -> bool:
         return self.need is not None and self.buffered >= self.need
@@ -232,6 +273,11 @@ class FrameBuffer:
         return body
 
     def _take(self, n: int):
+        if self._direct is not None:   # only ever the whole head frame (the prefix came before it)
+            out = self._direct[:n].toreadonly()
+            self._direct = None
+            self.buffered -= n
+            return out
         c = self._chunks[0]
         off = self._off
         avail = len(c) - off

@@ -1,0 +1,92 @@
+"""The channel's zero-copy read over plain TCP (daemon/channel.py): the rest of a large frame is read with
+recv_into straight into its reassembly buffer, SO_RCVLOWAT raised meanwhile. Real loopback TCP.
+
+What must hold: the messages are those sent, whatever the segmentation; and a small message that follows
+a large frame is delivered while the sender stays silent (the raised low-water mark must never make the
+reader wait for bytes that will not come)."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+import trio.testing
+
+from sevmigd.daemon import channel as channel_mod
+from sevmigd.daemon.channel import run_channel
+from sevmigd.units import PAGE_SIZE
+from sevmigd.wire import messages as m
+from sevmigd.wire.connection import State
+from sevmigd.wire.testing import pair, sample_hello
+
+NPAGES = 1024
+
+
+def _pages(lo: int, n: int, fill: int) -> m.Pages:
+    pfns = np.arange(lo, lo + n, dtype=np.uint64)
+    return m.Pages(round=0, enc_pfns=np.zeros(0, dtype=np.uint64), enc_headers=b"", enc_data=b"",
+                   shr_pfns=pfns, shr_data=bytes([fill]) * (n * PAGE_SIZE))
+
+
+async def _tcp_pair():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+async def test_large_frames_then_a_small_message_over_tcp_while_the_sender_waits(monkeypatch):
+    src, dst = pair(hello=sample_hello(memory_bytes=NPAGES * PAGE_SIZE), until=State.PRECOPY)
+    direct_reads = []
+    real = channel_mod.Channel._recv_into
+
+    TAIL = 100 * 1024
+    at_tail = trio.Event()
+
+    async def counting(self, sock, checks, view, lowat):
+        if len(view) <= TAIL:
+            at_tail.set()                  # reading the last bytes of the large frame
+        n = await real(self, sock, checks, view, lowat)
+        direct_reads.append(n)
+        return n
+
+    monkeypatch.setattr(channel_mod.Channel, "_recv_into", counting)
+    sent = [_pages(0, 256, 1), _pages(256, 300, 2), _pages(600, 3, 3)]
+    client, server = await _tcp_pair()
+    got: list = []
+    all_in = trio.Event()
+
+    async def body(ch):
+        with trio.fail_after(60):          # a reader stuck on the low-water mark would hang here
+            for _ in range(len(sent) + 1):
+                got.append(await ch.receive())
+        all_in.set()
+
+    async def sender():
+        wire = [src.send(p) for p in sent]
+        await client.send_all(wire[0])
+        await client.send_all(wire[1][:-TAIL])
+        # The reader waits for the rest of frame 2 (blocked in the kernel, not merely scheduled): then the
+        # last 100 KiB, the small frame and RoundEnd follow, far less than DIRECT_LOWAT_MAX.
+        await at_tail.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_all(wire[1][-TAIL:] + wire[2] + src.send(m.RoundEnd(round=0, pages=559, remaining=0)))
+        await all_in.wait()                # silent (not closed) until the reader has everything
+        await client.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(sender)
+        await run_channel(server, dst, body, peer="test", keepalive_interval_s=3600, peer_timeout_s=3600)
+    assert got[:3] == sent and isinstance(got[3], m.RoundEnd)
+    assert direct_reads and sum(direct_reads) > PAGE_SIZE * 256  # most of the large frames came that way
+
+
+async def test_tls_and_other_streams_take_the_plain_path():
+    a, b = trio.testing.memory_stream_pair()
+    assert channel_mod._direct_socket(a) == (None, ())
+    client, server = await _tcp_pair()
+    sock, checks = channel_mod._direct_socket(server)
+    assert sock is server.socket and checks == ()
+    for s in (client, server):
+        await s.aclose()
