@@ -109,3 +109,21 @@ async def test_a_harness_error_reports_each_daemons_state_and_recovers(tmp_path,
         assert any(f.startswith("ERR harness: daemon a:") and "control socket missing" in f for f in r.failures)
         assert any(f.startswith("ERR harness: daemon b:") and "control socket present" in f for f in r.failures)
         assert await _serves(h.daemons[0]) and len(await _guest_runs_once(h)) == 1
+
+
+async def test_a_cancelled_start_leaves_no_daemon(tmp_path, monkeypatch):
+    from sevmigd.testing import daemons as dm
+    started = []
+    real_spawn = dm.DaemonProcess.spawn
+    with trio.CancelScope() as scope:
+
+        def spawn_then_cancel(self) -> None:
+            real_spawn(self)
+            started.append(self)
+            scope.cancel()
+
+        monkeypatch.setattr(dm.DaemonProcess, "spawn", spawn_then_cancel)
+        await dm.astart_daemon(tmp_path, "x")
+    assert scope.cancelled_caught and len(started) == 1
+    d = started[0]
+    assert d.proc is not None and d.proc.poll() is not None and not os.path.exists(d.control)

@@ -671,26 +671,25 @@ class DaemonProcess:
         except (OSError, AssertionError):
             return None
 
-    def peak_rss_mib(self) -> float | None:
-        """VmHWM of the daemon process (its peak resident set), MiB."""
+    def _status_kib(self, field: str) -> int | None:
+        """A `field:` of /proc/PID/status in KiB (None when the process is gone or has no such line)."""
         try:
             with open(f"/proc/{self.pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
         except (OSError, AssertionError):
             return None
         return None
 
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the daemon process (its peak resident set), MiB."""
+        kib = self._status_kib("VmHWM")
+        return kib / 1024 if kib is not None else None
+
     def rss_bytes(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, AssertionError):
-            return None
-        return None
+        kib = self._status_kib("VmRSS")
+        return kib * 1024 if kib is not None else None
 
 
 class BackgroundMigration:
@@ -729,6 +728,13 @@ class BackgroundMigration:
         assert not self._thread.is_alive(), "migrate did not return"
 
 
+def _new_daemon(root: os.PathLike | str | None, name: str, kw: dict) -> DaemonProcess:
+    """A DaemonProcess in `root/name` (root: a new temp dir that cleanup() removes, when None)."""
+    owns_root = root is None
+    root_path = pathlib.Path(root) if root is not None else pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-test-"))
+    return DaemonProcess(root_path, name, owns_root=owns_root, **kw)
+
+
 def start_daemon(root: os.PathLike | str | None = None, name: str = "d", *, fleet: FleetRef | None = None,
                  trust: Sequence[FleetRef] = (), init_platform: bool = True, wait: bool = True,
                  ready_timeout: float = READY_TIMEOUT_S, **kw: object) -> DaemonProcess:
@@ -741,9 +747,7 @@ def start_daemon(root: os.PathLike | str | None = None, name: str = "d", *, flee
     Other keywords go to DaemonProcess: state_dir, listen, control, config, args, env, launcher,
     log_level, notify.
     """
-    owns_root = root is None
-    root_path = pathlib.Path(root) if root is not None else pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-test-"))
-    d = DaemonProcess(root_path, name, owns_root=owns_root, **kw)  # type: ignore[arg-type]
+    d = _new_daemon(root, name, kw)
     try:
         if init_platform and "state_dir" not in kw:
             make_state_dir(d.state_dir, fleet, trust=trust)
@@ -761,16 +765,15 @@ async def astart_daemon(root: os.PathLike | str | None = None, name: str = "d", 
                         ready_timeout: float = READY_TIMEOUT_S, **kw: object) -> DaemonProcess:
     """start_daemon for trio code: the state dir is made and readiness awaited in worker threads, the
     fork happens on the event loop's thread (which outlives the daemon: see the module docstring)."""
-    owns_root = root is None
-    root_path = pathlib.Path(root) if root is not None else pathlib.Path(tempfile.mkdtemp(prefix="sevmigd-test-"))
-    d = DaemonProcess(root_path, name, owns_root=owns_root, **kw)  # type: ignore[arg-type]
+    d = _new_daemon(root, name, kw)
     try:
         if init_platform and "state_dir" not in kw:
             await trio.to_thread.run_sync(lambda: make_state_dir(d.state_dir, fleet, trust=trust))
         d.spawn()
         await trio.to_thread.run_sync(d.wait_ready, ready_timeout)
     except BaseException:
-        await trio.to_thread.run_sync(d.cleanup)
+        with trio.CancelScope(shield=True):   # a cancelled start must not leave its daemon running
+            await trio.to_thread.run_sync(d.cleanup)
         raise
     return d
 
