@@ -85,7 +85,7 @@ def test_log_lines_carry_when_the_daemon_wrote_them(daemon):
     """`_t_emit`: the arrival time less the line's age by the daemon's own timestamp, on the same clock."""
     r = daemon.wait_for_log("ready")
     assert isinstance(r.get("timestamp"), str)
-    assert r["_t"] - 5.0 < r["_t_emit"] <= r["_t"]
+    assert r["_t"] - 30.0 < r["_t_emit"] <= r["_t"]   # read at most 30 s after it was written, even loaded
 
 
 def test_detection_is_timed_from_when_the_daemon_logged():

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # the mixin's self is the Daemon
 class PlatformMixin:
     """The platform side of `Daemon` (see the module docstring)."""
 
+    _runtime_lock: int | None = None   # RUNTIME/lock's descriptor while we serve (its flock)
+
     @property
     def asids(self) -> AsidSpace:
         """The host's SEV ASIDs as KVM manages them (sevmigd.kvm.asid): SEV-ES below min_sev_asid, SEV
@@ -200,7 +202,7 @@ class PlatformMixin:
         self._runtime_lock = fd
 
     def _unlock_runtime_dir(self) -> None:
-        fd, self._runtime_lock = getattr(self, "_runtime_lock", None), None
+        fd, self._runtime_lock = self._runtime_lock, None
         if fd is not None:
             os.close(fd)   # closing the descriptor drops the flock
 
