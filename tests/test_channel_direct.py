@@ -14,6 +14,7 @@ import trio.testing
 from sevmigd.daemon import channel as channel_mod
 from sevmigd.daemon.channel import run_channel
 from sevmigd.units import PAGE_SIZE
+from sevmigd.wire import NEED_DATA
 from sevmigd.wire import messages as m
 from sevmigd.wire.connection import State
 from sevmigd.wire.testing import pair, sample_hello
@@ -90,3 +91,40 @@ async def test_tls_and_other_streams_take_the_plain_path():
     assert sock is server.socket and checks == ()
     for s in (client, server):
         await s.aclose()
+
+
+async def test_frames_written_with_sendmsg_arrive_whole_through_partial_writes(monkeypatch):
+    """The sender writes each Pages frame's pieces with sendmsg; a small send buffer and a reader that
+    takes 1000 bytes at a time force partial writes in the middle of pieces."""
+    import socket
+
+    src, dst = pair(hello=sample_hello(memory_bytes=NPAGES * PAGE_SIZE), until=State.PRECOPY)
+    calls = []
+    real = channel_mod.Channel._sendmsg_all
+
+    async def counting(self, parts):
+        calls.append(len(parts))
+        await real(self, parts)
+
+    monkeypatch.setattr(channel_mod.Channel, "_sendmsg_all", counting)
+    client, server = await _tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = [_pages(0, 256, 1), _pages(256, 7, 2), _pages(263, 300, 3)]
+    got: list = []
+
+    async def reader():
+        while len(got) < len(sent):
+            dst.receive_data(await server.receive_some(1000))
+            while (ev := dst.next_event()) is not NEED_DATA:
+                got.append(ev)
+
+    async def body(ch):
+        for p in sent:
+            await ch.send_pages(p.round, p.enc_pfns, p.enc_headers, p.enc_data, p.shr_pfns, p.shr_data)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        with trio.fail_after(60):
+            await run_channel(client, src, body, peer="test", keepalive_interval_s=3600, peer_timeout_s=3600)
+    assert got == sent
+    assert len(calls) == len(sent)

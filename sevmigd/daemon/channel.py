@@ -154,6 +154,8 @@ class Channel:
         self._reader_done = trio.Event()
         self._last_send = trio.current_time()
         self._broken = False
+        # Plain TCP: the socket itself, for zero-copy reads and one-syscall frame writes (None otherwise).
+        self._sock, self._sock_checks = _direct_socket(stream)
 
     # -- failure -----------------------------------------------------------------------------------
 
@@ -203,6 +205,8 @@ class Channel:
         try:
             if parts is None:
                 await self.stream.send_all(data)
+            elif self._sock is not None:
+                await self._sendmsg_all(parts)
             else:
                 for piece in parts:
                     await self.stream.send_all(piece)
@@ -224,6 +228,29 @@ class Channel:
         if self._deferred_failure is not None:
             self.fail(self._deferred_failure)  # the frame is whole on the wire: now the Abort may follow
         return n
+
+    async def _sendmsg_all(self, parts: list) -> None:
+        """A frame's pieces with sendmsg (plain TCP): one syscall (and one pass of the event loop) for the
+        whole frame while the socket buffer has room, where a send_all per piece costs one each."""
+        bufs = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+        sock = self._sock
+        while bufs:
+            for check in self._sock_checks:
+                check()
+            try:
+                sent = await sock.sendmsg(bufs)
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the socket was closed") from exc
+                raise trio.BrokenResourceError(str(exc)) from exc
+            while sent:
+                n = bufs[0].nbytes
+                if sent >= n:
+                    sent -= n
+                    del bufs[0]
+                else:
+                    bufs[0] = bufs[0][sent:]
+                    sent = 0
 
     def _check(self) -> None:
         if self.failure is None and self._deferred_failure is not None:
@@ -302,7 +329,7 @@ class Channel:
         timeout = self.peer_timeout_s
         rearm = timeout * PEER_TIMEOUT_REARM
         conn = self.conn
-        sock, checks = _direct_socket(self.stream)
+        sock, checks = self._sock, self._sock_checks
         lowat = 1
         try:
             armed = trio.current_time()
