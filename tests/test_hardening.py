@@ -34,7 +34,7 @@ root = pytest.mark.root
 
 # Error classes a hostile request may get; InternalError is not among them.
 TYPED = {"ParseError", "InvalidRequest", "CommandNotFound", "InvalidParameter", "GuestNotFound", "GuestExists",
-         "InvalidState", "ResourceLimit", "ShuttingDown", "MigrationFailed", "FirmwareError", "GenericError"}
+         "InvalidState", "GuestUnavailable", "ResourceLimit", "ShuttingDown", "MigrationFailed", "FirmwareError", "GenericError"}
 
 
 # --------------------------------------------------------------------------------------- helpers

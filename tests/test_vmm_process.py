@@ -140,11 +140,8 @@ def test_a_killed_vmm_is_a_crashed_guest_and_nothing_else_is(daemons):
     st = d.execute("status", name="victim", timeout=CTL_TIMEOUT)
     assert st["state"] == "crashed" and "SIGKILL" in st["error"]
     assert st["sev_state"] in (None, "UNINIT")          # its PSP context is decommissioned
-    with pytest.raises(ControlError) as ei:
-        d.execute("verify", name="victim", timeout=CTL_TIMEOUT)
-    assert ei.value.error_class == "InvalidState"
-    with pytest.raises(ControlError):
-        d.execute("migrate", name="victim", to="127.0.0.1:9", timeout=CTL_TIMEOUT)
+    for verb, args in (("verify", {}), ("migrate", {"to": "127.0.0.1:9"})):
+        _refused_unavailable(d, verb, "victim", "GUEST_CRASHED", **args)
     # the others are untouched and the daemon serves on
     assert d.execute("verify", name="other", timeout=CTL_TIMEOUT)["ok"]
     d.execute("launch", name="new", memory="16M", timeout=CTL_TIMEOUT)
@@ -154,6 +151,72 @@ def test_a_killed_vmm_is_a_crashed_guest_and_nothing_else_is(daemons):
         d.execute("status", name="other", timeout=CTL_TIMEOUT)["asid"]
     d.execute("stop", name="victim", timeout=CTL_TIMEOUT)   # the operator clears it from the list
     assert "victim" not in _states(d)
+
+
+def _refused_unavailable(d, verb: str, name: str, code: str, **args) -> None:
+    """`verb` on guest `name` is refused with the typed GuestUnavailable error and its code."""
+    with pytest.raises(ControlError) as ei:
+        d.execute(verb, name=name, timeout=CTL_TIMEOUT, **args)
+    assert ei.value.error_class == "GuestUnavailable", (verb, ei.value.reply)
+    assert ei.value.reply["error"]["code"] == code, (verb, ei.value.reply)
+
+
+def test_a_guest_that_dies_inside_its_live_vmm_is_crashed_and_never_moved(daemons):
+    """The guest kernel panics (an NMI, as QEMU's inject-nmi with unknown_nmi_panic) while its VMM lives on:
+    the guest is `crashed` with the VMM's reason, its VMM quits and its PSP context goes; migrate and the
+    guest verbs refuse it with GuestUnavailable / GUEST_CRASHED, an evacuation leaves it (with that code)
+    and moves the other guest; the daemon serves on."""
+    src = daemons("src", config=PROCESS)
+    dst = daemons("dst", config=PROCESS)
+    src.execute("launch", name="victim", memory="16M", dirty_rate=4.0, timeout=CTL_TIMEOUT)
+    src.execute("launch", name="other", memory="16M", dirty_rate=4.0, timeout=CTL_TIMEOUT)
+    mark = len(src.logs)
+    info = src.vmm_manifests()["victim"]
+    c = VmmClient.connect(os.path.join(src.runtime_dir, "vmm", f"{info['id']}.sock"), "victim")
+    try:
+        c.call("inject_nmi")
+    finally:
+        c.close()
+    rec = src.wait_for_log("guest_crashed", timeout=DEADLINE_S, start=mark)
+    assert rec["guest"] == "victim" and "NMI" in rec["reason"], rec
+    st = src.execute("status", name="victim", timeout=CTL_TIMEOUT)
+    assert st["state"] == "crashed" and "GuestPanic" in st["error"] and "NMI" in st["error"], st
+    _until("the victim's VMM to quit", lambda: "victim" not in src.vmm_manifests())
+    _until("its PSP context to go", lambda: src.execute("status", name="victim")["sev_state"] in (None, "UNINIT"))
+    for verb, args in (("migrate", {"to": dst.address}), ("verify", {}), ("guest-read", {"gpa": 0x200000,
+                                                                                        "length": 16})):
+        _refused_unavailable(src, verb, "victim", "GUEST_CRASHED", **args)
+    ev = src.execute("evacuate", to=[dst.address], timeout=CTL_TIMEOUT)
+    rows = {r["guest"]: r for r in ev["guests"]}
+    assert rows["victim"]["state"] == "left" and rows["victim"]["code"] == "GUEST_CRASHED", rows
+    assert "NMI" in rows["victim"]["reason"]
+    assert rows["other"]["state"] == "done", rows
+    assert dst.execute("verify", name="other", timeout=CTL_TIMEOUT)["ok"]
+    assert _states(src) == {"victim": "crashed", "other": "migrated"} or _states(src) == {"victim": "crashed"}
+    src.execute("stop", name="victim", timeout=CTL_TIMEOUT)
+    assert "victim" not in _states(src)
+    assert src.execute("server-info", timeout=CTL_TIMEOUT)["psp_guests"] == 0
+
+
+def test_a_guest_that_died_in_its_vmm_while_the_daemon_was_down_is_crashed_after_the_restart(daemons):
+    d = daemons("host", config=PROCESS)
+    d.execute("launch", name="g", memory="16M", timeout=CTL_TIMEOUT)
+    d.kill()
+    info = d.vmm_manifests()["g"]
+    c = VmmClient.connect(os.path.join(d.runtime_dir, "vmm", f"{info['id']}.sock"), "g")
+    try:
+        c.call("inject_nmi")
+        _until("the guest to panic in its VMM", lambda: c.call("status")["phase"] == "crashed")
+    finally:
+        c.close()
+    d.spawn()
+    d.wait_ready()
+    st = d.execute("status", name="g", timeout=CTL_TIMEOUT)   # never listed as running
+    assert st["state"] == "crashed" and "NMI" in st["error"], st
+    _refused_unavailable(d, "migrate", "g", "GUEST_CRASHED", to="127.0.0.1:9")
+    _until("its VMM to quit", lambda: d.vmm_manifests() == {})
+    d.execute("stop", name="g", timeout=CTL_TIMEOUT)
+    assert d.execute("server-info", timeout=CTL_TIMEOUT)["psp_guests"] == 0
 
 
 def test_a_vmm_that_died_while_the_daemon_was_down_is_reported_crashed(daemons):
@@ -193,6 +256,9 @@ def test_a_vmm_of_another_protocol_version_is_reported_and_left_running(daemons)
         with pytest.raises(ControlError) as ei:
             d.execute("stop", name="old", timeout=CTL_TIMEOUT)
         assert ei.value.error_class == "InvalidState"
+        _refused_unavailable(d, "migrate", "old", "GUEST_INCOMPATIBLE", to="127.0.0.1:9")
+        ev = d.execute("evacuate", to=["127.0.0.1:9"], timeout=CTL_TIMEOUT)
+        assert [(r["guest"], r["state"], r["code"]) for r in ev["guests"]] == [("old", "left", "GUEST_INCOMPATIBLE")]
         assert old.poll() is None                   # never killed
         assert d.terminate() == 0
         assert old.poll() is None

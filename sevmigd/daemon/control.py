@@ -47,7 +47,8 @@ import trio
 
 from sevmigd.daemon.config import split_host_port
 from sevmigd.daemon.evacuate import Evacuation, parse_targets
-from sevmigd.daemon.errors import DaemonError, InvalidState, ShuttingDown, StartupError, error_class
+from sevmigd.daemon.errors import (DaemonError, GuestUnavailable, InvalidState, ShuttingDown, StartupError,
+                                   error_class)
 from sevmigd.daemon.logging import exception_summary
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.limits import MAX_DIRTY_RATE_MIB_S, MAX_FLIP_RATE, MAX_IMAGE_BYTES, check_guest_name
@@ -390,6 +391,8 @@ async def process_line(daemon: Daemon, line: bytes, send: Callable[[dict], Await
                 extra_fields["data"] = _jsonable(exc.stats)
         elif isinstance(exc, SevError):
             extra_fields["status"] = exc.status.name
+        elif isinstance(exc, GuestUnavailable):
+            extra_fields["code"] = exc.code
         return error_reply(error_class(exc), str(exc) or type(exc).__name__, req_id, **extra_fields)
     except Exception as exc:  # the control loop is an outermost loop: report, log, keep serving
         # Neither the message nor the locals: both may quote the request (arguments, image bytes).
@@ -529,6 +532,8 @@ def _guest(daemon: Daemon, name: str) -> HostedGuest:
 
 
 def _require_vm_live(hosted: HostedGuest, verb: str) -> None:
+    if hosted.state in GuestUnavailable.CODES:
+        raise GuestUnavailable(hosted.name, hosted.state, hosted.error, verb)
     if hosted.state in ("migrated", "incoming", "stopped", "crashed", "incompatible", "orphaned"):
         raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; {verb} needs a guest running here")
 
@@ -661,6 +666,8 @@ async def _migrate(daemon: Daemon, a: dict, emit: Emit) -> dict:
     if daemon.shutting_down:
         raise ShuttingDown("the daemon is shutting down; no new migrations")
     hosted = _guest(daemon, a["name"])
+    if hosted.state in GuestUnavailable.CODES:
+        raise GuestUnavailable(hosted.name, hosted.state, hosted.error)
     if hosted.state != "running" and hosted.state != "paused":
         raise InvalidState(f"guest {hosted.name!r} is {hosted.state}; only a running guest can migrate")
     host, port = split_host_port(a["to"], key="to")

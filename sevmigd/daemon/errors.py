@@ -50,6 +50,21 @@ class InvalidState(DaemonError):
     error_class = "InvalidState"
 
 
+class GuestUnavailable(InvalidState):
+    """The guest cannot be moved or driven: its VMM crashed or its kernel panicked (`crashed`), or this daemon
+    found its VMM at start and does not drive it (`incompatible`: another VMM protocol; `orphaned`: no PSP
+    context, or it does not answer). `code` is stable for clients (the control reply's "code"):
+    GUEST_CRASHED, GUEST_INCOMPATIBLE or GUEST_ORPHANED; the message says why (the guest's `error`)."""
+
+    error_class = "GuestUnavailable"
+    CODES = {"crashed": "GUEST_CRASHED", "incompatible": "GUEST_INCOMPATIBLE", "orphaned": "GUEST_ORPHANED"}
+
+    def __init__(self, name: str, state: str, reason: str | None, verb: str = "migrate"):
+        self.name, self.state = name, state
+        self.code = self.CODES[state]
+        super().__init__(f"guest {name!r} is {state} ({reason or 'no reason recorded'}); cannot {verb} it")
+
+
 class ResourceLimit(DaemonError):
     """A configured or hardware limit (ASIDs, max_guest_bytes) would be exceeded."""
 

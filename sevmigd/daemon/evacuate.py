@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from sevmigd.daemon.config import split_host_port
+from sevmigd.daemon.errors import GuestUnavailable
 from sevmigd.daemon.migration import in_sync_percent
 from sevmigd.errors import ConfigError, SevmigdError
 from sevmigd.migrate.errors import MigrationError
@@ -44,10 +45,12 @@ class Row:
     state: str                 # planned | queued | migrating | done | failed | left
     to: str | None = None
     reason: str | None = None
+    code: str | None = None    # why it was left or failed, typed: an AbortCode name or a GuestUnavailable code
     job: Job | None = None
 
     def as_dict(self) -> dict:
         d: dict[str, object] = {"guest": self.guest, "state": self.state, "to": self.to, "reason": self.reason,
+                             "code": self.code,
                              "job": None, "round": None, "percent": None, "downtime_ms": None,
                              "transferred": None, "total_time_ms": None}
         job = self.job
@@ -78,6 +81,15 @@ def parse_targets(raw: object) -> list[tuple[str, int]]:
             raise ConfigError("to", "port 0 is not a destination")
         out.append((host, port))
     return out
+
+
+def _code(exc: BaseException) -> str | None:
+    """The typed code of a refusal or failure: an AbortCode's name, a GuestUnavailable's code, else None."""
+    if isinstance(exc, MigrationError):
+        return exc.code.name
+    if isinstance(exc, GuestUnavailable):
+        return exc.code
+    return None
 
 
 def _fmt(host: str, port: int) -> str:
@@ -111,9 +123,11 @@ class Evacuation:
             hosted = self.daemon.guests[name]
             if hosted.state in ("migrated", "stopped", "incoming"):
                 continue  # not a guest that runs here (gone, or still arriving)
+            # A crashed guest, or a VMM this daemon does not drive (incompatible, orphaned), is listed as
+            # left with its typed code: the operator has a guest on this host to deal with.
             err = self.manager.refusal(name)
             if err is not None:
-                self.rows.append(Row(name, "left", reason=str(err)))
+                self.rows.append(Row(name, "left", reason=str(err), code=_code(err)))
                 continue
             host, port = self.targets[i % len(self.targets)]
             i += 1
@@ -183,6 +197,7 @@ class Evacuation:
                 row.state = "done"
             except (SevmigdError, ConfigError) as exc:
                 row.state = "failed"
+                row.code = _code(exc)
                 row.reason = f"{exc.code.name}: {exc}" if isinstance(exc, MigrationError) else str(exc)
             except Exception as exc:  # one guest's failure is reported, never the end of the evacuation
                 row.state = "failed"

@@ -72,6 +72,11 @@ class HostedGuest:
 
     @property
     def state(self) -> str:
+        if self._state in ("running", "paused", "migrating") and self._crashed_in_vmm():
+            # Read from the state area on every look, so no decision (migrate, evacuate, resume) is taken on
+            # a guest whose kernel died since; vmmhost.watch reports it and cleans up.
+            self._state = "crashed"
+            self.error = self.error or vmmhost.GUEST_CRASHED_REASON
         return self._state
 
     @state.setter
@@ -81,6 +86,14 @@ class HostedGuest:
         if getattr(self, "_state", None) == "crashed" and new != "stopped":
             return
         self._state = new
+
+    def _crashed_in_vmm(self) -> bool:
+        """The guest's kernel died inside a VMM that lives on (the state area's guest error flag)."""
+        vm = self.vm
+        if not isinstance(vm, vmmhost.ProcessVm) or vm.released or vm.dead:
+            return False
+        st = vm._state
+        return st is not None and bool(st.guest_error)
 
     @property
     def vcpus_running(self) -> bool:
@@ -263,6 +276,9 @@ class GuestsMixin:
             raise InvalidState(f"guest {name!r} is {hosted.state} ({hosted.error}); this daemon does not "
                                f"drive its VMM (pid {hosted.vm.vmm.pid if hosted.vm.vmm else '?'}) and leaves it "
                                f"running")
+        if hosted.state == "crashed" and hosted.in_vmm and not hosted.vm.released:
+            # its kernel died inside a live VMM, not yet cleaned up by vmmhost.watch: the VMM quits now
+            await vmmhost.bury(self, hosted, hosted.error or vmmhost.GUEST_CRASHED_REASON, quit_vmm=True)
         if hosted.state == "crashed" or getattr(hosted.vm, "released", False):
             if self.guests.get(name) is hosted:
                 self.remove_guest(name)

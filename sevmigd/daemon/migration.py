@@ -32,6 +32,7 @@ import trio
 from sevmigd.daemon import tls
 from sevmigd.daemon.config import MigrationPolicy
 from sevmigd.daemon.destination import IncomingMigration
+from sevmigd.daemon.errors import GuestUnavailable
 from sevmigd.daemon.replay import FILE_NAME as REPLAY_FILE
 from sevmigd.daemon.replay import ReplayRecord, ReplayRecordError
 from sevmigd.daemon.settle import Settlement
@@ -169,7 +170,7 @@ class MigrationManager:
                           max_bandwidth_mib_s=max_bandwidth_mib_s, policy=policy)
         return await self.run_job(job, progress=progress, stream_factory=stream_factory)
 
-    def refusal(self, name: str) -> MigrationError | None:
+    def refusal(self, name: str) -> MigrationError | GuestUnavailable | None:
         """Why guest `name` cannot be sent now (the guest keeps running), or None when it can."""
         hosted = self.daemon.guests.get(name)
         if hosted is None:
@@ -186,6 +187,8 @@ class MigrationManager:
                                   f"guest {name!r} has an uncertain hand-off: run `resolve` first")
         if self.daemon.shutting_down:
             return MigrationError(AbortCode.SHUTDOWN, "daemon is shutting down")
+        if hosted.state in GuestUnavailable.CODES:   # crashed, or a VMM this daemon does not drive
+            return GuestUnavailable(name, hosted.state, hosted.error)
         if hosted.state != "running":
             return MigrationError(AbortCode.POLICY_REFUSED, f"guest {name!r} is {hosted.state}, not running")
         vm = hosted.vm

@@ -63,6 +63,9 @@ SPAWN_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 10.0
 #: Ordinary requests; boot (prefill) and verify walk the whole RAM and get LONG_CALL_TIMEOUT_S.
 CALL_TIMEOUT_S = 30.0
+#: How often the daemon looks at a VMM-process guest's error flag (see _watch_guest).
+GUEST_WATCH_S = 0.25
+GUEST_CRASHED_REASON = "the guest kernel died inside its VMM (see the VMM's log in RUNTIME/vmm/)"
 LONG_CALL_TIMEOUT_S = 600.0
 #: The VMM acknowledges a pause at its next vCPU tick (10 ms); this bounds a stuck or stopped VMM.
 PAUSE_ACK_TIMEOUT_S = 10.0
@@ -546,14 +549,18 @@ async def _quit_unwanted(proc: VmmProcess) -> None:
 
 async def watch(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> None:
     """Wait for the VMM to exit (pidfd: children and adopted VMMs alike). An exit nobody asked for makes
-    the guest `crashed`: PSP context decommissioned, ASID released, never resumed."""
+    the guest `crashed`: PSP context decommissioned, ASID released, never resumed. Meanwhile, watch the
+    guest itself (`_watch_guest`): a guest kernel that dies inside a VMM that lives on is `crashed` too."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except ProcessLookupError:
         pidfd = None
     try:
         if pidfd is not None:
-            await trio.lowlevel.wait_readable(pidfd)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_guest, daemon, hosted, proc)
+                await trio.lowlevel.wait_readable(pidfd)
+                nursery.cancel_scope.cancel()
     finally:
         if pidfd is not None:
             os.close(pidfd)
@@ -565,22 +572,54 @@ async def watch(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> No
     await bury(daemon, hosted, reason)
 
 
-async def bury(daemon: "Daemon", hosted: "HostedGuest", reason: str) -> None:
-    """The guest's VMM died: report it crashed, decommission its PSP context, release its ASID."""
+async def _watch_guest(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> None:
+    """A guest kernel that died inside its VMM (the VMM lives on and says so in the state area's guest
+    error flag): report it crashed with the VMM's reason, and clean up as for a dead VMM (the VMM quits).
+
+    The flag is shared memory with no wake-up channel, so it is looked at every GUEST_WATCH_S; that only
+    delays the report and the cleanup: every decision on the guest reads the flag itself
+    (`HostedGuest.state`)."""
+    vm = hosted.vm
+    while True:
+        await trio.sleep(GUEST_WATCH_S)
+        if not isinstance(vm, ProcessVm) or vm.released or vm.dead or hosted.vm is not vm:
+            return
+        st = vm._state
+        if st is not None and st.guest_error:
+            break
+    reason = GUEST_CRASHED_REASON
+    try:
+        status = await trio.to_thread.run_sync(lambda: vm.call("status"))
+        if status.get("error"):
+            reason = f"the guest kernel died in its VMM (pid {proc.pid}): {status['error']}"
+    except VmmError:
+        pass
+    with trio.CancelScope(shield=True):   # (the VMM's exit ends `watch`'s nursery: finish the cleanup)
+        await bury(daemon, hosted, reason, quit_vmm=True)
+
+
+async def bury(daemon: "Daemon", hosted: "HostedGuest", reason: str, *, quit_vmm: bool = False) -> None:
+    """The guest's VMM died (or, `quit_vmm`, its guest died in it and the VMM is asked to quit): report it
+    crashed, decommission its PSP context, release its ASID (once: `vm.asid` is None afterwards)."""
     vm = hosted.vm
     hosted.state = "crashed"
     hosted.error = reason
     daemon.log.error("guest_crashed", guest=hosted.name, reason=reason)
-    if isinstance(vm, ProcessVm) and not vm.released:
-        vm.dead = True
-        if vm.vmm is not None and vm.vmm.client is not None:
-            vm.vmm.client.close()
+    if isinstance(vm, ProcessVm) and not vm.released and not vm.dead:
+        vm.dead = True    # (first: a second bury of the same guest -- watch and stop -- does nothing)
+        proc = vm.vmm
+        if quit_vmm and proc is not None:
+            with trio.CancelScope(shield=True):
+                await _quit_unwanted(proc)
+        if proc is not None and proc.client is not None:
+            proc.client.close()
         with trio.CancelScope(shield=True):
             try:
                 await daemon.psp.run("DECOMMISSION", vm.release_local)
             except Exception as exc:  # noqa: BLE001 - the guest is reported crashed either way
                 daemon.log.warning("crashed_guest_cleanup_failed", guest=hosted.name, error=str(exc))
         daemon.release_asid(vm.asid)
+        vm.asid = None   # (a later `stop` must not free an ASID a new guest may hold by then)
 
 
 def held_fds(guests) -> int | None:
@@ -730,8 +769,10 @@ async def _adopt(daemon: "Daemon", vid: str, info: dict) -> None:
         daemon.log.warning("vmm_unused_quit", guest=name, pid=pid,
                            reason="started for a launch or incoming migration that never reached the PSP")
         return None
-    if phase not in ("running", "created") or not isinstance(handle, int) or not _psp_has(daemon, handle):
-        why = (f"VMM phase {phase!r}" if phase != "running" else
+    # "crashed": its guest kernel died while no daemon watched; adopted like a running guest, then the state
+    # area's error flag makes it `crashed` and `watch` cleans up (the VMM quits, the context goes).
+    if phase not in ("running", "created", "crashed") or not isinstance(handle, int) or not _psp_has(daemon, handle):
+        why = (f"VMM phase {phase!r}" if phase not in ("running", "crashed") else
                f"the PSP has no context for handle {handle} (not restored)")
         proc.client.close()
         proc.client = None
@@ -749,6 +790,8 @@ async def _adopt(daemon: "Daemon", vid: str, info: dict) -> None:
     state = "incoming" if phase == "created" else ("paused" if vm._state.paused else "running")
     hosted = daemon.add_guest(name, vm, state)
     hosted.created = float(hello.get("created") or hosted.created)
+    if phase == "crashed":
+        hosted.error = f"the guest kernel died in its VMM (pid {pid}): {hello.get('error')}"
     daemon.nursery.start_soon(watch, daemon, hosted, proc)
     daemon.log.info("vmm_adopted", guest=name, pid=pid, handle=handle, asid=asid, state=hosted.state,
                     runs=vm._state.runs)

@@ -78,6 +78,7 @@ class Vmm:
         self.guest: VmmGuest | None = None
         self.phase = "created"           # created | running | crashed
         self.error: str | None = None
+        self._nmi = False   # an NMI injected (`inject_nmi`) and not yet delivered to the guest
         self.launch: dict = {}           # what the daemon shows of the launch (digest, measurement, ...)
         self.handle: int | None = None
         self.asid: int | None = None
@@ -160,6 +161,11 @@ class Vmm:
             if guest is None or self.phase != "running":
                 continue
             try:
+                if self._nmi:
+                    # The guest kernel panics on an NMI it did not expect (Linux with
+                    # kernel.unknown_nmi_panic = 1, the setting kdump tests use with QEMU's inject-nmi).
+                    self._nmi = False
+                    raise GuestPanic("Kernel panic - not syncing: NMI: Not continuing")
                 guest.run(dt)
             except Exception as exc:  # a guest bug ends this guest, never the VMM's socket
                 self.phase = "crashed"
@@ -229,6 +235,12 @@ class Vmm:
 
     def _op_status(self, msg: dict) -> dict:
         return self._status()
+
+    def _op_inject_nmi(self, msg: dict) -> dict:
+        """QEMU's `inject-nmi`: an NMI to the guest's vCPU 0 at its next run (its kernel panics on it)."""
+        self._running_guest()
+        self._nmi = True
+        return {}
 
     def _op_bind(self, msg: dict) -> dict:
         """An incoming guest's PSP handle and ASID (RECEIVE_START ran in the daemon): into the manifest."""

@@ -14,7 +14,8 @@ and state memfds as SCM_RIGHTS ancillary data (two descriptors, in that order).
 Operations (`OPS`): hello, bind (the PSP handle and ASID of an incoming guest, after RECEIVE_START: the
 manifest names them, so a restarted daemon knows whose context it is), boot (key slot, guest config, boot entropy: after LAUNCH_FINISH),
 resume_incoming (key slot: after RECEIVE_FINISH), verify, guest_write, guest_read, guest_secret, reboot,
-status, quit. Pause, resume, throttle, the dirty log and both bitmaps are not messages: they live in the
+status, quit, inject_nmi (QEMU's inject-nmi: the guest kernel panics, the guest is `crashed`; added within
+protocol 1: a daemon never needs it, an older VMM answers it with an unknown-operation error). Pause, resume, throttle, the dirty log and both bitmaps are not messages: they live in the
 shared state area (sevmigd/guest/shared.py).
 
 Must never: accept a frame longer than MAX_FRAME, or hand the caller something other than a dict with
@@ -35,7 +36,7 @@ VMM_PROTOCOL = 1
 #: Large enough for a guest_read of 16 MiB (hex is not used on this socket: bytes travel as bytes).
 MAX_FRAME = 32 << 20
 OPS = ("hello", "bind", "boot", "resume_incoming", "verify", "guest_write", "guest_read", "guest_secret", "reboot",
-       "status", "quit")
+       "status", "quit", "inject_nmi")
 _LEN = struct.Struct(">I")
 #: The directory of VMM sockets (<id>.sock), manifests (<id>.json) and logs (<id>.log) in the runtime dir.
 VMM_DIR = "vmm"
