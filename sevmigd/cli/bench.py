@@ -125,9 +125,13 @@ def evaluate_targets(results: dict) -> list[tuple[str, str, str]]:
         add(f"{side} daemon CPU per private page <= 1.5x its crypto floor (issue 16)",
             cpu / fl if cpu and fl else None,
             lambda r, cpu=cpu, fl=fl, sc=sc: f"{r:.2f}x ({cpu:.2f} of {fl:.2f} us, {sc})", lambda r: r <= 1.5)
+    load = _get(results, "workers.load_average_1m")
     for side in ("source_alone_to_counting_sink", "destination_alone_recorded_stream"):
+        bound = _get(results, f"workers.{side}.speedup_bound_2_idle_cores")
         add(f"{side.replace('_', ' ')}: 2 workers >= 1.7x one (issue 16)",
-            _get(results, f"workers.{side}.speedup_2_over_1"), x, lambda r: r >= 1.7)
+            _get(results, f"workers.{side}.speedup_2_over_1"),
+            lambda r, bound=bound: f"{r:.2f}x" + (f" (CPU bound on 2 idle cores {bound:.2f}x, load {load})"
+                                                  if bound else ""), lambda r: r >= 1.7)
     down = _get(results, "migration.dirty_32.downtime_ms")
     add("downtime <= 300 ms (32 MiB/s guest)", down, lambda v: f"{v:.0f} ms", lambda v: v <= 300)
     err = _get(results, "migration.dirty_32.downtime_error_pct")
