@@ -8,6 +8,7 @@ reader wait for bytes that will not come)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
@@ -128,3 +129,94 @@ async def test_frames_written_with_sendmsg_arrive_whole_through_partial_writes(m
             await run_channel(client, src, body, peer="test", keepalive_interval_s=3600, peer_timeout_s=3600)
     assert got == sent
     assert len(calls) == len(sent)
+
+
+def _tls_contexts(tmp_path):
+    """A server and a client context over one self-signed P-256 certificate (no verification: the test is
+    about reading records, not about who is trusted; test_tls.py covers that)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "channel-test")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    out = []
+    for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+        ctx = ssl.SSLContext(purpose)
+        ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        out.append(ctx)
+    return out
+
+
+async def test_tls_records_already_received_are_taken_without_waiting(tmp_path, monkeypatch):
+    """Over TLS the read loop takes the records trio already read from the socket in one go
+    (`_tls_ready`); the messages are those sent, and a small one after large frames still arrives while
+    the sender waits."""
+    server_ctx, client_ctx = _tls_contexts(tmp_path)
+    src, dst = pair(hello=sample_hello(memory_bytes=NPAGES * PAGE_SIZE), until=State.PRECOPY)
+    taken = []
+    real = channel_mod._tls_ready
+
+    def counting(obj):
+        data = real(obj)
+        if data is not None:
+            taken.append(len(data))
+        return data
+
+    monkeypatch.setattr(channel_mod, "_tls_ready", counting)
+    client_tcp, server_tcp = await _tcp_pair()
+    client = trio.SSLStream(client_tcp, client_ctx, server_hostname="channel-test")
+    server = trio.SSLStream(server_tcp, server_ctx, server_side=True)
+    sent = [_pages(0, 256, 1), _pages(256, 300, 2), _pages(600, 3, 3)]
+    got: list = []
+    all_in = trio.Event()
+
+    async def body(ch):
+        with trio.fail_after(60):
+            for _ in range(len(sent) + 1):
+                got.append(await ch.receive())
+        all_in.set()
+
+    async def sender():
+        for p in sent:
+            await client.send_all(src.send(p))
+        await client.send_all(src.send(m.RoundEnd(round=0, pages=559, remaining=0)))
+        await all_in.wait()
+        await client.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(server.do_handshake)
+        await client.do_handshake()
+        n.start_soon(sender)
+        await run_channel(server, dst, body, peer="test", keepalive_interval_s=3600, peer_timeout_s=3600)
+    assert got[:3] == sent and isinstance(got[3], m.RoundEnd)
+    assert taken and sum(taken) > PAGE_SIZE * 100    # records were taken without a receive_some each
+
+
+def test_a_broken_tls_record_is_a_broken_stream():
+    import ssl
+
+    class Broken:
+        def read(self, n):
+            raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")
+
+    class Waiting:
+        def read(self, n):
+            raise ssl.SSLWantReadError()
+
+    with pytest.raises(trio.BrokenResourceError) as info:
+        channel_mod._tls_ready(Broken())
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+    assert channel_mod._tls_ready(Waiting()) is None

@@ -4,7 +4,9 @@ Owns, per migration connection: the read loop that feeds the Connection and hand
 driver; the send path (Connection.send then stream.send_all under one lock, because sequence numbers and
 the channel MAC make the order of frames on the wire the order of `send` calls); keepalives every
 `keepalive_interval_s` while idle; the peer timeout (no frame at all for `peer_timeout_s` while we wait
-for one = the peer is dead); TCP_USER_TIMEOUT / TCP keepalive on TCP sockets so the kernel agrees; and the
+for one = the peer is dead); TCP_USER_TIMEOUT / TCP keepalive on TCP sockets so the kernel agrees; on plain
+TCP the zero-copy data path (a large frame's rest read with recv_into into its reassembly buffer, a Pages
+frame's pieces written with one sendmsg; TLS streams go through trio's SSLStream as they are); and the
 mapping of every way a connection can end (trio Broken/Closed, EOF, timeout, the peer's Abort, a protocol
 violation) onto one outcome: a `MigrationError` recorded as `Channel.failure` (the first one wins).
 
@@ -125,6 +127,32 @@ def _direct_socket(stream: trio.abc.Stream):
     if inner.socket.type != socket.SOCK_STREAM or inner.socket.family not in (socket.AF_INET, socket.AF_INET6):
         return None, ()
     return inner.socket, tuple(checks)
+
+
+def _tls_object(stream: trio.abc.Stream):
+    """The ssl.SSLObject of a trio.SSLStream, to take records already received without a trip through the
+    event loop (`_tls_ready`); None for other streams or a trio without that attribute."""
+    if isinstance(stream, trio.SSLStream):
+        obj = getattr(stream, "_ssl_object", None)
+        if isinstance(obj, ssl.SSLObject):
+            return obj
+    return None
+
+
+def _tls_ready(obj: ssl.SSLObject):
+    """The plaintext of TLS records trio.SSLStream has already read from the socket, or None when a
+    receive_some must wait for more (or report the end). A TLS read returns one 16 KiB record, and each
+    `receive_some` costs a pass through trio's scheduler: taken here, the records of one socket read are
+    decoded in one go (measured: the TLS destination spent ~5 us of interpreter per shared page, 1.2 over
+    plain TCP). Safe beside trio's own use of the object: a read is complete when it returns, and anything
+    it may queue for the peer (a post-handshake answer) stays in the outgoing BIO, which trio flushes, in
+    order, at the stream's next operation."""
+    try:
+        return obj.read(RECEIVE_SIZE) or None     # b"": the peer's close_notify, reported by receive_some
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.SSLError as exc:
+        raise trio.BrokenResourceError(f"TLS: {exc}") from exc
 
 
 class Channel:
@@ -330,6 +358,7 @@ class Channel:
         rearm = timeout * PEER_TIMEOUT_REARM
         conn = self.conn
         sock, checks = self._sock, self._sock_checks
+        tls = _tls_object(self.stream)
         lowat = 1
         try:
             armed = trio.current_time()
@@ -344,7 +373,9 @@ class Channel:
                         if lowat != 1:
                             self._set_lowat(sock, 1)
                             lowat = 1
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        data = _tls_ready(tls) if tls is not None else None
+                        if data is None:
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
                         n = len(data)
                     now = trio.current_time()
                     if now - armed > rearm:
