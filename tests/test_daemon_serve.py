@@ -91,8 +91,22 @@ def test_sigterm_is_a_clean_exit_and_removes_the_socket(daemon):
     assert not os.path.exists(daemon.control)
     events = [line.get("event") for line in daemon.logs]
     assert "shutting_down" in events and "stopped" in events
-    assert any(line.get("event") == "guests_stopped_by_shutdown" and line["guests"] == ["g"]
+    # vmm = "process" (the default): the guest's VMM runs on for the next daemon to adopt (issue 17)
+    assert any(line.get("event") == "guests_left_running" and line["guests"] == ["g"]
                for line in daemon.logs)
+
+
+def test_inline_guests_still_run_and_stop_with_their_daemon(daemons):
+    """vmm = "inline" (guests inside the daemon, the fallback; the default is "process"): a guest launches,
+    runs and verifies in the daemon process itself (no VMM), and a graceful stop stops it."""
+    d = daemons("inline", config={"vmm": "inline"})
+    _ok(d.ctl("launch", "g", "--memory", "4M", "--dirty-rate", "1"))
+    st = d.execute("status", name="g")
+    assert st["state"] == "running" and st["vmm"] is None, st
+    assert d.vmm_manifests() == {}
+    assert d.execute("verify", name="g")["ok"]
+    assert d.terminate() == 0
+    assert any(line.get("event") == "guests_stopped_by_shutdown" and line["guests"] == ["g"] for line in d.logs)
 
 
 def test_sigint_is_graceful_too(daemon):

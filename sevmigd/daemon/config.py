@@ -181,7 +181,7 @@ class Config:
     # KVM and QEMU do it (sevmigd.kvm).
     sev_batch_pages: bool = True
     # Guests in VMM processes that outlive the daemon ("process") or inside it ("inline"); VMM_MODES.
-    vmm: str = "inline"
+    vmm: str = "process"
 
     # -- derived, for the server -------------------------------------------------------------
     @property
