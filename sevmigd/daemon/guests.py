@@ -72,7 +72,7 @@ class HostedGuest:
 
     @property
     def state(self) -> str:
-        if self._state in ("running", "paused", "migrating") and self._crashed_in_vmm():
+        if self._state in ("running", "paused", "migrating") and vmmhost.guest_died_in_vmm(self.vm):
             # Read from the state area on every look, so no decision (migrate, evacuate, resume) is taken on
             # a guest whose kernel died since; vmmhost.watch reports it and cleans up.
             self._state = "crashed"
@@ -86,14 +86,6 @@ class HostedGuest:
         if getattr(self, "_state", None) == "crashed" and new != "stopped":
             return
         self._state = new
-
-    def _crashed_in_vmm(self) -> bool:
-        """The guest's kernel died inside a VMM that lives on (the state area's guest error flag)."""
-        vm = self.vm
-        if not isinstance(vm, vmmhost.ProcessVm) or vm.released or vm.dead:
-            return False
-        st = vm._state
-        return st is not None and bool(st.guest_error)
 
     @property
     def vcpus_running(self) -> bool:

@@ -63,7 +63,7 @@ SPAWN_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 10.0
 #: Ordinary requests; boot (prefill) and verify walk the whole RAM and get LONG_CALL_TIMEOUT_S.
 CALL_TIMEOUT_S = 30.0
-#: How often the daemon looks at a VMM-process guest's error flag (see _watch_guest).
+#: How often the daemon looks at a VMM-process guest's error flag (see watch).
 GUEST_WATCH_S = 0.25
 GUEST_CRASHED_REASON = "the guest kernel died inside its VMM (see the VMM's log in RUNTIME/vmm/)"
 LONG_CALL_TIMEOUT_S = 600.0
@@ -549,18 +549,23 @@ async def _quit_unwanted(proc: VmmProcess) -> None:
 
 async def watch(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> None:
     """Wait for the VMM to exit (pidfd: children and adopted VMMs alike). An exit nobody asked for makes
-    the guest `crashed`: PSP context decommissioned, ASID released, never resumed. Meanwhile, watch the
-    guest itself (`_watch_guest`): a guest kernel that dies inside a VMM that lives on is `crashed` too."""
+    the guest `crashed`: PSP context decommissioned, ASID released, never resumed. Meanwhile (the same task:
+    one per guest), watch the guest itself: a guest kernel that dies inside a VMM that lives on is `crashed`
+    too (`_guest_died`)."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except ProcessLookupError:
         pidfd = None
     try:
-        if pidfd is not None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_guest, daemon, hosted, proc)
+        while pidfd is not None:
+            # The guest's error flag is shared memory with no wake-up channel: it is looked at every
+            # GUEST_WATCH_S between waits for the exit. That only delays the report and the cleanup: every
+            # decision on the guest reads the flag itself (`HostedGuest.state`).
+            with trio.move_on_after(GUEST_WATCH_S):
                 await trio.lowlevel.wait_readable(pidfd)
-                nursery.cancel_scope.cancel()
+                break
+            if guest_died_in_vmm(hosted.vm):
+                await _guest_died(daemon, hosted, proc)
     finally:
         if pidfd is not None:
             os.close(pidfd)
@@ -572,21 +577,18 @@ async def watch(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> No
     await bury(daemon, hosted, reason)
 
 
-async def _watch_guest(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> None:
-    """A guest kernel that died inside its VMM (the VMM lives on and says so in the state area's guest
-    error flag): report it crashed with the VMM's reason, and clean up as for a dead VMM (the VMM quits).
+def guest_died_in_vmm(vm) -> bool:
+    """The guest's kernel died inside a VMM that lives on (the state area's guest error flag)."""
+    if not isinstance(vm, ProcessVm) or vm.released or vm.dead:
+        return False
+    st = vm._state
+    return st is not None and bool(st.guest_error)
 
-    The flag is shared memory with no wake-up channel, so it is looked at every GUEST_WATCH_S; that only
-    delays the report and the cleanup: every decision on the guest reads the flag itself
-    (`HostedGuest.state`)."""
+
+async def _guest_died(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess) -> None:
+    """A guest kernel that died inside its VMM (the VMM lives on and says so in the state area's guest
+    error flag): report it crashed with the VMM's reason, and clean up as for a dead VMM (the VMM quits)."""
     vm = hosted.vm
-    while True:
-        await trio.sleep(GUEST_WATCH_S)
-        if not isinstance(vm, ProcessVm) or vm.released or vm.dead or hosted.vm is not vm:
-            return
-        st = vm._state
-        if st is not None and st.guest_error:
-            break
     reason = GUEST_CRASHED_REASON
     try:
         status = await trio.to_thread.run_sync(lambda: vm.call("status"))
@@ -594,7 +596,7 @@ async def _watch_guest(daemon: "Daemon", hosted: "HostedGuest", proc: VmmProcess
             reason = f"the guest kernel died in its VMM (pid {proc.pid}): {status['error']}"
     except VmmError:
         pass
-    with trio.CancelScope(shield=True):   # (the VMM's exit ends `watch`'s nursery: finish the cleanup)
+    with trio.CancelScope(shield=True):
         await bury(daemon, hosted, reason, quit_vmm=True)
 
 
