@@ -361,10 +361,11 @@ def test_attack2_replayed_migration_is_refused_plaintext_also_after_restart(daem
     assert isinstance(reply, m.Abort) and reply.code == AbortCode.REPLAYED_SESSION, reply
     assert set(_guests(dst)) == {"g1"} and dst.execute("server-info")["psp_guests"] == 1
     # The record survives a restart of the destination.
-    dst = _restart(dst)  # (a restart stops its guests; the record stays)
+    dst = _restart(dst)  # (the replay record stays)
     reply = _replay(dst.port, recorded, guest_name="g1-clone")
     assert isinstance(reply, m.Abort) and reply.code == AbortCode.REPLAYED_SESSION, reply
-    assert "g1-clone" not in _guests(dst) and dst.execute("server-info")["psp_guests"] == 0
+    # (g1 outlives the restart in its VMM with vmm = "process", not with "inline"; no clone either way)
+    assert set(_guests(dst)) <= {"g1"} and dst.execute("server-info")["psp_guests"] == len(_guests(dst))
 
 
 def test_attack2_replay_by_a_fleet_member_with_tls_is_refused(daemons, tmp_path):
@@ -386,10 +387,11 @@ def test_attack2_replay_by_a_fleet_member_with_tls_is_refused(daemons, tmp_path)
     assert isinstance(reply, m.Refuse) and reply.code == AbortCode.UNTRUSTED_PLATFORM, reply
     assert set(_guests(dst)) == {"g1"} and dst.execute("server-info")["psp_guests"] == 1
     assert dst.execute("verify", name="g1")["ok"] is True
-    dst = _restart(dst)  # (a restart stops its guests; the record stays)
+    dst = _restart(dst)  # (the replay record stays)
     reply = _replay(dst.port, recorded, guest_name="g1-clone", tls=as_src)
     assert isinstance(reply, m.Abort) and reply.code == AbortCode.REPLAYED_SESSION, reply
-    assert "g1-clone" not in _guests(dst) and dst.execute("server-info")["psp_guests"] == 0
+    # (g1 outlives the restart in its VMM with vmm = "process", not with "inline"; no clone either way)
+    assert set(_guests(dst)) <= {"g1"} and dst.execute("server-info")["psp_guests"] == len(_guests(dst))
 
 
 # ------------------------------------------------------------------- attack 3: a fake destination
