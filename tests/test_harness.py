@@ -11,6 +11,7 @@ under load). These tests put a daemon in those states on purpose.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import trio
@@ -127,3 +128,47 @@ async def test_a_cancelled_start_leaves_no_daemon(tmp_path, monkeypatch):
     assert scope.cancelled_caught and len(started) == 1
     d = started[0]
     assert d.proc is not None and d.proc.poll() is not None and not os.path.exists(d.control)
+
+
+class _FakeDaemon:
+    """What check_leaks reads of a daemon: `list` and `server-info` replies."""
+
+    name, alive = "d", True
+
+    def __init__(self, guests: dict, info: dict):
+        self.replies = {"list": {"guests": [{"name": n, "state": s} for n, s in guests.items()]},
+                        "server-info": info}
+
+    async def try_call(self, verb, args=None, **kw):
+        return self.replies[verb], None
+
+    def open_fds(self):
+        return None
+
+
+async def test_leak_check_counts_a_guests_own_tasks_apart(monkeypatch):
+    """A guest that arrived brings its own tasks (one vCPU loop inline, a watch and its guest check with a
+    VMM process): allowed. A daemon task more (a handler or migration task left behind) is a leak, and so
+    is a guest task more when no guest arrived."""
+    monkeypatch.setattr(inv, "SETTLE_DEADLINE_S", 0.0)
+    base_info = {"open_fds": 30, "tasks": 11, "guest_tasks": 0, "psp_guests": 0, "guest_ram_bytes": 0}
+    base = inv.Baseline(None, base_info, {})
+    arrived = dict(base_info, open_fds=30, tasks=13, guest_tasks=2, psp_guests=1, guest_ram_bytes=16)
+    assert await inv.check_leaks(_FakeDaemon({"g": "running"}, arrived), base, guest="g", guest_bytes=16) == []
+    leaked = dict(arrived, tasks=14)
+    assert "tasks not of a guest: 11 before the cell, 12 after" in \
+        (await inv.check_leaks(_FakeDaemon({"g": "running"}, leaked), base, guest="g", guest_bytes=16))[0]
+    stray = dict(base_info, tasks=12, guest_tasks=1)
+    assert "no guest arrived" in (await inv.check_leaks(_FakeDaemon({}, stray), base, guest="g"))[0]
+
+
+def test_server_info_counts_a_guests_own_tasks(daemon):
+    before = daemon.execute("server-info")
+    assert before["guest_tasks"] == 0 and before["tasks"] > 0
+    daemon.execute("launch", name="g", memory="4M")
+    assert daemon.execute("server-info")["guest_tasks"] >= 1      # its vCPU loop (or its VMM's watch)
+    daemon.execute("stop", name="g")
+    deadline = time.monotonic() + 30
+    while (n := daemon.execute("server-info")["guest_tasks"]) and time.monotonic() < deadline:
+        time.sleep(0.05)   # polling an effect (the stopped guest's tasks end), bounded by the deadline
+    assert n == 0

@@ -14,6 +14,9 @@ import trio
 from sevmigd import __version__, store
 from sevmigd.daemon import control, systemd, tls, vmmhost
 
+# The names of a guest's own tasks (daemon/guests.py starts them): its vCPU loop, or its VMM's watch.
+GUEST_TASK_PREFIXES = ("vcpu:", "vmm:")
+
 
 class StatusMixin:
     """The status side of `Daemon` (see the module docstring)."""
@@ -71,19 +74,24 @@ class StatusMixin:
             fds: int | None = len(os.listdir("/proc/self/fd"))
         except OSError:
             fds = None
-        tasks = None
+        tasks = guest_tasks = None
         try:
-            todo = [trio.lowlevel.current_root_task()]
-            tasks = 0
+            # guest_tasks: those of a guest's own subtree (its vCPU task "vcpu:NAME", or its VMM's watch
+            # "vmm:NAME" and what that runs), which come and go with the guest, not with a migration
+            todo = [(trio.lowlevel.current_root_task(), False)]
+            tasks = guest_tasks = 0
             while todo:
-                t = todo.pop()
+                t, in_guest = todo.pop()
+                in_guest = in_guest or t.name.startswith(GUEST_TASK_PREFIXES)
                 tasks += 1
+                guest_tasks += in_guest
                 for n in t.child_nurseries:
-                    todo.extend(n.child_tasks)
+                    todo.extend((c, in_guest) for c in n.child_tasks)
         except RuntimeError:  # not inside trio
             pass
         ram = sum(g.vm.memory_bytes for g in self.guests.values() if not g.vm.released)
-        return {"open_fds": fds, "tasks": tasks, "psp_guests": self.fw.guest_count if self.fw is not None else None,
+        return {"open_fds": fds, "tasks": tasks, "guest_tasks": guest_tasks,
+                "psp_guests": self.fw.guest_count if self.fw is not None else None,
                 "guest_ram_bytes": ram, "vmm_fds": vmmhost.held_fds(self.guests.values())}
 
     def status_text(self) -> str:

@@ -287,6 +287,16 @@ async def check_leaks(d: DaemonProcess, base: Baseline, *, restarted: bool = Fal
                 problems.append(f"I5 {d.name} has {fds - base_fds} more open fds than before the cell "
                                 f"({base_fds} -> {fds})")
             allowed = {"tasks": delta, "psp_guests": delta, "guest_ram_bytes": delta * ram}
+            if info.get("guest_tasks") is not None and base.info.get("guest_tasks") is not None:
+                # A guest's own tasks (vCPU loop, or the watch of its VMM process) come and go with the guest:
+                # the daemon's other tasks must not grow at all, a guest's only when a guest arrived.
+                own, base_own = info["tasks"] - info["guest_tasks"], base.info["tasks"] - base.info["guest_tasks"]
+                if own > base_own:
+                    problems.append(f"I5 {d.name} tasks not of a guest: {base_own} before the cell, {own} after")
+                if delta <= 0 and info["guest_tasks"] > base.info["guest_tasks"]:
+                    problems.append(f"I5 {d.name} guest tasks: {base.info['guest_tasks']} before the cell, "
+                                    f"{info['guest_tasks']} after, no guest arrived")
+                allowed["tasks"] = info["tasks"] - base.info["tasks"]   # judged above
             for key in LEAK_KEYS[1:]:
                 if info.get(key) is not None and base.info.get(key) is not None \
                         and info[key] > base.info[key] + allowed[key]:
