@@ -172,3 +172,29 @@ def test_server_info_counts_a_guests_own_tasks(daemon):
     while (n := daemon.execute("server-info")["guest_tasks"]) and time.monotonic() < deadline:
         time.sleep(0.05)   # polling an effect (the stopped guest's tasks end), bounded by the deadline
     assert n == 0
+
+
+def test_cleanup_reaps_the_vmms_of_a_daemon_with_its_own_control_socket(daemons, tmp_path):
+    """VMMs outlive their daemon by design, so the harness reaps them at a test's end. A daemon whose test
+    chose its control socket (so the runtime directory is `<control>.run`, not the harness's) once left its
+    VMM running for good after the sandboxed-unit test."""
+    d = daemons("own", control=str(tmp_path / "own" / "control.sock"), config={"vmm": "process"})
+    assert d.runtime_dir == str(tmp_path / "own" / "control.run")
+    d.execute("launch", name="g", memory="4M")
+    pid = d.vmm_manifests()["g"]["pid"]
+    os.kill(pid, 0)                       # the guest's VMM runs
+    assert d.terminate() == 0             # a graceful stop leaves VMM guests running ...
+    os.kill(pid, 0)
+    d.cleanup()                           # ... and the harness's cleanup reaps them
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)   # polling an effect (SIGKILL delivered, the orphan reaped by init), bounded
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

@@ -58,6 +58,7 @@ from typing import Union
 import trio
 
 from sevmigd import store
+from sevmigd.daemon.config import default_runtime_dir
 from sevmigd.daemon.client import (ConnectionLost, ControlClient, ControlError, ControlFailure, DaemonNotRunning,
                                    MAX_REPLY_BYTES, encode_request, read_reply_line)
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
@@ -431,15 +432,22 @@ class DaemonProcess:
             self.send_signal(signal.SIGCONT)
 
     @property
-    def runtime_dir(self) -> str | None:
-        """The runtime directory the harness gave this daemon (kept across restart()), or None."""
-        return os.path.join(self._sock_dir, "run") if self._sock_dir is not None else None
+    def runtime_dir(self) -> str:
+        """The runtime directory this daemon uses (kept across restart()): the one the harness gave it, else the
+        one its command line, config or environment chooses, resolved as the daemon resolves it. Teardown
+        finds the VMM processes to reap there, so a test that picks its own control socket (the sandboxed
+        unit test) must not leave its VMMs running behind it."""
+        if self._sock_dir is not None:
+            return os.path.join(self._sock_dir, "run")
+        if "--runtime-dir" in self.extra_args[:-1]:
+            return self.extra_args[self.extra_args.index("--runtime-dir") + 1]
+        if self.config.get("runtime_dir"):
+            return str(self.config["runtime_dir"])
+        return default_runtime_dir(self.control, {**os.environ, **self.env})
 
     def vmm_manifests(self) -> dict[str, dict]:
         """{guest name: manifest} of the VMM processes in this daemon's runtime directory (vmm = "process")."""
         out: dict[str, dict] = {}
-        if self.runtime_dir is None:
-            return out
         for path in sorted(pathlib.Path(self.runtime_dir, "vmm").glob("*.json")):
             try:
                 info = json.loads(path.read_text())
