@@ -15,14 +15,17 @@ alone with `-m slow`, skip them with `-m "not slow"`), `root`, `fuzz`.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from sevmigd.psp.firmware import Firmware
 from sevmigd.psp.identity import FleetCA, PlatformIdentity
-from sevmigd.testing.daemons import TEST_RSA_BITS, DaemonProcess, start_daemon
+from sevmigd.testing.daemons import TEST_RSA_BITS, DaemonProcess, leaked_vmms, start_daemon
 
 DaemonFactory = Callable[..., DaemonProcess]
 
@@ -62,3 +65,21 @@ def seeded_firmware(seed: int) -> Firmware:
     fw = Firmware(PlatformIdentity.create(FleetCA.create(rng, rsa_bits=TEST_RSA_BITS), rng), rng=rng)
     fw.init()
     return fw
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A VMM outlives its daemon by design, so a test that forgets one leaves a guest running on the machine
+    for good. Fail the run when any VMM of this run's harness daemons is still up (after a bounded wait for
+    SIGKILLs in flight), and kill it."""
+    deadline = time.monotonic() + 10
+    while (leaked := leaked_vmms()) and time.monotonic() < deadline:
+        time.sleep(0.1)   # polling an effect (SIGKILLs delivered by cleanup), bounded by the deadline
+    for pid, _ in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leaked:
+        session.config.get_terminal_writer().line(
+            f"\nFAILED: {len(leaked)} VMM process(es) outlived the tests: {leaked}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -76,6 +76,31 @@ _SYSTEMD_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "
 LogPredicate = Callable[[dict], bool]
 
 
+# Every runtime directory a harness daemon was started with in this process: VMMs outlive daemons by design,
+# so a test run ends by looking for VMMs still running in one of them (leaked_vmms, tests/conftest.py).
+_RUNTIME_DIRS: set[str] = set()
+
+
+def leaked_vmms() -> list[tuple[int, str]]:
+    """(pid, runtime dir) of each `sevmigd vmm` still running in a runtime directory this process's harness
+    daemons used: a test that did not clean up after itself. Other runs' VMMs (another checkout's tests on the
+    same machine) are not ours and are not listed."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in
+                    pathlib.Path("/proc", entry, "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "vmm" in argv and "--runtime-dir" in argv[:-1]:
+            rdir = argv[argv.index("--runtime-dir") + 1]
+            if rdir in _RUNTIME_DIRS:
+                found.append((int(entry), rdir))
+    return found
+
+
 class DaemonStartError(AssertionError):
     """The daemon exited, or did not log what was awaited in time (the message carries its output)."""
 
@@ -299,6 +324,7 @@ class DaemonProcess:
         env = dict(self.env)
         if self.notify_path is not None:
             env.setdefault("NOTIFY_SOCKET", self.notify_path)
+        _RUNTIME_DIRS.add(self.runtime_dir)
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=child_env(env), cwd=self.workdir,
                                      start_new_session=True, preexec_fn=_die_with_parent)
