@@ -738,6 +738,30 @@ def _report(daemon: "Daemon", proc: VmmProcess, info: dict, state: str, reason: 
 async def _adopt(daemon: "Daemon", vid: str, info: dict) -> None:
     name, pid = str(info["name"]), int(info["pid"])
     proc = VmmProcess(daemon.config.runtime_dir, vid, pid, name)
+    unused = not isinstance(info.get("handle"), int)   # it never held a guest (started, never launched/bound)
+    connect_error = None
+    if proc.alive():
+        # A VMM still starting (or going away) when the previous daemon died refuses connections for a
+        # moment: ask again until it answers or exits, within CONNECT_TIMEOUT_S.
+        deadline = trio.current_time() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                proc.client = await trio.to_thread.run_sync(lambda: VmmClient.connect(proc.sock_path, name))
+                break
+            except VmmError as exc:
+                connect_error = exc
+            if not proc.alive() or trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.1)   # (a bounded retry of a connection, not a synchronisation)
+    if not proc.alive() and unused:
+        # It held no guest and is gone (e.g. its starting daemon died before using it): nothing to report.
+        for p in (proc.manifest_path, proc.sock_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        daemon.log.info("vmm_unused_gone", guest=name, pid=pid)
+        return None
     if not proc.alive():
         # It died while no daemon watched it: a crashed guest (its PSP context, if restored, goes).
         handle = info.get("handle")
@@ -750,10 +774,8 @@ async def _adopt(daemon: "Daemon", vid: str, info: dict) -> None:
             except OSError:
                 pass
         return hosted
-    try:
-        proc.client = await trio.to_thread.run_sync(lambda: VmmClient.connect(proc.sock_path, name))
-    except VmmError as exc:
-        return _report(daemon, proc, info, "orphaned", f"VMM pid {pid} does not answer: {exc}")
+    if proc.client is None:
+        return _report(daemon, proc, info, "orphaned", f"VMM pid {pid} does not answer: {connect_error}")
     hello = proc.client.hello
     if hello.get("protocol") != vp.VMM_PROTOCOL:
         proc.client.close()
@@ -765,8 +787,9 @@ async def _adopt(daemon: "Daemon", vid: str, info: dict) -> None:
         return hosted
     memory_bytes, vcpus, policy = int(hello["memory_bytes"]), int(hello["vcpus"]), int(hello["policy"])
     handle, asid, phase = hello.get("handle"), hello.get("asid"), hello.get("phase")
-    if phase == "created" and handle is None:
-        # Started for a launch or an incoming migration that never reached the PSP: it holds no guest.
+    if phase == "created" and (handle is None or not _psp_has(daemon, handle)):
+        # Started for a launch or an incoming migration that never reached the PSP (or whose context was
+        # not saved before the daemon died): it holds no guest that could ever run.
         await _quit_unwanted(proc)
         daemon.log.warning("vmm_unused_quit", guest=name, pid=pid,
                            reason="started for a launch or incoming migration that never reached the PSP")

@@ -129,6 +129,12 @@ class Vmm:
         if ready_fd is not None:
             try:
                 os.write(ready_fd, b"ready\n")
+            except OSError as exc:
+                # The daemon that started us died before it read this (EPIPE): nobody ever used us and no
+                # daemon will (we hold no guest): go, leaving no files that a restarted daemon would list.
+                self._remove_files()
+                _log("vmm_unused_exit", reason=f"the daemon that started us is gone ({exc.strerror or exc})")
+                return 0
             finally:
                 os.close(ready_fd)
         try:
