@@ -140,9 +140,8 @@ def test_query_fences_a_ready_copy_and_the_go_in_flight_is_refused(daemons, monk
     assert ask(dst.port, src.tls, sid).outcome == m.OUTCOME_NOT_STARTED
 
 
-def test_a_query_after_go_says_started(daemons, monkeypatch, tmp_path):
-    dst = daemons("dst")
-    src = MemberSource(monkeypatch, tmp_path, "arrived")
+def _arrive(dst, src: MemberSource, name: str) -> str:
+    """Migrate `name` from `src` into `dst` up to Started (Ready, Go, Started) and return the session id."""
     peer = src.until_ready(dst.port)
     sid = peer.conn.session_id
     try:
@@ -150,7 +149,14 @@ def test_a_query_after_go_says_started(daemons, monkeypatch, tmp_path):
         assert isinstance(peer.receive(), m.Started)
     finally:
         peer.close()
-    assert _runs(dst, "arrived")
+    assert _runs(dst, name)
+    return sid
+
+
+def test_a_query_after_go_says_started(daemons, monkeypatch, tmp_path):
+    dst = daemons("dst")
+    src = MemberSource(monkeypatch, tmp_path, "arrived")
+    sid = _arrive(dst, src, "arrived")
     assert ask(dst.port, src.tls, sid).outcome == m.OUTCOME_STARTED
     # after a SIGKILL and restart of the destination daemon the record still answers: "started" when the
     # guest outlived the daemon (VMM processes), else "unknown" -- never "started" for a guest that died
@@ -172,15 +178,7 @@ def test_a_restarted_destination_never_starts_a_ready_copy_by_an_older_sessions_
     answer not_started -- not start it because session 1's record, found by the guest's name, says
     committed. Records name the VMM holding their copy, and the restart settles before anyone can ask."""
     dst = daemons("dst", config={"vmm": "process"})
-    first = MemberSource(monkeypatch, tmp_path, "g")
-    peer = first.until_ready(dst.port)
-    sid1 = peer.conn.session_id
-    try:
-        peer.send(m.Go())
-        assert isinstance(peer.receive(), m.Started)
-    finally:
-        peer.close()
-    assert _runs(dst, "g")
+    sid1 = _arrive(dst, MemberSource(monkeypatch, tmp_path, "g"), "g")
     dst.execute("stop", name="g")          # it left (as by a migration away): session 1 stays committed
     assert "g" not in dst.vmm_manifests()
 
